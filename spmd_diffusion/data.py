@@ -1,0 +1,217 @@
+"""Configuration and output types shared by the engine, executors and workers.
+
+Both are plain dataclasses that validate on construction, so a bad value fails on rank 0
+with a message naming the field, before any process is spawned or any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from spmd_diffusion.images import ImageLike, decode_image, encode_image
+
+DEFAULT_MODEL = "tiny-unet"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_timeout(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+
+
+def qualified_name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+@dataclass
+class OmniDiffusionConfig:
+    """How to load the model and how to run it.
+
+    ``executor_class`` is None (the launcher's executor, else the multi-process one), a
+    registered name (``mp``, ``uni``, ``mpi``, ``torchrun``, ``http``, or an entry point of the
+    group ``spmd_diffusion.executors``), a dotted path string, or a class.
+    ``torch_num_threads=None`` means one intra-op thread per rank on CPUs: float results
+    depend on the thread count, and it must not change with the number of ranks. Options a custom
+    executor needs go in ``executor_config``; they read as attributes of the config
+    (``config.api_key``) so executors can treat them like built-in fields.
+    """
+
+    model: str = DEFAULT_MODEL
+    model_class_name: str | None = None
+    executor_class: Any = None
+    executor_config: dict[str, Any] = field(default_factory=dict)
+    num_gpus: int = 1
+    tensor_parallel_size: int = 1
+    cfg_parallel: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    max_batch_size: int = 4
+    torch_num_threads: int | None = None
+    revision: str | None = None
+    variant: str | None = None
+    rpc_timeout: float | None = 300.0
+    generate_timeout: float | None = 3600.0
+    startup_timeout: float | None = 900.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        if self.model_class_name is not None and (
+            not isinstance(self.model_class_name, str) or not self.model_class_name.isidentifier()
+        ):
+            raise ValueError(f"model_class_name must be a class name, got {self.model_class_name!r}")
+        if self.executor_class is not None and not isinstance(self.executor_class, (str, type)):
+            raise ValueError(
+                "executor_class must be None, a registered name, a dotted path or a class, "
+                f"got {type(self.executor_class).__name__}"
+            )
+        if not isinstance(self.executor_config, dict):
+            raise ValueError(f"executor_config must be a dict, got {type(self.executor_config).__name__}")
+        _check_int("num_gpus", self.num_gpus, 1)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        if not isinstance(self.cfg_parallel, bool):
+            raise ValueError(f"cfg_parallel must be a bool, got {self.cfg_parallel!r}")
+        dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.dtype = dtype
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        _check_int("max_batch_size", self.max_batch_size, 1)
+        _check_int("torch_num_threads", self.torch_num_threads, 1, allow_none=True)
+        for name in ("rpc_timeout", "generate_timeout", "startup_timeout"):
+            _check_timeout(name, getattr(self, name))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: serve executor options as attributes.
+        if not name.startswith("_"):
+            extra = self.__dict__.get("executor_config") or {}
+            if name in extra:
+                return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks that work on one image together: tensor-parallel x cfg-parallel."""
+        return self.tensor_parallel_size * (2 if self.cfg_parallel else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; a class in ``executor_class`` becomes its dotted path."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.executor_class, type):
+            data["executor_class"] = qualified_name(self.executor_class)
+        data["executor_config"] = dict(self.executor_config)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OmniDiffusionConfig:
+        """Build a config; unknown keys go to ``executor_config`` (they are executor options)."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        if extra:
+            kwargs["executor_config"] = {**kwargs.get("executor_config", {}), **extra}
+        return cls(**kwargs)
+
+
+@dataclass
+class DiffusionOutput:
+    """The results of one or more requests, in request order.
+
+    ``images[i]`` and ``seeds[i]`` belong to ``request_ids[i]``; ``errors[i]`` is None when
+    that request succeeded, else the error text (a failed request never hides the others).
+    ``metadata[i]`` holds the generation settings the worker actually used and its timing.
+    """
+
+    request_ids: list[str] = field(default_factory=list)
+    images: list[list[ImageLike]] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    seeds: list[list[int]] = field(default_factory=list)
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.request_ids)
+        if not self.images:
+            self.images = [[] for _ in range(n)]
+        if not self.errors:
+            self.errors = [None] * n
+        if not self.seeds:
+            self.seeds = [[] for _ in range(n)]
+        if not self.metadata:
+            self.metadata = [{} for _ in range(n)]
+        for name in ("images", "errors", "seeds", "metadata"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"DiffusionOutput.{name} has {len(getattr(self, name))} entries for {n} request ids"
+                )
+
+    @property
+    def ok(self) -> bool:
+        return all(error is None for error in self.errors)
+
+    def _single(self, name: str) -> Any:
+        if len(self.request_ids) != 1:
+            raise ValueError(f"{name} is defined for one request, this output holds {len(self.request_ids)}")
+        return getattr(self, name + "s")[0]
+
+    @property
+    def request_id(self) -> str:
+        return self._single("request_id")
+
+    @property
+    def error(self) -> str | None:
+        return self._single("error")
+
+    def split(self) -> list[DiffusionOutput]:
+        """One output per request (timings and rank are shared by the whole batch)."""
+        return [
+            DiffusionOutput(
+                request_ids=[rid],
+                images=[self.images[i]],
+                errors=[self.errors[i]],
+                seeds=[self.seeds[i]],
+                metadata=[self.metadata[i]],
+                timings=dict(self.timings),
+                rank=self.rank,
+            )
+            for i, rid in enumerate(self.request_ids)
+        ]
+
+    @classmethod
+    def failed(cls, request_ids: list[str], error: str, rank: int | None = None) -> DiffusionOutput:
+        return cls(request_ids=list(request_ids), errors=[error] * len(request_ids), rank=rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: images as base64 PNG (PIL) or base64 raw arrays (numpy)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["images"] = [[encode_image(im) for im in per_request] for per_request in self.images]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionOutput:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DiffusionOutput field(s): {', '.join(unknown)}")
+        kwargs = dict(data)
+        kwargs["images"] = [[decode_image(im) for im in per_request] for per_request in data.get("images", [])]
+        return cls(**kwargs)
+

@@ -1,0 +1,81 @@
+"""DiffusionEngine: rank 0's front door. Validates, seeds and batches requests, then
+drives the workers through whichever executor the config names."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
+from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.rpc import RpcMethod
+from spmd_diffusion.seeding import with_seed
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusionEngine:
+    """``generate(requests)`` returns one DiffusionOutput per request, in request order."""
+
+    def __init__(self, od_config: OmniDiffusionConfig) -> None:
+        self.od_config = od_config
+        executor_class = DiffusionExecutor.get_class(od_config)
+        logger.info("executor: %s", executor_class.__name__)
+        self.executor: DiffusionExecutor = executor_class(od_config)
+
+    def prepare(self, requests: list[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
+        """Check types and unique ids, and fix every seed here, on the engine, not on a rank."""
+        prepared = []
+        seen: set[str] = set()
+        for request in requests:
+            if not isinstance(request, OmniDiffusionRequest):
+                raise TypeError(f"expected OmniDiffusionRequest, got {type(request).__name__}")
+            if request.request_id in seen:
+                raise ValueError(f"duplicate request_id {request.request_id!r}")
+            seen.add(request.request_id)
+            prepared.append(with_seed(request, self.od_config.seed))
+        return prepared
+
+    def generate(self, requests: list[OmniDiffusionRequest] | OmniDiffusionRequest) -> list[DiffusionOutput]:
+        if isinstance(requests, OmniDiffusionRequest):
+            requests = [requests]
+        prepared = self.prepare(list(requests))
+        if not prepared:
+            return []
+        output = self.executor.execute_model(prepared)
+        if output is None:
+            raise RuntimeError(f"{type(self.executor).__name__}.execute_model returned no output")
+        by_id = {single.request_id: single for single in output.split()}
+        missing = [r.request_id for r in prepared if r.request_id not in by_id]
+        for request_id in missing:
+            by_id[request_id] = DiffusionOutput.failed([request_id], "no output returned for this request")
+        return [by_id[r.request_id] for r in prepared]
+
+    def collective_rpc(
+        self,
+        method: RpcMethod,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        unique_reply_rank: int | None = None,
+    ) -> Any:
+        return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
+
+    def check_health(self) -> None:
+        self.executor.check_health()
+
+    def sleep(self, level: int = 1) -> None:
+        self.executor.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.executor.wake_up(tags)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+
+    def __enter__(self) -> DiffusionEngine:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

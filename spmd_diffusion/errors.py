@@ -1,0 +1,84 @@
+"""Typed errors that cross process boundaries.
+
+A failure on any rank reaches the caller as one exception that names the rank(s), the
+exception type and the remote traceback text, so nobody has to read N log files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SpmdDiffusionError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """What went wrong on one rank, as plain picklable text."""
+
+    rank: int
+    exc_type: str
+    message: str
+    traceback: str
+
+    def summary(self) -> str:
+        return f"rank {self.rank}: {self.exc_type}: {self.message}"
+
+
+class WorkerError(SpmdDiffusionError):
+    """A call failed on one or more workers."""
+
+    def __init__(self, method: str, failures: list[RankFailure]) -> None:
+        self.method = method
+        self.failures = sorted(failures, key=lambda f: f.rank)
+        ranks = ", ".join(str(f.rank) for f in self.failures)
+        lines = [f"{method!r} failed on rank(s) {ranks}"]
+        for failure in self.failures:
+            lines.append(f"--- {failure.summary()}")
+            if failure.traceback:
+                lines.append(failure.traceback.rstrip())
+        super().__init__("\n".join(lines))
+
+    @property
+    def ranks(self) -> list[int]:
+        return [f.rank for f in self.failures]
+
+    @property
+    def exc_types(self) -> list[str]:
+        return [f.exc_type for f in self.failures]
+
+    def __reduce__(self):  # keep it picklable with its structured fields
+        return (type(self), (self.method, self.failures))
+
+
+class ExecutorTimeoutError(SpmdDiffusionError, TimeoutError):
+    """A call did not finish on every rank within its timeout."""
+
+    def __init__(self, method: str, timeout: float, pending_ranks: list[int]) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.pending_ranks = sorted(pending_ranks)
+        ranks = ", ".join(map(str, self.pending_ranks)) or "?"
+        super().__init__(f"{method!r} did not finish within {timeout:g} s on rank(s) {ranks}")
+
+    def __reduce__(self):
+        return (type(self), (self.method, self.timeout, self.pending_ranks))
+
+
+class WorkerDiedError(SpmdDiffusionError):
+    """A worker process ended while the executor still needed it."""
+
+    def __init__(self, rank: int, exitcode: int | None, method: str | None = None) -> None:
+        self.rank = rank
+        self.exitcode = exitcode
+        self.method = method
+        during = f" during {method!r}" if method else ""
+        super().__init__(f"worker rank {rank} died{during} (exit code {exitcode})")
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.exitcode, self.method))
+
+
+class ExecutorClosedError(SpmdDiffusionError):
+    """The executor was shut down (or failed) and can take no more calls."""

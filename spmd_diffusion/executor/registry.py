@@ -1,0 +1,83 @@
+"""The one place that turns ``executor_class`` into a class.
+
+Accepted: None (the default for how the job was launched), a built-in short name, the
+name of an entry point in the group ``spmd_diffusion.executors``, a dotted path
+(``pkg.module.Class`` or ``pkg.module:Class``), or a DiffusionExecutor subclass.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
+
+ENTRY_POINT_GROUP = "spmd_diffusion.executors"
+
+BUILTIN_EXECUTORS: dict[str, str] = {
+    "mp": "spmd_diffusion.executor.multiproc_executor:MultiProcDiffusionExecutor",
+    "uni": "spmd_diffusion.executor.uniproc_executor:UniProcDiffusionExecutor",
+    "external": "spmd_diffusion.executor.external_executor:ExternalDiffusionExecutor",
+    "http": "spmd_diffusion.executor.external_executor:HTTPDiffusionExecutor",
+}
+
+
+def import_by_path(path: str) -> Any:
+    """Import ``package.module.Name`` or ``package.module:Name``."""
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ImportError(f"{path!r} is not a dotted path to an object")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def executor_names() -> list[str]:
+    """Every short name that resolves: built-ins first, then installed entry points."""
+    return list(BUILTIN_EXECUTORS) + sorted(set(_entry_points()) - set(BUILTIN_EXECUTORS))
+
+
+def default_executor_name() -> str:
+    """Without a launcher, one worker process per GPU (or per CPU worker)."""
+    return "mp"
+
+
+def _check_class(value: Any, origin: str) -> type[DiffusionExecutor]:
+    if not (isinstance(value, type) and issubclass(value, DiffusionExecutor)):
+        raise ValueError(f"executor_class {origin} is {value!r}, not a DiffusionExecutor subclass")
+    return value
+
+
+def resolve_executor_class(value: Any) -> type[DiffusionExecutor]:
+    if value is None:
+        value = default_executor_name()
+    if isinstance(value, type):
+        return _check_class(value, repr(value.__name__))
+    if not isinstance(value, str):
+        raise ValueError(
+            f"executor_class must be None, a name, a dotted path or a class, got {type(value).__name__}"
+        )
+    if value in BUILTIN_EXECUTORS:
+        return _check_class(import_by_path(BUILTIN_EXECUTORS[value]), repr(value))
+    points = _entry_points()
+    if value in points:
+        return _check_class(points[value].load(), f"entry point {value!r}")
+    if "." in value or ":" in value:
+        try:
+            found = import_by_path(value)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"executor_class {value!r} cannot be imported: {exc}") from exc
+        return _check_class(found, repr(value))
+    raise ValueError(
+        f"unknown executor_class {value!r}; valid names: {', '.join(executor_names())}, "
+        "or a dotted path such as 'my_package.MyExecutor', or a DiffusionExecutor subclass"
+    )

@@ -1,0 +1,55 @@
+"""JSON-safe encoding of generated images.
+
+PIL images travel as base64 PNG (lossless and compact); float arrays (``output_type="np"``)
+travel as base64 raw bytes with dtype and shape, so a round trip is bit-exact either way.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ImageLike = Any  # PIL.Image.Image or numpy.ndarray
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_image(image: ImageLike) -> dict[str, Any]:
+    if isinstance(image, Image.Image):
+        return {"format": "png", "data": base64.b64encode(png_bytes(image)).decode("ascii")}
+    if isinstance(image, np.ndarray):
+        array = np.ascontiguousarray(image)
+        return {
+            "format": "ndarray",
+            "dtype": str(array.dtype),
+            "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes()).decode("ascii"),
+        }
+    raise TypeError(f"cannot encode an image of type {type(image).__name__}")
+
+
+def decode_image(data: dict[str, Any]) -> ImageLike:
+    kind = data.get("format")
+    raw = base64.b64decode(data["data"])
+    if kind == "png":
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+        return image
+    if kind == "ndarray":
+        return np.frombuffer(raw, dtype=np.dtype(data["dtype"])).reshape(data["shape"]).copy()
+    raise ValueError(f"unknown image format {kind!r}")
+
+
+def to_float_array(image: ImageLike) -> np.ndarray:
+    """Pixels in [0, 1] as float64, for comparing images of either kind."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    return np.asarray(image, dtype=np.float64)

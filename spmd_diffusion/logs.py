@@ -1,0 +1,39 @@
+"""Logging where every line names its rank.
+
+Rank 0 logs at INFO; other ranks at WARNING unless ``SPMD_DIFFUSION_LOG_LEVEL`` says
+otherwise, so an 8-rank job does not print everything eight times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "[rank %(rank)s] %(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int, level: str | None = None) -> None:
+    """Configure the ``spmd_diffusion`` logger for this rank (idempotent)."""
+    level = level or os.environ.get("SPMD_DIFFUSION_LOG_LEVEL") or ("INFO" if rank == 0 else "WARNING")
+    logger = logging.getLogger("spmd_diffusion")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_spmd_diffusion", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._spmd_diffusion = True  # type: ignore[attr-defined]
+    handler.addFilter(_RankFilter(rank))
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False

@@ -1,0 +1,141 @@
+"""Where a model comes from and how it is loaded.
+
+``model`` is one of the embedded tiny models (``tiny-unet``, ``tiny-dit``, built on first use
+into a cache), a local directory written by ``save_pretrained``, or a hub id. Loading always
+goes through diffusers' real ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from spmd_diffusion.tiny_models import TINY_MODEL_VERSION, make_tiny_model
+
+TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    """``$SPMD_DIFFUSION_CACHE``, else ``$XDG_CACHE_HOME/spmd_diffusion`` (``~/.cache``)."""
+    if os.environ.get("SPMD_DIFFUSION_CACHE"):
+        return Path(os.environ["SPMD_DIFFUSION_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spmd_diffusion"
+
+
+def _is_complete(directory: Path) -> bool:
+    marker = directory / "tiny_model.json"
+    if not (directory / "model_index.json").exists() or not marker.exists():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("version") == TINY_MODEL_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_tiny_model(name: str) -> Path:
+    """The cached tiny model ``name``, built once (under a file lock) if missing."""
+    arch = TINY_MODELS[name]
+    directory = cache_root() / f"{name}-v{TINY_MODEL_VERSION}"
+    if _is_complete(directory):
+        return directory
+    with _file_lock(cache_root() / f".{name}.lock"):
+        if not _is_complete(directory):
+            make_tiny_model(directory, arch=arch)
+    return directory
+
+
+def check_model_reference(model: str) -> None:
+    """Cheap validation for rank 0, before any process loads anything.
+
+    Raises ValueError for a path that does not exist or holds no diffusers pipeline, and
+    for a string that is neither a tiny model name, a path, nor a hub id.
+    """
+    if model in TINY_MODELS:
+        return
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith(("/", ".", "~")):
+        if not path.is_dir():
+            raise ValueError(f"model path {model!r} does not exist or is not a directory")
+        if not (path / "model_index.json").exists():
+            raise ValueError(
+                f"model directory {model!r} holds no model_index.json (not a diffusers pipeline)"
+            )
+        return
+    if not HUB_ID.match(model):
+        names = ", ".join(TINY_MODELS)
+        raise ValueError(
+            f"unknown model {model!r}: give a local pipeline directory, a hub id (org/name) or one of {names}"
+        )
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory or hub id that ``from_pretrained`` accepts."""
+    check_model_reference(model)
+    if model in TINY_MODELS:
+        return str(ensure_tiny_model(model))
+    path = Path(model).expanduser()
+    return str(path) if path.exists() else model
+
+
+def pipeline_class(class_name: str | None) -> Any:
+    """``DiffusionPipeline`` (class read from model_index.json) or a named diffusers class."""
+    import diffusers
+
+    if class_name is None:
+        return diffusers.DiffusionPipeline
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"model_class_name {class_name!r} is not a diffusers pipeline class")
+    return cls
+
+
+def _dtype_argument() -> str:
+    """Newer diffusers renamed ``torch_dtype`` to ``dtype`` and warn on the old name."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return "torch_dtype"
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
+def load_pipeline(
+    model: str,
+    class_name: str | None,
+    torch_dtype: Any,
+    revision: str | None = None,
+    variant: str | None = None,
+) -> Any:
+    """Load with the real ``from_pretrained``; weights stay on the CPU until placed."""
+    from diffusers.utils import logging as diffusers_logging
+
+    cls = pipeline_class(class_name)
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # one bar per rank is noise; load time is logged
+    transformers_logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {_dtype_argument(): torch_dtype}
+    if revision:
+        kwargs["revision"] = revision
+    if variant:
+        kwargs["variant"] = variant
+    pipeline = cls.from_pretrained(resolve_model_path(model), **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,112 @@
+"""One generation request, named with diffusers' own argument names.
+
+A request is plain data: it travels over every RPC channel (pickle, MPI, gloo, HTTP JSON),
+so it holds no tensors and validates itself on construction, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+MAX_SEED = 2**63 - 1
+
+
+def new_request_id() -> str:
+    """A short random id, unique enough for one job's requests."""
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+def check_size(name: str, value: int | None) -> None:
+    """Height/width must be positive multiples of 8 (the VAE's downsampling factor)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 8 or value % 8:
+        raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+def check_seed(value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"seed must be an integer, got {value!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {value}")
+
+
+@dataclass
+class OmniDiffusionRequest:
+    """Everything needed to produce the images of one prompt.
+
+    ``None`` for ``num_inference_steps``, ``guidance_scale``, ``height`` or ``width`` means
+    "the pipeline's own default"; the worker reports the values it actually used.
+    ``seed=None`` lets the engine derive one from the run seed and ``request_id``, so the
+    result never depends on which rank runs the request. ``extra`` holds further keyword
+    arguments for the diffusers pipeline call (e.g. ``{"output_type": "np"}``).
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = None
+    num_images_per_prompt: int = 1
+    request_id: str = field(default_factory=new_request_id)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(
+                f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
+            )
+        steps = self.num_inference_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        if self.guidance_scale is not None:
+            if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+                raise ValueError(f"guidance_scale must be a number, got {self.guidance_scale!r}")
+            if self.guidance_scale < 0:
+                raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+            self.guidance_scale = float(self.guidance_scale)
+        check_size("height", self.height)
+        check_size("width", self.width)
+        check_seed(self.seed)
+        count = self.num_images_per_prompt
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {count!r}")
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (as long as ``extra`` holds JSON-safe values)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OmniDiffusionRequest:
+        if not isinstance(data, dict):
+            raise ValueError(f"a request must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown request field(s): {', '.join(unknown)}")
+        if "prompt" not in data:
+            raise ValueError("request field 'prompt' is required")
+        return cls(**data)
+
+    def image_seeds(self) -> list[int]:
+        """The seed of each of this request's images: ``seed``, ``seed + 1``, ...
+
+        Image k of a request is always seeded the same way, whatever batch it lands in.
+        """
+        if self.seed is None:
+            raise ValueError(f"request {self.request_id} has no seed yet")
+        return [(self.seed + k) % (MAX_SEED + 1) for k in range(self.num_images_per_prompt)]

@@ -1,0 +1,277 @@
+"""DiffusionWorker: one per rank; owns a diffusers pipeline and serves the RPC methods.
+
+Every executor, whatever its transport, ends in these methods, so behaviour (batching,
+seeding, error isolation, sleep/wake) is identical under ``uni``, ``mp``, MPI and torchrun.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import time
+from typing import Any
+
+from spmd_diffusion.batching import ImageJob, plan_batches
+from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.device import resolve_device, resolve_dtype
+from spmd_diffusion.models import load_pipeline
+from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.seeding import with_seed
+
+logger = logging.getLogger(__name__)
+
+SLEEP_LEVELS = (1, 2)
+WAKE_TAGS = ("weights",)
+
+
+class DiffusionWorker:
+    """Loads the pipeline on construction; ``generate`` turns requests into images."""
+
+    def __init__(
+        self,
+        od_config: OmniDiffusionConfig,
+        rank: int = 0,
+        local_rank: int = 0,
+        world_size: int = 1,
+        local_world_size: int = 1,
+    ) -> None:
+        import torch
+
+        self.od_config = od_config
+        self.rank = rank
+        self.local_rank = local_rank
+        self.world_size = world_size
+        self.device = resolve_device(od_config.device, local_rank)
+        self.local_world_size = local_world_size
+        threads = od_config.torch_num_threads
+        if threads is None and self.device.type == "cpu":
+            # CPU float results depend on the intra-op thread count, so it must never depend
+            # on the layout: one thread per rank unless the user asks for more.
+            threads = 1
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch_dtype = resolve_dtype(od_config.dtype, self.device)
+        self.pipeline: Any = None
+        self.sleep_level = 0
+        self.load_seconds = 0.0
+        self.images_generated = 0
+        self.requests_failed = 0
+        self._closed = False
+        self._load()
+
+    # -- loading -------------------------------------------------------------------------
+    def _load(self) -> None:
+        start = time.perf_counter()
+        pipeline = load_pipeline(
+            self.od_config.model,
+            self.od_config.model_class_name,
+            self.torch_dtype,
+            revision=self.od_config.revision,
+            variant=self.od_config.variant,
+        )
+        self.pipeline = pipeline.to(self.device)
+        self._call_params = inspect.signature(self.pipeline.__call__).parameters
+        self.load_seconds = time.perf_counter() - start
+        logger.info("loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds)
+
+    @property
+    def denoiser(self) -> Any:
+        """The network that runs every step: the UNet or the transformer."""
+        return getattr(self.pipeline, "unet", None) or getattr(self.pipeline, "transformer", None)
+
+    # -- generation ------------------------------------------------------------------------
+    def _default(self, name: str) -> Any:
+        param = self._call_params.get(name)
+        if param is None or param.default is inspect.Parameter.empty:
+            return None
+        return param.default
+
+    def _default_size(self) -> int | None:
+        sample = getattr(getattr(self.denoiser, "config", None), "sample_size", None)
+        scale = getattr(self.pipeline, "vae_scale_factor", None)
+        if isinstance(sample, int) and isinstance(scale, int):
+            return sample * scale
+        return None
+
+    def effective_settings(self, request: OmniDiffusionRequest) -> dict[str, Any]:
+        """The settings a request really runs with: its own, else the pipeline's defaults."""
+
+        def pick(value: Any, fallback: Any) -> Any:
+            return fallback if value is None else value
+
+        size = self._default_size()
+        return {
+            "num_inference_steps": pick(request.num_inference_steps, self._default("num_inference_steps")),
+            "guidance_scale": pick(request.guidance_scale, self._default("guidance_scale")),
+            "height": pick(request.height, size),
+            "width": pick(request.width, size),
+        }
+
+    def _accepts(self, name: str) -> bool:
+        # Named parameters only: pipelines swallow unknown **kwargs silently.
+        param = self._call_params.get(name)
+        return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
+
+    def _pipeline_kwargs(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob]) -> dict[str, Any]:
+        import torch
+
+        first = requests[jobs[0].request_pos]
+        kwargs: dict[str, Any] = {
+            key: value for key, value in self.effective_settings(first).items() if value is not None
+        }
+        kwargs["prompt"] = [requests[job.request_pos].prompt for job in jobs]
+        negatives = [requests[job.request_pos].negative_prompt for job in jobs]
+        if any(negatives):
+            kwargs["negative_prompt"] = [negative or "" for negative in negatives]
+        kwargs["num_images_per_prompt"] = 1
+        # A CPU generator per image: reproducible across devices and batch positions.
+        kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+        if "use_resolution_binning" in self._call_params:
+            kwargs["use_resolution_binning"] = False  # honour the requested size exactly
+        if "clean_caption" in self._call_params:
+            kwargs["clean_caption"] = False  # needs optional packages; prompts are used as given
+        kwargs.update(first.extra)
+        refused = sorted(name for name in kwargs if not self._accepts(name))
+        if refused:
+            raise ValueError(f"{type(self.pipeline).__name__} does not accept {', '.join(refused)}")
+        return kwargs
+
+    def _run_batch(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        with torch.inference_mode():
+            result = self.pipeline(**self._pipeline_kwargs(requests, jobs))
+        images = result.images if hasattr(result, "images") else result[0]
+        if isinstance(images, np.ndarray) or isinstance(images, torch.Tensor):
+            images = [images[i] for i in range(images.shape[0])]
+        if len(images) != len(jobs):
+            raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} prompts")
+        return list(images)
+
+    def _check_awake(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"worker rank {self.rank} is shut down")
+        if self.sleep_level:
+            raise RuntimeError(f"worker rank {self.rank} is asleep (level {self.sleep_level}); call wake_up first")
+
+    def generate(self, requests: list[OmniDiffusionRequest]) -> DiffusionOutput:
+        """Images for every request; a request that fails gets its error, the others their images."""
+        self._check_awake()
+        start = time.perf_counter()
+        requests = [with_seed(request, self.od_config.seed) for request in requests]
+        images: list[dict[int, Any]] = [{} for _ in requests]
+        errors: list[str | None] = [None] * len(requests)
+        seconds = [0.0] * len(requests)
+        pipeline_seconds = 0.0
+        pending = plan_batches(requests, self.od_config.max_batch_size)
+        while pending:
+            jobs = pending.pop(0)
+            batch_start = time.perf_counter()
+            try:
+                produced = self._run_batch(requests, jobs)
+            except Exception as exc:  # noqa: BLE001 - isolate the failing request
+                positions = sorted({job.request_pos for job in jobs})
+                if len(positions) > 1:
+                    # Rerun each request alone, so one bad request does not sink the rest.
+                    pending[:0] = [[job for job in jobs if job.request_pos == pos] for pos in positions]
+                    continue
+                errors[positions[0]] = f"{type(exc).__name__}: {exc}"
+                logger.warning("request %s failed: %s", requests[positions[0]].request_id, errors[positions[0]])
+                continue
+            elapsed = time.perf_counter() - batch_start
+            pipeline_seconds += elapsed
+            for job, image in zip(jobs, produced):
+                images[job.request_pos][job.index] = image
+                seconds[job.request_pos] += elapsed / len(jobs)
+        output = DiffusionOutput(
+            request_ids=[request.request_id for request in requests],
+            images=[
+                [] if errors[i] else [per_request[k] for k in sorted(per_request)]
+                for i, per_request in enumerate(images)
+            ],
+            errors=errors,
+            seeds=[request.image_seeds() for request in requests],
+            metadata=[
+                {**self.effective_settings(request), "seconds": round(seconds[i], 6), "rank": self.rank}
+                for i, request in enumerate(requests)
+            ],
+            timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds},
+            rank=self.rank,
+        )
+        self.images_generated += sum(len(per_request) for per_request in output.images)
+        self.requests_failed += sum(error is not None for error in errors)
+        return output
+
+    # -- power management -------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Level 1: weights to host memory. Level 2: weights dropped (reloaded on wake_up)."""
+        import torch
+
+        if level not in SLEEP_LEVELS:
+            raise ValueError(f"sleep level must be one of {SLEEP_LEVELS}, got {level!r}")
+        if self._closed:
+            raise RuntimeError(f"worker rank {self.rank} is shut down")
+        if level == 1 and self.sleep_level == 0:
+            self.pipeline.to("cpu")
+        elif level == 2 and self.sleep_level < 2:
+            self.pipeline = None
+            gc.collect()
+        self.sleep_level = max(self.sleep_level, level)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"rank": self.rank, "sleep_level": self.sleep_level}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Bring back what ``tags`` names (default: everything, i.e. the weights)."""
+        unknown = sorted(set(tags or ()) - set(WAKE_TAGS))
+        if unknown:
+            raise ValueError(f"unknown wake_up tag(s) {unknown}; valid: {list(WAKE_TAGS)}")
+        if tags is None or "weights" in tags:
+            if self.sleep_level == 1:
+                self.pipeline.to(self.device)
+            elif self.sleep_level == 2:
+                self._load()
+            self.sleep_level = 0
+        return {"rank": self.rank, "sleep_level": self.sleep_level}
+
+    # -- introspection ------------------------------------------------------------------------
+    def get_cache_stats(self) -> dict[str, Any]:
+        """Counters and memory of this rank (what is loaded where, what it produced)."""
+        import torch
+
+        params = 0
+        if self.pipeline is not None:
+            for component in self.pipeline.components.values():
+                if isinstance(component, torch.nn.Module):
+                    params += sum(p.numel() * p.element_size() for p in component.parameters())
+        stats: dict[str, Any] = {
+            "rank": self.rank,
+            "device": str(self.device),
+            "dtype": str(self.torch_dtype).replace("torch.", ""),
+            "sleep_level": self.sleep_level,
+            "parameter_bytes": params,
+            "load_seconds": round(self.load_seconds, 3),
+            "images_generated": self.images_generated,
+            "requests_failed": self.requests_failed,
+        }
+        if self.device.type == "cuda":
+            stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+        return stats
+
+    def check_health(self) -> dict[str, Any]:
+        """Raises when the worker cannot serve; otherwise says what state it is in."""
+        if self._closed:
+            raise RuntimeError(f"worker rank {self.rank} is shut down")
+        if self.pipeline is None and self.sleep_level != 2:
+            raise RuntimeError(f"worker rank {self.rank} has no pipeline loaded")
+        return {"rank": self.rank, "status": "asleep" if self.sleep_level else "ok", "device": str(self.device)}
+
+    def shutdown(self) -> None:
+        """Release the pipeline; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self.pipeline = None
+        gc.collect()

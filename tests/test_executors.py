@@ -1,0 +1,135 @@
+"""Engine with the uni and mp executors on the tiny model: images, errors, deaths, timeouts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from helpers import same_pixels, small_requests
+
+from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
+from spmd_diffusion.errors import (
+    ExecutorClosedError,
+    ExecutorTimeoutError,
+    WorkerDiedError,
+    WorkerError,
+)
+from spmd_diffusion.executor import MultiProcDiffusionExecutor, UniProcDiffusionExecutor
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def uni_engine(tiny_unet):
+    with DiffusionEngine(OmniDiffusionConfig(executor_class="uni")) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def mp_engine(tiny_unet):
+    with DiffusionEngine(OmniDiffusionConfig(executor_class="mp", num_gpus=2)) as engine:
+        yield engine
+
+
+def test_engine_picks_the_named_executor(uni_engine, mp_engine):
+    assert isinstance(uni_engine.executor, UniProcDiffusionExecutor)
+    assert isinstance(mp_engine.executor, MultiProcDiffusionExecutor)
+
+
+def test_uni_and_mp_give_identical_pixels(uni_engine, mp_engine):
+    requests = small_requests(4)
+    uni_outputs = uni_engine.generate(requests)
+    mp_outputs = mp_engine.generate(requests)
+    assert [o.request_id for o in mp_outputs] == [r.request_id for r in requests]
+    assert all(o.ok for o in uni_outputs + mp_outputs)
+    assert same_pixels(uni_outputs, mp_outputs)
+
+
+def test_engine_fixes_seeds_from_run_seed_and_id(uni_engine):
+    from spmd_diffusion.request import OmniDiffusionRequest
+    from spmd_diffusion.seeding import derive_seed
+
+    request = OmniDiffusionRequest(prompt="x", num_inference_steps=2, request_id="no-seed")
+    (output,) = uni_engine.generate(request)
+    assert output.seeds[0] == [derive_seed(0, "no-seed")]
+    with pytest.raises(ValueError, match="duplicate request_id"):
+        uni_engine.generate([request, request])
+
+
+def test_collective_rpc_on_every_rank(mp_engine):
+    assert mp_engine.collective_rpc(lambda worker: worker.rank) == [0, 1]
+    assert mp_engine.collective_rpc(lambda worker: worker.rank, unique_reply_rank=1) == 1
+    pids = mp_engine.collective_rpc(lambda worker: os.getpid())
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    stats = mp_engine.collective_rpc("get_cache_stats")
+    assert [s["rank"] for s in stats] == [0, 1]
+    mp_engine.check_health()
+    with pytest.raises(ValueError, match="unique_reply_rank 5"):
+        mp_engine.collective_rpc("check_health", unique_reply_rank=5)
+
+
+@pytest.mark.parametrize("engine_fixture", ["uni_engine", "mp_engine"])
+def test_worker_exception_is_one_typed_error_naming_the_rank(request, engine_fixture):
+    engine = request.getfixturevalue(engine_fixture)
+    last = len(engine.collective_rpc(lambda worker: 0)) - 1
+
+    def fail_on_last(worker):
+        if worker.rank == last:
+            raise KeyError("missing thing")
+        return "fine"
+
+    with pytest.raises(WorkerError) as caught:
+        engine.collective_rpc(fail_on_last)
+    assert caught.value.ranks == [last] and caught.value.exc_types == ["KeyError"]
+    assert "missing thing" in str(caught.value) and "fail_on_last" in str(caught.value)
+    assert engine.collective_rpc(lambda worker: "still alive")[0] == "still alive"
+
+
+def test_sleep_wake_through_the_executor(mp_engine):
+    requests = small_requests(1)
+    before = mp_engine.generate(requests)
+    mp_engine.sleep(2)
+    assert mp_engine.collective_rpc("check_health")[1]["status"] == "asleep"
+    mp_engine.wake_up()
+    assert same_pixels(before, mp_engine.generate(requests))
+
+
+def test_timeout_fails_the_call_and_the_executor(tiny_unet):
+    engine = DiffusionEngine(OmniDiffusionConfig(executor_class="uni"))
+    try:
+        start = time.monotonic()
+        with pytest.raises(ExecutorTimeoutError, match="did not finish within 0.5 s on rank"):
+            engine.collective_rpc(lambda worker: time.sleep(3), timeout=0.5)
+        assert time.monotonic() - start < 2.5
+        with pytest.raises(ExecutorClosedError):
+            engine.collective_rpc("check_health")
+    finally:
+        engine.close()
+
+
+def test_killed_worker_is_noticed_quickly(tiny_unet):
+    engine = DiffusionEngine(OmniDiffusionConfig(executor_class="mp", num_gpus=2))
+    try:
+        pid = engine.collective_rpc(lambda worker: os.getpid(), unique_reply_rank=1)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="rank 1 died") as caught:
+            engine.collective_rpc(lambda worker: os.kill(pid, signal.SIGKILL) if worker.rank == 0 else time.sleep(60))
+        assert time.monotonic() - start < 10
+        assert caught.value.rank == 1 and caught.value.exitcode == -signal.SIGKILL
+        with pytest.raises(ExecutorClosedError):
+            engine.generate(small_requests(1))
+    finally:
+        start = time.monotonic()
+        engine.close()
+        engine.close()  # idempotent
+        assert time.monotonic() - start < 10
+    assert not any(process.is_alive() for process in engine.executor.processes)
+
+
+def test_worker_that_cannot_load_fails_startup_with_its_traceback(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(WorkerError) as caught:
+        DiffusionEngine(OmniDiffusionConfig(model=str(tmp_path), executor_class="mp", num_gpus=1))
+    assert caught.value.method == "load" and caught.value.ranks == [0]

@@ -1,0 +1,117 @@
+"""The HTTP API and the executors that forward to other systems (http, external)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import same_pixels, small_requests
+
+from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
+from spmd_diffusion.errors import SpmdDiffusionError
+from spmd_diffusion.server import serve
+
+pytestmark = pytest.mark.slow
+
+sys.path.insert(0, str(Path(__file__).parent / "design_examples"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_unet):
+    with DiffusionEngine(OmniDiffusionConfig(executor_class="uni")) as engine:
+        http = serve(engine, "127.0.0.1", 0)
+        thread = threading.Thread(target=http.serve_forever, daemon=True)
+        thread.start()
+        yield http
+        http.shutdown()
+        http.server_close()
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, response.read().decode()
+
+
+def test_http_executor_matches_the_engine_behind_it(server):
+    requests = small_requests(2)
+    expected = server.engine.generate(requests)
+    config = OmniDiffusionConfig(executor_class="http", executor_config={"base_url": server.url})
+    with DiffusionEngine(config) as engine:
+        engine.check_health()
+        outputs = engine.generate(requests)
+        assert same_pixels(expected, outputs)
+        with pytest.raises(NotImplementedError, match="only generate and check_health"):
+            engine.collective_rpc("sleep")
+
+
+def test_design_documents_http_example_against_the_server(server):
+    from my_package import HTTPDiffusionExecutor
+
+    config = OmniDiffusionConfig(executor_class=HTTPDiffusionExecutor, executor_config={"base_url": server.url})
+    with DiffusionEngine(config) as engine:
+        outputs = engine.generate(small_requests(1))
+    assert same_pixels(server.engine.generate(small_requests(1)), outputs)
+
+
+def test_health_metrics_and_bad_input(server):
+    assert _get(server.url + "/health") == (200, '{"status": "ok"}')
+    status, metrics = _get(server.url + "/metrics")
+    assert status == 200 and "spmd_diffusion_images_total" in metrics
+    bad = urllib.request.Request(
+        server.url + "/v1/diffusion/generate",
+        data=json.dumps({"requests": [{"prompt": "x", "height": 10}]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(bad, timeout=30)
+    assert caught.value.code == 400 and "height must be a positive multiple of 8" in caught.value.read().decode()
+
+
+def test_http_executor_reports_an_unreachable_server():
+    config = OmniDiffusionConfig(executor_class="http", executor_config={"base_url": "http://127.0.0.1:9"})
+    with DiffusionEngine(config) as engine, pytest.raises(SpmdDiffusionError, match="cannot reach"):
+        engine.generate(small_requests(1))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_external_executor_drives_a_worker_it_did_not_start(tiny_unet, monkeypatch):
+    port = _free_port()
+    monkeypatch.setenv("SPMD_DIFFUSION_AUTHKEY", "test-secret")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "spmd_diffusion", "worker", "--listen", f"127.0.0.1:{port}", "--model", tiny_unet],
+    )
+    try:
+        config = OmniDiffusionConfig(executor_class="external",
+                                     executor_config={"worker_addresses": [f"127.0.0.1:{port}"]})
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                engine = DiffusionEngine(config)
+                break
+            except (ConnectionRefusedError, OSError):
+                assert time.monotonic() < deadline and worker.poll() is None, "worker did not come up"
+                time.sleep(0.5)
+        with engine:
+            outputs = engine.generate(small_requests(2))
+            assert all(o.ok for o in outputs)
+        assert worker.poll() is None, "shutdown of the executor must leave the worker running"
+        with DiffusionEngine(config) as again:  # a second client reuses the loaded worker
+            assert same_pixels(outputs, again.generate(small_requests(2)))
+            again.executor.channels[0].send(("shutdown",))
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -1,0 +1,59 @@
+"""Tiny pipelines: built from a fixed seed, saved, and loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from spmd_diffusion.cli import main
+from spmd_diffusion.models import check_model_reference, load_pipeline, resolve_model_path
+
+pytestmark = pytest.mark.slow
+
+
+def _weights_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("arch, pipeline_name", [("unet", "StableDiffusionPipeline"), ("dit", "PixArtAlphaPipeline")])
+def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipeline_name):
+    import torch
+
+    result = CliRunner().invoke(main, ["make-tiny-model", str(tmp_path / arch), "--arch", arch])
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / arch / "model_index.json").read_text())
+    assert index["_class_name"] == pipeline_name
+    pipeline = load_pipeline(str(tmp_path / arch), None, torch.float32)
+    assert type(pipeline).__name__ == pipeline_name
+    assert load_pipeline(str(tmp_path / arch), pipeline_name, torch.float32).__class__.__name__ == pipeline_name
+
+
+def test_builds_are_bit_identical(tmp_path, tiny_unet):
+    CliRunner().invoke(main, ["make-tiny-model", str(tmp_path / "again"), "--arch", "unet"])
+    assert _weights_digest(tmp_path / "again") == _weights_digest(Path(tiny_unet))
+
+
+def test_model_references(tmp_path, tiny_unet):
+    assert resolve_model_path("tiny-unet") == tiny_unet
+    assert resolve_model_path(tiny_unet) == tiny_unet
+    check_model_reference("some-org/some-model")  # a hub id is accepted as such
+    with pytest.raises(ValueError, match="does not exist"):
+        check_model_reference(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no model_index.json"):
+        check_model_reference(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown model 'tiny-nothing'"):
+        check_model_reference("tiny-nothing")
+
+
+def test_unknown_pipeline_class_is_refused(tiny_unet):
+    import torch
+
+    with pytest.raises(ValueError, match="MyModel.*not a diffusers pipeline class"):
+        load_pipeline(tiny_unet, "MyModel", torch.float32)
