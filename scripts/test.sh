@@ -31,7 +31,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 echo "== single-process tests"
 timeout 900 python -m pytest -q "$@"
 
-if [[ -d tests/multirank ]]; then
-    echo "== multi-rank tests: mpiexec -n 2"
-    timeout 600 mpiexec -n 2 python -m pytest -q -p no:cacheprovider --with-mpi tests/multirank -m mpi
-fi
+echo "== multi-rank tests: mpiexec -n 2 (pytest-mpi)"
+timeout 600 mpiexec -n 2 python -m pytest -q -p no:cacheprovider --with-mpi tests/multirank/test_mpi_executor.py
+
+echo "== multi-rank tests: torchrun --nproc-per-node 2"
+timeout 600 torchrun --nproc-per-node 2 -m pytest -q -p no:cacheprovider tests/multirank/test_torchrun_executor.py

@@ -15,6 +15,7 @@ import click
 
 from spmd_diffusion import __version__
 from spmd_diffusion.data import DEFAULT_MODEL, DTYPES, OmniDiffusionConfig
+from spmd_diffusion.launcher import detect_launcher
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -33,7 +34,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--executor", "executor_class", default=None,
                      help="Executor: mp, uni, a registered name, or a dotted path (default: by launcher)."),
         click.option("--num-gpus", default=1, show_default=True, type=int,
-                     help="Worker processes for the mp executor (one per GPU, or CPU workers)."),
+                     help="Worker processes for the mp executor (without a launcher)."),
         click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(DTYPES)),
                      help="Weights dtype; auto is float16 on GPUs, float32 on CPUs."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
@@ -51,11 +52,14 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_config(**values: Any) -> OmniDiffusionConfig:
     """An OmniDiffusionConfig, or a usage error (exit 2) naming the bad field."""
+    from spmd_diffusion.executor.registry import check_executor_for_launch, resolve_executor_class
     from spmd_diffusion.models import check_model_reference
 
     try:
         check_model_reference(values["model"])
-        return OmniDiffusionConfig(**values)
+        config = OmniDiffusionConfig(**values)
+        check_executor_for_launch(resolve_executor_class(config.executor_class))
+        return config
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -79,14 +83,41 @@ def fatal_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="omni-diffuse")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
-    """SPMD batch inference for diffusers pipelines (mpirun, srun, torchrun or none)."""
+def cli(verbose: bool) -> None:
+    """SPMD batch inference for diffusers pipelines (mpirun, srun, torchrun or none).
+
+    Every rank runs the same command; rank 0 reads the input, drives the other ranks and
+    writes the output.
+    """
     from spmd_diffusion.logs import setup_logging
 
-    setup_logging(0, "DEBUG" if verbose else None)
+    setup_logging(detect_launcher().rank, "DEBUG" if verbose else None)
 
 
-@main.command("make-tiny-model")
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: usage errors are printed by rank 0 only, and exit 2 everywhere."""
+    rank = detect_launcher().rank
+    try:
+        code = cli.main(args=args, prog_name="omni-diffuse", standalone_mode=False)
+    except click.ClickException as exc:
+        if rank == 0:
+            exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        if rank == 0:
+            click.echo("Aborted!", err=True)
+        sys.exit(EXIT_FATAL)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def spmd_command(prepare: Callable[[], OmniDiffusionConfig], job: Callable[[Any], int]) -> int:
+    """Run ``job`` under whatever launcher started this process (or none)."""
+    from spmd_diffusion.spmd import run_spmd
+
+    return run_spmd(detect_launcher(), prepare, job, usage_errors=(click.UsageError,))
+
+
+@cli.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--arch", type=click.Choice(["unet", "dit"]), default="unet", show_default=True,
               help="unet: Stable Diffusion 1.x layout; dit: PixArt-alpha layout.")
@@ -99,7 +130,7 @@ def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
     click.echo(f"wrote a tiny {arch} pipeline to {path}")
 
 
-@main.command()
+@cli.command()
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -121,7 +152,7 @@ def serve(host: str, port: int, **model_values: Any) -> None:
             server.server_close()
 
 
-@main.command()
+@cli.command()
 @model_options
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Address to wait for the executor on.")
 @click.option("--rank", default=0, show_default=True, type=int, help="This worker's rank.")
@@ -139,6 +170,22 @@ def worker(listen: str, rank: int, world_size: int, **model_values: Any) -> None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     serve_external_worker(config, listen, authkey, rank=rank, world_size=world_size)
+
+
+@cli.command()
+@model_options
+@fatal_errors
+def info(**model_values: Any) -> int:
+    """Load the model on every rank and print the layout and each rank's health (JSON)."""
+    import json
+
+    from spmd_diffusion.spmd import describe_layout
+
+    def job(engine: Any) -> int:
+        click.echo(json.dumps(describe_layout(engine), indent=2))
+        return EXIT_OK
+
+    return spmd_command(lambda: build_config(**model_values), job)
 
 
 if __name__ == "__main__":

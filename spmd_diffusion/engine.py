@@ -8,6 +8,7 @@ from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
+from spmd_diffusion.executor.registry import check_executor_for_launch
 from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.rpc import RpcMethod
 from spmd_diffusion.seeding import with_seed
@@ -21,6 +22,7 @@ class DiffusionEngine:
     def __init__(self, od_config: OmniDiffusionConfig) -> None:
         self.od_config = od_config
         executor_class = DiffusionExecutor.get_class(od_config)
+        check_executor_for_launch(executor_class)
         logger.info("executor: %s", executor_class.__name__)
         self.executor: DiffusionExecutor = executor_class(od_config)
 

@@ -7,10 +7,11 @@ runs a call and reports its failure in exactly the same way.
 
 from __future__ import annotations
 
+import functools
 import traceback
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -19,17 +20,37 @@ from spmd_diffusion.errors import RankFailure, WorkerError
 RpcMethod = str | Callable[..., Any]
 
 
+@functools.lru_cache(maxsize=64)
+def load_by_value(payload: bytes) -> Callable[..., Any]:
+    """Unpickle a shipped callable; the same callable sent again is not rebuilt."""
+    return cloudpickle.loads(payload)
+
+
+_PAYLOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ByValue:
     """Wraps a callable so plain pickle ships it by value (lambdas, closures, local defs).
 
-    Unpickling yields the callable itself, so receivers need no special case.
+    Unpickling yields the callable itself, so receivers need no special case. A callable
+    sent repeatedly is pickled once (its payload is cached while the callable lives).
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
-        self.payload = cloudpickle.dumps(fn)
+        try:
+            payload = _PAYLOADS.get(fn)
+        except TypeError:  # not weak-referenceable
+            payload = None
+        if payload is None:
+            payload = cloudpickle.dumps(fn)
+            try:
+                _PAYLOADS[fn] = payload
+            except TypeError:
+                pass
+        self.payload = payload
 
     def __reduce__(self):
-        return (cloudpickle.loads, (self.payload,))
+        return (load_by_value, (self.payload,))
 
 
 def portable_method(method: RpcMethod) -> Any:
@@ -47,9 +68,9 @@ def method_name(method: Any) -> str:
     return getattr(method, "__qualname__", None) or getattr(method, "__name__", None) or repr(method)
 
 
-@dataclass
-class RpcReply:
-    """One rank's answer: a value, or the failure that replaced it."""
+class RpcReply(NamedTuple):
+    """One rank's answer: a value, or the failure that replaced it (a tuple: cheap to
+    build and to pickle, which matters on the microsecond RPC path)."""
 
     rank: int
     value: Any = None
@@ -94,7 +115,10 @@ def collect_replies(method: Any, replies: list[RpcReply], unique_reply_rank: int
             if reply.rank == unique_reply_rank:
                 return reply.value
         raise ValueError(f"no reply from rank {unique_reply_rank}")
-    return [reply.value for reply in sorted(replies, key=lambda r: r.rank)]
+    values = [reply.value for reply in replies]
+    if any(reply.rank != position for position, reply in enumerate(replies)):
+        values = [reply.value for reply in sorted(replies, key=lambda r: r.rank)]
+    return values
 
 
 def serve_channel(worker: Any, rank: int, channel: Any) -> str:
@@ -116,7 +140,7 @@ def serve_channel(worker: Any, rank: int, channel: Any) -> str:
         _, method, args, kwargs, reply_rank = message
         reply = run_rpc(worker, rank, method, args, kwargs)
         if reply.ok and reply_rank is not None and reply_rank != rank:
-            reply.value = None
+            reply = reply._replace(value=None)
         try:
             channel.send(reply)
         except (EOFError, OSError, BrokenPipeError):

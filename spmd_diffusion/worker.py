@@ -260,6 +260,10 @@ class DiffusionWorker:
             stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
         return stats
 
+    def ping(self) -> int:
+        """Does nothing but answer: the round trip of an RPC, for latency checks."""
+        return self.rank
+
     def check_health(self) -> dict[str, Any]:
         """Raises when the worker cannot serve; otherwise says what state it is in."""
         if self._closed:

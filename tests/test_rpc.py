@@ -80,3 +80,35 @@ def test_shm_channel_small_inline_large_through_shared_memory(size):
     assert channel.recv() == payload
     child.join(10)
     assert child.exitcode == 0
+
+
+def test_slot_encoding_inline_and_overflow():
+    from spmd_diffusion.control.base import SLOT_BYTES, encode_slot, slot_length, slot_payload
+
+    slot, rest = encode_slot(("call", 1, "ping"))
+    assert rest is None and len(slot) == SLOT_BYTES
+    assert pickle.loads(slot_payload(slot)) == ("call", 1, "ping")
+    big = {"blob": b"x" * (SLOT_BYTES * 3)}
+    reused = bytearray(SLOT_BYTES)
+    slot, rest = encode_slot(big, reused)
+    assert slot is reused and slot_payload(slot) is None
+    assert slot_length(slot) == len(rest) and pickle.loads(rest) == big
+
+
+def test_backoff_spins_then_sleeps_and_honours_the_deadline():
+    import time
+
+    from spmd_diffusion.control.base import Backoff
+
+    polls = []
+    assert Backoff(spin_s=0.0, max_sleep_s=0.001).wait(lambda: polls.append(1) or len(polls) > 50)
+    start = time.monotonic()
+    assert not Backoff(spin_s=0.01, max_sleep_s=0.002).wait(lambda: False, deadline=start + 0.2)
+    assert 0.2 <= time.monotonic() - start < 1.0
+
+
+def test_callables_are_pickled_once_while_they_live():
+    def task(worker):
+        return worker.rank
+
+    assert portable_method(task).payload is portable_method(task).payload

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from spmd_diffusion.cli import main
+from spmd_diffusion.cli import cli
 from spmd_diffusion.models import check_model_reference, load_pipeline, resolve_model_path
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def _weights_digest(directory: Path) -> str:
 def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipeline_name):
     import torch
 
-    result = CliRunner().invoke(main, ["make-tiny-model", str(tmp_path / arch), "--arch", arch])
+    result = CliRunner().invoke(cli, ["make-tiny-model", str(tmp_path / arch), "--arch", arch])
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / arch / "model_index.json").read_text())
     assert index["_class_name"] == pipeline_name
@@ -36,7 +36,7 @@ def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipel
 
 
 def test_builds_are_bit_identical(tmp_path, tiny_unet):
-    CliRunner().invoke(main, ["make-tiny-model", str(tmp_path / "again"), "--arch", "unet"])
+    CliRunner().invoke(cli, ["make-tiny-model", str(tmp_path / "again"), "--arch", "unet"])
     assert _weights_digest(tmp_path / "again") == _weights_digest(Path(tiny_unet))
 
 

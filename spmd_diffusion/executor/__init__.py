@@ -22,6 +22,8 @@ _LAZY = {
     "UniProcDiffusionExecutor": "spmd_diffusion.executor.uniproc_executor",
     "ExternalDiffusionExecutor": "spmd_diffusion.executor.external_executor",
     "HTTPDiffusionExecutor": "spmd_diffusion.executor.external_executor",
+    "MPIExecutor": "spmd_diffusion.executor.spmd_executor",
+    "TorchDistributedExecutor": "spmd_diffusion.executor.spmd_executor",
 }
 
 __all__ = [

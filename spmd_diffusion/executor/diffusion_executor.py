@@ -22,6 +22,10 @@ class DiffusionExecutor(ABC):
     """
 
     uses_multiproc: bool = False
+    # True: the executor's workers are the ranks of an SPMD job (mpi, torchrun).
+    # False: it runs in one process and must not be started by every rank of a launcher.
+    # None: unknown (a third-party executor), so it is not checked.
+    spmd: bool | None = None
 
     def __init__(self, od_config: OmniDiffusionConfig) -> None:
         self.od_config = od_config

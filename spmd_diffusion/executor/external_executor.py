@@ -51,6 +51,8 @@ class ExternalDiffusionExecutor(ChannelExecutor):
     ``authkey`` (or ``$SPMD_DIFFUSION_AUTHKEY``), the secret both sides share.
     """
 
+    spmd = False
+
     def _init_executor(self) -> None:
         options = self.od_config.executor_config
         addresses = options.get("worker_addresses")
@@ -88,6 +90,8 @@ class HTTPDiffusionExecutor(DiffusionExecutor):
     Only ``generate`` and ``check_health`` cross HTTP; other worker methods are refused,
     because a server must not run arbitrary calls for its clients.
     """
+
+    spmd = False
 
     def _init_executor(self) -> None:
         self.base_url = str(self.od_config.executor_config.get("base_url", "http://127.0.0.1:8000")).rstrip("/")

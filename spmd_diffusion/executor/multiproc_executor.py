@@ -44,6 +44,8 @@ def worker_main(od_config: OmniDiffusionConfig, rank: int, world_size: int, chan
 
 
 class MultiProcDiffusionExecutor(ChannelExecutor):
+    spmd = False
+
     uses_multiproc = True
 
     def _init_executor(self) -> None:

@@ -18,6 +18,8 @@ ENTRY_POINT_GROUP = "spmd_diffusion.executors"
 BUILTIN_EXECUTORS: dict[str, str] = {
     "mp": "spmd_diffusion.executor.multiproc_executor:MultiProcDiffusionExecutor",
     "uni": "spmd_diffusion.executor.uniproc_executor:UniProcDiffusionExecutor",
+    "mpi": "spmd_diffusion.executor.spmd_executor:MPIExecutor",
+    "torchrun": "spmd_diffusion.executor.spmd_executor:TorchDistributedExecutor",
     "external": "spmd_diffusion.executor.external_executor:ExternalDiffusionExecutor",
     "http": "spmd_diffusion.executor.external_executor:HTTPDiffusionExecutor",
 }
@@ -47,8 +49,14 @@ def executor_names() -> list[str]:
 
 
 def default_executor_name() -> str:
-    """Without a launcher, one worker process per GPU (or per CPU worker)."""
-    return "mp"
+    """The launcher's executor (mpi / torchrun); without one, a worker process per GPU."""
+    from spmd_diffusion.control.base import default_backend
+    from spmd_diffusion.launcher import NONE, detect_launcher
+
+    launch = detect_launcher()
+    if launch.kind == NONE:
+        return "mp"
+    return "mpi" if default_backend(launch) == "mpi" else "torchrun"
 
 
 def _check_class(value: Any, origin: str) -> type[DiffusionExecutor]:
@@ -81,3 +89,15 @@ def resolve_executor_class(value: Any) -> type[DiffusionExecutor]:
         f"unknown executor_class {value!r}; valid names: {', '.join(executor_names())}, "
         "or a dotted path such as 'my_package.MyExecutor', or a DiffusionExecutor subclass"
     )
+
+
+def check_executor_for_launch(executor_class: type[DiffusionExecutor]) -> None:
+    """A one-process executor must not be started by every rank of a multi-rank launch."""
+    from spmd_diffusion.launcher import detect_launcher
+
+    launch = detect_launcher()
+    if launch.world_size > 1 and executor_class.spmd is False:
+        raise ValueError(
+            f"executor {executor_class.__name__} runs in one process, but {launch.kind} started "
+            f"{launch.world_size} ranks: use executor_class 'mpi' or 'torchrun' (or leave it unset)"
+        )

@@ -16,6 +16,8 @@ from spmd_diffusion.rpc import RpcMethod, collect_replies, method_name, run_rpc
 
 
 class UniProcDiffusionExecutor(DiffusionExecutor):
+    spmd = False
+
     def _init_executor(self) -> None:
         from spmd_diffusion.worker import DiffusionWorker
 
@@ -32,6 +34,8 @@ class UniProcDiffusionExecutor(DiffusionExecutor):
     ) -> Any:
         if self.is_closed or self.is_failed:
             raise ExecutorClosedError(f"{type(self).__name__} is {'failed' if self.is_failed else 'shut down'}")
+        if timeout is None:  # nothing to enforce: run on the caller's thread, no hand-off
+            return collect_replies(method, [run_rpc(self.worker, 0, method, args, kwargs)], unique_reply_rank)
         future = self._thread.submit(run_rpc, self.worker, 0, method, args, kwargs)
         try:
             reply = future.result(timeout=timeout)

@@ -1,0 +1,163 @@
+"""The ControlPlane interface, its process-wide instance, and the idle-wait policy."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from spmd_diffusion.errors import SpmdDiffusionError
+from spmd_diffusion.launcher import MPI, SLURM, TORCHRUN, LaunchInfo
+
+# Small messages (most RPC tuples) ride inside one fixed-size broadcast slot; larger ones
+# follow in a second broadcast. One collective per call is what keeps RPCs cheap.
+SLOT_BYTES = 1024
+HEADER_BYTES = 8
+
+
+class LaunchError(SpmdDiffusionError):
+    """The launcher and the communication library disagree (e.g. srun vs. MPI's PMI)."""
+
+
+class Backoff:
+    """Spin briefly, then sleep in growing steps: an idle rank costs little CPU.
+
+    A call that arrives within ``spin_s`` of the wait starting is seen at once; after that
+    the extra latency is at most ``max_sleep_s`` (the price of not burning a core).
+    """
+
+    def __init__(self, spin_s: float | None = None, max_sleep_s: float | None = None) -> None:
+        self.spin_s = spin_s if spin_s is not None else float(os.environ.get("SPMD_DIFFUSION_SPIN_S", "0.002"))
+        self.max_sleep_s = (
+            max_sleep_s if max_sleep_s is not None else float(os.environ.get("SPMD_DIFFUSION_MAX_SLEEP_S", "0.002"))
+        )
+
+    def wait(self, done: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Poll ``done`` until it is true (True) or the monotonic ``deadline`` passes (False)."""
+        if done():
+            return True
+        start = time.monotonic()
+        spin_until = start + self.spin_s
+        pause = 50e-6
+        polls = 0
+        while not done():
+            polls += 1
+            if polls & 63:  # read the clock every 64 polls: the spin stays tight
+                continue
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            if now > spin_until:
+                time.sleep(pause)
+                pause = min(pause * 2, self.max_sleep_s)
+                polls = 63  # sleeping: check the clock after every poll
+        return True
+
+
+def encode_slot(obj: Any, slot: bytearray | None = None) -> tuple[bytearray, bytes | None]:
+    """A SLOT_BYTES buffer (``slot`` reused if given) holding the length and, if it fits,
+    the pickled message; otherwise the pickled bytes are returned to send after it."""
+    data = pickle.dumps(obj, protocol=5)
+    if slot is None:
+        slot = bytearray(SLOT_BYTES)
+    length = len(data)
+    slot[:HEADER_BYTES] = length.to_bytes(HEADER_BYTES, "little")
+    if length <= SLOT_BYTES - HEADER_BYTES:
+        slot[HEADER_BYTES : HEADER_BYTES + length] = data
+        return slot, None
+    return slot, data
+
+
+def slot_length(slot: bytes | bytearray | memoryview) -> int:
+    return int.from_bytes(slot[:HEADER_BYTES], "little")
+
+
+def slot_payload(slot: bytes | bytearray) -> memoryview | None:
+    """The inline message (a view, not a copy), or None when it follows in a second broadcast."""
+    length = int.from_bytes(slot[:HEADER_BYTES], "little")
+    if length <= SLOT_BYTES - HEADER_BYTES:
+        return memoryview(slot)[HEADER_BYTES : HEADER_BYTES + length]
+    return None
+
+
+class ControlPlane(ABC):
+    """Rank 0 broadcasts; every other rank answers rank 0."""
+
+    kind: str
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    serving: bool = False  # rank 0: an executor session holds the other ranks
+
+    @abstractmethod
+    def broadcast(self, obj: Any) -> None:
+        """Rank 0 only: send ``obj`` to every other rank."""
+
+    @abstractmethod
+    def receive_broadcast(self) -> Any:
+        """Other ranks: wait (cheaply) for rank 0's next broadcast."""
+
+    @abstractmethod
+    def send_to_root(self, obj: Any) -> None:
+        """Other ranks: send one message to rank 0."""
+
+    @abstractmethod
+    def receive_from(self, ranks: list[int], deadline: float | None) -> dict[int, Any]:
+        """Rank 0: one message from each of ``ranks``; those missing at the deadline are left out."""
+
+    @abstractmethod
+    def abort(self, code: int) -> None:
+        """End the whole job now (every rank), with exit code ``code``."""
+
+    def describe(self) -> str:
+        return f"{self.kind} rank {self.rank}/{self.size} (local {self.local_rank}/{self.local_size})"
+
+
+_INSTANCE: ControlPlane | None = None
+
+
+def get_control_plane(launch: LaunchInfo, backend: str | None = None) -> ControlPlane:
+    """The process-wide control plane (created once: it initialises MPI or torch.distributed).
+
+    ``backend`` forces ``mpi`` or ``torch``; by default MPI launches use MPI, torchrun uses
+    torch, and srun uses MPI when mpi4py is installed, else torch.
+    """
+    global _INSTANCE
+    if backend is None:
+        backend = default_backend(launch)
+    if _INSTANCE is not None:
+        if _INSTANCE.kind != backend:
+            raise LaunchError(f"this process already uses the {_INSTANCE.kind} control plane, not {backend}")
+        return _INSTANCE
+    if backend == "mpi":
+        from spmd_diffusion.control.mpi_control import MPIControl
+
+        _INSTANCE = MPIControl(launch)
+    elif backend == "torch":
+        from spmd_diffusion.control.torch_control import TorchControl
+
+        _INSTANCE = TorchControl(launch)
+    else:
+        raise ValueError(f"unknown control backend {backend!r}")
+    return _INSTANCE
+
+
+def default_backend(launch: LaunchInfo) -> str:
+    if launch.kind == MPI:
+        return "mpi"
+    if launch.kind == TORCHRUN:
+        return "torch"
+    if launch.kind == SLURM:
+        import importlib.util
+
+        return "mpi" if importlib.util.find_spec("mpi4py") else "torch"
+    raise LaunchError("no launcher detected: start the job with mpirun, srun or torchrun")
+
+
+def current_control_plane() -> ControlPlane | None:
+    """The control plane if one was created in this process (for fatal-error handling)."""
+    return _INSTANCE

@@ -1,0 +1,201 @@
+"""SPMD executors: every rank runs the same program; rank 0 is the engine.
+
+Rank 0 broadcasts ``(seq, method, args, kwargs, reply_rank)`` over the control plane, runs
+the call on its own worker too (no GPU idles), then collects one reply per other rank with
+a deadline. The other ranks live in :func:`serve_as_worker` until rank 0 shuts down.
+
+- :class:`MPIExecutor` (``mpi``): the control plane is mpi4py (mpirun, mpiexec, srun+PMI).
+- :class:`TorchDistributedExecutor` (``torchrun``): a gloo CPU group (torchrun, srun).
+
+Constructing either on a rank other than 0 serves calls there and then raises
+:class:`WorkerRankDone` (a ``SystemExit``), so ``DiffusionEngine(config)`` returns on rank 0
+only; use :func:`spmd_diffusion.spmd.spmd_engine` where every rank must carry on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import time
+import traceback
+from typing import Any
+
+from spmd_diffusion.control import ControlPlane, get_control_plane
+from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError
+from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
+from spmd_diffusion.launcher import detect_launcher
+from spmd_diffusion.rpc import (
+    RpcMethod,
+    RpcReply,
+    collect_replies,
+    failure_from_exception,
+    method_name,
+    portable_method,
+    run_rpc,
+)
+
+logger = logging.getLogger(__name__)
+
+START, ABORT, CALL, SHUTDOWN = "start", "abort", "call", "shutdown"
+
+
+class WorkerRankDone(SystemExit):
+    """A rank other than 0 finished serving (rank 0 shut the engine down)."""
+
+
+class UnloadedWorker:
+    """Stands in for a worker whose model failed to load: every call reports that failure."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"this rank's worker failed to load: {type(self.error).__name__}: {self.error}")
+
+
+def load_worker(od_config: OmniDiffusionConfig, control: ControlPlane) -> tuple[Any, RpcReply]:
+    """This rank's DiffusionWorker and the reply that tells rank 0 how loading went."""
+    from spmd_diffusion.worker import DiffusionWorker
+
+    try:
+        worker = DiffusionWorker(
+            od_config,
+            rank=control.rank,
+            local_rank=control.local_rank,
+            world_size=control.size,
+            local_world_size=control.local_size,
+        )
+        return worker, RpcReply(rank=control.rank, value="ready")
+    except Exception as exc:  # noqa: BLE001 - rank 0 reports it for every rank
+        return UnloadedWorker(exc), RpcReply(rank=control.rank, failure=failure_from_exception(control.rank, exc))
+
+
+def fatal(control: ControlPlane, exc: BaseException) -> None:
+    """An error outside any RPC: print it once, with the rank, and end the whole job."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    logger.critical("fatal error, ending the job:\n%s", text.rstrip())
+    control.abort(1)
+
+
+def serve_as_worker(control: ControlPlane) -> int:
+    """A non-root rank's life: wait for rank 0's start (or abort), load, serve, return the exit code."""
+    from spmd_diffusion.logs import setup_logging
+
+    setup_logging(control.rank)
+    try:
+        message = control.receive_broadcast()
+        if message[0] == ABORT:
+            return int(message[1])
+        worker, reply = load_worker(message[1], control)
+        control.send_to_root((0, reply.value, reply.failure))
+        while True:
+            message = control.receive_broadcast()
+            if message[0] == SHUTDOWN:
+                break
+            if message[0] == ABORT:
+                return int(message[1])
+            _, seq, method, args, kwargs, reply_rank = message
+            reply = run_rpc(worker, control.rank, method, args, kwargs)
+            value = None if reply_rank is not None and reply_rank != control.rank else reply.value
+            try:  # only the asked-for rank ships its result
+                control.send_to_root((seq, value, reply.failure))
+            except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
+                control.send_to_root((seq, None, failure_from_exception(control.rank, exc)))
+        if not isinstance(worker, UnloadedWorker):
+            worker.shutdown()
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - anything here would leave rank 0 waiting
+        fatal(control, exc)
+        raise
+
+
+class SPMDExecutor(DiffusionExecutor):
+    """Base of the executors whose workers are the ranks of the job itself."""
+
+    spmd = True
+    control_backend = ""
+
+    def _init_executor(self) -> None:
+        self.control = get_control_plane(detect_launcher(), self.control_backend)
+        if self.control.rank != 0:
+            raise WorkerRankDone(serve_as_worker(self.control))
+        self.world_size = self.control.size
+        self.seq = 0
+        self.failure: BaseException | None = None
+        self.control.broadcast((START, self.od_config))
+        self.control.serving = True
+        self.worker, own = load_worker(self.od_config, self.control)
+        atexit.register(self.shutdown)
+        try:
+            collect_replies("load", [own, *self._replies("load", 0, self.od_config.startup_timeout)], None)
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("%s ready: %s", type(self).__name__, self.control.describe())
+
+    def _replies(self, name: str, seq: int, timeout: float | None) -> list[RpcReply]:
+        others = list(range(1, self.world_size))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        received = self.control.receive_from(others, deadline)
+        missing = [rank for rank in others if rank not in received]
+        if missing:
+            self.is_failed = True
+            self.failure = ExecutorTimeoutError(name, timeout, missing)
+            raise self.failure
+        replies = []
+        for rank in others:
+            reply_seq, value, failure = received[rank]
+            if reply_seq != seq:  # cannot happen unless the protocol is broken
+                self.is_failed = True
+                self.failure = RuntimeError(f"rank {rank} answered call {reply_seq} during call {seq}")
+                raise self.failure
+            replies.append(RpcReply(rank, value, failure))
+        return replies
+
+    def collective_rpc(
+        self,
+        method: RpcMethod,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        unique_reply_rank: int | None = None,
+    ) -> Any:
+        if self.is_closed or self.is_failed:
+            raise ExecutorClosedError(f"{type(self).__name__} is {'failed' if self.is_failed else 'shut down'}")
+        if unique_reply_rank is not None and not 0 <= unique_reply_rank < self.world_size:
+            raise ValueError(f"unique_reply_rank {unique_reply_rank} is outside 0..{self.world_size - 1}")
+        self.seq += 1
+        name = method_name(method)
+        self.control.broadcast((CALL, self.seq, portable_method(method), tuple(args), kwargs, unique_reply_rank))
+        own = run_rpc(self.worker, 0, method, args, kwargs)
+        replies = [own, *self._replies(name, self.seq, timeout)]
+        return collect_replies(method, replies, unique_reply_rank)
+
+    def shutdown(self) -> None:
+        """Release every rank. After a timed-out call a rank may still be busy, so a failed
+        executor ends the whole job instead (nothing else can be sure to stop it)."""
+        if self.is_closed:
+            return
+        self.is_closed = True
+        atexit.unregister(self.shutdown)
+        if self.is_failed:
+            logger.critical("ending the job: %s", self.failure)
+            self.control.abort(1)
+            return
+        self.control.broadcast((SHUTDOWN,))
+        self.control.serving = False
+        if not isinstance(self.worker, UnloadedWorker):
+            self.worker.shutdown()
+
+
+class MPIExecutor(SPMDExecutor):
+    """SPMD over mpi4py: for mpirun/mpiexec, and srun with an MPI that speaks its PMI."""
+
+    control_backend = "mpi"
+
+
+class TorchDistributedExecutor(SPMDExecutor):
+    """SPMD over a torch.distributed gloo group: for torchrun, and srun without MPI."""
+
+    control_backend = "torch"

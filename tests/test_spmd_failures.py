@@ -1,0 +1,50 @@
+"""A failure on one rank ends the whole job, non-zero and fast, under mpiexec and torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.launcher, pytest.mark.slow]
+
+JOB = str(Path(__file__).parent / "multirank" / "failure_job.py")
+BIN = Path(sys.executable).parent
+LAUNCHERS = {
+    "mpiexec": [str(BIN / "mpiexec"), "-n", "2", sys.executable, JOB],
+    "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", JOB],
+}
+
+
+def run_job(launcher: str, mode: str, limit: float = 90) -> tuple[int, str, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [*LAUNCHERS[launcher], mode], capture_output=True, text=True, timeout=limit, env=env
+    )
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - start
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("kill", None),
+        ("fatal", "rank 1 gives up"),
+        ("timeout", "did not finish within 2 s on rank(s) 1"),
+        ("rank0-error", "rank 0 found a bug"),
+    ],
+)
+def test_failure_ends_the_job(launcher, mode, expected):
+    code, output, seconds = run_job(launcher, mode)
+    assert "ready" in output, output[-3000:]
+    assert code != 0, output[-3000:]
+    assert seconds < 60, f"took {seconds:.0f} s"
+    if expected:
+        assert expected in output, output[-3000:]
+    if mode == "fatal":
+        assert "[rank 1]" in output and "fatal error" in output
