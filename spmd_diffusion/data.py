@@ -42,7 +42,9 @@ class OmniDiffusionConfig:
     registered name (``mp``, ``uni``, ``mpi``, ``torchrun``, ``http``, or an entry point of the
     group ``spmd_diffusion.executors``), a dotted path string, or a class.
     ``torch_num_threads=None`` means one intra-op thread per rank on CPUs: float results
-    depend on the thread count, and it must not change with the number of ranks. Options a custom
+    depend on the thread count, and it must not change with the number of ranks.
+    ``batch_invariant=True`` runs every forward pass one sample at a time, so an image does
+    not depend on how many prompts shared its pipeline call (see batch_invariance.py). Options a custom
     executor needs go in ``executor_config``; they read as attributes of the config
     (``config.api_key``) so executors can treat them like built-in fields.
     """
@@ -58,6 +60,7 @@ class OmniDiffusionConfig:
     device: str = "auto"
     seed: int = 0
     max_batch_size: int = 4
+    batch_invariant: bool = False
     torch_num_threads: int | None = None
     revision: str | None = None
     variant: str | None = None
@@ -81,8 +84,9 @@ class OmniDiffusionConfig:
             raise ValueError(f"executor_config must be a dict, got {type(self.executor_config).__name__}")
         _check_int("num_gpus", self.num_gpus, 1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        if not isinstance(self.cfg_parallel, bool):
-            raise ValueError(f"cfg_parallel must be a bool, got {self.cfg_parallel!r}")
+        for name in ("cfg_parallel", "batch_invariant"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -4,8 +4,10 @@ drives the workers through whichever executor the config names."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from spmd_diffusion.batching import chunk_requests
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.executor.registry import check_executor_for_launch
@@ -40,19 +42,34 @@ class DiffusionEngine:
         return prepared
 
     def generate(self, requests: list[OmniDiffusionRequest] | OmniDiffusionRequest) -> list[DiffusionOutput]:
+        """Run every request (spread over all replicas) and return their outputs in order."""
         if isinstance(requests, OmniDiffusionRequest):
             requests = [requests]
         prepared = self.prepare(list(requests))
         if not prepared:
             return []
-        output = self.executor.execute_model(prepared)
-        if output is None:
-            raise RuntimeError(f"{type(self.executor).__name__}.execute_model returned no output")
-        by_id = {single.request_id: single for single in output.split()}
-        missing = [r.request_id for r in prepared if r.request_id not in by_id]
-        for request_id in missing:
-            by_id[request_id] = DiffusionOutput.failed([request_id], "no output returned for this request")
+        by_id: dict[str, DiffusionOutput] = {}
+
+        def keep(output: DiffusionOutput) -> None:
+            for single in output.split():
+                by_id[single.request_id] = single
+
+        self.executor.execute_stream(chunk_requests(prepared, self.od_config.max_batch_size), keep)
+        for request in prepared:
+            if request.request_id not in by_id:
+                by_id[request.request_id] = DiffusionOutput.failed([request.request_id], "no output returned")
         return [by_id[r.request_id] for r in prepared]
+
+    def generate_stream(
+        self,
+        batches: list[list[OmniDiffusionRequest]],
+        on_output: Callable[[DiffusionOutput], Any],
+    ) -> None:
+        """Run fixed batches over all replicas, calling ``on_output`` as each finishes (in
+        any order). ``on_output`` may return False to stop handing out new batches."""
+        prepared = self.prepare([request for batch in batches for request in batch])
+        it = iter(prepared)
+        self.executor.execute_stream([[next(it) for _ in batch] for batch in batches], on_output)
 
     def collective_rpc(
         self,

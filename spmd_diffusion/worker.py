@@ -10,6 +10,7 @@ import gc
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from spmd_diffusion.batching import ImageJob, plan_batches
@@ -72,6 +73,10 @@ class DiffusionWorker:
         )
         self.pipeline = pipeline.to(self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
+        if self.od_config.batch_invariant:
+            from spmd_diffusion.batch_invariance import make_batch_invariant
+
+            make_batch_invariant(self.pipeline)
         self.load_seconds = time.perf_counter() - start
         logger.info("loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds)
 
@@ -113,7 +118,12 @@ class DiffusionWorker:
         param = self._call_params.get(name)
         return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
 
-    def _pipeline_kwargs(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob]) -> dict[str, Any]:
+    def _pipeline_kwargs(
+        self,
+        requests: list[OmniDiffusionRequest],
+        jobs: list[ImageJob],
+        step_callback: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
         import torch
 
         first = requests[jobs[0].request_pos]
@@ -131,18 +141,30 @@ class DiffusionWorker:
             kwargs["use_resolution_binning"] = False  # honour the requested size exactly
         if "clean_caption" in self._call_params:
             kwargs["clean_caption"] = False  # needs optional packages; prompts are used as given
+        if step_callback is not None and "callback_on_step_end" in self._call_params:
+
+            def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+                step_callback()
+                return callback_kwargs
+
+            kwargs["callback_on_step_end"] = on_step_end
         kwargs.update(first.extra)
         refused = sorted(name for name in kwargs if not self._accepts(name))
         if refused:
             raise ValueError(f"{type(self.pipeline).__name__} does not accept {', '.join(refused)}")
         return kwargs
 
-    def _run_batch(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob]) -> list[Any]:
+    def _run_batch(
+        self,
+        requests: list[OmniDiffusionRequest],
+        jobs: list[ImageJob],
+        step_callback: Callable[[], None] | None = None,
+    ) -> list[Any]:
         import numpy as np
         import torch
 
         with torch.inference_mode():
-            result = self.pipeline(**self._pipeline_kwargs(requests, jobs))
+            result = self.pipeline(**self._pipeline_kwargs(requests, jobs, step_callback))
         images = result.images if hasattr(result, "images") else result[0]
         if isinstance(images, np.ndarray) or isinstance(images, torch.Tensor):
             images = [images[i] for i in range(images.shape[0])]
@@ -156,8 +178,15 @@ class DiffusionWorker:
         if self.sleep_level:
             raise RuntimeError(f"worker rank {self.rank} is asleep (level {self.sleep_level}); call wake_up first")
 
-    def generate(self, requests: list[OmniDiffusionRequest]) -> DiffusionOutput:
-        """Images for every request; a request that fails gets its error, the others their images."""
+    def generate(
+        self, requests: list[OmniDiffusionRequest], step_callback: Callable[[], None] | None = None
+    ) -> DiffusionOutput:
+        """Images for every request; a request that fails gets its error, the others their images.
+
+        ``step_callback`` runs after every denoising step (where the pipeline supports
+        ``callback_on_step_end``): the SPMD stream uses it to move results over MPI while
+        this rank computes.
+        """
         self._check_awake()
         start = time.perf_counter()
         requests = [with_seed(request, self.od_config.seed) for request in requests]
@@ -170,7 +199,7 @@ class DiffusionWorker:
             jobs = pending.pop(0)
             batch_start = time.perf_counter()
             try:
-                produced = self._run_batch(requests, jobs)
+                produced = self._run_batch(requests, jobs, step_callback)
             except Exception as exc:  # noqa: BLE001 - isolate the failing request
                 positions = sorted({job.request_pos for job in jobs})
                 if len(positions) > 1:

@@ -28,6 +28,7 @@ from spmd_diffusion.launcher import SLURM, LaunchInfo, first_slurm_host
 IDLE_TIMEOUT = datetime.timedelta(days=30)
 
 
+
 def slurm_rendezvous_defaults(env: dict[str, str] | os._Environ) -> None:
     """Under srun, derive MASTER_ADDR/MASTER_PORT from the step unless the user set them."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")

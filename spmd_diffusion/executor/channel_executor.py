@@ -9,11 +9,14 @@ a typed error instead of a hang.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
-from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError, WorkerDiedError
+from spmd_diffusion.data import DiffusionOutput
+from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError, WorkerDiedError, WorkerError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
+from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.rpc import RpcMethod, RpcReply, collect_replies, method_name, portable_method
 from spmd_diffusion.shm_channel import ShmChannel
 
@@ -43,37 +46,76 @@ class ChannelExecutor(DiffusionExecutor):
         self.is_failed = True
         return WorkerDiedError(rank, self._exitcode(rank), name)
 
+    def _wait_any(self, ranks: list[int], name: str, deadline: float | None) -> list[RpcReply]:
+        """Replies from whichever of ``ranks`` answer first (at least one), watching for
+        deaths; an empty list means the deadline passed."""
+        sentinels = {self._sentinel(rank): rank for rank in ranks}
+        sentinels.pop(None, None)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = wait([self.channels[r].conn for r in ranks] + list(sentinels), timeout=remaining)
+        replies = []
+        for rank in ranks:
+            if self.channels[rank].conn in ready:
+                try:
+                    replies.append(self.channels[rank].recv())
+                except (EOFError, OSError):
+                    raise self._died(rank, name) from None
+        answered = {reply.rank for reply in replies}
+        for sentinel, rank in sentinels.items():
+            # A worker may reply and then exit: read what it sent before calling it dead.
+            if sentinel in ready and rank not in answered and not self.channels[rank].poll():
+                raise self._died(rank, name)
+        return replies
+
     def _gather(self, name: str, timeout: float | None) -> list[RpcReply]:
         """One reply from every rank, watching for deaths and the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: dict[int, RpcReply] = {}
         while len(replies) < self.world_size:
             pending = [rank for rank in range(self.world_size) if rank not in replies]
-            sentinels = {self._sentinel(rank): rank for rank in pending} if pending else {}
-            sentinels.pop(None, None)
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait([self.channels[r].conn for r in pending] + list(sentinels), timeout=remaining)
-            if not ready:
+            arrived = self._wait_any(pending, name, deadline)
+            if not arrived and deadline is not None and time.monotonic() >= deadline:
                 self.is_failed = True
                 raise ExecutorTimeoutError(name, timeout, pending)
-            for rank in pending:
-                if self.channels[rank].conn in ready:
-                    try:
-                        replies[rank] = self.channels[rank].recv()
-                    except (EOFError, OSError):
-                        raise self._died(rank, name) from None
-            for sentinel, rank in sentinels.items():
-                # A worker may reply and then exit: read what it sent before calling it dead.
-                if sentinel in ready and rank not in replies and not self.channels[rank].poll():
-                    raise self._died(rank, name)
+            for reply in arrived:
+                replies[reply.rank] = reply
         return [replies[rank] for rank in range(self.world_size)]
 
+    def _send(self, rank: int, message: tuple, name: str) -> None:
+        try:
+            self.channels[rank].send(message)
+        except (BrokenPipeError, EOFError, OSError):
+            raise self._died(rank, name) from None
+
     def _broadcast(self, message: tuple, name: str) -> None:
-        for rank, channel in enumerate(self.channels):
-            try:
-                channel.send(message)
-            except (BrokenPipeError, EOFError, OSError):
-                raise self._died(rank, name) from None
+        for rank in range(self.world_size):
+            self._send(rank, message, name)
+
+    def execute_stream(
+        self,
+        batches: list[list[OmniDiffusionRequest]],
+        on_output: Callable[[DiffusionOutput], None],
+    ) -> None:
+        """Each worker is a replica: hand the next batch to whichever worker is free."""
+        self._check_open()
+        timeout = self.od_config.generate_timeout
+        pending = list(range(len(batches)))[::-1]  # pop() takes batches in order
+        busy: dict[int, float | None] = {}  # rank -> deadline of its batch
+        while pending or busy:
+            for rank in range(self.world_size):
+                if rank not in busy and pending:
+                    self._send(rank, ("call", "generate", ([*batches[pending.pop()]],), None, None), "generate")
+                    busy[rank] = None if timeout is None else time.monotonic() + timeout
+            deadlines = [d for d in busy.values() if d is not None]
+            for reply in self._wait_any(sorted(busy), "generate", min(deadlines) if deadlines else None):
+                del busy[reply.rank]
+                if reply.failure is not None:
+                    raise WorkerError("generate", [reply.failure])
+                on_output(reply.value)
+            late = [rank for rank, d in busy.items() if d is not None and time.monotonic() >= d]
+            if late:
+                self.is_failed = True
+                raise ExecutorTimeoutError("generate", timeout, late)
 
     def collective_rpc(
         self,

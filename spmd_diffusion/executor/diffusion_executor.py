@@ -7,6 +7,7 @@ the model, health checks and sleep/wake are calls like any other.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
@@ -66,6 +67,20 @@ class DiffusionExecutor(ABC):
         return self.collective_rpc(
             "generate", timeout=self.od_config.generate_timeout, args=(list(requests),), unique_reply_rank=0
         )
+
+    def execute_stream(
+        self,
+        batches: list[list[OmniDiffusionRequest]],
+        on_output: Callable[[DiffusionOutput], None],
+    ) -> None:
+        """Generate every batch, calling ``on_output`` with each batch's output as soon as it
+        exists, in whatever order batches finish. Executors with several replicas override
+        this to keep them all busy; this default runs the batches one after another."""
+        for batch in batches:
+            output = self.execute_model(batch)
+            if output is None:
+                raise RuntimeError(f"{type(self).__name__}.execute_model returned no output")
+            on_output(output)
 
     def check_health(self) -> None:
         """Raise if any worker cannot serve."""

@@ -18,13 +18,15 @@ import atexit
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
-from spmd_diffusion.control import ControlPlane, get_control_plane
-from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.control import Backoff, ControlPlane, get_control_plane
+from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.launcher import detect_launcher
+from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.rpc import (
     RpcMethod,
     RpcReply,
@@ -34,10 +36,11 @@ from spmd_diffusion.rpc import (
     portable_method,
     run_rpc,
 )
+from spmd_diffusion.work_queue import ResultMailbox, WorkQueue, connect_store, serve_store, store_host
 
 logger = logging.getLogger(__name__)
 
-START, ABORT, CALL, SHUTDOWN = "start", "abort", "call", "shutdown"
+START, ABORT, CALL, STREAM, SHUTDOWN = "start", "abort", "call", "stream", "shutdown"
 
 
 class WorkerRankDone(SystemExit):
@@ -87,7 +90,9 @@ def serve_as_worker(control: ControlPlane) -> int:
         message = control.receive_broadcast()
         if message[0] == ABORT:
             return int(message[1])
-        worker, reply = load_worker(message[1], control)
+        _, od_config, store_address = message
+        store = connect_store(*store_address)
+        worker, reply = load_worker(od_config, control)
         control.send_to_root((0, reply.value, reply.failure))
         while True:
             message = control.receive_broadcast()
@@ -95,6 +100,11 @@ def serve_as_worker(control: ControlPlane) -> int:
                 break
             if message[0] == ABORT:
                 return int(message[1])
+            if message[0] == STREAM:
+                _, seq, name, batches = message
+                failure = serve_stream(worker, control, store, od_config, name, batches)
+                control.send_to_root((seq, None, failure))
+                continue
             _, seq, method, args, kwargs, reply_rank = message
             reply = run_rpc(worker, control.rank, method, args, kwargs)
             value = None if reply_rank is not None and reply_rank != control.rank else reply.value
@@ -110,6 +120,60 @@ def serve_as_worker(control: ControlPlane) -> int:
         raise
 
 
+def replica_of(rank: int, od_config: OmniDiffusionConfig) -> tuple[int, bool, bool]:
+    """(replica index, is its leader, has other members) of a rank: replicas are blocks of
+    ``tensor_parallel_size x (2 if cfg_parallel)`` consecutive ranks."""
+    size = od_config.replica_size
+    return rank // size, rank % size == 0, size > 1
+
+
+def run_replica_stream(
+    worker: Any,
+    queue: WorkQueue,
+    batches: list[list[OmniDiffusionRequest]],
+    rank: int,
+    od_config: OmniDiffusionConfig,
+    on_output: Callable[[DiffusionOutput], Any],
+    step_callback: Callable[[], None] | None,
+) -> None:
+    """One rank's part of a stream: leaders take batches (and tell their replica which),
+    members follow their leader; only leaders hand outputs on."""
+    replica, leader, has_members = replica_of(rank, od_config)
+    step = 0
+    while True:
+        if leader:
+            index = queue.take()
+            if has_members:
+                queue.announce(replica, step, index)
+        else:
+            index = queue.follow(replica, step)
+        if index is None:
+            return
+        output = worker.generate(batches[index], step_callback=step_callback)
+        if leader and on_output(output) is False:
+            queue.stop()
+        step += 1
+
+
+def serve_stream(
+    worker: Any, control: ControlPlane, store: Any, od_config: OmniDiffusionConfig, name: str, batches: list
+) -> Any:
+    """A non-root rank in a stream: compute, mail outputs to rank 0; returns a failure or None."""
+    _, leader, _ = replica_of(control.rank, od_config)
+    mailbox = ResultMailbox(store, name)
+    try:
+        run_replica_stream(
+            worker, WorkQueue(store, name, len(batches)), batches, control.rank, od_config,
+            lambda output: mailbox.post(control.rank, output), None,
+        )
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported to rank 0 with the rank
+        return failure_from_exception(control.rank, exc)
+    finally:
+        if leader:
+            mailbox.post(control.rank, None, final=True)
+
+
 class SPMDExecutor(DiffusionExecutor):
     """Base of the executors whose workers are the ranks of the job itself."""
 
@@ -121,9 +185,15 @@ class SPMDExecutor(DiffusionExecutor):
         if self.control.rank != 0:
             raise WorkerRankDone(serve_as_worker(self.control))
         self.world_size = self.control.size
+        if self.world_size % self.od_config.replica_size:
+            raise ValueError(
+                f"tensor_parallel_size x cfg = {self.od_config.replica_size} does not divide the "
+                f"{self.world_size} ranks of this job"
+            )
         self.seq = 0
         self.failure: BaseException | None = None
-        self.control.broadcast((START, self.od_config))
+        self.store, port = serve_store()
+        self.control.broadcast((START, self.od_config, (store_host(self.control.local_size, self.world_size), port)))
         self.control.serving = True
         self.worker, own = load_worker(self.od_config, self.control)
         atexit.register(self.shutdown)
@@ -171,6 +241,71 @@ class SPMDExecutor(DiffusionExecutor):
         own = run_rpc(self.worker, 0, method, args, kwargs)
         replies = [own, *self._replies(name, self.seq, timeout)]
         return collect_replies(method, replies, unique_reply_rank)
+
+    def execute_stream(
+        self,
+        batches: list[list[OmniDiffusionRequest]],
+        on_output: Callable[[DiffusionOutput], Any],
+    ) -> None:
+        """Every replica pulls batches from a shared queue until none are left; rank 0 (the
+        leader of replica 0) computes too, and hands each output to ``on_output`` as soon as
+        it arrives, between its own denoising steps. ``on_output`` returning False stops
+        handing out new batches (batches already running still finish and are delivered)."""
+        if self.is_closed or self.is_failed:
+            raise ExecutorClosedError(f"{type(self).__name__} is {'failed' if self.is_failed else 'shut down'}")
+        self.seq += 1
+        name = f"stream-{self.seq}"
+        queue = WorkQueue(self.store, name, len(batches))
+        leaders = [rank for rank in range(1, self.world_size) if replica_of(rank, self.od_config)[1]]
+        mailbox = ResultMailbox(self.store, name, leaders)
+        self.control.broadcast((STREAM, self.seq, name, batches))
+        error: BaseException | None = None
+
+        def deliver(output: DiffusionOutput) -> None:
+            nonlocal error
+            if error is not None:
+                return
+            try:
+                if on_output(output) is False:
+                    queue.stop()
+            except BaseException as exc:  # the consumer failed: stop, let the others finish
+                error = exc
+                queue.stop()
+
+        def poll() -> None:
+            for _, output in mailbox.poll():
+                deliver(output)
+
+        try:
+            run_replica_stream(self.worker, queue, batches, 0, self.od_config, deliver, poll)
+        except BaseException as exc:
+            error = exc
+            queue.stop()
+        self._finish_stream(mailbox, deliver)
+        failures = self._replies("stream", self.seq, self.od_config.rpc_timeout)
+        if error is not None:
+            raise error
+        collect_replies("stream", [RpcReply(0), *failures], None)
+
+    def _finish_stream(self, mailbox: ResultMailbox, deliver: Callable[[DiffusionOutput], None]) -> None:
+        """Wait for every other leader's last output; no news for a whole batch timeout is a
+        timeout (the job then ends: a stuck rank cannot be stopped any other way)."""
+        timeout = self.od_config.generate_timeout
+        backoff = Backoff(max_sleep_s=0.01)  # each poll is a store round trip
+        while not mailbox.done:
+            arrived: list[tuple[int, Any]] = []
+
+            def news() -> bool:
+                arrived.extend(mailbox.poll())
+                return bool(arrived) or mailbox.done
+
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not backoff.wait(news, deadline):
+                self.is_failed = True
+                self.failure = ExecutorTimeoutError("generate", timeout, sorted(mailbox.waiting_for))
+                raise self.failure
+            for _, output in arrived:
+                deliver(output)
 
     def shutdown(self) -> None:
         """Release every rank. After a timed-out call a rank may still be busy, so a failed
