@@ -1,13 +1,17 @@
 """``omni-diffuse``: the command line (``python -m spmd_diffusion`` is the same).
 
-Exit codes: 0 success; 2 bad input or usage, before any model is loaded; 1 a fatal fault.
+Exit codes: 0 success; 1 a fatal fault; 2 bad input or usage, reported before any model is
+loaded; 3 (``generate``) the job finished but some items failed (see the manifest).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
+import tomllib
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +24,7 @@ from spmd_diffusion.launcher import detect_launcher
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
+EXIT_PARTIAL = 3
 
 logger = logging.getLogger("spmd_diffusion.cli")
 
@@ -186,6 +191,119 @@ def info(**model_values: Any) -> int:
         return EXIT_OK
 
     return spmd_command(lambda: build_config(**model_values), job)
+
+
+def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--config FILE`` (JSON or TOML): option defaults, overridden by the command line."""
+    if not value:
+        return value
+    path = Path(value)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value} must hold a table/object of option values")
+    known = {param.name for param in ctx.command.params}
+    defaults = {}
+    for key, item in data.items():
+        name = key.replace("-", "_")
+        name = {"executor": "executor_class", "threads": "torch_num_threads", "prompt": "prompts"}.get(name, name)
+        if name not in known:
+            raise click.BadParameter(f"{value}: unknown option {key!r}")
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def job_layout(engine: Any) -> dict[str, Any]:
+    world = getattr(engine.executor, "world_size", 1)
+    replica = engine.od_config.replica_size
+    return {
+        "launcher": detect_launcher().kind,
+        "executor": type(engine.executor).__name__,
+        "world_size": world,
+        "replica_size": replica,
+        "replicas": max(1, world // replica),
+        "tensor_parallel_size": engine.od_config.tensor_parallel_size,
+        "cfg_parallel": engine.od_config.cfg_parallel,
+    }
+
+
+def check_world_layout(config: OmniDiffusionConfig) -> None:
+    """tp x cfg must divide the ranks (or workers) that will run the job."""
+    launch = detect_launcher()
+    world = launch.world_size if launch.is_distributed else (config.num_gpus if config.executor_class in (None, "mp") else 1)
+    if world % config.replica_size:
+        raise click.UsageError(
+            f"--tp {config.tensor_parallel_size}{' with --cfg-parallel' if config.cfg_parallel else ''} "
+            f"needs a multiple of {config.replica_size} ranks; this job has {world}"
+        )
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), callback=load_config_file,
+              is_eager=True, expose_value=True, help="JSON or TOML file of option defaults.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="Prompt file: .txt (a prompt a line), .jsonl (prompt, optional id/seed/steps/...), .csv.")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output directory: images/, manifest.jsonl, run.json, contact_sheet.png.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's).")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, help="Guidance scale (default: the pipeline's).")
+@click.option("--height", type=int, default=None, help="Image height, a multiple of 8 (default: the model's).")
+@click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
+@click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel ranks per replica (must divide the ranks).")
+@click.option("--cfg-parallel", is_flag=True, help="Run the two guidance branches on two ranks.")
+@click.option("--batch-invariant", is_flag=True,
+              help="Run every forward pass one sample at a time: images then do not depend on --batch-size.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip images a previous run in --output finished (manifest + file).")
+@click.option("--fail-fast", is_flag=True, help="Stop handing out work after the first failed item.")
+@model_options
+@fatal_errors
+def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[str, ...], output: str,
+             steps: int | None, guidance: float | None, height: int | None, width: int | None,
+             negative_prompt: str | None, images_per_prompt: int, tensor_parallel_size: int,
+             cfg_parallel: bool, batch_invariant: bool, resume: bool, fail_fast: bool,
+             **model_values: Any) -> int:
+    """Generate images for many prompts: the batch job, under mpirun, srun, torchrun or none.
+
+    Writes OUTPUT/images/<id>[_k].png, OUTPUT/manifest.jsonl (a line per image), OUTPUT/run.json
+    and OUTPUT/contact_sheet.png. Exit codes: 0 all images made; 3 some items failed (their
+    manifest lines say why); 2 bad input (nothing loaded); 1 a fatal fault.
+    """
+    from spmd_diffusion.generate_job import GenerateJob, GenerateOptions, plan_generation
+    from spmd_diffusion.prompts import InputError
+
+    batch_size = model_values.pop("max_batch_size")
+    options = GenerateOptions(
+        output=output, prompts_file=prompts_file, prompts=prompts, steps=steps, guidance=guidance,
+        height=height, width=width, negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
+        batch_size=batch_size, resume=resume, fail_fast=fail_fast,
+    )
+    plan_holder: dict[str, Any] = {}
+
+    def prepare() -> OmniDiffusionConfig:
+        config = build_config(
+            **model_values, max_batch_size=batch_size * images_per_prompt,
+            tensor_parallel_size=tensor_parallel_size, cfg_parallel=cfg_parallel, batch_invariant=batch_invariant,
+        )
+        check_world_layout(config)
+        try:
+            plan_holder["plan"] = plan_generation(options, config)
+        except InputError as exc:
+            raise click.UsageError(str(exc)) from None
+        return config
+
+    def job(engine: Any) -> int:
+        return GenerateJob(plan_holder["plan"], job_layout(engine)).run(engine)
+
+    return spmd_command(prepare, job)
 
 
 if __name__ == "__main__":

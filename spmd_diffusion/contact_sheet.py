@@ -1,0 +1,39 @@
+"""A quick look at a run: the first images in a grid, each labelled with its id."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from spmd_diffusion.files import write_atomic
+
+TILE = 128
+LABEL = 14
+
+
+def contact_sheet(images: list[tuple[str, Path]], columns: int = 4) -> Image.Image:
+    """A grid of (label, image path) pairs; every tile is TILE pixels wide, label below."""
+    rows = max(1, math.ceil(len(images) / columns))
+    columns = min(columns, max(1, len(images)))
+    sheet = Image.new("RGB", (columns * TILE, rows * (TILE + LABEL)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for position, (label, path) in enumerate(images):
+        with Image.open(path) as image:
+            tile = image.convert("RGB")
+            scale = TILE / max(tile.size)  # small images are enlarged too, pixel for pixel
+            tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
+                               Image.NEAREST if scale > 1 else Image.LANCZOS)
+        x, y = (position % columns) * TILE, (position // columns) * (TILE + LABEL)
+        sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
+        draw.text((x + 2, y + TILE + 1), label[:20], fill="black", font=font)
+    return sheet
+
+
+def write_contact_sheet(path: Path, images: list[tuple[str, Path]], columns: int = 4) -> None:
+    buffer = io.BytesIO()
+    contact_sheet(images, columns).save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())

@@ -1,0 +1,58 @@
+"""Crash-safe file writes: a job killed at any moment leaves no half-written file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, flush it to disk, then rename it
+    over ``path`` (rename is atomic): readers see the old file or the new one, never part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class AppendLog:
+    """An append-only text file written a whole line (or block of lines) per ``write`` call.
+
+    Each block goes out in one ``os.write`` on an ``O_APPEND`` descriptor and is fsynced,
+    so lines are never interleaved or half-written by this process; a reader still skips a
+    final line without its newline (a crash of the machine itself can leave one).
+    """
+
+    def __init__(self, path: Path, truncate: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        self.fd = os.open(path, flags, 0o644)
+        self._terminate_partial_line(path)
+
+    def _terminate_partial_line(self, path: Path) -> None:
+        size = path.stat().st_size
+        if size:
+            with open(path, "rb") as stream:
+                stream.seek(size - 1)
+                if stream.read(1) != b"\n":
+                    os.write(self.fd, b"\n")  # a torn last line stays unparseable, not glued
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8")
+        written = 0
+        while written < len(data):
+            written += os.write(self.fd, data[written:])
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

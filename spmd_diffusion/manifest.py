@@ -1,0 +1,102 @@
+"""The manifest: one JSON line per image, the source of truth for resume.
+
+A line records everything needed to redo or audit the image: id, prompt, seed, all
+generation settings, path, status (ok/error), error text, seconds and rank. An image is
+done when its latest line is ok, its settings fingerprint matches the current run and its
+file exists; everything else is (re)generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spmd_diffusion.files import AppendLog
+from spmd_diffusion.request import OmniDiffusionRequest
+
+MANIFEST_NAME = "manifest.jsonl"
+
+
+def fingerprint(request: OmniDiffusionRequest, model: str) -> str:
+    """What determines an item's pixels (besides the software): a changed setting means redo."""
+    basis = {
+        "model": model,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": request.seed,
+        "steps": request.num_inference_steps,
+        "guidance": request.guidance_scale,
+        "height": request.height,
+        "width": request.width,
+        "images": request.num_images_per_prompt,
+        "extra": request.extra,
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def image_name(item_id: str, index: int, count: int) -> str:
+    """``<id>.png`` for a single image, ``<id>_<k>.png`` when a prompt has several."""
+    return f"{item_id}.png" if count == 1 else f"{item_id}_{index}.png"
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    id: str
+    index: int
+    status: str
+    fingerprint: str
+    path: str | None
+
+
+def read_manifest(path: Path) -> dict[tuple[str, int], ManifestEntry]:
+    """The latest entry per (id, image index); unparseable (torn) lines are skipped."""
+    latest: dict[tuple[str, int], ManifestEntry] = {}
+    if not path.exists():
+        return latest
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(text)
+            entry = ManifestEntry(
+                str(record["id"]), int(record["index"]), str(record["status"]),
+                str(record.get("fingerprint", "")), record.get("path"),
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+        latest[(entry.id, entry.index)] = entry
+    return latest
+
+
+def done_images(output_dir: Path, requests: list[OmniDiffusionRequest], model: str) -> set[tuple[str, int]]:
+    """Images of ``requests`` that a previous run finished (ok, same settings, file present)."""
+    latest = read_manifest(output_dir / MANIFEST_NAME)
+    done = set()
+    for request in requests:
+        expected = fingerprint(request, model)
+        for index in range(request.num_images_per_prompt):
+            entry = latest.get((request.request_id, index))
+            if (
+                entry is not None
+                and entry.status == "ok"
+                and entry.fingerprint == expected
+                and entry.path
+                and (output_dir / entry.path).is_file()
+            ):
+                done.add((request.request_id, index))
+    return done
+
+
+class ManifestWriter:
+    """Appends the lines of each finished batch in one write."""
+
+    def __init__(self, output_dir: Path, fresh: bool) -> None:
+        self.log = AppendLog(output_dir / MANIFEST_NAME, truncate=fresh)
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if records:
+            self.log.write("".join(json.dumps(record, default=repr) + "\n" for record in records))
+
+    def close(self) -> None:
+        self.log.close()

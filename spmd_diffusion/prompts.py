@@ -1,0 +1,138 @@
+"""Reading the work: prompt files (.txt, .jsonl, .csv) or prompts from the command line.
+
+Every problem is an :class:`InputError` that names the file and line, raised on rank 0
+before any model is loaded (the CLI turns it into one message and exit code 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ID_WIDTH = 6  # fixed: an item's id must not change when the file grows
+# File keys and the request fields they set.
+SETTING_KEYS = {
+    "negative_prompt": "negative_prompt",
+    "seed": "seed",
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "height": "height",
+    "width": "width",
+}
+KNOWN_KEYS = {"id", "prompt", *SETTING_KEYS}
+
+
+class InputError(ValueError):
+    """Bad input: reported once, by rank 0, with exit code 2."""
+
+
+@dataclass
+class PromptItem:
+    """One line of work: its id, prompt, per-item settings and any other keys (kept as metadata)."""
+
+    id: str
+    prompt: str
+    line: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _item(record: dict[str, Any], line: int, where: str) -> PromptItem:
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"{where}: 'prompt' is required and must be a non-empty string")
+    raw_id = record.get("id")
+    item_id = str(raw_id).strip() if raw_id not in (None, "") else f"{line:0{ID_WIDTH}d}"
+    if not ID_PATTERN.match(item_id):
+        raise InputError(
+            f"{where}: id {item_id!r} must be 1-128 characters of letters, digits, '.', '_' or '-' "
+            "(it names the image file)"
+        )
+    settings = {}
+    for key, field_name in SETTING_KEYS.items():
+        value = record.get(key)
+        if value not in (None, ""):
+            settings[field_name] = value
+    meta = {key: value for key, value in record.items() if key not in KNOWN_KEYS}
+    return PromptItem(item_id, prompt, line, settings, meta)
+
+
+def _read_txt(path: Path) -> list[PromptItem]:
+    items = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if text.strip():
+            items.append(PromptItem(f"{number:0{ID_WIDTH}d}", text.strip(), number))
+    return items
+
+
+def _read_jsonl(path: Path) -> list[PromptItem]:
+    items = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: each line must be a JSON object with a 'prompt'")
+        items.append(_item(record, number, where))
+    return items
+
+
+def _numbers(record: dict[str, str]) -> dict[str, Any]:
+    """CSV cells are text: turn the numeric settings into numbers (or leave them to fail)."""
+    converted: dict[str, Any] = dict(record)
+    for key in ("seed", "steps", "height", "width"):
+        if converted.get(key) not in (None, "") and re.fullmatch(r"-?\d+", converted[key].strip()):
+            converted[key] = int(converted[key])
+    if converted.get("guidance") not in (None, ""):
+        try:
+            converted["guidance"] = float(converted["guidance"])
+        except ValueError:
+            pass
+    return converted
+
+
+def _read_csv(path: Path) -> list[PromptItem]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise InputError(f"{path}: a CSV file needs a header row with a 'prompt' column")
+        # Data row n is line n + 1 of the file (the header is line 1).
+        return [_item(_numbers(row), number, f"{path}:{number + 1}") for number, row in enumerate(reader, start=1)]
+
+
+READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
+
+
+def read_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()) -> list[PromptItem]:
+    """The work items, in order; ids are unique."""
+    if prompts_file and prompts:
+        raise InputError("give --prompts FILE or --prompt TEXT, not both")
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise InputError(f"prompt file {prompts_file!r} does not exist")
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise InputError(f"prompt file {prompts_file!r}: use .txt, .jsonl or .csv")
+        items = reader(path)
+        source = str(path)
+    else:
+        items = [PromptItem(f"{n:0{ID_WIDTH}d}", text, n) for n, text in enumerate(prompts, start=1) if text.strip()]
+        source = "--prompt"
+    if not items:
+        raise InputError(f"no prompts in {source}")
+    seen: dict[str, int] = {}
+    for item in items:
+        if item.id in seen:
+            raise InputError(f"{source}:{item.line}: id {item.id!r} repeats line {seen[item.id]}")
+        seen[item.id] = item.line
+    return items

@@ -1,0 +1,165 @@
+"""``omni-diffuse generate`` for real: under mpiexec -n 2, torchrun --nproc-per-node 2 and no
+launcher, on the tiny models; resume after a kill; a failing item; every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.launcher, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+LAUNCH = {
+    "none": [str(BIN / "omni-diffuse")],
+    "mpiexec": [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")],
+    "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"],
+}
+COMMON = ["--steps", "4", "--height", "64", "--width", "64"]
+
+
+def generate(launcher: str, *args: str, timeout: float = 180, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*LAUNCH[launcher], "generate", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **popen)
+
+
+def manifest(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "manifest.jsonl").read_text().splitlines()]
+
+
+def images(output: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted((output / "images").glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    lines = [{"prompt": f"a picture of thing {i}", "style": "test"} for i in range(5)]
+    lines[2]["steps"] = 2  # a different cost: its own batch
+    lines.append({"prompt": "a named item", "id": "named", "seed": 1234})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(prompt_file, tmp_path_factory) -> dict[str, Path]:
+    """The same job under every launcher."""
+    outputs = {}
+    for launcher in LAUNCH:
+        output = tmp_path_factory.mktemp(f"out-{launcher}")
+        done = generate(launcher, "--prompts", str(prompt_file), "--output", str(output), "--batch-size", "2",
+                        "--model", "tiny-unet", *COMMON)
+        assert done.returncode == 0, done.stderr[-4000:]
+        outputs[launcher] = output
+    return outputs
+
+
+def test_outputs_and_manifest(runs):
+    output = runs["mpiexec"]
+    lines = manifest(output)
+    assert sorted(line["id"] for line in lines) == ["000001", "000002", "000003", "000004", "000005", "named"]
+    assert all(line["status"] == "ok" and (output / line["path"]).is_file() for line in lines)
+    named = next(line for line in lines if line["id"] == "named")
+    assert named["seed"] == 1234 and named["num_inference_steps"] == 4 and named["height"] == 64
+    assert next(line for line in lines if line["id"] == "000003")["num_inference_steps"] == 2
+    assert {line["meta"].get("style") for line in lines if line["id"] != "named"} == {"test"}
+    assert {line["rank"] for line in lines} == {0, 1}, "both data-parallel replicas did work"
+    run = json.loads((output / "run.json").read_text())
+    assert run["status"] == "complete" and run["totals"]["images_ok"] == 6
+    assert run["layout"]["world_size"] == 2 and run["layout"]["replicas"] == 2
+    assert (output / "contact_sheet.png").stat().st_size > 0
+
+
+def test_same_png_bytes_under_every_launcher(runs):
+    reference = images(runs["none"])
+    assert len(reference) == 6
+    for launcher in ("mpiexec", "torchrun"):
+        assert images(runs[launcher]) == reference, launcher
+
+
+def test_resume_after_a_kill_finishes_only_what_is_missing(tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(12)))
+    args = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "25", "--height", "64", "--width", "64",
+            "--executor", "uni"]
+    reference = tmp_path / "reference"
+    assert generate("none", *args, "--output", str(reference)).returncode == 0
+
+    output = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([*LAUNCH["none"], "generate", *args, "--output", str(output)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        path = output / "manifest.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    first = manifest(output)
+    assert 2 <= len(first) < 12, "the kill must land mid-run"
+    assert not list((output / "images").glob(".*")) or all(p.suffix == ".part" for p in (output / "images").glob(".*"))
+
+    resumed = generate("none", *args, "--output", str(output))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = json.loads((output / "run.json").read_text())
+    assert run["totals"]["images_skipped_as_done"] == len(first)
+    assert run["totals"]["images_ok"] == 12 - len(first)
+    assert len(manifest(output)) == 12
+    assert images(output) == images(reference)
+
+
+def test_a_failing_item_is_recorded_and_the_rest_finish(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine one"}\n{"prompt": "too many steps", "steps": 5000}\n{"prompt": "fine two"}\n')
+    output = tmp_path / "out"
+    done = generate("mpiexec", "--prompts", str(prompts), "--output", str(output), *COMMON[:2])
+    assert done.returncode == 3, done.stderr[-3000:]
+    by_id = {line["id"]: line for line in manifest(output)}
+    assert by_id["000001"]["status"] == "ok" and by_id["000003"]["status"] == "ok"
+    assert by_id["000002"]["status"] == "error" and by_id["000002"]["error"]
+    assert json.loads((output / "run.json").read_text())["status"] == "items_failed"
+
+
+def test_batch_invariant_images_do_not_depend_on_batch_size(tmp_path, prompt_file):
+    outputs = []
+    for batch_size in ("1", "3"):
+        output = tmp_path / f"bs{batch_size}"
+        done = generate("none", "--prompts", str(prompt_file), "--output", str(output), "--batch-size", batch_size,
+                        "--batch-invariant", "--executor", "uni", "--model", "tiny-dit", *COMMON)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(images(output))
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompts", "/no/such/file.txt"], "does not exist"),
+        (["--prompts", "{bad_jsonl}"], "bad.jsonl:2: not valid JSON"),
+        (["--prompts", "{empty}"], "no prompts in"),
+        (["--prompt", "x", "--model", "/no/such/model"], "does not exist or is not a directory"),
+        (["--prompt", "x", "--tp", "3"], "--tp 3 needs a multiple of 3 ranks; this job has 2"),
+        (["--prompt", "x", "--height", "60"], "height must be a positive multiple of 8"),
+        (["--prompt", "x", "--steps", "0"], "Invalid value for '--steps'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message_before_loading(tmp_path, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    (tmp_path / "empty.txt").write_text("\n")
+    args = [a.format(bad_jsonl=tmp_path / "bad.jsonl", empty=tmp_path / "empty.txt") for a in args]
+    start = time.monotonic()
+    done = generate("mpiexec", *args, "--output", str(tmp_path / "out"), timeout=60)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
+    assert "loaded" not in done.stderr
+    assert not (tmp_path / "out").exists()
+    assert time.monotonic() - start < 30
