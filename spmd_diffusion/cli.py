@@ -115,11 +115,25 @@ def main(args: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
-def spmd_command(prepare: Callable[[], OmniDiffusionConfig], job: Callable[[Any], int]) -> int:
+def control_backend(executor_class: str | None) -> str | None:
+    """The control plane an explicitly chosen SPMD executor needs (e.g. ``--executor torchrun``
+    under srun, where the default would be MPI); None: the launcher's default."""
+    from spmd_diffusion.executor.registry import resolve_executor_class
+
+    try:
+        return getattr(resolve_executor_class(executor_class), "control_backend", None) or None
+    except ValueError:
+        return None  # reported by rank 0 as a usage error
+
+
+def spmd_command(
+    prepare: Callable[[], OmniDiffusionConfig], job: Callable[[Any], int], executor_class: str | None = None
+) -> int:
     """Run ``job`` under whatever launcher started this process (or none)."""
     from spmd_diffusion.spmd import run_spmd
 
-    return run_spmd(detect_launcher(), prepare, job, usage_errors=(click.UsageError,))
+    backend = control_backend(executor_class) if executor_class else None
+    return run_spmd(detect_launcher(), prepare, job, usage_errors=(click.UsageError,), backend=backend)
 
 
 @cli.command("make-tiny-model")
@@ -190,7 +204,7 @@ def info(**model_values: Any) -> int:
         click.echo(json.dumps(describe_layout(engine), indent=2))
         return EXIT_OK
 
-    return spmd_command(lambda: build_config(**model_values), job)
+    return spmd_command(lambda: build_config(**model_values), job, model_values["executor_class"])
 
 
 def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -303,7 +317,7 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
     def job(engine: Any) -> int:
         return GenerateJob(plan_holder["plan"], job_layout(engine)).run(engine)
 
-    return spmd_command(prepare, job)
+    return spmd_command(prepare, job, model_values["executor_class"])
 
 
 if __name__ == "__main__":

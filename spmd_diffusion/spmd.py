@@ -38,10 +38,10 @@ def spmd_engine(od_config: OmniDiffusionConfig) -> Iterator[DiffusionEngine | No
         yield engine
 
 
-def control_plane_or_exit(launch: LaunchInfo) -> ControlPlane:
+def control_plane_or_exit(launch: LaunchInfo, backend: str | None = None) -> ControlPlane:
     """The job's control plane; a launcher/MPI mismatch is reported once and exits 1."""
     try:
-        return get_control_plane(launch)
+        return get_control_plane(launch, backend)
     except LaunchError as exc:
         if launch.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
@@ -53,14 +53,17 @@ def run_spmd(
     prepare: Callable[[], OmniDiffusionConfig],
     job: Callable[[DiffusionEngine], int],
     usage_errors: tuple[type[BaseException], ...] = (),
+    backend: str | None = None,
 ) -> int:
     """Run ``job`` on rank 0's engine; other ranks serve it. Returns this rank's exit code.
 
+    ``backend`` (``mpi``/``torch``) overrides the launcher's control plane; every rank must
+    pass the same (it comes from the command line, which every rank parses).
     ``prepare`` runs on rank 0 only (read inputs, build the config); an exception of
     ``usage_errors`` there stops every rank with exit 2 before any model is loaded. Any
     later exception on rank 0 closes the engine on its way out, which releases the others.
     """
-    control = control_plane_or_exit(launch) if launch.is_distributed else None
+    control = control_plane_or_exit(launch, backend) if launch.is_distributed else None
     if control is not None and control.rank != 0:
         return serve_as_worker(control)
     try:

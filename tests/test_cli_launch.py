@@ -45,3 +45,35 @@ def test_bad_input_is_reported_once_with_exit_2(tmp_path):
 def test_one_process_executor_is_refused_under_a_launcher():
     done = run("mpiexec", "info", "--executor", "uni", "--model", "tiny-dit")
     assert done.returncode == 2 and done.stderr.count("runs in one process") == 1
+
+
+def fake_srun(tmp_path, *args: str, tasks: int = 2) -> list[subprocess.CompletedProcess]:
+    """Start ``tasks`` processes the way srun does: Slurm's step variables, no MPI launcher."""
+    processes = []
+    for rank in range(tasks):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "777", "SLURM_STEP_ID": "0",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(tasks),
+               "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": str(tasks),
+               "SLURM_STEP_NODELIST": "localhost"}
+        processes.append(subprocess.Popen([str(BIN / "omni-diffuse"), *args], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
+def test_srun_with_an_mpi_that_misses_its_pmi_is_diagnosed(tmp_path):
+    rank0, rank1 = fake_srun(tmp_path, "info", "--model", "tiny-dit")
+    assert rank0.returncode == 1 and rank1.returncode == 1
+    assert "says 2 ranks, but MPI sees a world of 1" in rank0.stderr and "--mpi=pmix" in rank0.stderr
+    assert "MPI sees" not in rank1.stderr  # one message, from rank 0
+
+
+def test_srun_without_mpi_runs_over_torch_distributed(tmp_path):
+    rank0, rank1 = fake_srun(tmp_path, "info", "--model", "tiny-dit", "--executor", "torchrun")
+    assert rank0.returncode == 0 and rank1.returncode == 0, rank0.stderr[-2000:] + rank1.stderr[-2000:]
+    layout = json.loads(rank0.stdout[rank0.stdout.index("{"):])
+    assert layout["launcher"] == "slurm" and layout["world_size"] == 2
+    assert layout["executor"] == "TorchDistributedExecutor"
