@@ -12,10 +12,11 @@ import fcntl
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from spmd_diffusion.tiny_models import TINY_MODEL_VERSION, make_tiny_model
+from spmd_diffusion.tiny_models import TINY_MODEL_VERSION, build_in_subprocess, make_tiny_model
 
 TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,8 +59,16 @@ def ensure_tiny_model(name: str) -> Path:
         return directory
     with _file_lock(cache_root() / f".{name}.lock"):
         if not _is_complete(directory):
-            make_tiny_model(directory, arch=arch)
+            if _in_process_group():
+                build_in_subprocess(directory, arch)
+            else:
+                make_tiny_model(directory, arch=arch)
     return directory
+
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def check_model_reference(model: str) -> None:

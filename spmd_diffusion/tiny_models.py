@@ -177,6 +177,28 @@ def build_tiny_dit_pipeline(workdir: Path):
 BUILDERS = {"unet": build_tiny_unet_pipeline, "dit": build_tiny_dit_pipeline}
 
 
+def check_saved_weights(pipeline, directory: Path) -> None:
+    """Every network component must have written its weights. (transformers writes them on
+    rank 0 only once torch.distributed is initialised: such a save must fail here, loudly,
+    rather than leave a model without weights marked complete.)"""
+    import torch
+
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and not any((directory / name).glob("*.safetensors")):
+            raise RuntimeError(f"tiny model component {name!r} was saved without weights in {directory}")
+
+
+def build_in_subprocess(directory: Path, arch: str) -> None:
+    """Build in a fresh process: this one has joined a process group (see check_saved_weights)."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "spmd_diffusion", "make-tiny-model", str(directory), "--arch", arch],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+
+
 def make_tiny_model(directory: str | os.PathLike, arch: str = "unet", seed: int = 0) -> Path:
     """Build a tiny random-weight pipeline of ``arch`` and save it to ``directory``.
 
@@ -197,6 +219,7 @@ def make_tiny_model(directory: str | os.PathLike, arch: str = "unet", seed: int 
             pipeline = BUILDERS[arch](staging / "work")
         diffusers_logging.disable_progress_bar()
         pipeline.save_pretrained(str(staging / "model"), safe_serialization=True)
+        check_saved_weights(pipeline, staging / "model")
         (staging / "model" / "tiny_model.json").write_text(
             json.dumps({"arch": arch, "seed": seed, "version": TINY_MODEL_VERSION})
         )

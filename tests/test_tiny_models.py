@@ -57,3 +57,24 @@ def test_unknown_pipeline_class_is_refused(tiny_unet):
 
     with pytest.raises(ValueError, match="MyModel.*not a diffusers pipeline class"):
         load_pipeline(tiny_unet, "MyModel", torch.float32)
+
+
+def test_building_inside_a_process_group_still_saves_every_weight(tmp_path, monkeypatch):
+    """transformers saves only on rank 0 once torch.distributed is up: build out of process."""
+    import torch.distributed as dist
+
+    from spmd_diffusion import models
+    from spmd_diffusion.models import ensure_tiny_model
+
+    def not_in_this_process(*args, **kwargs):
+        raise AssertionError("an in-process save would lose weights on ranks other than 0")
+
+    monkeypatch.setattr(models, "make_tiny_model", not_in_this_process)
+    monkeypatch.setenv("SPMD_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        directory = ensure_tiny_model("tiny-dit")
+    finally:
+        dist.destroy_process_group()
+    assert list((directory / "text_encoder").glob("*.safetensors"))
+    assert list((directory / "transformer").glob("*.safetensors"))
