@@ -71,15 +71,15 @@ def build_config(**values: Any) -> OmniDiffusionConfig:
 
 def fatal_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """One clear line (and exit 1) for an expected failure; tracebacks only with -v."""
-    from spmd_diffusion.errors import SpmdDiffusionError
+    from spmd_diffusion.errors import SpmdDiffusionError, WorkerError
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except (SpmdDiffusionError, OSError) as exc:
-            logger.debug("fatal", exc_info=True)
-            click.echo(f"error: {exc}", err=True)
+            logger.debug("fatal: %s", exc)  # with -v: every rank's traceback
+            click.echo(f"error: {exc.brief() if isinstance(exc, WorkerError) else exc}", err=True)
             sys.exit(EXIT_FATAL)
 
     return wrapper
@@ -248,7 +248,8 @@ def job_layout(engine: Any) -> dict[str, Any]:
 def check_world_layout(config: OmniDiffusionConfig) -> None:
     """tp x cfg must divide the ranks (or workers) that will run the job."""
     launch = detect_launcher()
-    world = launch.world_size if launch.is_distributed else (config.num_gpus if config.executor_class in (None, "mp") else 1)
+    one_process = config.executor_class not in (None, "mp")
+    world = launch.world_size if launch.is_distributed else (1 if one_process else config.num_gpus)
     if world % config.replica_size:
         raise click.UsageError(
             f"--tp {config.tensor_parallel_size}{' with --cfg-parallel' if config.cfg_parallel else ''} "

@@ -44,6 +44,16 @@ class WorkerError(SpmdDiffusionError):
     def ranks(self) -> list[int]:
         return [f.rank for f in self.failures]
 
+    def brief(self) -> str:
+        """One line per distinct failure, naming its ranks; no tracebacks."""
+        by_text: dict[str, list[int]] = {}
+        for failure in self.failures:
+            by_text.setdefault(f"{failure.exc_type}: {failure.message}", []).append(failure.rank)
+        lines = [f"{self.method!r} failed"]
+        for text, ranks in by_text.items():
+            lines.append(f"  rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}")
+        return "\n".join(lines)
+
     @property
     def exc_types(self) -> list[str]:
         return [f.exc_type for f in self.failures]

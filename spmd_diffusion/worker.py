@@ -36,6 +36,7 @@ class DiffusionWorker:
         local_rank: int = 0,
         world_size: int = 1,
         local_world_size: int = 1,
+        store: Any | None = None,
     ) -> None:
         import torch
 
@@ -52,6 +53,10 @@ class DiffusionWorker:
             threads = 1
         if threads:
             torch.set_num_threads(threads)
+        from spmd_diffusion.parallel_groups import join_parallel_groups
+
+        # Collective over the job when tp x cfg > 1: every rank builds its worker in step.
+        self.parallel = join_parallel_groups(od_config, rank, world_size, self.device, store)
         self.torch_dtype = resolve_dtype(od_config.dtype, self.device)
         self.pipeline: Any = None
         self.sleep_level = 0
@@ -73,6 +78,11 @@ class DiffusionWorker:
         )
         self.pipeline = pipeline.to(self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
+        if self.parallel is not None:
+            from spmd_diffusion.parallel import parallelize_pipeline
+
+            report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
+            logger.info("%s", report.summary())
         if self.od_config.batch_invariant:
             from spmd_diffusion.batch_invariance import make_batch_invariant
 
@@ -242,6 +252,9 @@ class DiffusionWorker:
             raise ValueError(f"sleep level must be one of {SLEEP_LEVELS}, got {level!r}")
         if self._closed:
             raise RuntimeError(f"worker rank {self.rank} is shut down")
+        if level == 1 and self.parallel is not None:
+            raise ValueError("sleep level 1 is not supported with tensor/CFG parallelism (sharded "
+                             "weights are bound to their device); use level 2")
         if level == 1 and self.sleep_level == 0:
             self.pipeline.to("cpu")
         elif level == 2 and self.sleep_level < 2:
@@ -270,11 +283,13 @@ class DiffusionWorker:
         """Counters and memory of this rank (what is loaded where, what it produced)."""
         import torch
 
+        from spmd_diffusion.parallel import param_bytes
+
         params = 0
         if self.pipeline is not None:
             for component in self.pipeline.components.values():
                 if isinstance(component, torch.nn.Module):
-                    params += sum(p.numel() * p.element_size() for p in component.parameters())
+                    params += param_bytes(component)  # local shards only under TP
         stats: dict[str, Any] = {
             "rank": self.rank,
             "device": str(self.device),

@@ -163,3 +163,43 @@ def test_bad_input_exits_2_with_one_message_before_loading(tmp_path, args, messa
     assert "loaded" not in done.stderr
     assert not (tmp_path / "out").exists()
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize(
+    "launcher, flags",
+    [("mpiexec", ["--tp", "2"]), ("torchrun", ["--cfg-parallel"]), ("none", ["--tp", "2", "--num-gpus", "2"])],
+    ids=["mpiexec-tp2", "torchrun-cfg", "mp-tp2"],
+)
+def test_tensor_and_cfg_parallel_generate_the_same_images(runs, prompt_file, tmp_path, launcher, flags):
+    """One replica of two ranks makes the images one rank makes (tiny-unet: GEGLU sharded)."""
+    import numpy as np
+    from PIL import Image
+
+    output = tmp_path / "out"
+    done = generate(launcher, "--prompts", str(prompt_file), "--output", str(output), "--batch-size", "2",
+                    "--model", "tiny-unet", *COMMON, *flags)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = json.loads((output / "run.json").read_text())
+    assert run["layout"]["replicas"] == 1 and run["layout"]["replica_size"] == 2
+    reference = runs["none"] / "images"
+    for path in sorted((output / "images").glob("*.png")):
+        a = np.asarray(Image.open(path), dtype=np.int16)
+        b = np.asarray(Image.open(reference / path.name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, path.name  # float noise of ~1e-6 may flip one level
+
+
+def test_heads_not_divisible_by_tp_end_the_job_with_a_clear_error(tmp_path):
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    from spmd_diffusion.models import ensure_tiny_model, load_pipeline
+
+    pipeline = load_pipeline(str(ensure_tiny_model("tiny-dit")), None, torch.float32)
+    pipeline.transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
+        out_channels=8, cross_attention_dim=32, caption_channels=32, norm_num_groups=8)
+    pipeline.save_pretrained(str(tmp_path / "three-heads"))
+    done = generate("mpiexec", "--prompt", "x", "--output", str(tmp_path / "out"), "--tp", "2",
+                    "--model", str(tmp_path / "three-heads"), *COMMON)
+    assert done.returncode == 1
+    assert "heads" in done.stderr and "tp" in done.stderr and "Traceback" not in done.stderr

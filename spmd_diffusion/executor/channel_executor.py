@@ -94,40 +94,36 @@ class ChannelExecutor(DiffusionExecutor):
     def execute_stream(
         self,
         batches: list[list[OmniDiffusionRequest]],
-        on_output: Callable[[DiffusionOutput], None],
+        on_output: Callable[[DiffusionOutput], Any],
     ) -> None:
-        """Each worker is a replica: hand the next batch to whichever worker is free."""
+        """Replicas are blocks of ``replica_size`` consecutive workers: hand the next batch to
+        whichever replica is free (all its members), keep its leader's output."""
         self._check_open()
+        size = self.od_config.replica_size
         timeout = self.od_config.generate_timeout
         pending = list(range(len(batches)))[::-1]  # pop() takes batches in order
-        busy: dict[int, float | None] = {}  # rank -> deadline of its batch
-        while pending or busy:
-            for rank in range(self.world_size):
-                if rank not in busy and pending:
-                    self._send(rank, ("call", "generate", ([*batches[pending.pop()]],), None, None), "generate")
-                    busy[rank] = None if timeout is None else time.monotonic() + timeout
-            deadlines = [d for d in busy.values() if d is not None]
-            for reply in self._wait_any(sorted(busy), "generate", min(deadlines) if deadlines else None):
-                del busy[reply.rank]
+        busy: dict[int, tuple[float | None, set[int]]] = {}  # leader -> (deadline, members yet to answer)
+        stopped = False
+        while (pending and not stopped) or busy:
+            for leader in range(0, self.world_size, size):
+                if leader not in busy and pending and not stopped:
+                    message = ("call", "generate", ([*batches[pending.pop()]],), None, None)
+                    for member in range(leader, leader + size):
+                        self._send(member, message, "generate")
+                    deadline = None if timeout is None else time.monotonic() + timeout
+                    busy[leader] = (deadline, set(range(leader, leader + size)))
+            waiting = sorted(rank for _, members in busy.values() for rank in members)
+            deadlines = [deadline for deadline, _ in busy.values() if deadline is not None]
+            for reply in self._wait_any(waiting, "generate", min(deadlines) if deadlines else None):
                 if reply.failure is not None:
                     raise WorkerError("generate", [reply.failure])
-                on_output(reply.value)
-            late = [rank for rank, d in busy.items() if d is not None and time.monotonic() >= d]
+                leader = reply.rank - reply.rank % size
+                busy[leader][1].discard(reply.rank)
+                if reply.rank == leader and on_output(reply.value) is False:
+                    stopped = True
+                if not busy[leader][1]:
+                    del busy[leader]
+            late = [leader for leader, (deadline, _) in busy.items() if deadline is not None and time.monotonic() >= deadline]
             if late:
                 self.is_failed = True
                 raise ExecutorTimeoutError("generate", timeout, late)
-
-    def collective_rpc(
-        self,
-        method: RpcMethod,
-        timeout: float | None = None,
-        args: tuple = (),
-        kwargs: dict[str, Any] | None = None,
-        unique_reply_rank: int | None = None,
-    ) -> Any:
-        self._check_open()
-        if unique_reply_rank is not None and not 0 <= unique_reply_rank < self.world_size:
-            raise ValueError(f"unique_reply_rank {unique_reply_rank} is outside 0..{self.world_size - 1}")
-        name = method_name(method)
-        self._broadcast(("call", portable_method(method), tuple(args), kwargs, unique_reply_rank), name)
-        return collect_replies(method, self._gather(name, timeout), unique_reply_rank)

@@ -24,7 +24,13 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0
 
 
-def worker_main(od_config: OmniDiffusionConfig, rank: int, world_size: int, channel: ShmChannel) -> None:
+def worker_main(
+    od_config: OmniDiffusionConfig,
+    rank: int,
+    world_size: int,
+    channel: ShmChannel,
+    store_address: tuple[str, int] | None = None,
+) -> None:
     """Body of one worker process: load, say ready, then serve calls until shutdown."""
     from spmd_diffusion.logs import setup_logging
     from spmd_diffusion.worker import DiffusionWorker
@@ -32,8 +38,13 @@ def worker_main(od_config: OmniDiffusionConfig, rank: int, world_size: int, chan
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(rank)
     try:
+        store = None
+        if store_address is not None:
+            from spmd_diffusion.work_queue import connect_store
+
+            store = connect_store(*store_address)
         worker = DiffusionWorker(
-            od_config, rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size
+            od_config, rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size, store=store
         )
     except Exception as exc:  # noqa: BLE001 - report why loading failed, then exit
         channel.send(RpcReply(rank=rank, failure=failure_from_exception(rank, exc)))
@@ -51,13 +62,23 @@ class MultiProcDiffusionExecutor(ChannelExecutor):
     def _init_executor(self) -> None:
         context = multiprocessing.get_context("spawn")
         size = self.od_config.num_gpus
+        if size % self.od_config.replica_size:
+            raise ValueError(
+                f"tensor_parallel_size x cfg = {self.od_config.replica_size} does not divide num_gpus={size}"
+            )
         self.processes: list[Any] = []
         self.channels = []
+        store_address = None
+        if self.od_config.replica_size > 1:  # the workers' process group meets at this store
+            from spmd_diffusion.work_queue import serve_store
+
+            self.store, port = serve_store()
+            store_address = ("127.0.0.1", port)
         for rank in range(size):
             parent_end, child_end = context.Pipe(duplex=True)
             process = context.Process(
                 target=worker_main,
-                args=(self.od_config, rank, size, ShmChannel(child_end)),
+                args=(self.od_config, rank, size, ShmChannel(child_end), store_address),
                 name=f"spmd-diffusion-worker-{rank}",
                 daemon=True,
             )

@@ -57,7 +57,7 @@ class UnloadedWorker:
         raise RuntimeError(f"this rank's worker failed to load: {type(self.error).__name__}: {self.error}")
 
 
-def load_worker(od_config: OmniDiffusionConfig, control: ControlPlane) -> tuple[Any, RpcReply]:
+def load_worker(od_config: OmniDiffusionConfig, control: ControlPlane, store: Any) -> tuple[Any, RpcReply]:
     """This rank's DiffusionWorker and the reply that tells rank 0 how loading went."""
     from spmd_diffusion.worker import DiffusionWorker
 
@@ -68,6 +68,7 @@ def load_worker(od_config: OmniDiffusionConfig, control: ControlPlane) -> tuple[
             local_rank=control.local_rank,
             world_size=control.size,
             local_world_size=control.local_size,
+            store=store,
         )
         return worker, RpcReply(rank=control.rank, value="ready")
     except Exception as exc:  # noqa: BLE001 - rank 0 reports it for every rank
@@ -92,7 +93,7 @@ def serve_as_worker(control: ControlPlane) -> int:
             return int(message[1])
         _, od_config, store_address = message
         store = connect_store(*store_address)
-        worker, reply = load_worker(od_config, control)
+        worker, reply = load_worker(od_config, control, store)
         control.send_to_root((0, reply.value, reply.failure))
         while True:
             message = control.receive_broadcast()
@@ -195,7 +196,7 @@ class SPMDExecutor(DiffusionExecutor):
         self.store, port = serve_store()
         self.control.broadcast((START, self.od_config, (store_host(self.control.local_size, self.world_size), port)))
         self.control.serving = True
-        self.worker, own = load_worker(self.od_config, self.control)
+        self.worker, own = load_worker(self.od_config, self.control, self.store)
         atexit.register(self.shutdown)
         try:
             collect_replies("load", [own, *self._replies("load", 0, self.od_config.startup_timeout)], None)

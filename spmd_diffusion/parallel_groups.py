@@ -1,0 +1,47 @@
+"""Joining the tensor/CFG-parallel process groups for one worker.
+
+A replica is ``tp x cfg`` consecutive ranks (tp fastest). Their denoiser collectives run on
+torch.distributed: NCCL on GPUs, gloo on CPUs. Under torchrun the default group already
+exists; under MPI or the ``mp`` executor it is created here from rank 0's TCPStore, so no
+MASTER_ADDR/MASTER_PORT is needed. The device mesh is built once, by every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from spmd_diffusion.data import OmniDiffusionConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelContext:
+    layout: Any  # spmd_diffusion.parallel.ParallelLayout
+    mesh: Any  # torch DeviceMesh ("dp", "cfg", "tp")
+
+
+def join_parallel_groups(
+    od_config: OmniDiffusionConfig, rank: int, world_size: int, device: Any, store: Any | None
+) -> ParallelContext | None:
+    """The layout and mesh of this job, or None when replicas are single ranks."""
+    if od_config.replica_size == 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
+
+    layout = ParallelLayout(world_size, tp=od_config.tensor_parallel_size, cfg=2 if od_config.cfg_parallel else 1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if store is None:
+            raise RuntimeError("tensor/CFG parallelism needs a rendezvous store or a torch.distributed group")
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.PrefixStore("parallel", store), rank=rank, world_size=world_size)
+    mesh = build_device_mesh(layout, device.type)
+    logger.info("parallel layout dp=%d cfg=%d tp=%d", layout.dp, layout.cfg, layout.tp)
+    return ParallelContext(layout, mesh)
