@@ -91,6 +91,21 @@ class ChannelExecutor(DiffusionExecutor):
         for rank in range(self.world_size):
             self._send(rank, message, name)
 
+    def collective_rpc(
+        self,
+        method: RpcMethod,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        unique_reply_rank: int | None = None,
+    ) -> Any:
+        self._check_open()
+        if unique_reply_rank is not None and not 0 <= unique_reply_rank < self.world_size:
+            raise ValueError(f"unique_reply_rank {unique_reply_rank} is outside 0..{self.world_size - 1}")
+        name = method_name(method)
+        self._broadcast(("call", portable_method(method), tuple(args), kwargs, unique_reply_rank), name)
+        return collect_replies(method, self._gather(name, timeout), unique_reply_rank)
+
     def execute_stream(
         self,
         batches: list[list[OmniDiffusionRequest]],
