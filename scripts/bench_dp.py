@@ -1,7 +1,7 @@
 """Data-parallel throughput of ``omni-diffuse generate``: 2 ranks vs 1, and vs the
 diffusers-documented baseline (accelerate's ``PartialState.split_between_processes``).
 
-    python scripts/bench_dp.py [--prompts 32] [--steps 8] [--repeats 3] [--model tiny-unet]
+    python scripts/bench_dp.py [--prompts 32] [--steps 20] [--repeats 3] [--model tiny-unet]
 
 Runs, for a uniform workload (every item ``--steps``) and a mixed one (half the items,
 chosen at random with a fixed seed, at 4x the steps):
@@ -97,7 +97,7 @@ def baseline_worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="tiny-unet")
