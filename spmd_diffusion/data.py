@@ -7,9 +7,12 @@ with a message naming the field, before any process is spawned or any model is l
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spmd_diffusion.images import ImageLike, decode_image, encode_image
+
+if TYPE_CHECKING:
+    from spmd_diffusion.parallel.mesh import ParallelLayout
 
 DEFAULT_MODEL = "tiny-unet"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -114,6 +117,13 @@ class OmniDiffusionConfig:
     def replica_size(self) -> int:
         """Ranks that work on one image together: tensor-parallel x cfg-parallel."""
         return self.tensor_parallel_size * (2 if self.cfg_parallel else 1)
+
+    def parallel_layout(self, world_size: int) -> ParallelLayout:
+        """How ``world_size`` ranks (or workers) split into replicas under this config; a clear
+        ``ValueError`` when tp x cfg does not divide them."""
+        from spmd_diffusion.parallel.mesh import ParallelLayout
+
+        return ParallelLayout(world_size, tp=self.tensor_parallel_size, cfg=2 if self.cfg_parallel else 1)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; a class in ``executor_class`` becomes its dotted path."""

@@ -32,9 +32,9 @@ def join_parallel_groups(
     import torch
     import torch.distributed as dist
 
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
+    from spmd_diffusion.parallel import build_device_mesh
 
-    layout = ParallelLayout(world_size, tp=od_config.tensor_parallel_size, cfg=2 if od_config.cfg_parallel else 1)
+    layout = od_config.parallel_layout(world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -49,6 +49,14 @@ def test_dtype_aliases_and_replica_size():
     assert config.dtype == "float16" and config.replica_size == 4
 
 
+def test_parallel_layout_splits_the_world_or_names_what_does_not_divide():
+    config = OmniDiffusionConfig(tensor_parallel_size=2, cfg_parallel=True)
+    layout = config.parallel_layout(8)
+    assert layout.shape == (2, 2, 2) and layout.leader_ranks() == [0, 4]
+    with pytest.raises(ValueError, match=r"world_size=6 is not divisible by tp\*cfg=4 \(tp=2, cfg=2\)"):
+        config.parallel_layout(6)
+
+
 def test_executor_options_read_as_attributes_and_survive_pickle():
     config = OmniDiffusionConfig(executor_config={"cloud_api_key": "k", "cloud_region": "eu"})
     assert config.cloud_api_key == "k" and config.cloud_region == "eu"

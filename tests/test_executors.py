@@ -133,3 +133,8 @@ def test_worker_that_cannot_load_fails_startup_with_its_traceback(tmp_path):
     with pytest.raises(WorkerError) as caught:
         DiffusionEngine(OmniDiffusionConfig(model=str(tmp_path), executor_class="mp", num_gpus=1))
     assert caught.value.method == "load" and caught.value.ranks == [0]
+
+
+def test_mp_refuses_a_tp_that_does_not_divide_its_workers_before_spawning():
+    with pytest.raises(ValueError, match=r"world_size=3 is not divisible by tp\*cfg=2"):
+        DiffusionEngine(OmniDiffusionConfig(executor_class="mp", num_gpus=3, tensor_parallel_size=2))

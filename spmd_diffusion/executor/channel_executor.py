@@ -111,28 +111,29 @@ class ChannelExecutor(DiffusionExecutor):
         batches: list[list[OmniDiffusionRequest]],
         on_output: Callable[[DiffusionOutput], Any],
     ) -> None:
-        """Replicas are blocks of ``replica_size`` consecutive workers: hand the next batch to
-        whichever replica is free (all its members), keep its leader's output."""
+        """Hand the next batch to whichever replica is free (all its members), keep its
+        leader's output."""
         self._check_open()
-        size = self.od_config.replica_size
+        layout = self.od_config.parallel_layout(self.world_size)
         timeout = self.od_config.generate_timeout
         pending = list(range(len(batches)))[::-1]  # pop() takes batches in order
         busy: dict[int, tuple[float | None, set[int]]] = {}  # leader -> (deadline, members yet to answer)
         stopped = False
         while (pending and not stopped) or busy:
-            for leader in range(0, self.world_size, size):
+            for replica, leader in enumerate(layout.leader_ranks()):
                 if leader not in busy and pending and not stopped:
                     message = ("call", "generate", ([*batches[pending.pop()]],), None, None)
-                    for member in range(leader, leader + size):
+                    members = layout.replica_ranks(replica)
+                    for member in members:
                         self._send(member, message, "generate")
                     deadline = None if timeout is None else time.monotonic() + timeout
-                    busy[leader] = (deadline, set(range(leader, leader + size)))
+                    busy[leader] = (deadline, set(members))
             waiting = sorted(rank for _, members in busy.values() for rank in members)
             deadlines = [deadline for deadline, _ in busy.values() if deadline is not None]
             for reply in self._wait_any(waiting, "generate", min(deadlines) if deadlines else None):
                 if reply.failure is not None:
                     raise WorkerError("generate", [reply.failure])
-                leader = reply.rank - reply.rank % size
+                leader = layout.replica_ranks(layout.replica_index(reply.rank))[0]
                 busy[leader][1].discard(reply.rank)
                 if reply.rank == leader and on_output(reply.value) is False:
                     stopped = True

@@ -62,10 +62,7 @@ class MultiProcDiffusionExecutor(ChannelExecutor):
     def _init_executor(self) -> None:
         context = multiprocessing.get_context("spawn")
         size = self.od_config.num_gpus
-        if size % self.od_config.replica_size:
-            raise ValueError(
-                f"tensor_parallel_size x cfg = {self.od_config.replica_size} does not divide num_gpus={size}"
-            )
+        self.od_config.parallel_layout(size)  # refuses a tp x cfg that does not divide num_gpus
         self.processes: list[Any] = []
         self.channels = []
         store_address = None

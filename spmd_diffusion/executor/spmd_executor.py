@@ -19,7 +19,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spmd_diffusion.control import Backoff, ControlPlane, get_control_plane
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
@@ -37,6 +37,9 @@ from spmd_diffusion.rpc import (
     run_rpc,
 )
 from spmd_diffusion.work_queue import ResultMailbox, WorkQueue, connect_store, serve_store, store_host
+
+if TYPE_CHECKING:
+    from spmd_diffusion.parallel.mesh import ParallelLayout
 
 logger = logging.getLogger(__name__)
 
@@ -121,25 +124,18 @@ def serve_as_worker(control: ControlPlane) -> int:
         raise
 
 
-def replica_of(rank: int, od_config: OmniDiffusionConfig) -> tuple[int, bool, bool]:
-    """(replica index, is its leader, has other members) of a rank: replicas are blocks of
-    ``tensor_parallel_size x (2 if cfg_parallel)`` consecutive ranks."""
-    size = od_config.replica_size
-    return rank // size, rank % size == 0, size > 1
-
-
 def run_replica_stream(
     worker: Any,
     queue: WorkQueue,
     batches: list[list[OmniDiffusionRequest]],
+    layout: ParallelLayout,
     rank: int,
-    od_config: OmniDiffusionConfig,
     on_output: Callable[[DiffusionOutput], Any],
     step_callback: Callable[[], None] | None,
 ) -> None:
     """One rank's part of a stream: leaders take batches (and tell their replica which),
     members follow their leader; only leaders hand outputs on."""
-    replica, leader, has_members = replica_of(rank, od_config)
+    replica, leader, has_members = layout.replica_index(rank), layout.is_replica_leader(rank), layout.replica_size > 1
     step = 0
     while True:
         if leader:
@@ -160,18 +156,18 @@ def serve_stream(
     worker: Any, control: ControlPlane, store: Any, od_config: OmniDiffusionConfig, name: str, batches: list
 ) -> Any:
     """A non-root rank in a stream: compute, mail outputs to rank 0; returns a failure or None."""
-    _, leader, _ = replica_of(control.rank, od_config)
+    layout = od_config.parallel_layout(control.size)
     mailbox = ResultMailbox(store, name)
     try:
         run_replica_stream(
-            worker, WorkQueue(store, name, len(batches)), batches, control.rank, od_config,
+            worker, WorkQueue(store, name, len(batches)), batches, layout, control.rank,
             lambda output: mailbox.post(control.rank, output), None,
         )
         return None
     except Exception as exc:  # noqa: BLE001 - reported to rank 0 with the rank
         return failure_from_exception(control.rank, exc)
     finally:
-        if leader:
+        if layout.is_replica_leader(control.rank):
             mailbox.post(control.rank, None, final=True)
 
 
@@ -186,11 +182,7 @@ class SPMDExecutor(DiffusionExecutor):
         if self.control.rank != 0:
             raise WorkerRankDone(serve_as_worker(self.control))
         self.world_size = self.control.size
-        if self.world_size % self.od_config.replica_size:
-            raise ValueError(
-                f"tensor_parallel_size x cfg = {self.od_config.replica_size} does not divide the "
-                f"{self.world_size} ranks of this job"
-            )
+        self.layout = self.od_config.parallel_layout(self.world_size)  # refuses a tp x cfg that does not divide
         self.seq = 0
         self.failure: BaseException | None = None
         self.store, port = serve_store()
@@ -257,7 +249,7 @@ class SPMDExecutor(DiffusionExecutor):
         self.seq += 1
         name = f"stream-{self.seq}"
         queue = WorkQueue(self.store, name, len(batches))
-        leaders = [rank for rank in range(1, self.world_size) if replica_of(rank, self.od_config)[1]]
+        leaders = self.layout.leader_ranks()[1:]
         mailbox = ResultMailbox(self.store, name, leaders)
         self.control.broadcast((STREAM, self.seq, name, batches))
         error: BaseException | None = None
@@ -278,7 +270,7 @@ class SPMDExecutor(DiffusionExecutor):
                 deliver(output)
 
         try:
-            run_replica_stream(self.worker, queue, batches, 0, self.od_config, deliver, poll)
+            run_replica_stream(self.worker, queue, batches, self.layout, 0, deliver, poll)
         except BaseException as exc:
             error = exc
             queue.stop()
