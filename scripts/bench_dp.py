@@ -97,7 +97,11 @@ def baseline_worker(args: argparse.Namespace) -> None:
     from spmd_diffusion.models import load_pipeline
 
     torch.set_num_threads(1)
-    state = PartialState()
+    # On CPU accelerate needs cpu=True to see torchrun's ranks; without it every process
+    # believes it is alone and takes all the items.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise SystemExit(f"accelerate sees {state.num_processes} processes, torchrun started {os.environ['WORLD_SIZE']}")
     pipeline = load_pipeline(args.model, None, torch.float32).to(state.device)
     items = [json.loads(line) for line in Path(args.prompt_file).read_text().splitlines()]
     out = Path(args.out)
@@ -119,6 +123,9 @@ def baseline_worker(args: argparse.Namespace) -> None:
     dist.barrier()
     seconds = time.perf_counter() - start
     if state.is_main_process:
+        made = len(list(out.glob("*.png")))
+        if made != len(items):
+            raise SystemExit(f"baseline wrote {made} images for {len(items)} items")
         (out / "baseline.json").write_text(json.dumps({"images_per_second": len(items) / seconds}))
 
 
