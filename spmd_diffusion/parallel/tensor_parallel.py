@@ -25,7 +25,7 @@ collective DTensor's Partial -> Replicate redistribution issues. DTensor's per-c
 dispatch is pure Python (sharding propagation, and for a row-wise Linear on a 3-D input a
 fake-tensor decomposition on every call): measured on the 2-core CPU VM with torch 2.13,
 ~0.3 ms per column-wise and 5-13 ms per row-wise Linear besides the all-reduce, which made
-tp=2 slower than one rank (benchmarks/tp_results.md). ``dtensor_forward=True`` keeps
+tp=2 slower than one rank (benchmarks/RESULTS.md). ``dtensor_forward=True`` keeps
 torch's stock styles and DTensor dispatch on every call (same results, slower).
 
 Only the denoiser is sharded. Text encoders and the VAE stay replicated: they run once per
