@@ -1,23 +1,29 @@
 """The parts of scripts/gpu_check.sh (which sets up the environment and then runs this).
 
-    python scripts/gpu_check.py --out OUT --work WORK [--cpu-smoke] [--parts a,b,d,c]
+    python scripts/gpu_check.py --out OUT --work WORK [--cpu-smoke] [--parts a,b,c,d]
 
 Every step is a separate command (``omni-diffuse generate``, ``mpiexec -n N omni-diffuse
 generate``, the helper scripts gpu_check_*.py) with its own timeout, run in its own process
 session so a hung MPI job is killed whole; a failed or timed-out step is recorded and the
 next one runs. A global deadline ($GPU_CHECK_DEADLINE, epoch seconds) clips every step's
-timeout and skips what no longer fits. Parts (run in the order a, b, d, c: the part that
-may hang runs last):
+timeout and skips what no longer fits. Each process start costs ~20 s on the GPU machine
+(imports and loading; measured 2026-11-27), so the steps that check behaviour rather than
+speed run at the same time, first; the timed steps then run one at a time:
 
+  phase 1, concurrently:
   a  tiny-unet and tiny-dit: ``generate`` with no launcher and under ``mpiexec -n 2`` (two
      replicas on the one GPU), PNGs compared; every rank's device/dtype via the public API.
-  b  SD-1.5-sized random-weight pipeline (fp16) built locally; a plain diffusers batch loop
-     (scripts/gpu_check_bench.py) against ``generate`` with no launcher, ``mpiexec -n 1`` and
-     ``mpiexec -n 2``, same items, seeds and batches; images/s and the ratios.
   c  ``--tp 2`` and ``--cfg-parallel`` under ``mpiexec -n 2`` on the one GPU (expected: a
-     clear refusal, not a hang), then the same with ``--device cpu`` (expected to work).
+     clear refusal, not a hang), and the same with ``--device cpu`` (expected to work; images
+     compared with part d's one-rank images of the same items).
+     (and part b's model build: an SD-1.5-sized random-weight fp16 pipeline)
+  phase 2:
+  b  a plain diffusers batch loop (scripts/gpu_check_bench.py) against ``generate`` with no
+     launcher, ``mpiexec -n 1`` and ``mpiexec -n 2``: same items, seeds and batches; images/s,
+     the ratios and the image differences.
+  phase 3:
   d  data-parallel scaling on the CPU cores (``--device cpu``, one thread a rank) at
-     1, 2, 4, 8 ranks, and the ``collective_rpc("ping")`` round trip at 8 ranks.
+     1, 8, then 4 and 2 ranks, and the ``collective_rpc("ping")`` round trip at 8 ranks.
 
 Without a usable GPU (or with ``--cpu-smoke``) every part runs at smoke sizes on the CPU
 and the GPU-only steps are skipped with the reason. Writes OUT/results.json (every step:
@@ -29,6 +35,7 @@ Uses only the CLI, the helper scripts and the package's public API.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -37,6 +44,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,13 +62,13 @@ SIZES = {
     "cpu-smoke": {
         "a_items": 8, "a_steps": 2, "a_size": 64,
         "b_items": 8, "b_steps": 3, "b_size": 64, "b_batch": 4, "b_small": True,
-        "c_items": 4, "d_items": 16, "d_steps": 4, "d_size": 64, "dp_ranks": [1, 2, 4, 8], "rpc_ranks": 8,
-        "rpc_calls": 200,
+        "c_items": 4, "d_items": 16, "d_steps": 4, "d_size": 64, "dp_ranks": [1, 2, 4, 8],
+        "rpc_ranks": min(8, max(2, os.cpu_count() or 1)), "rpc_calls": 200,  # 8 ranks on 2 cores: ~20 ms a call
     },
 }
 TIMEOUTS = {  # seconds per step (the global deadline clips them further)
-    "probe": 60, "a_stats": 90, "a_gen": 90, "b_build": 180, "b_plain": 150, "b_engine": 150,
-    "c_gpu": 45, "c_cpu": 90, "d_gen": 90, "d_rpc": 90,
+    "probe": 60, "a_stats": 120, "a_gen": 120, "b_build": 150, "b_plain": 120, "b_engine": 120,
+    "c_gpu": 75, "c_cpu": 120, "d_gen": 75, "d_rpc": 75,
 }
 
 
@@ -91,83 +99,180 @@ class Checker:
     def remaining(self) -> float:
         return self.deadline - time.time()
 
-    def run(self, part: str, name: str, cmd: list[str], timeout: float, env: dict | None = None,
-            min_needed: float = 10.0, display: str | None = None) -> dict:
-        """Run one command in its own session with a timeout; record and return the step."""
+    def start(self, part: str, name: str, cmd: list[str], timeout: float, env: dict | None = None,
+              min_needed: float = 10.0, display: str | None = None, output: Path | None = None) -> dict:
+        """Start one command in its own process session; ``finish`` waits for it (with a timeout)."""
         step = {"part": part, "name": name, "cmd": display or " ".join(cmd), "log": f"logs/{name}.log"}
+        if output is not None:
+            step["output"] = str(output)
+        self.steps.append(step)
         budget = min(timeout, self.remaining() - 5)
         if budget < min_needed:
             step.update(status="skipped", reason=f"global deadline: {self.remaining():.0f} s left")
             print(f"-- {name}: SKIPPED ({step['reason']})", flush=True)
-            self.steps.append(step)
             return step
-        log_path = self.logs / f"{name}.log"
         print(f"-- {name}: {step['cmd']}  (timeout {budget:.0f} s)", flush=True)
-        start = time.perf_counter()
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                       cwd=ROOT, start_new_session=True)
-            timed_out = False
-            try:
-                rc = process.wait(timeout=budget)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                kill_session(process)
-                rc = 124
-        seconds = time.perf_counter() - start
-        text = log_path.read_text(errors="replace")
+        log = open(self.logs / f"{name}.log", "wb")
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                   cwd=ROOT, start_new_session=True)
+        step.update(_process=process, _log=log, _start=time.perf_counter(), _budget=budget)
+        return step
+
+    def finish(self, step: dict) -> dict:
+        """Wait for a started step (killing its session at its timeout) and record the outcome."""
+        process = step.pop("_process", None)
+        if process is None:
+            return step
+        log, started, budget = step.pop("_log"), step.pop("_start"), step.pop("_budget")
+        timed_out = False
+        try:
+            rc = process.wait(timeout=max(0.1, budget - (time.perf_counter() - started)))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_session(process)
+            rc = 124
+        log.close()
+        seconds = time.perf_counter() - started
+        text = (self.logs / f"{step['name']}.log").read_text(errors="replace")
         step.update(rc=rc, seconds=round(seconds, 2), timed_out=timed_out,
                     status="ok" if rc == 0 else ("timeout" if timed_out else "failed"),
                     tail=tail(text, 25), traceback="Traceback (most recent call last)" in text)
-        print(f"   rc={rc} {'TIMED OUT ' if timed_out else ''}{seconds:.1f} s", flush=True)
+        print(f"   {step['name']}: rc={rc} {'TIMED OUT ' if timed_out else ''}{seconds:.1f} s", flush=True)
         if rc != 0:
             print("   " + "\n   ".join(tail(text, 8).splitlines()), flush=True)
-        self.steps.append(step)
+        if "output" in step:
+            output = Path(step["output"])
+            step.update(read_run_json(output))
+            step["device_seen"] = devices_seen(self.logs / f"{step['name']}.log")
         return step
 
-    def generate(self, part: str, name: str, ranks: int | None, args: list[str], timeout_key: str,
-                 env: dict | None = None) -> dict:
+    def run(self, *args, **kwargs) -> dict:
+        return self.finish(self.start(*args, **kwargs))
+
+    def start_generate(self, part: str, name: str, ranks: int | None, args: list[str], timeout_key: str,
+                       env: dict | None = None) -> dict:
         """``omni-diffuse generate`` with no launcher (ranks None) or under ``mpiexec -n ranks``."""
         launcher = [] if ranks is None else [self.mpiexec, "-n", str(ranks)]
-        step = self.run(part, name, launcher + self.omni + ["generate", *args], TIMEOUTS[timeout_key], env)
         output = Path(args[args.index("--output") + 1])
-        step["output"] = str(output)
-        if step.get("status") in ("ok", "failed"):
-            step.update(read_run_json(output))
-            step["device_seen"] = devices_seen(self.logs / f"{name}.log")
-        return step
+        return self.start(part, name, launcher + self.omni + ["generate", *args], TIMEOUTS[timeout_key], env,
+                          output=output)
+
+    def generate(self, *args, **kwargs) -> dict:
+        return self.finish(self.start_generate(*args, **kwargs))
 
     # -- parts --------------------------------------------------------------------------------
-    def part_a(self) -> None:
+    def phase_correctness(self, parts: list[str]) -> None:
+        """Parts a and c, and part b's model build, all at once: they check behaviour, not speed
+        (every process start costs ~20 s of imports and loading on the GPU machine)."""
+        specs: list[tuple[str, Callable[[], dict]]] = []
+        self._plan_correctness(parts, specs)
+        # As many at once as the cores allow (each start is CPU-bound imports): all of them on
+        # the 16-core GPU machine, one at a time on a 2-core development machine.
+        slots = int(os.environ.get("GPU_CHECK_SLOTS") or max(1, min(10, (os.cpu_count() or 1) * 2 // 3)))
+        started = self.run_concurrently(specs, slots)
+        self._read_correctness(parts, started)
+
+    def run_concurrently(self, specs: list[tuple[str, Callable[[], dict]]], slots: int) -> dict[str, dict]:
+        """Start the steps ``specs`` makes, at most ``slots`` at a time; finish every one."""
+        started: dict[str, dict] = {}
+        queue, running = list(specs), []
+        try:
+            while queue or running:
+                while queue and len(running) < slots:
+                    key, start = queue.pop(0)
+                    started[key] = step = start()
+                    if "_process" in step:
+                        running.append(step)
+                for step in list(running):
+                    if step["_process"].poll() is not None or time.perf_counter() - step["_start"] >= step["_budget"]:
+                        running.remove(step)
+                        self.finish(step)
+                time.sleep(0.2)
+        finally:  # never leave a started job behind, whatever went wrong
+            for step in running:
+                self.finish(step)
+        return started
+
+    def _plan_correctness(self, parts: list[str], specs: list) -> None:
         s, gpu = self.sizes, self.mode == "gpu"
-        part = self.results["parts"].setdefault("a", {"title": "tiny models: no launcher vs mpiexec -n 2"})
-        if not gpu:
-            part["note"] = "no GPU: run on the CPU as a stand-in (same commands, device auto -> cpu)"
-        stats_out = self.work / "a" / "stats.json"
-        stats_out.parent.mkdir(parents=True, exist_ok=True)
-        step = self.run("a", "a_stats_mpi2", [self.mpiexec, "-n", "2", sys.executable, str(HERE / "gpu_check_rpc.py"),
-                                              "--model", "tiny-unet", "--device", "auto", "--calls", "300",
-                                              "--rounds", "3", "--out", str(stats_out)], TIMEOUTS["a_stats"])
-        if stats_out.exists() and step.get("rc") == 0:
-            record = json.loads(stats_out.read_text())
-            part["ranks_default_placement"] = [
-                {k: r.get(k) for k in ("rank", "device", "dtype", "cuda_allocated_bytes")} for r in record["cache_stats"]
-            ]
-            part["rpc_ping_2_ranks_us"] = record["median_us"]
-        prompts = write_items(self.work / "a" / "items.jsonl", s["a_items"], "a tiny test picture", 100)
-        part["models"] = {}
-        for model in ("tiny-unet", "tiny-dit"):
-            common = ["--model", model, "--prompts", str(prompts), "--steps", str(s["a_steps"]),
-                      "--height", str(s["a_size"]), "--width", str(s["a_size"]), "--batch-size", "4", "--no-resume"]
-            single = self.generate("a", f"a_{model}_nolauncher", None,
-                                   [*common, "--output", str(self.work / "a" / f"{model}-nolauncher")], "a_gen")
-            double = self.generate("a", f"a_{model}_mpi2", 2,
-                                   [*common, "--output", str(self.work / "a" / f"{model}-mpi2")], "a_gen")
-            entry = {"nolauncher": brief(single), "mpi2": brief(double)}
-            if single.get("rc") == 0 and double.get("rc") == 0:
-                entry["compare"] = compare_dirs(Path(single["output"]) / "images", Path(double["output"]) / "images")
-                entry["health"] = image_health(Path(single["output"]) / "images")
-            part["models"][model] = entry
+        starts: dict[str, Callable[[], dict]] = {}
+        if "a" in parts:
+            part = self.results["parts"].setdefault("a", {"title": "tiny models: no launcher vs mpiexec -n 2"})
+            part["note"] = ("run concurrently with parts c and the model build: their speeds mean nothing"
+                            + ("" if gpu else "; no GPU: on the CPU as a stand-in (device auto -> cpu)"))
+            stats_out = self.work / "a" / "stats.json"
+            stats_out.parent.mkdir(parents=True, exist_ok=True)
+            stats_out.unlink(missing_ok=True)
+            starts["a_stats"] = lambda: self.start(
+                "a", "a_stats_mpi2", [self.mpiexec, "-n", "2", sys.executable, str(HERE / "gpu_check_rpc.py"),
+                                      "--model", "tiny-unet", "--device", "auto", "--calls", "100", "--rounds", "1",
+                                      "--out", str(stats_out)], TIMEOUTS["a_stats"])
+            prompts = write_items(self.work / "a" / "items.jsonl", s["a_items"], "a tiny test picture", 100)
+            for model in ("tiny-unet", "tiny-dit"):
+                common = ["--model", model, "--prompts", str(prompts), "--steps", str(s["a_steps"]), "--height",
+                          str(s["a_size"]), "--width", str(s["a_size"]), "--batch-size", "4", "--no-resume"]
+                for variant, ranks in (("nolauncher", None), ("mpi2", 2)):
+                    args = [*common, "--output", str(self.work / "a" / f"{model}-{variant}")]
+                    starts[f"a_{model}_{variant}"] = functools.partial(
+                        self.start_generate, "a", f"a_{model}_{variant}", ranks, args, "a_gen")
+        if "c" in parts:
+            part = self.results["parts"].setdefault("c", {"title": "--tp 2 / --cfg-parallel on one GPU, and on CPU"})
+            # The first items of part d's list (same ids, seeds, steps, size, batch): part d's
+            # one-rank CPU images are the reference for the CPU runs here.
+            prompts = write_items(self.work / "c" / "items.jsonl", s["c_items"], "a scaling test picture", 9000)
+            common = ["--model", "tiny-unet", "--prompts", str(prompts), "--steps", str(s["d_steps"]),
+                      "--height", str(s["d_size"]), "--width", str(s["d_size"]), "--batch-size", "4", "--no-resume"]
+            for label, flags in (("tp2", ["--tp", "2"]), ("cfg_parallel", ["--cfg-parallel"])):
+                if gpu:
+                    starts[f"c_{label}_gpu"] = functools.partial(
+                        self.start_generate, "c", f"c_{label}_gpu", 2,
+                        [*common, *flags, "--output", str(self.work / "c" / f"{label}-gpu")], "c_gpu",
+                        env={"NCCL_DEBUG": "WARN"})
+                starts[f"c_{label}_cpu"] = functools.partial(
+                    self.start_generate, "c", f"c_{label}_cpu", 2,
+                    [*common, *flags, "--device", "cpu", "--output", str(self.work / "c" / f"{label}-cpu")], "c_cpu")
+        if "b" in parts:
+            model_dir = self.work / "sd15"
+            build = ["--device", "cuda"] if gpu else ["--device", "cpu", "--small"]
+            starts["b_build"] = functools.partial(
+                self.start, "b", "b_build", [sys.executable, str(HERE / "gpu_check_build_sd15.py"), str(model_dir),
+                                             *build], TIMEOUTS["b_build"])
+        # The longest and the possibly hanging first, so they overlap the most.
+        first = ["b_build", "c_tp2_gpu", "c_cfg_parallel_gpu"]
+        specs.extend((key, starts[key]) for key in first if key in starts)
+        specs.extend((key, start) for key, start in starts.items() if key not in first)
+
+    def _read_correctness(self, parts: list[str], started: dict[str, dict]) -> None:
+        gpu = self.mode == "gpu"
+        if "a" in parts:
+            part = self.results["parts"]["a"]
+            stats_out = self.work / "a" / "stats.json"
+            if stats_out.exists() and started["a_stats"].get("rc") == 0:
+                record = json.loads(stats_out.read_text())
+                part["ranks_default_placement"] = [
+                    {k: r.get(k) for k in ("rank", "device", "dtype", "cuda_allocated_bytes")}
+                    for r in record["cache_stats"]]
+            part["models"] = {}
+            for model in ("tiny-unet", "tiny-dit"):
+                single, double = started[f"a_{model}_nolauncher"], started[f"a_{model}_mpi2"]
+                entry = {"nolauncher": brief(single), "mpi2": brief(double)}
+                if single.get("rc") == 0 and double.get("rc") == 0:
+                    entry["compare"] = compare_dirs(Path(single["output"]) / "images",
+                                                    Path(double["output"]) / "images")
+                    entry["health"] = image_health(Path(single["output"]) / "images")
+                part["models"][model] = entry
+        if "c" in parts:
+            part = self.results["parts"]["c"]
+            part["cases"] = {}
+            for label in ("tp2", "cfg_parallel"):
+                if gpu:
+                    part["cases"][f"{label}_gpu"] = classify_refusal(started[f"c_{label}_gpu"], self.logs)
+                else:
+                    part["cases"][f"{label}_gpu"] = {"status": "skipped", "reason": "no CUDA device on this machine"}
+                part["cases"][f"{label}_cpu"] = brief(started[f"c_{label}_cpu"])
+                part["cases"][f"{label}_cpu"]["output"] = started[f"c_{label}_cpu"].get("output")
+        if "b" in parts:
+            self.b_build_ok = started["b_build"].get("rc") == 0
 
     def part_b(self) -> None:
         s, gpu = self.sizes, self.mode == "gpu"
@@ -175,11 +280,8 @@ class Checker:
         if not gpu:
             part["note"] = "no GPU: downsized model of the same layout, CPU, tiny sizes; numbers mean nothing"
         model_dir = self.work / "sd15"
-        build = ["--device", "cuda"] if gpu else ["--device", "cpu", "--small"]
-        step = self.run("b", "b_build", [sys.executable, str(HERE / "gpu_check_build_sd15.py"), str(model_dir), *build],
-                        TIMEOUTS["b_build"])
-        if step.get("rc") != 0:
-            part["error"] = "model build failed"
+        if not getattr(self, "b_build_ok", False):
+            part["error"] = "model build failed or did not run"
             return
         part["model"] = json.loads((model_dir / "gpu_check_model.json").read_text())
         prompts = write_items(self.work / "b" / "items.jsonl", s["b_items"], "a photograph of a lighthouse", 5000)
@@ -189,8 +291,9 @@ class Checker:
                       str(prompts), "--output", str(self.work / "b" / "plain"), "--guidance", "7.5", *settings]
         plain_args += ["--device", "cuda", "--dtype", "float16"] if gpu else ["--device", "cpu", "--dtype", "float32",
                                                                              "--threads", "1"]
-        plain = self.run("b", "b_plain", plain_args, TIMEOUTS["b_plain"])
         bench_json = self.work / "b" / "plain" / "bench.json"
+        bench_json.unlink(missing_ok=True)
+        plain = self.run("b", "b_plain", plain_args, TIMEOUTS["b_plain"])
         if plain.get("rc") == 0 and bench_json.exists():
             part["plain"] = json.loads(bench_json.read_text())
         common = ["--model", str(model_dir), "--prompts", str(prompts), "--guidance", "7.5", *settings, "--no-resume"]
@@ -199,55 +302,34 @@ class Checker:
             step = self.generate("b", f"b_engine_{variant}", ranks,
                                  [*common, "--output", str(self.work / "b" / variant)], "b_engine")
             part["engine"][variant] = brief(step)
-            if step.get("rc") == 0 and part.get("plain"):
-                part["engine"][variant]["compare_with_plain"] = compare_dirs(
-                    self.work / "b" / "plain" / "images", Path(step["output"]) / "images")
+            if step.get("rc") == 0:
+                part["engine"][variant]["warm_estimate"] = warm_estimate(Path(step["output"]), s["b_batch"])
+                if part.get("plain"):
+                    part["engine"][variant]["compare_with_plain"] = compare_dirs(
+                        self.work / "b" / "plain" / "images", Path(step["output"]) / "images")
         if part.get("plain"):
             part["health"] = image_health(self.work / "b" / "plain" / "images")
-        plain_ips = (part.get("plain") or {}).get("images_per_second")
-        plain_cold = (part.get("plain") or {}).get("cold_seconds")
+        plain = part.get("plain") or {}
         ratios = {}
         for variant, entry in part["engine"].items():
-            ips = entry.get("images_per_second")
-            if ips and plain_ips:
-                ratios[f"{variant}_vs_plain_warm"] = round(ips / plain_ips, 4)
-            if ips and plain_cold:
-                ratios[f"{variant}_vs_plain_cold"] = round(ips / (part["plain"]["images"] / plain_cold), 4)
+            ips, warm = entry.get("images_per_second"), (entry.get("warm_estimate") or {}).get("images_per_second")
+            for key, base in (("plain_warm", plain.get("images_per_second")),
+                              ("plain_cold", plain["images"] / plain["cold_seconds"] if plain else None),
+                              ("plain_pipeline_only", plain.get("pipeline_images_per_second"))):
+                if ips and base:
+                    ratios[f"{variant}_vs_{key}"] = round(ips / base, 4)
+            if warm and plain.get("images_per_second"):
+                ratios[f"{variant}_warm_estimate_vs_plain_warm"] = round(warm / plain["images_per_second"], 4)
         one, two = part["engine"].get("mpi1", {}).get("images_per_second"), \
             part["engine"].get("mpi2", {}).get("images_per_second")
         if one and two:
             ratios["mpi2_vs_mpi1"] = round(two / one, 4)
         part["ratios"] = ratios
 
-    def part_c(self) -> None:
-        s, gpu = self.sizes, self.mode == "gpu"
-        part = self.results["parts"].setdefault("c", {"title": "--tp 2 / --cfg-parallel on one GPU, and on CPU"})
-        # The first items of part d's list (same ids, seeds, steps, size, batch): part d's
-        # one-rank CPU images are the reference for the CPU runs here.
-        prompts = write_items(self.work / "c" / "items.jsonl", s["c_items"], "a scaling test picture", 9000)
-        common = ["--model", "tiny-unet", "--prompts", str(prompts), "--steps", str(s["d_steps"]),
-                  "--height", str(s["d_size"]), "--width", str(s["d_size"]), "--batch-size", "4", "--no-resume"]
-        part["cases"] = {}
-        for label, flags in (("tp2", ["--tp", "2"]), ("cfg_parallel", ["--cfg-parallel"])):
-            if gpu:
-                step = self.generate("c", f"c_{label}_gpu", 2, [*common, *flags, "--output",
-                                                               str(self.work / "c" / f"{label}-gpu")], "c_gpu",
-                                     env={"NCCL_DEBUG": "WARN"})
-                part["cases"][f"{label}_gpu"] = classify_refusal(step, self.logs)
-            else:
-                part["cases"][f"{label}_gpu"] = {"status": "skipped", "reason": "no CUDA device on this machine"}
-            step = self.generate("c", f"c_{label}_cpu", 2, [*common, *flags, "--device", "cpu", "--output",
-                                                           str(self.work / "c" / f"{label}-cpu")], "c_cpu")
-            entry = brief(step)
-            reference = self.work / "d" / "n1" / "images"
-            if step.get("rc") == 0 and reference.exists():
-                entry["compare_with_1rank_cpu"] = compare_dirs(reference, Path(step["output"]) / "images",
-                                                               only_in_b=True)
-            part["cases"][f"{label}_cpu"] = entry
-
     def part_d(self) -> None:
         s = self.sizes
-        part = self.results["parts"].setdefault("d", {"title": f"data-parallel scaling on CPU cores, RPC at {s['rpc_ranks']} ranks"})
+        part = self.results["parts"].setdefault(
+            "d", {"title": f"data-parallel scaling on CPU cores, RPC at {s['rpc_ranks']} ranks"})
         cores = os.cpu_count() or 1
         part["cpu_count"] = cores
         prompts = write_items(self.work / "d" / "items.jsonl", s["d_items"], "a scaling test picture", 9000)
@@ -255,10 +337,26 @@ class Checker:
                   str(s["d_size"]), "--width", str(s["d_size"]), "--batch-size", "4", "--device", "cpu",
                   "--no-resume"]
         part["runs"] = {}
-        for ranks in s["dp_ranks"]:
+        rpc_out = self.work / "d" / "rpc.json"
+        rpc_out.unlink(missing_ok=True)
+        # What the goals need first (1 and the largest world, the RPC), then the rest, so a
+        # tight deadline drops the least useful runs.
+        ranks_list = sorted(s["dp_ranks"])
+        order = [ranks_list[0], ranks_list[-1], "rpc", *ranks_list[1:-1]] if len(ranks_list) > 1 else ranks_list + ["rpc"]
+        for ranks in order:
+            if ranks == "rpc":
+                step = self.run("d", f"d_rpc_n{s['rpc_ranks']}", [
+                    self.mpiexec, "-n", str(s["rpc_ranks"]), sys.executable, str(HERE / "gpu_check_rpc.py"),
+                    "--calls", str(s["rpc_calls"]), "--out", str(rpc_out)], TIMEOUTS["d_rpc"])
+                if step.get("rc") == 0 and rpc_out.exists():
+                    record = json.loads(rpc_out.read_text())
+                    part["rpc"] = {k: record[k] for k in ("ranks", "executor", "calls_per_round", "rounds_us",
+                                                          "median_us")}
+                continue
             step = self.generate("d", f"d_n{ranks}", ranks, [*common, "--output", str(self.work / "d" / f"n{ranks}")],
                                  "d_gen")
             part["runs"][str(ranks)] = brief(step)
+        part["runs"] = dict(sorted(part["runs"].items(), key=lambda kv: int(kv[0])))
         base = part["runs"].get("1", {}).get("images_per_second")
         for ranks, entry in part["runs"].items():
             ips = entry.get("images_per_second")
@@ -267,14 +365,14 @@ class Checker:
                 entry["efficiency"] = round(ips / base / int(ranks), 3)
         if cores < max(s["dp_ranks"]):
             part["note"] = f"only {cores} CPU cores here: runs above {cores} ranks are oversubscribed"
-        rpc_out = self.work / "d" / "rpc.json"
-        ranks = s["rpc_ranks"]
-        step = self.run("d", f"d_rpc_n{ranks}", [self.mpiexec, "-n", str(ranks), sys.executable,
-                                                 str(HERE / "gpu_check_rpc.py"), "--calls", str(s["rpc_calls"]),
-                                                 "--out", str(rpc_out)], TIMEOUTS["d_rpc"])
-        if step.get("rc") == 0 and rpc_out.exists():
-            record = json.loads(rpc_out.read_text())
-            part["rpc"] = {k: record[k] for k in ("ranks", "executor", "calls_per_round", "rounds_us", "median_us")}
+
+    def finalize(self) -> None:
+        """Comparisons that need several parts: part c's CPU images against part d's one rank."""
+        reference = self.work / "d" / "n1" / "images"
+        for label, entry in self.results["parts"].get("c", {}).get("cases", {}).items():
+            output = entry.pop("output", None)
+            if label.endswith("_cpu") and entry.get("rc") == 0 and output and reference.exists():
+                entry["compare_with_1rank_cpu"] = compare_dirs(reference, Path(output) / "images", only_in_b=True)
 
     # -- output ---------------------------------------------------------------------------------
     def save(self, probe: dict) -> None:
@@ -353,6 +451,45 @@ def devices_seen(log: Path) -> list[str]:
     if not log.exists():
         return []
     return sorted(set(re.findall(r"loaded \w+ on (\S+) in", log.read_text(errors="replace"))))
+
+
+def warm_estimate(output: Path, batch: int) -> dict | None:
+    """run.json's seconds less what each replica's first (cold) batch cost over a warm batch.
+
+    The manifest gives every image's share of its batch's pipeline time and the rank that
+    made it, in the order results arrived; items form batches of ``batch`` in id order.
+    An estimate: the engine has no warm-up, the plain loop's rate excludes its warm-up. For
+    one replica only (with several, the first batches overlap and no single excess applies).
+    """
+    import statistics
+
+    manifest, run_json = output / "manifest.jsonl", output / "run.json"
+    if not manifest.exists() or not run_json.exists():
+        return None
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row.get("status") == "ok"]
+    position = {item_id: index for index, item_id in enumerate(sorted({row["id"] for row in rows}))}
+    batches: dict[int, dict] = {}
+    for order, row in enumerate(rows):
+        entry = batches.setdefault(position[row["id"]] // batch, {"rank": row["rank"], "seconds": 0.0, "order": order})
+        entry["seconds"] += row["seconds"]
+    if len({row["rank"] for row in rows}) != 1:
+        return None
+    first: dict[int, float] = {}
+    rest = []
+    for entry in sorted(batches.values(), key=lambda e: e["order"]):
+        if entry["rank"] in first:
+            rest.append(entry["seconds"])
+        else:
+            first[entry["rank"]] = entry["seconds"]
+    if not rest:
+        return None
+    warm = statistics.median(rest)
+    excess = max(0.0, max(first.values()) - warm)
+    seconds = json.loads(run_json.read_text())["seconds"] - excess
+    return {"first_batch_s": {str(k): round(v, 3) for k, v in first.items()}, "warm_batch_s": round(warm, 3),
+            "cold_excess_s": round(excess, 3), "seconds": round(seconds, 3),
+            "images_per_second": round(len(rows) / seconds, 4) if seconds > 0 else None}
 
 
 def brief(step: dict) -> dict:
@@ -441,9 +578,8 @@ def render_summary(results: dict) -> str:
         if a.get("note"):
             lines += [f"_{a['note']}_", ""]
         if a.get("ranks_default_placement"):
-            lines += [f"Default placement under mpiexec -n 2 (get_cache_stats): "
-                      f"{json.dumps(a['ranks_default_placement'])}; ping round trip at 2 ranks: "
-                      f"{fmt(a.get('rpc_ping_2_ranks_us'))} us", ""]
+            lines += [f"Default placement (--device auto, --dtype auto) under mpiexec -n 2, from get_cache_stats: "
+                      f"{json.dumps(a['ranks_default_placement'])}", ""]
         lines += ["| model | no launcher img/s | mpiexec -n 2 img/s | images per rank (n=2) | byte-identical | "
                   "max pixel diff | flat images | device |", "|---|---|---|---|---|---|---|---|"]
         for model, entry in a.get("models", {}).items():
@@ -463,21 +599,27 @@ def render_summary(results: dict) -> str:
             lines += [f"Model: {m['layout']}, {m['dtype']}, parameters {json.dumps(m['parameters'])}, built in "
                       f"{m['total_seconds']} s on {m['built_on']}.", ""]
         plain = b.get("plain") or {}
-        lines += ["Throughput excludes model load: the plain loop times its batches after one warm-up batch "
-                  "(`cold` adds back what the first batch cost over a warm one); the engine rows use run.json "
-                  "`seconds` (from the engine being ready to the last image written; no warm-up).", "",
-                  "| variant | images | seconds | img/s | vs plain (warm) | vs plain (cold) | images per rank | "
-                  "max pixel diff vs plain | wall s (start+load+run) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["Throughput excludes model load. Plain loop: its batches after one warm-up batch, PNGs saved "
+                  "after each batch (`cold` adds back what the first batch cost over a warm one; `pipeline only` "
+                  "leaves the PNG saving out). Engine rows: run.json `seconds` (engine ready to last image "
+                  "written; the first batch is cold: no warm-up); `warm est.` takes out what each replica's first "
+                  "batch cost over a warm batch (from the manifest).", "",
+                  "| variant | images | seconds | img/s | vs plain (warm) | vs plain (cold) | vs plain (pipeline only) | "
+                  "warm est. img/s (vs plain warm) | images per rank | max pixel diff vs plain | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         if plain:
-            lines.append(f"| plain diffusers loop | {plain['images']} | {plain['seconds']} (cold {plain['cold_seconds']}) | "
-                         f"{plain['images_per_second']} | 1 | - | - | - | load {plain['load_seconds']} + warm-up "
-                         f"{plain['warmup_seconds']} |")
+            lines.append(f"| plain diffusers loop | {plain['images']} | {plain['seconds']} (cold {plain['cold_seconds']}, "
+                         f"PNG saves {fmt(plain.get('save_seconds'))}) | {plain['images_per_second']} (pipeline only "
+                         f"{fmt(plain.get('pipeline_images_per_second'))}) | 1 | - | - | - | - | - | load "
+                         f"{plain['load_seconds']} + warm-up {plain['warmup_seconds']} |")
         names = {"nolauncher": "omni-diffuse, no launcher", "mpi1": "mpiexec -n 1", "mpi2": "mpiexec -n 2 (2 replicas, 1 device)"}
         for variant, entry in b.get("engine", {}).items():
-            ratios = b.get("ratios", {})
+            ratios, warm = b.get("ratios", {}), entry.get("warm_estimate") or {}
             lines.append(f"| {names[variant]} | {fmt(entry.get('images_ok'))} | {fmt(entry.get('gen_seconds'))} | "
                          f"{fmt(entry.get('images_per_second'))} | {fmt(ratios.get(f'{variant}_vs_plain_warm'))} | "
-                         f"{fmt(ratios.get(f'{variant}_vs_plain_cold'))} | {fmt(entry.get('images_per_rank'))} | "
+                         f"{fmt(ratios.get(f'{variant}_vs_plain_cold'))} | "
+                         f"{fmt(ratios.get(f'{variant}_vs_plain_pipeline_only'))} | {fmt(warm.get('images_per_second'))} "
+                         f"({fmt(ratios.get(f'{variant}_warm_estimate_vs_plain_warm'))}) | {fmt(entry.get('images_per_rank'))} | "
                          f"{fmt(entry.get('compare_with_plain', {}).get('max_pixel_diff'))} | {fmt(entry.get('seconds'))} "
                          f"({entry.get('status')}) |")
         lines += ["", f"2 replicas vs 1 on one GPU (mpiexec -n 2 / -n 1): {fmt(b.get('ratios', {}).get('mpi2_vs_mpi1'))}; "
@@ -510,9 +652,11 @@ def render_summary(results: dict) -> str:
                              f"{fmt(entry.get('images_ok'))} images; vs 1-rank CPU: {fmt(cmp_.get('byte_identical'))}/"
                              f"{fmt(cmp_.get('images'))} byte-identical, max pixel diff {fmt(cmp_.get('max_pixel_diff'))} |")
         lines.append("")
+    for error in results.get("errors", []):
+        lines += [f"ERROR in the check itself: {error}", ""]
     lines += ["## Steps", "", "| step | status | exit | seconds |", "|---|---|---|---|"]
     for step in results["steps"]:
-        lines.append(f"| {step['name']} | {step['status']}{' (' + step['reason'] + ')' if step.get('reason') else ''} | "
+        lines.append(f"| {step['name']} | {step.get('status')}{' (' + step['reason'] + ')' if step.get('reason') else ''} | "
                      f"{fmt(step.get('rc'))} | {fmt(step.get('seconds'))} |")
     return "\n".join(lines) + "\n"
 
@@ -550,12 +694,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--cpu-smoke", action="store_true", help="smoke sizes on the CPU even if a GPU is there")
-    parser.add_argument("--parts", default="a,b,d,c", help="which parts, in this order")
+    parser.add_argument("--parts", default="a,b,c,d", help="which parts (a, c and the model build run first, "
+                        "concurrently; then b's timings, then d)")
     parser.add_argument("--dp-ranks", default=None, help="comma list for part d (default 1,2,4,8)")
     parser.add_argument("--rpc-ranks", type=int, default=None)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    for stale in ("a", "b", "c", "d", "logs"):  # a rerun on the same machine compares nothing old
+        shutil.rmtree(args.work / stale, ignore_errors=True)
     deadline = float(os.environ.get("GPU_CHECK_DEADLINE") or (time.time() + 420))
     checker = Checker(args.out, args.work, "cpu-smoke", deadline, {})
     probe = probe_environment(checker)
@@ -574,17 +721,24 @@ def main() -> int:
     reason = "" if mode == "gpu" else (" (--cpu-smoke)" if args.cpu_smoke else
                                        " (no usable CUDA device: GPU steps are skipped, CPU stand-ins run)")
     print(f"== mode: {mode}{reason}; {checker.remaining():.0f} s to the deadline", flush=True)
-    for part in args.parts.split(","):
-        print(f"\n== part ({part})", flush=True)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    phases = [("a, c and the model build, concurrently", lambda: checker.phase_correctness(parts))]
+    if "b" in parts:
+        phases.append(("b: plain diffusers vs engine", checker.part_b))
+    if "d" in parts:
+        phases.append(("d: CPU data-parallel scaling and RPC", checker.part_d))
+    phases.append(("comparisons", checker.finalize))
+    for title, phase in phases:
+        print(f"\n== {title} ({checker.remaining():.0f} s to the deadline)", flush=True)
         try:
-            getattr(checker, f"part_{part}")()
-        except Exception as exc:  # noqa: BLE001 - record and go on to the next part
+            phase()
+        except Exception as exc:  # noqa: BLE001 - record and go on to the next phase
             import traceback
 
-            checker.results["parts"].setdefault(part, {"title": part})["error"] = repr(exc)
+            checker.results.setdefault("errors", []).append(f"{title}: {exc!r}")
             traceback.print_exc()
     checker.save(probe)
-    failed = [s["name"] for s in checker.steps if s["status"] not in ("ok", "skipped")]
+    failed = [s["name"] for s in checker.steps if s.get("status") not in ("ok", "skipped")]
     expected_fail = {"c_tp2_gpu", "c_cfg_parallel_gpu"}  # refusals are the expected outcome there
     return 1 if [name for name in failed if name not in expected_fail] else 0
 
