@@ -53,7 +53,7 @@ _RAW: dict = {}
 
 
 def raw_mpi_loop(worker, calls: int) -> float:
-    from spmd_diffusion.control.mpi_control import import_mpi
+    from spmd_diffusion.distributed.control.mpi_control import import_mpi
 
     MPI = import_mpi()
     comm = _RAW.setdefault("mpi", MPI.COMM_WORLD.Dup())
@@ -121,7 +121,7 @@ def executor_idle(engine, idle: float) -> dict:
 
 def spmd_part(executor: str, raw_loop, raw_idle, calls: int, idle: float, rounds: int) -> dict | None:
     from spmd_diffusion import OmniDiffusionConfig
-    from spmd_diffusion.spmd import spmd_engine
+    from spmd_diffusion.entrypoints.spmd import spmd_engine
 
     with spmd_engine(OmniDiffusionConfig(model=MODEL, executor_class=executor)) as engine:
         if engine is None:

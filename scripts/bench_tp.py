@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from spmd_diffusion.launcher import MPI, TORCHRUN, detect_launcher
+from spmd_diffusion.distributed.launcher import MPI, TORCHRUN, detect_launcher
 from spmd_diffusion.parallel import (
     ParallelLayout,
     apply_tensor_parallel,

@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.engine import DiffusionEngine
+from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.request import OmniDiffusionRequest
 
 __all__ = ["DiffusionEngine", "DiffusionOutput", "OmniDiffusionConfig", "OmniDiffusionRequest", "__version__"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from spmd_diffusion.images import ImageLike, decode_image, encode_image
+from spmd_diffusion.utils.images import ImageLike, decode_image, encode_image
 
 if TYPE_CHECKING:
     from spmd_diffusion.parallel.mesh import ParallelLayout

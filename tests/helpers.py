@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spmd_diffusion.images import to_float_array
+from spmd_diffusion.utils.images import to_float_array
 
 
 def max_pixel_difference(first, second) -> float:

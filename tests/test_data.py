@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.seeding import derive_seed, with_seed
+from spmd_diffusion.engine.seeding import derive_seed, with_seed
 from spmd_diffusion.request import OmniDiffusionRequest
 
 

@@ -49,7 +49,7 @@ def test_uni_and_mp_give_identical_pixels(uni_engine, mp_engine):
 
 def test_engine_fixes_seeds_from_run_seed_and_id(uni_engine):
     from spmd_diffusion.request import OmniDiffusionRequest
-    from spmd_diffusion.seeding import derive_seed
+    from spmd_diffusion.engine.seeding import derive_seed
 
     request = OmniDiffusionRequest(prompt="x", num_inference_steps=2, request_id="no-seed")
     (output,) = uni_engine.generate(request)

@@ -17,7 +17,7 @@ from helpers import same_pixels, small_requests
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
 from spmd_diffusion.errors import SpmdDiffusionError
-from spmd_diffusion.server import serve
+from spmd_diffusion.entrypoints.server import serve
 
 pytestmark = pytest.mark.slow
 

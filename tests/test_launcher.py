@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from spmd_diffusion.launcher import MPI, NONE, SLURM, TORCHRUN, detect_launcher, first_slurm_host
+from spmd_diffusion.distributed.launcher import MPI, NONE, SLURM, TORCHRUN, detect_launcher, first_slurm_host
 
 SBATCH = {  # what an sbatch script itself sees: a job, but no srun step
     "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0",
@@ -69,7 +69,7 @@ def test_first_slurm_host(nodelist, first):
 
 def test_detection_does_not_import_mpi():
     detect_launcher({"PMI_RANK": "0", "PMI_SIZE": "2"})
-    import spmd_diffusion.cli  # noqa: F401 - the CLI module must not import it either
+    import spmd_diffusion.entrypoints.cli  # noqa: F401 - the CLI module must not import it either
     import spmd_diffusion.executor  # noqa: F401
 
     assert "mpi4py.MPI" not in sys.modules

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from spmd_diffusion.files import AppendLog, write_atomic
-from spmd_diffusion.manifest import MANIFEST_NAME, done_images, fingerprint, image_name, read_manifest
+from spmd_diffusion.jobs.files import AppendLog, write_atomic
+from spmd_diffusion.jobs.manifest import MANIFEST_NAME, done_images, fingerprint, image_name, read_manifest
 from spmd_diffusion.request import OmniDiffusionRequest
 
 

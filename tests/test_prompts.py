@@ -7,9 +7,9 @@ import json
 import pytest
 
 from spmd_diffusion.data import OmniDiffusionConfig
-from spmd_diffusion.generate_job import GenerateOptions, build_requests, plan_generation
-from spmd_diffusion.prompts import InputError, read_items
-from spmd_diffusion.seeding import derive_seed
+from spmd_diffusion.jobs.generate import GenerateOptions, build_requests, plan_generation
+from spmd_diffusion.jobs.prompts import InputError, read_items
+from spmd_diffusion.engine.seeding import derive_seed
 
 
 def test_txt_ids_are_line_numbers_and_blank_lines_are_skipped(tmp_path):

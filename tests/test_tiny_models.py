@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from spmd_diffusion.cli import cli
+from spmd_diffusion.entrypoints.cli import cli
 from spmd_diffusion.models import check_model_reference, load_pipeline, resolve_model_path
 
 pytestmark = pytest.mark.slow

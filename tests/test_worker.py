@@ -8,7 +8,7 @@ from helpers import max_pixel_difference, small_requests
 
 from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.worker import DiffusionWorker
+from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
 pytestmark = pytest.mark.slow
 

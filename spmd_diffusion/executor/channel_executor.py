@@ -17,8 +17,8 @@ from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError, WorkerDiedError, WorkerError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.rpc import RpcMethod, RpcReply, collect_replies, method_name, portable_method
-from spmd_diffusion.shm_channel import ShmChannel
+from spmd_diffusion.distributed.protocol import RpcMethod, RpcReply, collect_replies, method_name, portable_method
+from spmd_diffusion.distributed.shm_channel import ShmChannel
 
 
 class ChannelExecutor(DiffusionExecutor):

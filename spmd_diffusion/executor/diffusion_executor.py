@@ -12,7 +12,7 @@ from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.rpc import RpcMethod
+from spmd_diffusion.distributed.protocol import RpcMethod
 
 
 class DiffusionExecutor(ABC):

@@ -23,8 +23,8 @@ from spmd_diffusion.errors import SpmdDiffusionError
 from spmd_diffusion.executor.channel_executor import ChannelExecutor
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.rpc import RpcMethod, method_name
-from spmd_diffusion.shm_channel import ShmChannel
+from spmd_diffusion.distributed.protocol import RpcMethod, method_name
+from spmd_diffusion.distributed.shm_channel import ShmChannel
 
 AUTHKEY_ENV = "SPMD_DIFFUSION_AUTHKEY"
 REMOTE = 2**62  # a channel threshold no message reaches: no shared memory across hosts

@@ -1,7 +1,7 @@
 """MultiProcDiffusionExecutor (``mp``): the default when no launcher started the job.
 
 Spawns ``num_gpus`` worker processes (one per GPU, or CPU workers where there is none)
-and talks to each over a :class:`~spmd_diffusion.shm_channel.ShmChannel` (a pipe for
+and talks to each over a :class:`~spmd_diffusion.distributed.shm_channel.ShmChannel` (a pipe for
 control messages, shared memory for large results). Every wait also watches the worker
 processes' sentinels, so a worker that dies fails the pending call at once.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.executor.channel_executor import ChannelExecutor
-from spmd_diffusion.rpc import RpcReply, collect_replies, failure_from_exception, serve_channel
-from spmd_diffusion.shm_channel import ShmChannel
+from spmd_diffusion.distributed.protocol import RpcReply, collect_replies, failure_from_exception, serve_channel
+from spmd_diffusion.distributed.shm_channel import ShmChannel
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +32,15 @@ def worker_main(
     store_address: tuple[str, int] | None = None,
 ) -> None:
     """Body of one worker process: load, say ready, then serve calls until shutdown."""
-    from spmd_diffusion.logs import setup_logging
-    from spmd_diffusion.worker import DiffusionWorker
+    from spmd_diffusion.utils.logs import setup_logging
+    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(rank)
     try:
         store = None
         if store_address is not None:
-            from spmd_diffusion.work_queue import connect_store
+            from spmd_diffusion.distributed.work_queue import connect_store
 
             store = connect_store(*store_address)
         worker = DiffusionWorker(
@@ -67,7 +67,7 @@ class MultiProcDiffusionExecutor(ChannelExecutor):
         self.channels = []
         store_address = None
         if self.od_config.replica_size > 1:  # the workers' process group meets at this store
-            from spmd_diffusion.work_queue import serve_store
+            from spmd_diffusion.distributed.work_queue import serve_store
 
             self.store, port = serve_store()
             store_address = ("127.0.0.1", port)

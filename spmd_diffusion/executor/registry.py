@@ -50,8 +50,8 @@ def executor_names() -> list[str]:
 
 def default_executor_name() -> str:
     """The launcher's executor (mpi / torchrun); without one, a worker process per GPU."""
-    from spmd_diffusion.control.base import default_backend
-    from spmd_diffusion.launcher import NONE, detect_launcher
+    from spmd_diffusion.distributed.control.base import default_backend
+    from spmd_diffusion.distributed.launcher import NONE, detect_launcher
 
     launch = detect_launcher()
     if launch.kind == NONE:
@@ -93,7 +93,7 @@ def resolve_executor_class(value: Any) -> type[DiffusionExecutor]:
 
 def check_executor_for_launch(executor_class: type[DiffusionExecutor]) -> None:
     """A one-process executor must not be started by every rank of a multi-rank launch."""
-    from spmd_diffusion.launcher import detect_launcher
+    from spmd_diffusion.distributed.launcher import detect_launcher
 
     launch = detect_launcher()
     if launch.world_size > 1 and executor_class.spmd is False:

@@ -21,13 +21,13 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from spmd_diffusion.control import Backoff, ControlPlane, get_control_plane
+from spmd_diffusion.distributed.control import Backoff, ControlPlane, get_control_plane
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
-from spmd_diffusion.launcher import detect_launcher
+from spmd_diffusion.distributed.launcher import detect_launcher
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.rpc import (
+from spmd_diffusion.distributed.protocol import (
     RpcMethod,
     RpcReply,
     collect_replies,
@@ -36,7 +36,7 @@ from spmd_diffusion.rpc import (
     portable_method,
     run_rpc,
 )
-from spmd_diffusion.work_queue import ResultMailbox, WorkQueue, connect_store, serve_store, store_host
+from spmd_diffusion.distributed.work_queue import ResultMailbox, WorkQueue, connect_store, serve_store, store_host
 
 if TYPE_CHECKING:
     from spmd_diffusion.parallel.mesh import ParallelLayout
@@ -62,7 +62,7 @@ class UnloadedWorker:
 
 def load_worker(od_config: OmniDiffusionConfig, control: ControlPlane, store: Any) -> tuple[Any, RpcReply]:
     """This rank's DiffusionWorker and the reply that tells rank 0 how loading went."""
-    from spmd_diffusion.worker import DiffusionWorker
+    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     try:
         worker = DiffusionWorker(
@@ -87,7 +87,7 @@ def fatal(control: ControlPlane, exc: BaseException) -> None:
 
 def serve_as_worker(control: ControlPlane) -> int:
     """A non-root rank's life: wait for rank 0's start (or abort), load, serve, return the exit code."""
-    from spmd_diffusion.logs import setup_logging
+    from spmd_diffusion.utils.logs import setup_logging
 
     setup_logging(control.rank)
     try:

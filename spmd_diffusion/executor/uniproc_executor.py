@@ -12,14 +12,14 @@ from typing import Any
 
 from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
-from spmd_diffusion.rpc import RpcMethod, collect_replies, method_name, run_rpc
+from spmd_diffusion.distributed.protocol import RpcMethod, collect_replies, method_name, run_rpc
 
 
 class UniProcDiffusionExecutor(DiffusionExecutor):
     spmd = False
 
     def _init_executor(self) -> None:
-        from spmd_diffusion.worker import DiffusionWorker
+        from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
         self.worker = DiffusionWorker(self.od_config, rank=0, local_rank=0, world_size=1)
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="uni-worker")

@@ -15,7 +15,7 @@ import sys
 import time
 
 from spmd_diffusion import OmniDiffusionConfig
-from spmd_diffusion.spmd import spmd_engine
+from spmd_diffusion.entrypoints.spmd import spmd_engine
 
 
 def kill_rank_1(worker) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from spmd_diffusion.launcher import MPI, TORCHRUN, detect_launcher
+from spmd_diffusion.distributed.launcher import MPI, TORCHRUN, detect_launcher
 
 FAMILIES = ("tiny-unet", "tiny-dit")
 PROMPTS = ["a red cube on a table", "a blue sphere"]

@@ -10,7 +10,7 @@ import pytest
 from parallel_checks import *  # noqa: F403 - the shared checks are this module's tests
 from parallel_checks import HARD_TIMEOUT
 
-from spmd_diffusion.launcher import MPI
+from spmd_diffusion.distributed.launcher import MPI
 
 pytestmark = [pytest.mark.mpi(min_size=2), HARD_TIMEOUT]
 

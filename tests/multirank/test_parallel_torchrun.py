@@ -9,7 +9,7 @@ import pytest
 from parallel_checks import *  # noqa: F403 - the shared checks are this module's tests
 from parallel_checks import HARD_TIMEOUT
 
-from spmd_diffusion.launcher import TORCHRUN, detect_launcher
+from spmd_diffusion.distributed.launcher import TORCHRUN, detect_launcher
 
 pytestmark = [
     pytest.mark.skipif(detect_launcher().kind != TORCHRUN, reason="needs torchrun --nproc-per-node 2"),

@@ -3,7 +3,7 @@
 import pytest
 from spmd_checks import *  # noqa: F403 - the shared checks are this module's tests
 
-from spmd_diffusion.launcher import TORCHRUN, detect_launcher
+from spmd_diffusion.distributed.launcher import TORCHRUN, detect_launcher
 
 pytestmark = [
     pytest.mark.skipif(detect_launcher().kind != TORCHRUN, reason="needs torchrun --nproc-per-node 2"),

@@ -13,7 +13,7 @@ from PIL import Image
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig  # noqa: F401 - as in the guide
 from spmd_diffusion.executor import DiffusionExecutor
 from spmd_diffusion.request import OmniDiffusionRequest  # noqa: F401 - as in the guide
-from spmd_diffusion.rpc import collect_replies, run_rpc
+from spmd_diffusion.distributed.protocol import collect_replies, run_rpc
 
 
 class EchoWorker:

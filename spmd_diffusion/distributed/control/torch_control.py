@@ -16,14 +16,14 @@ import sys
 import time
 from typing import Any
 
-from spmd_diffusion.control.base import (
+from spmd_diffusion.distributed.control.base import (
     SLOT_BYTES,
     ControlPlane,
     encode_slot,
     slot_length,
     slot_payload,
 )
-from spmd_diffusion.launcher import SLURM, LaunchInfo, first_slurm_host
+from spmd_diffusion.distributed.launcher import SLURM, LaunchInfo, first_slurm_host
 
 IDLE_TIMEOUT = datetime.timedelta(days=30)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from spmd_diffusion.files import write_atomic
+from spmd_diffusion.jobs.files import write_atomic
 
 TILE = 128
 LABEL = 14

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spmd_diffusion.errors import SpmdDiffusionError
-from spmd_diffusion.launcher import MPI, SLURM, TORCHRUN, LaunchInfo
+from spmd_diffusion.distributed.launcher import MPI, SLURM, TORCHRUN, LaunchInfo
 
 # Small messages (most RPC tuples) ride inside one fixed-size broadcast slot; larger ones
 # follow in a second broadcast. One collective per call is what keeps RPCs cheap.
@@ -134,11 +134,11 @@ def get_control_plane(launch: LaunchInfo, backend: str | None = None) -> Control
             raise LaunchError(f"this process already uses the {_INSTANCE.kind} control plane, not {backend}")
         return _INSTANCE
     if backend == "mpi":
-        from spmd_diffusion.control.mpi_control import MPIControl
+        from spmd_diffusion.distributed.control.mpi_control import MPIControl
 
         _INSTANCE = MPIControl(launch)
     elif backend == "torch":
-        from spmd_diffusion.control.torch_control import TorchControl
+        from spmd_diffusion.distributed.control.torch_control import TorchControl
 
         _INSTANCE = TorchControl(launch)
     else:

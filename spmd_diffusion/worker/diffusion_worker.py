@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from spmd_diffusion.batching import ImageJob, plan_batches
+from spmd_diffusion.engine.batching import ImageJob, plan_batches
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.device import resolve_device, resolve_dtype
+from spmd_diffusion.worker.device import resolve_device, resolve_dtype
 from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.seeding import with_seed
+from spmd_diffusion.engine.seeding import with_seed
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class DiffusionWorker:
             threads = 1
         if threads:
             torch.set_num_threads(threads)
-        from spmd_diffusion.parallel_groups import join_parallel_groups
+        from spmd_diffusion.parallel.groups import join_parallel_groups
 
         # Collective over the job when tp x cfg > 1: every rank builds its worker in step.
         self.parallel = join_parallel_groups(od_config, rank, world_size, self.device, store)
@@ -84,7 +84,7 @@ class DiffusionWorker:
             report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
             logger.info("%s", report.summary())
         if self.od_config.batch_invariant:
-            from spmd_diffusion.batch_invariance import make_batch_invariant
+            from spmd_diffusion.worker.batch_invariance import make_batch_invariant
 
             make_batch_invariant(self.pipeline)
         self.load_seconds = time.perf_counter() - start

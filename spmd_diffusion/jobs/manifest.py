@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spmd_diffusion.files import AppendLog
+from spmd_diffusion.jobs.files import AppendLog
 from spmd_diffusion.request import OmniDiffusionRequest
 
 MANIFEST_NAME = "manifest.jsonl"

@@ -19,14 +19,14 @@ import click
 
 from spmd_diffusion import __version__
 from spmd_diffusion.data import DEFAULT_MODEL, DTYPES, OmniDiffusionConfig
-from spmd_diffusion.launcher import detect_launcher
+from spmd_diffusion.distributed.launcher import detect_launcher
 
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 
-logger = logging.getLogger("spmd_diffusion.cli")
+logger = logging.getLogger("spmd_diffusion.entrypoints.cli")
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,7 +94,7 @@ def cli(verbose: bool) -> None:
     Every rank runs the same command; rank 0 reads the input, drives the other ranks and
     writes the output.
     """
-    from spmd_diffusion.logs import setup_logging
+    from spmd_diffusion.utils.logs import setup_logging
 
     setup_logging(detect_launcher().rank, "DEBUG" if verbose else None)
 
@@ -130,7 +130,7 @@ def spmd_command(
     prepare: Callable[[], OmniDiffusionConfig], job: Callable[[Any], int], executor_class: str | None = None
 ) -> int:
     """Run ``job`` under whatever launcher started this process (or none)."""
-    from spmd_diffusion.spmd import run_spmd
+    from spmd_diffusion.entrypoints.spmd import run_spmd
 
     backend = control_backend(executor_class) if executor_class else None
     return run_spmd(detect_launcher(), prepare, job, usage_errors=(click.UsageError,), backend=backend)
@@ -143,7 +143,7 @@ def spmd_command(
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
 def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
     """Build a tiny random-weight pipeline into DIRECTORY (loadable with from_pretrained)."""
-    from spmd_diffusion.tiny_models import make_tiny_model
+    from spmd_diffusion.models.tiny import make_tiny_model
 
     path = make_tiny_model(directory, arch=arch, seed=seed)
     click.echo(f"wrote a tiny {arch} pipeline to {path}")
@@ -156,8 +156,8 @@ def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
 @fatal_errors
 def serve(host: str, port: int, **model_values: Any) -> None:
     """Serve POST /v1/diffusion/generate, GET /health and GET /metrics over HTTP."""
-    from spmd_diffusion.engine import DiffusionEngine
-    from spmd_diffusion.server import serve as make_server
+    from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
+    from spmd_diffusion.entrypoints.server import serve as make_server
 
     config = build_config(**model_values)
     with DiffusionEngine(config) as engine:
@@ -180,7 +180,7 @@ def serve(host: str, port: int, **model_values: Any) -> None:
 def worker(listen: str, rank: int, world_size: int, **model_values: Any) -> None:
     """Run one worker for the external executor (needs $SPMD_DIFFUSION_AUTHKEY)."""
     from spmd_diffusion.executor.external_executor import authkey_from, parse_address
-    from spmd_diffusion.external_worker import serve_external_worker
+    from spmd_diffusion.entrypoints.external_worker import serve_external_worker
 
     config = build_config(**model_values)
     try:
@@ -198,7 +198,7 @@ def info(**model_values: Any) -> int:
     """Load the model on every rank and print the layout and each rank's health (JSON)."""
     import json
 
-    from spmd_diffusion.spmd import describe_layout
+    from spmd_diffusion.entrypoints.spmd import describe_layout
 
     def job(engine: Any) -> int:
         click.echo(json.dumps(describe_layout(engine), indent=2))
@@ -292,8 +292,8 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
     and OUTPUT/contact_sheet.png. Exit codes: 0 all images made; 3 some items failed (their
     manifest lines say why); 2 bad input (nothing loaded); 1 a fatal fault.
     """
-    from spmd_diffusion.generate_job import GenerateJob, GenerateOptions, plan_generation
-    from spmd_diffusion.prompts import InputError
+    from spmd_diffusion.jobs.generate import GenerateJob, GenerateOptions, plan_generation
+    from spmd_diffusion.jobs.prompts import InputError
 
     batch_size = model_values.pop("max_batch_size")
     options = GenerateOptions(

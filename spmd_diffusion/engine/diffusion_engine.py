@@ -7,13 +7,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from spmd_diffusion.batching import chunk_requests
+from spmd_diffusion.engine.batching import chunk_requests
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.executor.registry import check_executor_for_launch
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.rpc import RpcMethod
-from spmd_diffusion.seeding import with_seed
+from spmd_diffusion.distributed.protocol import RpcMethod
+from spmd_diffusion.engine.seeding import with_seed
 
 logger = logging.getLogger(__name__)
 

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion import __version__
-from spmd_diffusion.batching import chunk_requests
-from spmd_diffusion.contact_sheet import write_contact_sheet
+from spmd_diffusion.engine.batching import chunk_requests
+from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.files import write_atomic
-from spmd_diffusion.images import png_bytes
-from spmd_diffusion.manifest import ManifestWriter, done_images, fingerprint, image_name
-from spmd_diffusion.prompts import InputError, PromptItem, read_items
+from spmd_diffusion.jobs.files import write_atomic
+from spmd_diffusion.utils.images import png_bytes
+from spmd_diffusion.jobs.manifest import ManifestWriter, done_images, fingerprint, image_name
+from spmd_diffusion.jobs.prompts import InputError, PromptItem, read_items
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.seeding import derive_seed
+from spmd_diffusion.engine.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spmd_diffusion.tiny_models import TINY_MODEL_VERSION, build_in_subprocess, make_tiny_model
+from spmd_diffusion.models.tiny import TINY_MODEL_VERSION, build_in_subprocess, make_tiny_model
 
 TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

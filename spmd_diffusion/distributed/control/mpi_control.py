@@ -18,7 +18,7 @@ import pickle
 import sys
 from typing import Any
 
-from spmd_diffusion.control.base import (
+from spmd_diffusion.distributed.control.base import (
     SLOT_BYTES,
     Backoff,
     ControlPlane,
@@ -27,7 +27,7 @@ from spmd_diffusion.control.base import (
     slot_length,
     slot_payload,
 )
-from spmd_diffusion.launcher import LaunchInfo
+from spmd_diffusion.distributed.launcher import LaunchInfo
 
 TAG_TO_ROOT = 77
 TAG_LARGE = 78

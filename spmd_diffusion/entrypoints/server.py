@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
-from spmd_diffusion.engine import DiffusionEngine
+from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from multiprocessing.connection import Listener
 
 from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.executor.external_executor import REMOTE, parse_address
-from spmd_diffusion.rpc import serve_channel
-from spmd_diffusion.shm_channel import ShmChannel
+from spmd_diffusion.distributed.protocol import serve_channel
+from spmd_diffusion.distributed.shm_channel import ShmChannel
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def serve_external_worker(
     od_config: OmniDiffusionConfig, address: str, authkey: bytes, rank: int = 0, world_size: int = 1
 ) -> None:
-    from spmd_diffusion.worker import DiffusionWorker
+    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(od_config, rank=rank, local_rank=rank, world_size=world_size)
     with Listener(parse_address(address), authkey=authkey) as listener:

@@ -5,6 +5,6 @@ torch.distributed (a gloo CPU group, for torchrun and for srun without a usable 
 The RPC tuples and replies of the SPMD executors travel here; tensors never do.
 """
 
-from spmd_diffusion.control.base import Backoff, ControlPlane, LaunchError, get_control_plane
+from spmd_diffusion.distributed.control.base import Backoff, ControlPlane, LaunchError, get_control_plane
 
 __all__ = ["Backoff", "ControlPlane", "LaunchError", "get_control_plane"]

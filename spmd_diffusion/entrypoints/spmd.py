@@ -1,0 +1,95 @@
+"""Running one program on every rank: the entry points that hide the launcher.
+
+- :func:`spmd_engine`: a context manager that yields the engine on rank 0 and ``None`` on
+  the other ranks, after they have served rank 0 until it closed the engine (the pattern of
+  ``mpi4py.futures.MPICommExecutor``). Every rank carries on after the block.
+- :func:`run_spmd`: what the CLI uses. Rank 0 validates the input first; on bad input it
+  tells the other ranks to stop (one message, exit 2, no model loaded anywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from spmd_diffusion.distributed.control import ControlPlane, LaunchError, get_control_plane
+from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
+from spmd_diffusion.executor.spmd_executor import ABORT, WorkerRankDone, serve_as_worker
+from spmd_diffusion.distributed.launcher import LaunchInfo, detect_launcher
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def spmd_engine(od_config: OmniDiffusionConfig) -> Iterator[DiffusionEngine | None]:
+    """``with spmd_engine(config) as engine:`` -- the engine on rank 0, None elsewhere."""
+    try:
+        engine = DiffusionEngine(od_config)
+    except WorkerRankDone as done:
+        if done.code:
+            raise
+        yield None
+        return
+    with engine:
+        yield engine
+
+
+def control_plane_or_exit(launch: LaunchInfo, backend: str | None = None) -> ControlPlane:
+    """The job's control plane; a launcher/MPI mismatch is reported once and exits 1."""
+    try:
+        return get_control_plane(launch, backend)
+    except LaunchError as exc:
+        if launch.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run_spmd(
+    launch: LaunchInfo,
+    prepare: Callable[[], OmniDiffusionConfig],
+    job: Callable[[DiffusionEngine], int],
+    usage_errors: tuple[type[BaseException], ...] = (),
+    backend: str | None = None,
+) -> int:
+    """Run ``job`` on rank 0's engine; other ranks serve it. Returns this rank's exit code.
+
+    ``backend`` (``mpi``/``torch``) overrides the launcher's control plane; every rank must
+    pass the same (it comes from the command line, which every rank parses).
+    ``prepare`` runs on rank 0 only (read inputs, build the config); an exception of
+    ``usage_errors`` there stops every rank with exit 2 before any model is loaded. Any
+    later exception on rank 0 closes the engine on its way out, which releases the others.
+    """
+    control = control_plane_or_exit(launch, backend) if launch.is_distributed else None
+    if control is not None and control.rank != 0:
+        return serve_as_worker(control)
+    try:
+        od_config = prepare()
+    except usage_errors:
+        release_workers(control, 2)
+        raise
+    try:
+        engine = DiffusionEngine(od_config)
+    except BaseException:
+        release_workers(control, 1)  # the workers must not wait for a start that never comes
+        raise
+    # From here the executor owns the workers: closing it releases them (or ends the job).
+    with engine:
+        return job(engine)
+
+
+def release_workers(control: ControlPlane | None, code: int) -> None:
+    """Tell waiting ranks to exit with ``code`` unless an executor session already owns them."""
+    if control is not None and control.size > 1 and not control.serving:
+        control.broadcast((ABORT, code))
+
+
+def describe_layout(engine: DiffusionEngine) -> dict[str, Any]:
+    """World size, this launch, and every rank's health (device, state)."""
+    launch = detect_launcher()
+    health = engine.collective_rpc("check_health")
+    return {"launcher": launch.kind, "world_size": len(health), "executor": type(engine.executor).__name__,
+            "ranks": health}

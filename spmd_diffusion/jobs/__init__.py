@@ -1,0 +1,1 @@
+"""Batch jobs on top of the engine: prompt files in; images, manifest and run.json out."""

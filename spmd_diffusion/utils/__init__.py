@@ -1,0 +1,1 @@
+"""Small helpers every layer uses: image encoding and rank-aware logging."""
