@@ -92,3 +92,23 @@ class WorkerDiedError(SpmdDiffusionError):
 
 class ExecutorClosedError(SpmdDiffusionError):
     """The executor was shut down (or failed) and can take no more calls."""
+
+
+class LaunchError(SpmdDiffusionError):
+    """The launcher and the communication library disagree (e.g. srun vs. MPI's PMI)."""
+
+
+class InputError(SpmdDiffusionError, ValueError):
+    """Bad input (a prompt file, an option): reported once, by rank 0, with exit code 2,
+    before any model is loaded."""
+
+
+class ConnectionLostError(WorkerDiedError):
+    """The launcher's channel to the other ranks broke (one of them died, or closed it)."""
+
+    def __init__(self, detail: str) -> None:
+        SpmdDiffusionError.__init__(self, f"lost the connection to the other ranks: {detail}")
+        self.rank, self.exitcode, self.method, self.detail = None, None, None, detail
+
+    def __reduce__(self):
+        return (type(self), (self.detail,))

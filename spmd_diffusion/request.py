@@ -6,6 +6,7 @@ so it holds no tensors and validates itself on construction, before any model is
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -101,6 +102,11 @@ class OmniDiffusionRequest:
         if "prompt" not in data:
             raise ValueError("request field 'prompt' is required")
         return cls(**data)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can run in one pipeline call (their prompts may differ)."""
+        extra = json.dumps(self.extra, sort_keys=True, default=repr)
+        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra)
 
     def image_seeds(self) -> list[int]:
         """The seed of each of this request's images: ``seed``, ``seed + 1``, ...

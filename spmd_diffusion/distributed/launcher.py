@@ -8,10 +8,11 @@ mpi4py: detection is free, and MPI is initialised only when it will be used.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from spmd_diffusion import envs
 
 NONE, TORCHRUN, MPI, SLURM = "none", "torchrun", "mpi", "slurm"
 
@@ -101,7 +102,7 @@ def _local_tasks(env: Mapping[str, str]) -> int | None:
 
 def detect_launcher(env: Mapping[str, str] | None = None) -> LaunchInfo:
     """The launcher of this process: torchrun, MPI, Slurm srun, or none."""
-    env = os.environ if env is None else env
+    env = envs.environment() if env is None else env
     return _torchrun(env) or _mpi(env) or _slurm(env) or LaunchInfo(NONE)
 
 

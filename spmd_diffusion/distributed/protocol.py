@@ -1,12 +1,19 @@
-"""The RPC envelope every executor uses: ``(method, args, kwargs, reply_rank)`` in,
-one :class:`RpcReply` per rank out.
+"""The one message vocabulary every transport carries.
 
-Keeping this in one place means every backend (in-process, spawned processes, MPI, gloo)
-runs a call and reports its failure in exactly the same way.
+The engine sends :class:`RpcRequest` (``kind``, ``call_id``, ``method``, ``args``,
+``kwargs``, ``reply_rank`` -- vLLM's RPC tuple plus an id) and every rank answers with one
+:class:`RpcReply`. Pipes, sockets, MPI and gloo all move these same two tuples, and one
+serve loop (:mod:`.serve_loop`) answers them, so a call runs and fails the same way under
+every executor.
+
+Both are NamedTuples: cheap to build and to pickle, which matters on the microsecond RPC
+path. They only ever travel over channels that the job itself opened (a pipe to its own
+child, the launcher's MPI or gloo group, or a socket authenticated with a shared key).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import traceback
 import weakref
@@ -18,6 +25,40 @@ import cloudpickle
 from spmd_diffusion.errors import RankFailure, WorkerError
 
 RpcMethod = str | Callable[..., Any]
+
+
+class MessageKind(enum.IntEnum):
+    """What a request asks of a worker."""
+
+    CALL = 1  # run ``method`` on the worker; every rank replies
+    START = 2  # load the worker: args = (od_config, placement, rendezvous)
+    SHUTDOWN = 3  # stop serving and release the worker (acknowledged)
+    DISCONNECT = 4  # the caller leaves; an external worker keeps serving (acknowledged)
+    ABORT = 5  # before START: exit with code args[0] (rank 0 failed before start-up)
+
+
+class RpcRequest(NamedTuple):
+    """One message from the engine to one rank."""
+
+    kind: MessageKind
+    call_id: int = 0
+    method: Any = None  # a worker method name, or a callable wrapped in ByValue
+    args: tuple = ()
+    kwargs: dict[str, Any] | None = None
+    reply_rank: int | None = None  # only this rank ships its value; the others acknowledge
+
+
+class RpcReply(NamedTuple):
+    """One rank's answer: a value, or the failure that replaced it."""
+
+    rank: int
+    value: Any = None
+    failure: RankFailure | None = None
+    call_id: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
 
 
 @functools.lru_cache(maxsize=64)
@@ -32,8 +73,9 @@ _PAYLOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class ByValue:
     """Wraps a callable so plain pickle ships it by value (lambdas, closures, local defs).
 
-    Unpickling yields the callable itself, so receivers need no special case. A callable
-    sent repeatedly is pickled once (its payload is cached while the callable lives).
+    Unpickling yields the callable itself, so receivers need no special case; a ByValue
+    that never crossed a process (rank 0's own worker thread) calls through to it. A
+    callable sent repeatedly is pickled once (its payload is cached while the callable lives).
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -52,6 +94,9 @@ class ByValue:
     def __reduce__(self):
         return (load_by_value, (self.payload,))
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return load_by_value(self.payload)(*args, **kwargs)
+
 
 def portable_method(method: RpcMethod) -> Any:
     """A method name stays a string; a callable is wrapped to travel by value."""
@@ -66,19 +111,6 @@ def method_name(method: Any) -> str:
     if isinstance(method, str):
         return method
     return getattr(method, "__qualname__", None) or getattr(method, "__name__", None) or repr(method)
-
-
-class RpcReply(NamedTuple):
-    """One rank's answer: a value, or the failure that replaced it (a tuple: cheap to
-    build and to pickle, which matters on the microsecond RPC path)."""
-
-    rank: int
-    value: Any = None
-    failure: RankFailure | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
 
 
 def failure_from_exception(rank: int, exc: BaseException) -> RankFailure:
@@ -96,13 +128,21 @@ def resolve_method(worker: Any, method: Any) -> Callable[..., Any]:
     return lambda *args, **kwargs: method(worker, *args, **kwargs)
 
 
-def run_rpc(worker: Any, rank: int, method: Any, args: tuple, kwargs: dict | None) -> RpcReply:
+def run_rpc(worker: Any, rank: int, method: Any, args: tuple, kwargs: dict | None, call_id: int = 0) -> RpcReply:
     """Run one call on this rank's worker; an exception becomes a failure, never a crash."""
     try:
         value = resolve_method(worker, method)(*args, **(kwargs or {}))
-        return RpcReply(rank=rank, value=value)
+        return RpcReply(rank, value, None, call_id)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the caller
-        return RpcReply(rank=rank, failure=failure_from_exception(rank, exc))
+        return RpcReply(rank, None, failure_from_exception(rank, exc), call_id)
+
+
+def answer(worker: Any, rank: int, request: RpcRequest) -> RpcReply:
+    """Run a CALL request; only ``reply_rank`` (or every rank, if None) ships its value."""
+    reply = run_rpc(worker, rank, request.method, request.args, request.kwargs, request.call_id)
+    if reply.ok and request.reply_rank is not None and request.reply_rank != rank:
+        return reply._replace(value=None)
+    return reply
 
 
 def collect_replies(method: Any, replies: list[RpcReply], unique_reply_rank: int | None) -> Any:
@@ -115,35 +155,4 @@ def collect_replies(method: Any, replies: list[RpcReply], unique_reply_rank: int
             if reply.rank == unique_reply_rank:
                 return reply.value
         raise ValueError(f"no reply from rank {unique_reply_rank}")
-    values = [reply.value for reply in replies]
-    if any(reply.rank != position for position, reply in enumerate(replies)):
-        values = [reply.value for reply in sorted(replies, key=lambda r: r.rank)]
-    return values
-
-
-def serve_channel(worker: Any, rank: int, channel: Any) -> str:
-    """Answer calls arriving on ``channel`` until told to stop; returns why it stopped.
-
-    Messages: ``("call", method, args, kwargs, reply_rank)``, ``("shutdown",)`` (stop the
-    worker) and ``("disconnect",)`` (the caller leaves; an external worker keeps running).
-    Only ``reply_rank`` ships its value back; the others send an empty acknowledgement.
-    """
-    while True:
-        try:
-            message = channel.recv()
-        except (EOFError, OSError):
-            return "eof"
-        kind = message[0]
-        if kind in ("shutdown", "disconnect"):
-            channel.send(RpcReply(rank=rank, value=kind))
-            return kind
-        _, method, args, kwargs, reply_rank = message
-        reply = run_rpc(worker, rank, method, args, kwargs)
-        if reply.ok and reply_rank is not None and reply_rank != rank:
-            reply = reply._replace(value=None)
-        try:
-            channel.send(reply)
-        except (EOFError, OSError, BrokenPipeError):
-            return "eof"
-        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-            channel.send(RpcReply(rank=rank, failure=failure_from_exception(rank, exc)))
+    return [reply.value for reply in sorted(replies, key=lambda r: r.rank)]

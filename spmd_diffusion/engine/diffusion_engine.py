@@ -1,34 +1,42 @@
-"""DiffusionEngine: rank 0's front door. Validates, seeds and batches requests, then
-drives the workers through whichever executor the config names."""
+"""DiffusionEngine: rank 0's front door. Validates and seeds requests, cuts them into batches
+and schedules the batches over the replicas of whichever executor the config names."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from spmd_diffusion.engine.batching import chunk_requests
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.distributed.protocol import RpcMethod
+from spmd_diffusion.engine.batching import chunk_requests
+from spmd_diffusion.engine.scheduler import ReplicaScheduler, SchedulePolicy
+from spmd_diffusion.engine.seeding import with_seed
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.executor.registry import check_executor_for_launch
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.distributed.protocol import RpcMethod
-from spmd_diffusion.engine.seeding import with_seed
 
 logger = logging.getLogger(__name__)
 
 
 class DiffusionEngine:
-    """``generate(requests)`` returns one DiffusionOutput per request, in request order."""
+    """``generate(requests)`` returns one DiffusionOutput per request, in request order.
 
-    def __init__(self, od_config: OmniDiffusionConfig) -> None:
+    Seeds are fixed here, once, before any request leaves rank 0; batching and the choice
+    of replica happen here too, so every executor behaves alike. ``generate`` and
+    ``collective_rpc`` may be called from several threads (the executor routes replies by
+    call id).
+    """
+
+    def __init__(self, od_config: OmniDiffusionConfig, policy: SchedulePolicy | None = None) -> None:
         self.od_config = od_config
         executor_class = DiffusionExecutor.get_class(od_config)
         check_executor_for_launch(executor_class)
         logger.info("executor: %s", executor_class.__name__)
         self.executor: DiffusionExecutor = executor_class(od_config)
+        self.scheduler = ReplicaScheduler(self.executor, policy)
 
-    def prepare(self, requests: list[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
+    def prepare(self, requests: Sequence[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
         """Check types and unique ids, and fix every seed here, on the engine, not on a rank."""
         prepared = []
         seen: set[str] = set()
@@ -42,7 +50,8 @@ class DiffusionEngine:
         return prepared
 
     def generate(self, requests: list[OmniDiffusionRequest] | OmniDiffusionRequest) -> list[DiffusionOutput]:
-        """Run every request (spread over all replicas) and return their outputs in order."""
+        """Run every request (spread over all replicas) and return their outputs in order;
+        the images travel back to this process because the caller asked for them."""
         if isinstance(requests, OmniDiffusionRequest):
             requests = [requests]
         prepared = self.prepare(list(requests))
@@ -50,11 +59,12 @@ class DiffusionEngine:
             return []
         by_id: dict[str, DiffusionOutput] = {}
 
-        def keep(output: DiffusionOutput) -> None:
+        def keep(index: int, output: DiffusionOutput) -> None:
             for single in output.split():
                 by_id[single.request_id] = single
 
-        self.executor.execute_stream(chunk_requests(prepared, self.od_config.max_batch_size), keep)
+        self.scheduler.run(chunk_requests(prepared, self.od_config.max_batch_size), keep,
+                           timeout=self.od_config.generate_timeout)
         for request in prepared:
             if request.request_id not in by_id:
                 by_id[request.request_id] = DiffusionOutput.failed([request.request_id], "no output returned")
@@ -64,12 +74,26 @@ class DiffusionEngine:
         self,
         batches: list[list[OmniDiffusionRequest]],
         on_output: Callable[[DiffusionOutput], Any],
+        sinks: Sequence[Any] | None = None,
     ) -> None:
         """Run fixed batches over all replicas, calling ``on_output`` as each finishes (in
-        any order). ``on_output`` may return False to stop handing out new batches."""
-        prepared = self.prepare([request for batch in batches for request in batch])
-        it = iter(prepared)
-        self.executor.execute_stream([[next(it) for _ in batch] for batch in batches], on_output)
+        any order). ``on_output`` may return False to stop handing out new batches.
+
+        ``sinks[i]`` (optional) writes batch i's images where they belong and replaces them
+        in the output by small records (see :mod:`spmd_diffusion.jobs.outputs`). It runs on
+        the replica's leader when the executor's workers share this filesystem (so pixels
+        never travel to rank 0), else here, on the output that came back."""
+        prepared = iter(self.prepare([request for batch in batches for request in batch]))
+        batches = [[next(prepared) for _ in batch] for batch in batches]
+        on_leader = sinks is not None and self.executor.writes_outputs
+
+        def deliver(index: int, output: DiffusionOutput) -> Any:
+            if sinks is not None and not on_leader:
+                output = sinks[index].write(output)
+            return on_output(output)
+
+        kwargs_for = (lambda index: {"sink": sinks[index]}) if on_leader else None
+        self.scheduler.run(batches, deliver, kwargs_for, timeout=self.od_config.generate_timeout)
 
     def collective_rpc(
         self,
@@ -79,7 +103,10 @@ class DiffusionEngine:
         kwargs: dict[str, Any] | None = None,
         unique_reply_rank: int | None = None,
     ) -> Any:
-        return self.executor.collective_rpc(method, timeout, args, kwargs, unique_reply_rank)
+        """Run ``method`` on every rank (see :meth:`DiffusionExecutor.collective_rpc`)."""
+        return self.executor.collective_rpc(
+            method, timeout=timeout, args=args, kwargs=kwargs, unique_reply_rank=unique_reply_rank
+        )
 
     def check_health(self) -> None:
         self.executor.check_health()

@@ -232,25 +232,25 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | N
 
 
 def job_layout(engine: Any) -> dict[str, Any]:
-    world = getattr(engine.executor, "world_size", 1)
-    replica = engine.od_config.replica_size
+    """The layout the executor runs (read from it, never recomputed)."""
+    layout = engine.executor.parallel_layout
     return {
         "launcher": detect_launcher().kind,
         "executor": type(engine.executor).__name__,
-        "world_size": world,
-        "replica_size": replica,
-        "replicas": max(1, world // replica),
-        "tensor_parallel_size": engine.od_config.tensor_parallel_size,
-        "cfg_parallel": engine.od_config.cfg_parallel,
+        "world_size": layout.world_size,
+        "replica_size": layout.replica_size,
+        "replicas": layout.dp,
+        "tensor_parallel_size": layout.tp,
+        "cfg_parallel": layout.cfg == 2,
     }
 
 
 def check_world_layout(config: OmniDiffusionConfig) -> None:
-    """tp x cfg must divide the ranks (or workers) that will run the job."""
-    launch = detect_launcher()
-    one_process = config.executor_class not in (None, "mp")
-    world = launch.world_size if launch.is_distributed else (1 if one_process else config.num_gpus)
-    if world % config.replica_size:
+    """tp x cfg must divide the ranks (or workers) the chosen executor will run."""
+    from spmd_diffusion.executor.registry import resolve_executor_class
+
+    world = resolve_executor_class(config.executor_class).planned_world_size(config)
+    if world is not None and world % config.replica_size:
         raise click.UsageError(
             f"--tp {config.tensor_parallel_size}{' with --cfg-parallel' if config.cfg_parallel else ''} "
             f"needs a multiple of {config.replica_size} ranks; this job has {world}"
@@ -292,8 +292,8 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
     and OUTPUT/contact_sheet.png. Exit codes: 0 all images made; 3 some items failed (their
     manifest lines say why); 2 bad input (nothing loaded); 1 a fatal fault.
     """
+    from spmd_diffusion.errors import InputError
     from spmd_diffusion.jobs.generate import GenerateJob, GenerateOptions, plan_generation
-    from spmd_diffusion.jobs.prompts import InputError
 
     batch_size = model_values.pop("max_batch_size")
     options = GenerateOptions(

@@ -3,8 +3,9 @@
 - :func:`spmd_engine`: a context manager that yields the engine on rank 0 and ``None`` on
   the other ranks, after they have served rank 0 until it closed the engine (the pattern of
   ``mpi4py.futures.MPICommExecutor``). Every rank carries on after the block.
-- :func:`run_spmd`: what the CLI uses. Rank 0 validates the input first; on bad input it
-  tells the other ranks to stop (one message, exit 2, no model loaded anywhere).
+- :func:`run_spmd`: what the CLI uses. Rank 0 validates the input first; whatever goes
+  wrong on rank 0 before the executor holds the other ranks (bad input: exit 2; anything
+  else: exit 1) releases them with one message, so no rank is ever left waiting.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from spmd_diffusion.distributed.control import ControlPlane, LaunchError, get_control_plane
 from spmd_diffusion.data import OmniDiffusionConfig
-from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
-from spmd_diffusion.executor.spmd_executor import ABORT, WorkerRankDone, serve_as_worker
+from spmd_diffusion.distributed.control import ControlPlane, LaunchError, get_control_plane
 from spmd_diffusion.distributed.launcher import LaunchInfo, detect_launcher
+from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
+from spmd_diffusion.executor.spmd_executor import WorkerRankDone, release_waiting_ranks, serve_spmd_rank
 
 logger = logging.getLogger(__name__)
+
+EXIT_FATAL, EXIT_USAGE = 1, 2
 
 
 @contextlib.contextmanager
@@ -45,7 +48,7 @@ def control_plane_or_exit(launch: LaunchInfo, backend: str | None = None) -> Con
     except LaunchError as exc:
         if launch.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_FATAL) from None
 
 
 def run_spmd(
@@ -59,32 +62,22 @@ def run_spmd(
 
     ``backend`` (``mpi``/``torch``) overrides the launcher's control plane; every rank must
     pass the same (it comes from the command line, which every rank parses).
-    ``prepare`` runs on rank 0 only (read inputs, build the config); an exception of
-    ``usage_errors`` there stops every rank with exit 2 before any model is loaded. Any
-    later exception on rank 0 closes the engine on its way out, which releases the others.
+    ``prepare`` runs on rank 0 only (read inputs, build the config). Any exception on rank 0
+    before the engine holds the other ranks releases them: with exit 2 for ``usage_errors``
+    (nothing was loaded anywhere), 1 for anything else. After that, closing the engine
+    releases them (or ends the whole job if it failed).
     """
     control = control_plane_or_exit(launch, backend) if launch.is_distributed else None
     if control is not None and control.rank != 0:
-        return serve_as_worker(control)
+        return serve_spmd_rank(control)
     try:
         od_config = prepare()
-    except usage_errors:
-        release_workers(control, 2)
-        raise
-    try:
         engine = DiffusionEngine(od_config)
-    except BaseException:
-        release_workers(control, 1)  # the workers must not wait for a start that never comes
+    except BaseException as exc:
+        release_waiting_ranks(control, EXIT_USAGE if isinstance(exc, usage_errors) else EXIT_FATAL)
         raise
-    # From here the executor owns the workers: closing it releases them (or ends the job).
     with engine:
         return job(engine)
-
-
-def release_workers(control: ControlPlane | None, code: int) -> None:
-    """Tell waiting ranks to exit with ``code`` unless an executor session already owns them."""
-    if control is not None and control.size > 1 and not control.serving:
-        control.broadcast((ABORT, code))
 
 
 def describe_layout(engine: DiffusionEngine) -> dict[str, Any]:

@@ -1,18 +1,58 @@
 """DiffusionExecutor: the one small interface between the engine and its workers.
 
 A backend only has to say how a call reaches every worker (``collective_rpc``); running
-the model, health checks and sleep/wake are calls like any other.
+the model, health checks and sleep/wake are calls like any other. The engine's replica
+scheduler talks to an executor through three more members, which have working defaults
+for executors that only implement ``collective_rpc`` or ``execute_model``:
+
+- ``parallel_layout``: how the executor's ranks split into data-parallel replicas;
+- ``submit(replica, method, ...)``: start a call on one replica's ranks, return a handle;
+- ``wait(calls, timeout)``: the handles that have finished.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.distributed.protocol import RpcMethod
+from spmd_diffusion.request import OmniDiffusionRequest
+
+if TYPE_CHECKING:
+    from spmd_diffusion.parallel.mesh import ParallelLayout
+
+
+class ReplicaCall:
+    """A call on one replica: ``done`` once every rank of the replica answered; ``result()``
+    returns the replica leader's value or raises the call's error."""
+
+    replica: int
+    name: str
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def result(self) -> Any:
+        raise NotImplementedError
+
+
+class CompletedCall(ReplicaCall):
+    """A call that ran synchronously, for executors without per-replica submission."""
+
+    def __init__(self, replica: int, name: str, value: Any = None, error: BaseException | None = None) -> None:
+        self.replica, self.name, self.value, self.error = replica, name, value, error
+
+    @property
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class DiffusionExecutor(ABC):
@@ -27,6 +67,9 @@ class DiffusionExecutor(ABC):
     # False: it runs in one process and must not be started by every rank of a launcher.
     # None: unknown (a third-party executor), so it is not checked.
     spmd: bool | None = None
+    # True: the replica leaders share the engine's filesystem and write a batch job's
+    # outputs themselves; False: outputs come back to the engine, which writes them.
+    writes_outputs: bool = False
 
     def __init__(self, od_config: OmniDiffusionConfig) -> None:
         self.od_config = od_config
@@ -41,10 +84,34 @@ class DiffusionExecutor(ABC):
 
         return resolve_executor_class(od_config.executor_class)
 
+    @classmethod
+    def planned_world_size(cls, od_config: OmniDiffusionConfig) -> int | None:
+        """How many ranks this executor would run ``od_config`` on (None: unknown), so the
+        layout can be checked before anything starts."""
+        return None
+
     @abstractmethod
     def _init_executor(self) -> None:
         """Start workers, open connections: whatever this backend needs."""
 
+    # -- layout ------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def parallel_layout(self) -> ParallelLayout:
+        """How this executor's ranks split into replicas (dp) of cfg x tp ranks."""
+        from spmd_diffusion.parallel.mesh import ParallelLayout
+
+        return ParallelLayout(self.world_size, tp=1, cfg=1) if self.world_size == 1 else \
+            self.od_config.parallel_layout(self.world_size)
+
+    @property
+    def num_replicas(self) -> int:
+        return self.parallel_layout.dp
+
+    # -- calls -------------------------------------------------------------------------------
     def collective_rpc(
         self,
         method: RpcMethod,
@@ -68,20 +135,33 @@ class DiffusionExecutor(ABC):
             "generate", timeout=self.od_config.generate_timeout, args=(list(requests),), unique_reply_rank=0
         )
 
-    def execute_stream(
+    def submit(
         self,
-        batches: list[list[OmniDiffusionRequest]],
-        on_output: Callable[[DiffusionOutput], None],
-    ) -> None:
-        """Generate every batch, calling ``on_output`` with each batch's output as soon as it
-        exists, in whatever order batches finish. Executors with several replicas override
-        this to keep them all busy; this default runs the batches one after another."""
-        for batch in batches:
-            output = self.execute_model(batch)
-            if output is None:
-                raise RuntimeError(f"{type(self).__name__}.execute_model returned no output")
-            on_output(output)
+        replica: int,
+        method: RpcMethod,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ReplicaCall:
+        """Start ``method`` on every rank of ``replica``; the leader's value is the result.
 
+        This default runs the call at once (``generate`` through ``execute_model``, anything
+        else through ``collective_rpc``): right for executors with one replica, and for those
+        whose system schedules on its own."""
+        try:
+            if method == "generate" and not kwargs:
+                value = self.execute_model(*args)
+            else:
+                value = self.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs, unique_reply_rank=0)
+            return CompletedCall(replica, str(method), value)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever reads the result
+            return CompletedCall(replica, str(method), error=exc)
+
+    def wait(self, calls: Sequence[ReplicaCall], timeout: float | None = None) -> list[ReplicaCall]:
+        """The calls of ``calls`` that are done, waiting up to ``timeout`` for the first."""
+        return [call for call in calls if call.done]
+
+    # -- the rest of the contract -------------------------------------------------------------
     def check_health(self) -> None:
         """Raise if any worker cannot serve."""
         self.collective_rpc("check_health", timeout=self.od_config.rpc_timeout)
@@ -92,9 +172,7 @@ class DiffusionExecutor(ABC):
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Undo ``sleep`` for ``tags`` (default: everything)."""
-        self.collective_rpc(
-            "wake_up", timeout=self.od_config.startup_timeout, kwargs={"tags": tags}
-        )
+        self.collective_rpc("wake_up", timeout=self.od_config.startup_timeout, kwargs={"tags": tags})
 
     def shutdown(self) -> None:
         """Release resources. Safe to call more than once."""

@@ -12,21 +12,22 @@ Both read their options from ``OmniDiffusionConfig.executor_config``.
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from multiprocessing.connection import Client
 from typing import Any
 
-from spmd_diffusion.data import DiffusionOutput
-from spmd_diffusion.errors import SpmdDiffusionError
-from spmd_diffusion.executor.channel_executor import ChannelExecutor
-from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
-from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.distributed.protocol import RpcMethod, method_name
+from spmd_diffusion import envs
+from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.distributed.protocol import MessageKind, RpcMethod, RpcRequest, method_name
 from spmd_diffusion.distributed.shm_channel import ShmChannel
+from spmd_diffusion.distributed.transport import ChannelTransport
+from spmd_diffusion.errors import SpmdDiffusionError
+from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
+from spmd_diffusion.executor.rpc_executor import RpcExecutor
+from spmd_diffusion.request import OmniDiffusionRequest
 
-AUTHKEY_ENV = "SPMD_DIFFUSION_AUTHKEY"
+AUTHKEY_ENV = envs.AUTHKEY
 REMOTE = 2**62  # a channel threshold no message reaches: no shared memory across hosts
 
 
@@ -38,13 +39,13 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def authkey_from(config: dict[str, Any]) -> bytes:
-    key = config.get("authkey") or os.environ.get(AUTHKEY_ENV)
+    key = config.get("authkey") or envs.authkey()
     if not key:
         raise ValueError(f"set executor_config['authkey'] or ${AUTHKEY_ENV} (shared with the workers)")
     return key.encode() if isinstance(key, str) else bytes(key)
 
 
-class ExternalDiffusionExecutor(ChannelExecutor):
+class ExternalDiffusionExecutor(RpcExecutor):
     """Drives externally launched workers.
 
     ``executor_config``: ``worker_addresses`` (``["host:port", ...]`` in rank order) and
@@ -53,16 +54,23 @@ class ExternalDiffusionExecutor(ChannelExecutor):
 
     spmd = False
 
+    @classmethod
+    def planned_world_size(cls, od_config: OmniDiffusionConfig) -> int | None:
+        addresses = od_config.executor_config.get("worker_addresses")
+        return len(addresses) if isinstance(addresses, (list, tuple)) else None
+
     def _init_executor(self) -> None:
+        self._open_calls()
         options = self.od_config.executor_config
         addresses = options.get("worker_addresses")
         if not addresses or not isinstance(addresses, (list, tuple)):
             raise ValueError("executor_config['worker_addresses'] must list the workers' HOST:PORT")
         authkey = authkey_from(options)
-        self.channels = []
+        channels = []
         for address in addresses:
             connection = Client(parse_address(address), authkey=authkey)
-            self.channels.append(ShmChannel(connection, threshold=REMOTE))
+            channels.append(ShmChannel(connection, threshold=REMOTE))
+        self.transport = ChannelTransport(channels)
         try:
             self.collective_rpc("check_health", timeout=self.od_config.rpc_timeout)
         except BaseException:
@@ -71,16 +79,19 @@ class ExternalDiffusionExecutor(ChannelExecutor):
 
     def shutdown(self) -> None:
         """Disconnect; the workers keep running for the next client."""
-        if self.is_closed:
+        if getattr(self, "is_closed", True):
             return
         self.is_closed = True
-        for channel in getattr(self, "channels", []):
+        transport = getattr(self, "transport", None)
+        if transport is None:
+            return
+        for channel in transport.channels:
             try:
-                channel.send(("disconnect",))
+                channel.send(RpcRequest(MessageKind.DISCONNECT))
                 channel.recv()
             except (EOFError, OSError):
                 pass
-            channel.close()
+        transport.close()
 
 
 class HTTPDiffusionExecutor(DiffusionExecutor):

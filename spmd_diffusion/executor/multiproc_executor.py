@@ -1,9 +1,10 @@
 """MultiProcDiffusionExecutor (``mp``): the default when no launcher started the job.
 
 Spawns ``num_gpus`` worker processes (one per GPU, or CPU workers where there is none)
-and talks to each over a :class:`~spmd_diffusion.distributed.shm_channel.ShmChannel` (a pipe for
-control messages, shared memory for large results). Every wait also watches the worker
-processes' sentinels, so a worker that dies fails the pending call at once.
+and talks to each over a :class:`~spmd_diffusion.distributed.shm_channel.ShmChannel` (a pipe
+for control messages, shared memory for large results). Every wait also watches the worker
+processes' sentinels, so a worker that dies fails the pending call at once. Workers whose
+replicas span several processes meet in a file store (nothing listens on the network).
 """
 
 from __future__ import annotations
@@ -15,84 +16,64 @@ import time
 from typing import Any
 
 from spmd_diffusion.data import OmniDiffusionConfig
-from spmd_diffusion.executor.channel_executor import ChannelExecutor
-from spmd_diffusion.distributed.protocol import RpcReply, collect_replies, failure_from_exception, serve_channel
+from spmd_diffusion.distributed.rendezvous import RendezvousServer
+from spmd_diffusion.distributed.serve_loop import WorkerPlacement, run_worker_rank
 from spmd_diffusion.distributed.shm_channel import ShmChannel
+from spmd_diffusion.distributed.transport import ChannelTransport
+from spmd_diffusion.executor.rpc_executor import RpcExecutor
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10.0
 
 
-def worker_main(
-    od_config: OmniDiffusionConfig,
-    rank: int,
-    world_size: int,
-    channel: ShmChannel,
-    store_address: tuple[str, int] | None = None,
-) -> None:
-    """Body of one worker process: load, say ready, then serve calls until shutdown."""
+def worker_main(placement: WorkerPlacement, channel: ShmChannel) -> None:
+    """Body of one worker process: the serve loop every rank runs."""
     from spmd_diffusion.utils.logs import setup_logging
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    setup_logging(rank)
-    try:
-        store = None
-        if store_address is not None:
-            from spmd_diffusion.distributed.work_queue import connect_store
-
-            store = connect_store(*store_address)
-        worker = DiffusionWorker(
-            od_config, rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size, store=store
-        )
-    except Exception as exc:  # noqa: BLE001 - report why loading failed, then exit
-        channel.send(RpcReply(rank=rank, failure=failure_from_exception(rank, exc)))
-        return
-    channel.send(RpcReply(rank=rank, value="ready"))
-    serve_channel(worker, rank, channel)
-    worker.shutdown()
+    setup_logging(placement.rank)
+    run_worker_rank(channel, placement)
 
 
-class MultiProcDiffusionExecutor(ChannelExecutor):
+class MultiProcDiffusionExecutor(RpcExecutor):
     spmd = False
-
     uses_multiproc = True
+    writes_outputs = True
+
+    @classmethod
+    def planned_world_size(cls, od_config: OmniDiffusionConfig) -> int:
+        return od_config.num_gpus
 
     def _init_executor(self) -> None:
-        context = multiprocessing.get_context("spawn")
+        self._open_calls()
         size = self.od_config.num_gpus
-        self.od_config.parallel_layout(size)  # refuses a tp x cfg that does not divide num_gpus
+        layout = self.od_config.parallel_layout(size)  # refuses a tp x cfg that does not divide num_gpus
+        context = multiprocessing.get_context("spawn")
         self.processes: list[Any] = []
-        self.channels = []
-        store_address = None
-        if self.od_config.replica_size > 1:  # the workers' process group meets at this store
-            from spmd_diffusion.distributed.work_queue import serve_store
-
-            self.store, port = serve_store()
-            store_address = ("127.0.0.1", port)
+        channels = []
         for rank in range(size):
             parent_end, child_end = context.Pipe(duplex=True)
             process = context.Process(
                 target=worker_main,
-                args=(self.od_config, rank, size, ShmChannel(child_end), store_address),
+                args=(WorkerPlacement(rank, size, rank, size), ShmChannel(child_end)),
                 name=f"spmd-diffusion-worker-{rank}",
                 daemon=True,
             )
             process.start()
             child_end.close()
             self.processes.append(process)
-            self.channels.append(ShmChannel(parent_end))
+            channels.append(ShmChannel(parent_end))
+        self.transport = ChannelTransport(channels, [p.sentinel for p in self.processes], self._exitcode)
+        self.rendezvous = RendezvousServer(size, one_node=True) if layout.replica_size > 1 else None
         try:
-            collect_replies("load", self._gather("load", self.od_config.startup_timeout), None)
+            self.start_workers((self.od_config, self.rendezvous and self.rendezvous.rendezvous),
+                               self.od_config.startup_timeout)
         except BaseException:
             self.is_failed = True
             self.shutdown()
             raise
         logger.info("started %d worker process(es)", size)
-
-    def _sentinel(self, rank: int) -> Any:
-        return self.processes[rank].sentinel
 
     def _exitcode(self, rank: int) -> int | None:
         self.processes[rank].join(0.1)
@@ -102,25 +83,26 @@ class MultiProcDiffusionExecutor(ChannelExecutor):
         self._check_open()
         for rank, process in enumerate(self.processes):
             if not process.is_alive():
-                raise self._died(rank, "check_health")
+                from spmd_diffusion.errors import WorkerDiedError
+
+                error = WorkerDiedError(rank, self._exitcode(rank), "check_health")
+                self._fail(error)
+                raise error
         super().check_health()
 
     def shutdown(self) -> None:
         """Ask every worker to stop, then terminate, then kill what is left."""
-        if self.is_closed:
+        if getattr(self, "is_closed", True):
             return
         self.is_closed = True
-        for channel, process in zip(self.channels, self.processes):
-            if process.is_alive():
-                try:
-                    channel.send(("shutdown",))
-                except (BrokenPipeError, OSError):
-                    pass
+        processes = getattr(self, "processes", [])
+        if not self.is_failed and processes:
+            self.stop_workers(SHUTDOWN_GRACE_S)
         # A failed executor may have a worker stuck in a call: do not wait long for it.
         deadline = time.monotonic() + (1.0 if self.is_failed else SHUTDOWN_GRACE_S)
-        for process in self.processes:
+        for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes:
+        for process in processes:
             if process.is_alive():
                 log = logger.info if self.is_failed else logger.warning
                 log("worker %s did not stop in time; terminating", process.name)
@@ -129,5 +111,7 @@ class MultiProcDiffusionExecutor(ChannelExecutor):
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
-        for channel in self.channels:
-            channel.close()
+        if getattr(self, "transport", None) is not None:
+            self.transport.close()
+        if getattr(self, "rendezvous", None) is not None:
+            self.rendezvous.close()

@@ -1,53 +1,52 @@
 """UniProcDiffusionExecutor (``uni``): one worker in the caller's own process.
 
 No process boundary, so it is the cheapest executor and the reference the others must
-match pixel for pixel. Calls run on one helper thread so a timeout returns control to the
-caller; the stuck call cannot be interrupted, so the executor is marked failed.
+match pixel for pixel. The worker lives on its own thread (the same serve loop every rank
+runs), so a timeout returns control to the caller; the stuck call cannot be interrupted,
+so the executor is then marked failed.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-from typing import Any
+from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.distributed.local_worker import LocalWorker
+from spmd_diffusion.distributed.serve_loop import WorkerPlacement
+from spmd_diffusion.distributed.transport import LocalTransport
+from spmd_diffusion.executor.rpc_executor import RpcExecutor
 
-from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError
-from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
-from spmd_diffusion.distributed.protocol import RpcMethod, collect_replies, method_name, run_rpc
+SHUTDOWN_GRACE_S = 10.0
 
 
-class UniProcDiffusionExecutor(DiffusionExecutor):
+class UniProcDiffusionExecutor(RpcExecutor):
     spmd = False
+    writes_outputs = True
+
+    @classmethod
+    def planned_world_size(cls, od_config: OmniDiffusionConfig) -> int:
+        return 1
 
     def _init_executor(self) -> None:
-        from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
-
-        self.worker = DiffusionWorker(self.od_config, rank=0, local_rank=0, world_size=1)
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="uni-worker")
-
-    def collective_rpc(
-        self,
-        method: RpcMethod,
-        timeout: float | None = None,
-        args: tuple = (),
-        kwargs: dict[str, Any] | None = None,
-        unique_reply_rank: int | None = None,
-    ) -> Any:
-        if self.is_closed or self.is_failed:
-            raise ExecutorClosedError(f"{type(self).__name__} is {'failed' if self.is_failed else 'shut down'}")
-        if timeout is None:  # nothing to enforce: run on the caller's thread, no hand-off
-            return collect_replies(method, [run_rpc(self.worker, 0, method, args, kwargs)], unique_reply_rank)
-        future = self._thread.submit(run_rpc, self.worker, 0, method, args, kwargs)
+        self._open_calls()
+        if self.od_config.num_gpus != 1:
+            raise ValueError(
+                f"the uni executor runs one worker in this process, but num_gpus={self.od_config.num_gpus}: "
+                "use executor_class 'mp' for several workers"
+            )
+        self.od_config.parallel_layout(1)  # refuses tp/cfg-parallel, which need several ranks
+        self.local = LocalWorker(WorkerPlacement(0, 1, 0, 1), name="spmd-diffusion-uni-worker")
+        self.transport = LocalTransport(self.local)
         try:
-            reply = future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            self.is_failed = True
-            raise ExecutorTimeoutError(method_name(method), timeout, [0]) from None
-        return collect_replies(method, [reply], unique_reply_rank)
+            self.start_workers((self.od_config, None), self.od_config.startup_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def shutdown(self) -> None:
-        if self.is_closed:
+        """Stop the worker and wait for its thread (a thread still releasing the pipeline
+        when the interpreter exits can abort the process)."""
+        if getattr(self, "is_closed", True):
             return
         self.is_closed = True
-        if not self.is_failed:
-            self.worker.shutdown()
-        self._thread.shutdown(wait=False)
+        local = getattr(self, "local", None)
+        if local is not None and not self.is_failed and self.stop_workers(SHUTDOWN_GRACE_S):
+            local.join(SHUTDOWN_GRACE_S)

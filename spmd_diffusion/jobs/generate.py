@@ -2,8 +2,10 @@
 
 Rank 0 plans the job (reads and checks the input, fixes every seed, cuts the item list into
 fixed batches, drops the batches a previous run finished), then streams the batches over
-all replicas and writes each output as it arrives: images atomically, one manifest line per
-image, a progress bar, and at the end ``run.json``, a contact sheet and a summary.
+all replicas. Each replica's leader writes its own images (atomically); rank 0 receives one
+small record per image and keeps the books: the manifest, the progress bar, and at the end
+``run.json``, a contact sheet, a summary, and the check that every planned image has a
+record -- a batch that went missing makes the run incomplete (exit 3), never a success.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion import __version__
-from spmd_diffusion.engine.batching import chunk_requests
-from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.engine.batching import chunk_requests
+from spmd_diffusion.engine.seeding import with_seed
+from spmd_diffusion.errors import InputError
+from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
 from spmd_diffusion.jobs.files import write_atomic
-from spmd_diffusion.utils.images import png_bytes
-from spmd_diffusion.jobs.manifest import ManifestWriter, done_images, fingerprint, image_name
-from spmd_diffusion.jobs.prompts import InputError, PromptItem, read_items
+from spmd_diffusion.jobs.manifest import ManifestWriter, done_images, fingerprint
+from spmd_diffusion.jobs.outputs import ImageFileSink
+from spmd_diffusion.jobs.prompts import PromptItem, read_items
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.engine.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +88,11 @@ def build_requests(items: list[PromptItem], options: GenerateOptions, run_seed: 
             "width": options.width,
         }
         settings.update(item.settings)
-        settings.setdefault("seed", None)
-        if settings["seed"] is None:
-            settings["seed"] = derive_seed(run_seed, item.id)
         try:
-            requests.append(
-                OmniDiffusionRequest(
-                    prompt=item.prompt, request_id=item.id, num_images_per_prompt=options.images_per_prompt, **settings
-                )
+            request = OmniDiffusionRequest(
+                prompt=item.prompt, request_id=item.id, num_images_per_prompt=options.images_per_prompt, **settings
             )
+            requests.append(with_seed(request, run_seed))
         except ValueError as exc:
             raise InputError(f"item {item.id!r} (line {item.line}): {exc}") from None
     return requests
@@ -134,11 +133,16 @@ class JobStats:
     items_failed: set[str] = field(default_factory=set)
     per_rank: Counter = field(default_factory=Counter)
     sheet: list[tuple[str, Path]] = field(default_factory=list)
+    accounted: set[tuple[str, int]] = field(default_factory=set)
     stopped: bool = False
 
 
+MISSING_LISTED = 1000  # ids of missing images named in run.json (all are counted)
+
+
 class GenerateJob:
-    """Writes each batch output as it arrives; ``run`` returns the exit code."""
+    """Keeps the books of a run: each batch's records arrive (the replica leaders wrote the
+    images), rank 0 appends them to the manifest; ``run`` returns the exit code."""
 
     def __init__(self, plan: GeneratePlan, layout: dict[str, Any]) -> None:
         self.plan = plan
@@ -146,9 +150,27 @@ class GenerateJob:
         self.stats = JobStats()
         self.metadata = {item.id: item.meta for item in plan.items}
         self.requests = {r.request_id: r for r in plan.requests}
-        self.images_dir = plan.output_dir / "images"
+        self.done_by_id: dict[str, set[int]] = {}
+        for request_id, index in plan.done:
+            self.done_by_id.setdefault(request_id, set()).add(index)
 
-    def _write_run_json(self, status: str, started: float, seconds: float | None = None) -> None:
+    def sink(self, batch: list[OmniDiffusionRequest]) -> ImageFileSink:
+        """Where the replica running ``batch`` writes its images (skipping those already done)."""
+        skip = frozenset((r.request_id, k) for r in batch for k in self.done_by_id.get(r.request_id, ()))
+        return ImageFileSink(str(self.plan.output_dir), {r.request_id: r.num_images_per_prompt for r in batch}, skip)
+
+    def planned_images(self) -> set[tuple[str, int]]:
+        """Every image this run must account for: all of its batches' images not done before."""
+        return {
+            (r.request_id, k)
+            for batch in self.plan.batches
+            for r in batch
+            for k in range(r.num_images_per_prompt)
+            if k not in self.done_by_id.get(r.request_id, ())
+        }
+
+    def _write_run_json(self, status: str, started: float, seconds: float | None = None,
+                        missing: list[tuple[str, int]] | None = None) -> None:
         stats = self.stats
         made = stats.images_ok + stats.images_failed
         record = {
@@ -165,58 +187,71 @@ class GenerateJob:
                 "images_skipped_as_done": len(self.plan.done),
                 "images_ok": stats.images_ok,
                 "images_failed": stats.images_failed,
+                "images_missing": len(missing or ()),
                 "items_failed": len(stats.items_failed),
                 "batches_run": len(self.plan.batches),
                 "images_per_rank": dict(sorted(stats.per_rank.items())),
             },
         }
+        if missing:
+            record["missing"] = [{"id": request_id, "index": index} for request_id, index in missing[:MISSING_LISTED]]
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
             record["images_per_second"] = round(made / seconds, 4) if seconds > 0 else None
         write_atomic(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr) + "\n").encode())
 
+    def _record(self, request: OmniDiffusionRequest, index: int, output: DiffusionOutput, position: int,
+                files: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """The manifest line of image ``index`` of ``request`` (ok when its file was written)."""
+        settings = output.metadata[position]
+        count = request.num_images_per_prompt
+        seeds = output.seeds[position]
+        record = {
+            "id": request.request_id,
+            "index": index,
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": seeds[index] if index < len(seeds) else request.seed + index,
+            "num_inference_steps": settings.get("num_inference_steps", request.num_inference_steps),
+            "guidance_scale": settings.get("guidance_scale", request.guidance_scale),
+            "height": settings.get("height", request.height),
+            "width": settings.get("width", request.width),
+            "model": self.plan.config.model,
+            "fingerprint": fingerprint(request, self.plan.config.model),
+            "path": None,
+            "status": "error",
+            "error": output.errors[position],
+            "seconds": round(settings.get("seconds", 0.0) / max(1, count), 4),
+            "rank": settings.get("rank", output.rank),
+            "meta": self.metadata.get(request.request_id, {}),
+        }
+        written = files.get(index)
+        if record["error"] is None and written is not None:
+            record.update(path=written["path"], status="ok", sha256=written["sha256"],
+                          written_by=written["written_by"])
+        else:
+            record["error"] = record["error"] or "no image returned"
+        return record
+
     def _records(self, output: DiffusionOutput) -> list[dict[str, Any]]:
-        """Write the images of one output and return its manifest lines."""
+        """The manifest lines of one batch output, counted into the job's totals."""
         records = []
         for position, request_id in enumerate(output.request_ids):
-            request = self.requests[request_id]
-            error = output.errors[position]
-            images = output.images[position]
-            settings = output.metadata[position]
-            count = request.num_images_per_prompt
-            seconds = settings.get("seconds", 0.0) / max(1, count)
-            for index in range(count):
-                if (request_id, index) in self.plan.done:
-                    continue  # a redone batch: this image was already on disk, identical
-                record = {
-                    "id": request_id,
-                    "index": index,
-                    "prompt": request.prompt,
-                    "negative_prompt": request.negative_prompt,
-                    "seed": output.seeds[position][index] if output.seeds[position] else request.seed + index,
-                    "num_inference_steps": settings.get("num_inference_steps", request.num_inference_steps),
-                    "guidance_scale": settings.get("guidance_scale", request.guidance_scale),
-                    "height": settings.get("height", request.height),
-                    "width": settings.get("width", request.width),
-                    "model": self.plan.config.model,
-                    "fingerprint": fingerprint(request, self.plan.config.model),
-                    "path": None,
-                    "status": "error",
-                    "error": error,
-                    "seconds": round(seconds, 4),
-                    "rank": settings.get("rank", output.rank),
-                    "meta": self.metadata.get(request_id, {}),
-                }
-                if error is None and index < len(images):
-                    relative = Path("images") / image_name(request_id, index, count)
-                    write_atomic(self.plan.output_dir / relative, png_bytes(images[index]))
-                    record.update(path=str(relative), status="ok")
+            request = self.requests.get(request_id)
+            if request is None:
+                continue  # not an item of this run: nothing to account for
+            files = {entry["index"]: entry for entry in output.metadata[position].get("files", ())}
+            for index in range(request.num_images_per_prompt):
+                if index in self.done_by_id.get(request_id, ()) or (request_id, index) in self.stats.accounted:
+                    continue  # a redone batch: this image was already on disk
+                record = self._record(request, index, output, position, files)
+                self.stats.accounted.add((request_id, index))
+                if record["status"] == "ok":
                     self.stats.images_ok += 1
                     self.stats.per_rank[record["rank"]] += 1
                     if len(self.stats.sheet) < CONTACT_SHEET_IMAGES:
-                        self.stats.sheet.append((request_id, self.plan.output_dir / relative))
+                        self.stats.sheet.append((request_id, self.plan.output_dir / record["path"]))
                 else:
-                    record["error"] = error or "no image returned"
                     self.stats.images_failed += 1
                     self.stats.items_failed.add(request_id)
                 records.append(record)
@@ -244,19 +279,31 @@ class GenerateJob:
             return True
 
         try:
-            engine.generate_stream(plan.batches, on_output)
+            engine.generate_stream(plan.batches, on_output, sinks=[self.sink(batch) for batch in plan.batches])
         finally:
             bar.close()
             writer.close()
         seconds = time.time() - started
         if self.stats.sheet:
             write_contact_sheet(plan.output_dir / "contact_sheet.png", self.stats.sheet)
-        status = "stopped" if self.stats.stopped else ("complete" if not self.stats.items_failed else "items_failed")
-        self._write_run_json(status, started, seconds)
-        self._print_summary(seconds)
-        return EXIT_OK if not self.stats.items_failed and not self.stats.stopped else EXIT_PARTIAL
+        missing = sorted(self.planned_images() - self.stats.accounted)
+        status = self._status(missing)
+        self._write_run_json(status, started, seconds, missing)
+        self._print_summary(seconds, missing)
+        return EXIT_OK if status == "complete" else EXIT_PARTIAL
 
-    def _print_summary(self, seconds: float) -> None:
+    def _status(self, missing: list[tuple[str, int]]) -> str:
+        """complete; stopped (--fail-fast); incomplete (images with no record at all: work was
+        lost, never a success); items_failed."""
+        if self.stats.stopped:
+            return "stopped"
+        if missing:
+            logger.error("%d planned image(s) have no record: %s", len(missing),
+                         ", ".join(f"{i}[{k}]" for i, k in missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            return "incomplete"
+        return "items_failed" if self.stats.items_failed else "complete"
+
+    def _print_summary(self, seconds: float, missing: list[tuple[str, int]]) -> None:
         stats, made = self.stats, self.stats.images_ok + self.stats.images_failed
         rows = [
             ("items", len(self.plan.requests)),
@@ -267,6 +314,8 @@ class GenerateJob:
             ("images/s", f"{made / seconds:.2f}" if seconds > 0 else "-"),
             ("layout", f"{self.layout.get('replicas', 1)} replica(s) x {self.layout.get('replica_size', 1)} rank(s)"),
         ]
+        if missing:
+            rows.append(("images missing", f"{len(missing)}: " + ", ".join(sorted({i for i, _ in missing})[:10])))
         rows += [(f"images by rank {rank}", count) for rank, count in sorted(stats.per_rank.items())]
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value}" for name, value in rows]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.jobs.files import AppendLog
+from spmd_diffusion.jobs.outputs import image_name  # noqa: F401 - part of the manifest's vocabulary
 from spmd_diffusion.request import OmniDiffusionRequest
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -35,11 +36,6 @@ def fingerprint(request: OmniDiffusionRequest, model: str) -> str:
         "extra": request.extra,
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=repr).encode()).hexdigest()[:16]
-
-
-def image_name(item_id: str, index: int, count: int) -> str:
-    """``<id>.png`` for a single image, ``<id>_<k>.png`` when a prompt has several."""
-    return f"{item_id}.png" if count == 1 else f"{item_id}_{index}.png"
 
 
 @dataclass(frozen=True)

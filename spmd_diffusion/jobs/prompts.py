@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spmd_diffusion.errors import InputError
+
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ID_WIDTH = 6  # fixed: an item's id must not change when the file grows
 # File keys and the request fields they set.
@@ -25,10 +27,6 @@ SETTING_KEYS = {
     "width": "width",
 }
 KNOWN_KEYS = {"id", "prompt", *SETTING_KEYS}
-
-
-class InputError(ValueError):
-    """Bad input: reported once, by rank 0, with exit code 2."""
 
 
 @dataclass

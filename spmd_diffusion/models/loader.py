@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from spmd_diffusion import envs
 from spmd_diffusion.models.tiny import TINY_MODEL_VERSION, build_in_subprocess, make_tiny_model
 
 TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit"}
@@ -24,10 +24,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def cache_root() -> Path:
     """``$SPMD_DIFFUSION_CACHE``, else ``$XDG_CACHE_HOME/spmd_diffusion`` (``~/.cache``)."""
-    if os.environ.get("SPMD_DIFFUSION_CACHE"):
-        return Path(os.environ["SPMD_DIFFUSION_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spmd_diffusion"
+    return Path(envs.cache_dir())
 
 
 def _is_complete(directory: Path) -> bool:

@@ -2,8 +2,8 @@
 
 A replica is ``tp x cfg`` consecutive ranks (tp fastest). Their denoiser collectives run on
 torch.distributed: NCCL on GPUs, gloo on CPUs. Under torchrun the default group already
-exists; under MPI or the ``mp`` executor it is created here from rank 0's TCPStore, so no
-MASTER_ADDR/MASTER_PORT is needed. The device mesh is built once, by every rank.
+exists; under MPI or the ``mp`` executor it is created here from the job's rendezvous store
+(:mod:`spmd_diffusion.distributed.rendezvous`), so no MASTER_ADDR/MASTER_PORT is needed. The device mesh is built once, by every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from spmd_diffusion import envs
 from spmd_diffusion.data import OmniDiffusionConfig
 
 logger = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ class ParallelContext:
 
 
 def join_parallel_groups(
-    od_config: OmniDiffusionConfig, rank: int, world_size: int, device: Any, store: Any | None
+    od_config: OmniDiffusionConfig, rank: int, world_size: int, device: Any, store: Any | None, one_node: bool = False
 ) -> ParallelContext | None:
-    """The layout and mesh of this job, or None when replicas are single ranks."""
+    """The layout and mesh of this job, or None when replicas are single ranks. On one node
+    the group's sockets stay on loopback (see :func:`spmd_diffusion.envs.keep_on_loopback`)."""
     if od_config.replica_size == 1:
         return None
     import torch
@@ -40,6 +42,7 @@ def join_parallel_groups(
     if not dist.is_initialized():
         if store is None:
             raise RuntimeError("tensor/CFG parallelism needs a rendezvous store or a torch.distributed group")
+        envs.keep_on_loopback(one_node)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.PrefixStore("parallel", store), rank=rank, world_size=world_size)
     mesh = build_device_mesh(layout, device.type)

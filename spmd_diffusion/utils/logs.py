@@ -7,8 +7,9 @@ otherwise, so an 8-rank job does not print everything eight times.
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from spmd_diffusion import envs
 
 FORMAT = "[rank %(rank)s] %(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -25,7 +26,7 @@ class _RankFilter(logging.Filter):
 
 def setup_logging(rank: int, level: str | None = None) -> None:
     """Configure the ``spmd_diffusion`` logger for this rank (idempotent)."""
-    level = level or os.environ.get("SPMD_DIFFUSION_LOG_LEVEL") or ("INFO" if rank == 0 else "WARNING")
+    level = level or envs.log_level() or ("INFO" if rank == 0 else "WARNING")
     logger = logging.getLogger("spmd_diffusion")
     for handler in list(logger.handlers):
         if getattr(handler, "_spmd_diffusion", False):

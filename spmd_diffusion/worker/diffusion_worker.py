@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from spmd_diffusion.engine.batching import ImageJob, plan_batches
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.worker.device import resolve_device, resolve_dtype
 from spmd_diffusion.models import load_pipeline
+from spmd_diffusion.worker.batching import ImageJob, plan_batches
 from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.engine.seeding import with_seed
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,9 @@ class DiffusionWorker:
         from spmd_diffusion.parallel.groups import join_parallel_groups
 
         # Collective over the job when tp x cfg > 1: every rank builds its worker in step.
-        self.parallel = join_parallel_groups(od_config, rank, world_size, self.device, store)
+        self.parallel = join_parallel_groups(
+            od_config, rank, world_size, self.device, store, one_node=local_world_size == world_size
+        )
         self.torch_dtype = resolve_dtype(od_config.dtype, self.device)
         self.pipeline: Any = None
         self.sleep_level = 0
@@ -188,18 +189,30 @@ class DiffusionWorker:
         if self.sleep_level:
             raise RuntimeError(f"worker rank {self.rank} is asleep (level {self.sleep_level}); call wake_up first")
 
+    @property
+    def is_replica_leader(self) -> bool:
+        """The first rank of its replica: the one that reports (and writes) the images."""
+        return self.parallel is None or self.parallel.layout.is_replica_leader(self.rank)
+
     def generate(
-        self, requests: list[OmniDiffusionRequest], step_callback: Callable[[], None] | None = None
+        self,
+        requests: list[OmniDiffusionRequest],
+        step_callback: Callable[[], None] | None = None,
+        sink: Any | None = None,
     ) -> DiffusionOutput:
         """Images for every request; a request that fails gets its error, the others their images.
 
+        Every request must carry its seed: seeds are fixed by the engine, never by a rank.
         ``step_callback`` runs after every denoising step (where the pipeline supports
-        ``callback_on_step_end``): the SPMD stream uses it to move results over MPI while
-        this rank computes.
+        ``callback_on_step_end``). ``sink`` (a batch job's output writer) makes the replica
+        leader write the images itself and return small records in their place, so pixels
+        never travel to rank 0.
         """
         self._check_awake()
         start = time.perf_counter()
-        requests = [with_seed(request, self.od_config.seed) for request in requests]
+        unseeded = [request.request_id for request in requests if request.seed is None]
+        if unseeded:
+            raise ValueError(f"request(s) {', '.join(unseeded)} have no seed: the engine fixes seeds before dispatch")
         images: list[dict[int, Any]] = [{} for _ in requests]
         errors: list[str | None] = [None] * len(requests)
         seconds = [0.0] * len(requests)
@@ -241,6 +254,8 @@ class DiffusionWorker:
         )
         self.images_generated += sum(len(per_request) for per_request in output.images)
         self.requests_failed += sum(error is not None for error in errors)
+        if sink is not None and self.is_replica_leader:
+            return sink.write(output)
         return output
 
     # -- power management -------------------------------------------------------------------

@@ -1,25 +1,29 @@
-"""The ControlPlane interface, its process-wide instance, and the idle-wait policy."""
+"""The ControlPlane interface, its process-wide instance, and the idle-wait policy.
+
+A control plane moves the RPC messages of an SPMD job over the launcher's own channel
+(MPI point-to-point, or a gloo group) -- nothing else of the job listens for them. It is
+point-to-point only, from one sender (rank 0): MPI and gloo deliver the messages between
+two ranks in the order they were sent, so every rank sees rank 0's messages in rank 0's
+order, and the members of a tensor-parallel replica never disagree about what comes next
+(a broadcast for collective calls beside point-to-point work would give no such order).
+"""
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
-from spmd_diffusion.errors import SpmdDiffusionError
+from spmd_diffusion import envs
 from spmd_diffusion.distributed.launcher import MPI, SLURM, TORCHRUN, LaunchInfo
+from spmd_diffusion.errors import LaunchError
 
-# Small messages (most RPC tuples) ride inside one fixed-size broadcast slot; larger ones
-# follow in a second broadcast. One collective per call is what keeps RPCs cheap.
+# Small messages (most RPC tuples) travel as one fixed-size slot; larger ones follow the slot
+# in a second message (gloo needs the size before it can receive).
 SLOT_BYTES = 1024
 HEADER_BYTES = 8
-
-
-class LaunchError(SpmdDiffusionError):
-    """The launcher and the communication library disagree (e.g. srun vs. MPI's PMI)."""
 
 
 class Backoff:
@@ -30,10 +34,8 @@ class Backoff:
     """
 
     def __init__(self, spin_s: float | None = None, max_sleep_s: float | None = None) -> None:
-        self.spin_s = spin_s if spin_s is not None else float(os.environ.get("SPMD_DIFFUSION_SPIN_S", "0.002"))
-        self.max_sleep_s = (
-            max_sleep_s if max_sleep_s is not None else float(os.environ.get("SPMD_DIFFUSION_MAX_SLEEP_S", "0.002"))
-        )
+        self.spin_s = spin_s if spin_s is not None else envs.spin_seconds()
+        self.max_sleep_s = max_sleep_s if max_sleep_s is not None else envs.max_sleep_seconds()
 
     def wait(self, done: Callable[[], bool], deadline: float | None = None) -> bool:
         """Poll ``done`` until it is true (True) or the monotonic ``deadline`` passes (False)."""
@@ -76,7 +78,7 @@ def slot_length(slot: bytes | bytearray | memoryview) -> int:
 
 
 def slot_payload(slot: bytes | bytearray) -> memoryview | None:
-    """The inline message (a view, not a copy), or None when it follows in a second broadcast."""
+    """The inline message (a view, not a copy), or None when it follows in a second message."""
     length = int.from_bytes(slot[:HEADER_BYTES], "little")
     if length <= SLOT_BYTES - HEADER_BYTES:
         return memoryview(slot)[HEADER_BYTES : HEADER_BYTES + length]
@@ -84,7 +86,8 @@ def slot_payload(slot: bytes | bytearray) -> memoryview | None:
 
 
 class ControlPlane(ABC):
-    """Rank 0 broadcasts; every other rank answers rank 0."""
+    """Rank 0 sends requests to any rank and collects replies; every other rank receives
+    from rank 0 and replies to it. Rank 0's methods are safe to call from several threads."""
 
     kind: str
     rank: int
@@ -93,21 +96,31 @@ class ControlPlane(ABC):
     local_size: int
     serving: bool = False  # rank 0: an executor session holds the other ranks
 
+    @property
+    def one_node(self) -> bool:
+        return self.local_size == self.size
+
+    # -- rank 0 ------------------------------------------------------------------------------
     @abstractmethod
-    def broadcast(self, obj: Any) -> None:
-        """Rank 0 only: send ``obj`` to every other rank."""
+    def send(self, rank: int, obj: Any) -> None:
+        """Queue ``obj`` for ``rank`` without waiting for it to be received."""
 
     @abstractmethod
-    def receive_broadcast(self) -> Any:
-        """Other ranks: wait (cheaply) for rank 0's next broadcast."""
+    def poll_replies(self, ranks: Collection[int]) -> list[Any]:
+        """Every reply that has arrived from ``ranks``, without waiting."""
+
+    @abstractmethod
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued send has left (False at the timeout)."""
+
+    # -- every other rank --------------------------------------------------------------------
+    @abstractmethod
+    def recv_from_root(self) -> Any:
+        """Wait (cheaply) for rank 0's next message."""
 
     @abstractmethod
     def send_to_root(self, obj: Any) -> None:
-        """Other ranks: send one message to rank 0."""
-
-    @abstractmethod
-    def receive_from(self, ranks: list[int], deadline: float | None) -> dict[int, Any]:
-        """Rank 0: one message from each of ``ranks``; those missing at the deadline are left out."""
+        """Send one message to rank 0."""
 
     @abstractmethod
     def abort(self, code: int) -> None:
@@ -115,6 +128,19 @@ class ControlPlane(ABC):
 
     def describe(self) -> str:
         return f"{self.kind} rank {self.rank}/{self.size} (local {self.local_rank}/{self.local_size})"
+
+
+class RootEndpoint:
+    """A non-root rank's side of the control plane, as the serve loop sees it."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def recv(self) -> Any:
+        return self.control.recv_from_root()
+
+    def send(self, obj: Any) -> None:
+        self.control.send_to_root(obj)
 
 
 _INSTANCE: ControlPlane | None = None

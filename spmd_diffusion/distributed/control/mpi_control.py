@@ -1,35 +1,34 @@
-"""MPIControl: the control plane over mpi4py.
+"""MPIControl: the control plane over mpi4py point-to-point messages.
 
-- Calls: one non-blocking broadcast of a fixed slot (``Ibcast``), polled with
-  :class:`Backoff` by idle ranks, so they do not busy-poll a core the way a blocking MPICH
-  call does. Messages too big for the slot follow in a second broadcast.
-- Replies: one point-to-point message of pickled bytes, found by rank 0 with a matched
-  probe (``Improbe``) so every wait can end at a deadline. A reply past 1 GiB goes through
-  ``mpi4py.util.pkl5`` instead, which has no 2 GiB limit.
+- Rank 0 -> rank r: one ``Isend`` of the pickled request (rank 0 never blocks on a busy
+  rank; the buffers are kept until MPI is done with them).
+- Idle ranks find rank 0's next message with a matched probe (``Improbe``) polled through
+  :class:`Backoff`, so they do not busy-poll a core the way a blocking MPICH call does.
+- Replies: one message of pickled bytes, found by rank 0 with ``Improbe`` on any source so
+  every wait can end at a deadline and replicas answer in whatever order they finish. A
+  reply past 1 GiB goes through ``mpi4py.util.pkl5``, which has no 2 GiB limit.
 - Everything runs on a duplicate of COMM_WORLD, so user code on COMM_WORLD cannot collide.
 
-mpi4py is imported here only, and its thread level is set to "funneled" first: only the
-main thread talks MPI, and MPI_THREAD_MULTIPLE would slow every call.
+mpi4py is imported here only, with the thread level "serialized": several threads of rank 0
+may make calls (the engine's users, its scheduler), one at a time under ``self.lock``;
+MPI_THREAD_MULTIPLE would slow every call for nothing.
 """
 
 from __future__ import annotations
 
 import pickle
 import sys
+import threading
+import time
+from collections.abc import Collection
 from typing import Any
 
-from spmd_diffusion.distributed.control.base import (
-    SLOT_BYTES,
-    Backoff,
-    ControlPlane,
-    LaunchError,
-    encode_slot,
-    slot_length,
-    slot_payload,
-)
+from spmd_diffusion.distributed.control.base import Backoff, ControlPlane
 from spmd_diffusion.distributed.launcher import LaunchInfo
+from spmd_diffusion.errors import LaunchError
 
-TAG_TO_ROOT = 77
+TAG_REQUEST = 76
+TAG_REPLY = 77
 TAG_LARGE = 78
 LARGE_BYTES = 1 << 30
 LARGE_MARKER = b"\x00spmd-diffusion-large\x00"
@@ -40,7 +39,7 @@ def import_mpi() -> Any:
     if "mpi4py.MPI" not in sys.modules:
         import mpi4py
 
-        mpi4py.rc.thread_level = "funneled"
+        mpi4py.rc.thread_level = "serialized"
     from mpi4py import MPI
 
     return MPI
@@ -82,56 +81,70 @@ class MPIControl(ControlPlane):
         self.pkl5 = pkl5.Intracomm(self.comm)
         self.backoff = Backoff()
         self.status = MPI.Status()
-        self.slot = bytearray(SLOT_BYTES)  # receive buffer, reused: unpickled before the next call
-        self.send_slot = bytearray(SLOT_BYTES)  # rank 0's, reused: each broadcast completes first
+        self.lock = threading.Lock()
+        self._sending: list[tuple[Any, bytes]] = []  # (request, buffer) until MPI is done with it
 
-    def broadcast(self, obj: Any) -> None:
-        slot, rest = encode_slot(obj, self.send_slot)
-        self.comm.Ibcast(slot, root=0).Wait()
-        if rest is not None:
-            self.comm.Ibcast(bytearray(rest), root=0).Wait()
+    # -- rank 0 ------------------------------------------------------------------------------
+    def _reap(self) -> None:
+        self._sending = [(request, data) for request, data in self._sending if not request.Test()]
 
-    def receive_broadcast(self) -> Any:
-        slot = self.slot
-        request = self.comm.Ibcast(slot, root=0)
-        self.backoff.wait(request.Test)
-        data = slot_payload(slot)
-        if data is None:
-            data = bytearray(slot_length(slot))
-            self.comm.Ibcast(data, root=0).Wait()
-        return pickle.loads(data)
-
-    def send_to_root(self, obj: Any) -> None:
+    def send(self, rank: int, obj: Any) -> None:
         data = pickle.dumps(obj, protocol=5)
-        if len(data) < LARGE_BYTES:
-            self.comm.Send(data, dest=0, tag=TAG_TO_ROOT)
-        else:  # past MPI's int count: a marker, then mpi4py's pkl5 path on its own tag
-            self.comm.Send(LARGE_MARKER, dest=0, tag=TAG_TO_ROOT)
-            self.pkl5.send(obj, dest=0, tag=TAG_LARGE)
+        with self.lock:
+            self._sending.append((self.comm.Isend(data, dest=rank, tag=TAG_REQUEST), data))
+            self._reap()
 
-    def _receive_one(self, message: Any, status: Any) -> Any:
+    def _receive(self, message: Any, status: Any) -> Any:
         buffer = bytearray(status.Get_count(self.MPI.BYTE))
         message.Recv(buffer)
         if buffer == LARGE_MARKER:
             return self.pkl5.recv(source=status.Get_source(), tag=TAG_LARGE)
         return pickle.loads(buffer)
 
-    def receive_from(self, ranks: list[int], deadline: float | None) -> dict[int, Any]:
-        pending, received = set(ranks), {}
-        status, improbe, any_source = self.status, self.comm.Improbe, self.MPI.ANY_SOURCE
+    def poll_replies(self, ranks: Collection[int]) -> list[Any]:
+        arrived = []
+        with self.lock:
+            while True:
+                message = self.comm.Improbe(source=self.MPI.ANY_SOURCE, tag=TAG_REPLY, status=self.status)
+                if message is None:
+                    break
+                arrived.append(self._receive(message, self.status))
+            if self._sending:
+                self._reap()
+        return arrived
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+
+        def sent() -> bool:
+            with self.lock:
+                self._reap()
+                return not self._sending
+
+        return self.backoff.wait(sent, deadline)
+
+    # -- every other rank --------------------------------------------------------------------
+    def recv_from_root(self) -> Any:
+        status, found = self.status, []
 
         def arrived() -> bool:
-            while pending:
-                message = improbe(source=any_source, tag=TAG_TO_ROOT, status=status)
-                if message is None:
-                    return False
-                source = status.Get_source()
-                received[source] = self._receive_one(message, status)
-                pending.discard(source)
-            return True
+            message = self.comm.Improbe(source=0, tag=TAG_REQUEST, status=status)
+            if message is not None:
+                found.append(message)
+            return bool(found)
 
-        self.backoff.wait(arrived, deadline)
-        return received
+        self.backoff.wait(arrived)
+        buffer = bytearray(status.Get_count(self.MPI.BYTE))
+        found[0].Recv(buffer)
+        return pickle.loads(buffer)
+
+    def send_to_root(self, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=5)
+        if len(data) < LARGE_BYTES:
+            self.comm.Send(data, dest=0, tag=TAG_REPLY)
+        else:  # past MPI's int count: a marker, then mpi4py's pkl5 path on its own tag
+            self.comm.Send(LARGE_MARKER, dest=0, tag=TAG_REPLY)
+            self.pkl5.send(obj, dest=0, tag=TAG_LARGE)
 
     def abort(self, code: int) -> None:
         sys.stdout.flush()

@@ -1,9 +1,19 @@
 """TorchControl: the control plane over a torch.distributed gloo CPU group.
 
-Used under torchrun, and under srun when MPI is not usable. Idle ranks block inside gloo
-(a socket wait, not a spin). Rank 0 receives replies with ``irecv`` and waits with a
-deadline, so every call can time out. The group has its own very long timeout: an idle
-worker may wait hours for the next call, which must not count as a failure.
+Used under torchrun, and under srun when MPI is not usable. Messages are a fixed slot,
+followed by the rest when they do not fit (gloo must know a message's size to receive it).
+Idle ranks block inside gloo (a socket wait, not a spin).
+
+Rank 0 sends with ``isend``: a gloo send completes only once the receiver has posted its
+receive (measured: a blocking 1 KiB send to a busy rank returned when that rank got to it,
+2 s later), and rank 0 must never wait for a busy rank. gloo's works do not report
+completion unless waited on, so rank 0 keeps each rank's sends in order and retires them as
+that rank's replies come back: every request gets exactly one reply, in order, so the k-th
+reply of a rank means its k-th request has arrived. Replies are received by one thread
+blocked in a receive from any rank (a gloo receive cannot be polled, and one that times out
+breaks the connection), so they are taken in whatever order ranks finish. The group has
+its own very long timeout: an idle worker may wait hours for the next call, which must not
+count as a failure.
 """
 
 from __future__ import annotations
@@ -12,10 +22,14 @@ import atexit
 import datetime
 import os
 import pickle
+import queue
 import sys
-import time
+import threading
+from collections import deque
+from collections.abc import Collection
 from typing import Any
 
+from spmd_diffusion import envs
 from spmd_diffusion.distributed.control.base import (
     SLOT_BYTES,
     ControlPlane,
@@ -24,12 +38,13 @@ from spmd_diffusion.distributed.control.base import (
     slot_payload,
 )
 from spmd_diffusion.distributed.launcher import SLURM, LaunchInfo, first_slurm_host
+from spmd_diffusion.errors import ConnectionLostError
 
 IDLE_TIMEOUT = datetime.timedelta(days=30)
+TAG_REQUEST, TAG_REQUEST_REST, TAG_REPLY, TAG_REPLY_REST = 0, 1, 2, 3
 
 
-
-def slurm_rendezvous_defaults(env: dict[str, str] | os._Environ) -> None:
+def slurm_rendezvous_defaults(env: Any) -> None:
     """Under srun, derive MASTER_ADDR/MASTER_PORT from the step unless the user set them."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if "MASTER_ADDR" not in env and nodelist:
@@ -47,7 +62,8 @@ def init_default_group(launch: LaunchInfo) -> None:
     if dist.is_initialized():
         return
     if launch.kind == SLURM:
-        slurm_rendezvous_defaults(os.environ)
+        slurm_rendezvous_defaults(envs.environment())
+    envs.keep_on_loopback(launch.local_world_size == launch.world_size)
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
 
@@ -63,8 +79,12 @@ class TorchControl(ControlPlane):
         self.dist, self.torch = dist, torch
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.local_rank = launch.local_rank if launch.local_rank is not None else 0
-        self.local_size = launch.local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.local_size = launch.local_world_size or envs.local_world_size()
         self.group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        self.lock = threading.Lock()
+        self._sending: dict[int, deque] = {}  # rank -> its requests' (works, tensors), in order
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._receiver: threading.Thread | None = None
         atexit.register(self.close)
 
     def close(self) -> None:
@@ -72,59 +92,91 @@ class TorchControl(ControlPlane):
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
 
-    def _bytes_tensor(self, data: bytes | bytearray) -> Any:
+    def _tensor(self, data: bytes | bytearray) -> Any:
         return self.torch.frombuffer(bytearray(data), dtype=self.torch.uint8)
 
-    def broadcast(self, obj: Any) -> None:
-        slot, rest = encode_slot(obj)
-        self.dist.broadcast(self._bytes_tensor(slot), src=0, group=self.group)
-        if rest is not None:
-            self.dist.broadcast(self._bytes_tensor(rest), src=0, group=self.group)
+    def _slot(self) -> Any:
+        return self.torch.zeros(SLOT_BYTES, dtype=self.torch.uint8)
 
-    def receive_broadcast(self) -> Any:
-        slot = self.torch.zeros(SLOT_BYTES, dtype=self.torch.uint8)
-        self.dist.broadcast(slot, src=0, group=self.group)
+    def _finish(self, slot: Any, source: int, rest_tag: int) -> Any:
+        """Unpickle a message whose slot has arrived, receiving its rest first if it has one."""
         raw = slot.numpy().tobytes()
         data = slot_payload(raw)
         if data is None:
             rest = self.torch.empty(slot_length(raw), dtype=self.torch.uint8)
-            self.dist.broadcast(rest, src=0, group=self.group)
+            self.dist.recv(rest, src=source, group=self.group, tag=rest_tag)
             data = rest.numpy().tobytes()
         return pickle.loads(data)
 
+    # -- rank 0 ------------------------------------------------------------------------------
+    def send(self, rank: int, obj: Any) -> None:
+        slot, rest = encode_slot(obj)
+        parts = [(self._tensor(slot), TAG_REQUEST)] + ([(self._tensor(rest), TAG_REQUEST_REST)] if rest else [])
+        with self.lock:
+            if self._receiver is None:
+                self._receiver = threading.Thread(target=self._receive_replies, name="spmd-diffusion-replies",
+                                                  daemon=True)
+                self._receiver.start()
+            works = [self.dist.isend(tensor, dst=rank, group=self.group, tag=tag) for tensor, tag in parts]
+            self._sending.setdefault(rank, deque()).append((works, parts))
+
+    def _retire_oldest_send(self, rank: int) -> None:
+        """``rank`` answered its oldest request, so that request has arrived."""
+        with self.lock:
+            pending = self._sending.get(rank)
+            sent = pending.popleft() if pending else None
+        if sent is not None:
+            for work in sent[0]:
+                work.wait()  # already complete: this only releases gloo's buffers
+
+    def _receive_replies(self) -> None:
+        """Rank 0's reply thread: every reply from any rank, as it arrives."""
+        try:
+            while True:
+                slot = self._slot()
+                source = self.dist.recv(slot, group=self.group, tag=TAG_REPLY)
+                reply = self._finish(slot, source, TAG_REPLY_REST)
+                self._retire_oldest_send(source)
+                self._replies.put(reply)
+        except Exception as exc:  # noqa: BLE001 - the group is gone (a rank died, or shutdown)
+            self._replies.put(exc)
+
+    def poll_replies(self, ranks: Collection[int]) -> list[Any]:
+        arrived = []
+        while True:
+            try:
+                item = self._replies.get_nowait()
+            except queue.Empty:
+                return arrived
+            if isinstance(item, Exception):
+                raise ConnectionLostError(str(item)) from item
+            arrived.append(item)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every send has been received (the ranks are draining their queues)."""
+        with self.lock:
+            works = [work for pending in self._sending.values() for works, _ in pending for work in works]
+        done = threading.Event()
+
+        def wait_all() -> None:
+            for work in works:
+                work.wait()
+            done.set()
+
+        threading.Thread(target=wait_all, daemon=True).start()
+        return done.wait(timeout)
+
+    # -- every other rank --------------------------------------------------------------------
+    def recv_from_root(self) -> Any:
+        slot = self._slot()
+        self.dist.recv(slot, src=0, group=self.group, tag=TAG_REQUEST)
+        return self._finish(slot, 0, TAG_REQUEST_REST)
+
     def send_to_root(self, obj: Any) -> None:
         slot, rest = encode_slot(obj)
-        self.dist.send(self._bytes_tensor(slot), dst=0, group=self.group)
+        self.dist.send(self._tensor(slot), dst=0, group=self.group, tag=TAG_REPLY)
         if rest is not None:
-            self.dist.send(self._bytes_tensor(rest), dst=0, group=self.group)
-
-    def _wait(self, work: Any, deadline: float | None) -> bool:
-        if deadline is None:
-            work.wait()
-            return True
-        remaining = max(0.001, deadline - time.monotonic())
-        try:
-            return work.wait(timeout=datetime.timedelta(seconds=remaining)) is not False
-        except RuntimeError as exc:
-            if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
-                return False
-            raise
-
-    def receive_from(self, ranks: list[int], deadline: float | None) -> dict[int, Any]:
-        received: dict[int, Any] = {}
-        for rank in sorted(ranks):
-            slot = self.torch.zeros(SLOT_BYTES, dtype=self.torch.uint8)
-            if not self._wait(self.dist.irecv(slot, src=rank, group=self.group), deadline):
-                break
-            raw = slot.numpy().tobytes()
-            data = slot_payload(raw)
-            if data is None:
-                rest = self.torch.empty(slot_length(raw), dtype=self.torch.uint8)
-                if not self._wait(self.dist.irecv(rest, src=rank, group=self.group), deadline):
-                    break
-                data = rest.numpy().tobytes()
-            received[rank] = pickle.loads(data)
-        return received
+            self.dist.send(self._tensor(rest), dst=0, group=self.group, tag=TAG_REPLY_REST)
 
     def abort(self, code: int) -> None:
         """Exit at once; torchrun (or srun --kill-on-bad-exit) ends the other ranks, and
@@ -132,4 +184,3 @@ class TorchControl(ControlPlane):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-

@@ -1,0 +1,116 @@
+"""The one worker serve loop, shared by every transport.
+
+A spawned ``mp`` worker, every SPMD rank (rank 0's own worker on its thread included) and
+an external worker all run :func:`serve_worker` over their end of the channel: receive an
+:class:`~.protocol.RpcRequest`, answer it with one :class:`~.protocol.RpcReply`, until told
+to stop. :func:`run_worker_rank` adds the start of a rank's life: wait for START (or ABORT),
+load the worker, report how that went.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from spmd_diffusion.distributed.protocol import (
+    MessageKind,
+    RpcReply,
+    RpcRequest,
+    answer,
+    failure_from_exception,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerEndpoint(Protocol):
+    """A worker's end of a channel: requests in, replies out."""
+
+    def recv(self) -> RpcRequest: ...
+
+    def send(self, reply: RpcReply) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Where a worker sits in the job (its device follows from ``local_rank``)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+class UnloadedWorker:
+    """Stands in for a worker whose model failed to load: every call reports that failure."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"this rank's worker failed to load: {type(self.error).__name__}: {self.error}")
+
+
+def load_worker(od_config: Any, placement: WorkerPlacement, rendezvous: Any) -> tuple[Any, RpcReply]:
+    """This rank's DiffusionWorker and the reply that tells the engine how loading went."""
+    from spmd_diffusion.worker import DiffusionWorker
+
+    rank = placement.rank
+    try:
+        store = rendezvous.connect(rank) if rendezvous is not None else None
+        worker = DiffusionWorker(
+            od_config,
+            rank=rank,
+            local_rank=placement.local_rank,
+            world_size=placement.world_size,
+            local_world_size=placement.local_world_size,
+            store=store,
+        )
+        return worker, RpcReply(rank, "ready")
+    except Exception as exc:  # noqa: BLE001 - the engine reports it, with the rank
+        return UnloadedWorker(exc), RpcReply(rank, None, failure_from_exception(rank, exc))
+
+
+def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> MessageKind | None:
+    """Answer requests until SHUTDOWN or DISCONNECT (acknowledged, and returned), or until
+    the channel closes (None). An exception inside a call becomes its reply; only a
+    BaseException that is not an Exception (SystemExit, KeyboardInterrupt) escapes."""
+    while True:
+        try:
+            request = endpoint.recv()
+        except (EOFError, OSError):
+            return None
+        if request.kind in (MessageKind.SHUTDOWN, MessageKind.DISCONNECT):
+            endpoint.send(RpcReply(rank, request.kind.name.lower(), None, request.call_id))
+            return request.kind
+        if request.kind is MessageKind.CALL:
+            reply = answer(worker, rank, request)
+        else:
+            error = RuntimeError(f"unexpected {request.kind.name} message while serving")
+            reply = RpcReply(rank, None, failure_from_exception(rank, error), request.call_id)
+        try:
+            endpoint.send(reply)
+        except (EOFError, OSError):
+            return None
+        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
+            endpoint.send(RpcReply(rank, None, failure_from_exception(rank, exc), request.call_id))
+
+
+def run_worker_rank(endpoint: WorkerEndpoint, placement: WorkerPlacement) -> int:
+    """A worker rank's life: START (load and report) or ABORT, then serve. Returns the
+    rank's exit code: 0 after a clean shutdown, ABORT's code otherwise."""
+    request = endpoint.recv()
+    if request.kind is MessageKind.ABORT:
+        return int(request.args[0])
+    if request.kind is not MessageKind.START:
+        raise RuntimeError(f"expected START, got {request.kind.name}")
+    od_config, rendezvous = request.args
+    worker, reply = load_worker(od_config, placement, rendezvous)
+    endpoint.send(reply._replace(call_id=request.call_id))
+    try:
+        serve_worker(worker, placement.rank, endpoint)
+    finally:
+        if not isinstance(worker, UnloadedWorker):
+            worker.shutdown()
+    return 0

@@ -1,0 +1,142 @@
+"""Transports: the engine's side of the channels to its workers. They move messages only.
+
+Every executor built on :class:`~spmd_diffusion.executor.rpc_executor.RpcExecutor` is one of
+these plus how it starts its workers:
+
+- :class:`ChannelTransport`: one pipe or socket per worker (``mp``: spawned processes,
+  whose deaths are watched through their sentinels; ``external``: sockets to workers
+  started elsewhere);
+- :class:`LocalTransport`: one worker on a thread of this process (``uni``);
+- :class:`SPMDTransport`: rank 0's own worker on a thread plus the launcher's control plane
+  to every other rank (``mpi``, ``torchrun``).
+
+``poll`` waits for the first reply (or the timeout) and returns whatever has arrived; a
+worker that is gone raises :class:`~spmd_diffusion.errors.WorkerDiedError` naming its rank.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
+from multiprocessing.connection import wait
+from typing import Any
+
+from spmd_diffusion.distributed.control.base import Backoff, ControlPlane
+from spmd_diffusion.distributed.local_worker import LocalWorker
+from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest
+from spmd_diffusion.errors import WorkerDiedError
+
+
+class Transport(ABC):
+    world_size: int
+
+    @abstractmethod
+    def send(self, rank: int, request: RpcRequest) -> None:
+        """Hand ``request`` to ``rank`` without waiting for it to be served."""
+
+    @abstractmethod
+    def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
+        """Replies from ``ranks``, waiting up to ``timeout`` seconds for the first."""
+
+    def close(self) -> None:
+        """Release the channels (the workers' lives are their executor's business)."""
+
+
+class ChannelTransport(Transport):
+    """One duplex channel per worker (ShmChannel over a pipe, or over a socket)."""
+
+    def __init__(
+        self,
+        channels: list[Any],
+        sentinels: list[Any] | None = None,
+        exitcode: Callable[[int], int | None] | None = None,
+    ) -> None:
+        self.channels = channels
+        self.world_size = len(channels)
+        self.sentinels = sentinels
+        self.exitcode = exitcode or (lambda rank: None)
+
+    def _died(self, rank: int) -> WorkerDiedError:
+        return WorkerDiedError(rank, self.exitcode(rank))
+
+    def send(self, rank: int, request: RpcRequest) -> None:
+        try:
+            self.channels[rank].send(request)
+        except (BrokenPipeError, EOFError, OSError):
+            raise self._died(rank) from None
+
+    def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
+        connections = {self.channels[rank].conn: rank for rank in ranks}
+        sentinels = {self.sentinels[rank]: rank for rank in ranks} if self.sentinels else {}
+        ready = wait(list(connections) + list(sentinels), timeout=timeout)
+        replies: list[RpcReply] = []
+        for connection in ready:
+            rank = connections.get(connection)
+            if rank is None:
+                continue
+            try:
+                while True:
+                    replies.append(self.channels[rank].recv())
+                    if not self.channels[rank].poll():
+                        break
+            except (EOFError, OSError):
+                raise self._died(rank) from None
+        answered = {reply.rank for reply in replies}
+        for sentinel in ready:
+            rank = sentinels.get(sentinel)
+            # A worker may reply and then exit: read what it sent before calling it dead.
+            if rank is not None and rank not in answered and not self.channels[rank].poll():
+                raise self._died(rank)
+        return replies
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
+class LocalTransport(Transport):
+    """The uni executor: one worker, on a thread."""
+
+    def __init__(self, local: LocalWorker) -> None:
+        self.local = local
+        self.world_size = 1
+
+    def send(self, rank: int, request: RpcRequest) -> None:
+        self.local.send(request)
+
+    def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
+        return self.local.wait(timeout)
+
+
+class SPMDTransport(Transport):
+    """Rank 0 of an SPMD job: its own worker on a thread, the others over the control plane.
+
+    Replies are polled with :class:`Backoff` (MPI and gloo offer no wait that a thread queue
+    could join), so an idle engine costs little CPU and a reply is seen within a couple of
+    milliseconds at worst."""
+
+    def __init__(self, control: ControlPlane, local: LocalWorker) -> None:
+        self.control = control
+        self.local = local
+        self.world_size = control.size
+        self.backoff = Backoff()
+
+    def send(self, rank: int, request: RpcRequest) -> None:
+        if rank == 0:
+            self.local.send(request)
+        else:
+            self.control.send(rank, request)
+
+    def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
+        remote = [rank for rank in ranks if rank != 0]
+        replies: list[RpcReply] = []
+
+        def arrived() -> bool:
+            replies.extend(self.local.poll())
+            if remote:
+                replies.extend(self.control.poll_replies(remote))
+            return bool(replies)
+
+        self.backoff.wait(arrived, None if timeout is None else time.monotonic() + timeout)
+        return replies
