@@ -33,3 +33,37 @@ def small_requests(count: int = 4, **overrides):
         OmniDiffusionRequest(prompt=f"a photo of item {i}", seed=100 + i, request_id=f"item-{i}", **settings)
         for i in range(count)
     ]
+
+
+def hammer_from_two_threads(engine, rounds: int = 50) -> list[str]:
+    """One thread makes collective calls, another generates, on one engine, ``rounds`` times
+    each; returns every mismatch (a call that got another call's result)."""
+    import threading
+
+    from spmd_diffusion.request import OmniDiffusionRequest
+
+    world = engine.executor.world_size
+    problems: list[str] = []
+
+    def calls() -> None:
+        for token in range(rounds):
+            got = engine.collective_rpc(lambda worker, token: (worker.rank, token), args=(token,))
+            if got != [(rank, token) for rank in range(world)]:
+                problems.append(f"collective_rpc round {token} got {got!r}")
+
+    def generations() -> None:
+        for token in range(rounds):
+            request = OmniDiffusionRequest(prompt=f"round {token}", seed=token, request_id=f"round-{token}",
+                                           num_inference_steps=1, height=32, width=32)
+            (output,) = engine.generate([request])
+            if output.request_id != f"round-{token}" or not output.ok or output.seeds[0] != [token]:
+                problems.append(f"generate round {token} got {output.request_id!r} {output.errors!r}")
+
+    threads = [threading.Thread(target=calls), threading.Thread(target=generations)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+        if thread.is_alive():
+            problems.append(f"{thread.name} did not finish")
+    return problems

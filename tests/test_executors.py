@@ -138,3 +138,36 @@ def test_worker_that_cannot_load_fails_startup_with_its_traceback(tmp_path):
 def test_mp_refuses_a_tp_that_does_not_divide_its_workers_before_spawning():
     with pytest.raises(ValueError, match=r"world_size=3 is not divisible by tp\*cfg=2"):
         DiffusionEngine(OmniDiffusionConfig(executor_class="mp", num_gpus=3, tensor_parallel_size=2))
+
+
+def test_two_threads_on_one_mp_engine_each_get_their_own_results(mp_engine):
+    from helpers import hammer_from_two_threads
+
+    assert hammer_from_two_threads(mp_engine, rounds=50) == []
+
+
+def test_uni_refuses_several_workers_and_survives_shutdown_after_a_failed_start():
+    with pytest.raises(ValueError, match="num_gpus=2"):
+        DiffusionEngine(OmniDiffusionConfig(executor_class="uni", num_gpus=2))
+    executor = UniProcDiffusionExecutor.__new__(UniProcDiffusionExecutor)
+    with pytest.raises(ValueError, match="num_gpus=3"):
+        executor.__init__(OmniDiffusionConfig(num_gpus=3))
+    executor.shutdown()
+    executor.shutdown()
+
+
+def test_engine_passes_keywords_to_an_executor_written_with_keyword_parameters():
+    from spmd_diffusion.executor import DiffusionExecutor
+
+    class KeywordExecutor(DiffusionExecutor):
+        def _init_executor(self) -> None:
+            self.seen = []
+
+        def collective_rpc(self, method, **kwargs):  # as the design document's MPIExecutor sketch
+            self.seen.append((method, kwargs))
+            return ["answer"]
+
+    with DiffusionEngine(OmniDiffusionConfig(executor_class=KeywordExecutor)) as engine:
+        assert engine.collective_rpc("ping", timeout=3, args=(1,), kwargs={"a": 2}) == ["answer"]
+        assert engine.executor.seen == [("ping", {"timeout": 3, "args": (1,), "kwargs": {"a": 2},
+                                                  "unique_reply_rank": None})]

@@ -63,7 +63,7 @@ def test_building_inside_a_process_group_still_saves_every_weight(tmp_path, monk
     """transformers saves only on rank 0 once torch.distributed is up: build out of process."""
     import torch.distributed as dist
 
-    from spmd_diffusion import models
+    from spmd_diffusion.models import loader as models
     from spmd_diffusion.models import ensure_tiny_model
 
     def not_in_this_process(*args, **kwargs):

@@ -68,3 +68,9 @@ def test_sleep_and_wake_on_every_rank(root_engine):
     assert [h["status"] for h in root_engine.collective_rpc("check_health")] == ["asleep", "asleep"]
     root_engine.wake_up(["weights"])
     root_engine.check_health()
+
+
+def test_two_threads_each_get_their_own_results(root_engine):
+    from helpers import hammer_from_two_threads
+
+    assert hammer_from_two_threads(root_engine, rounds=50) == []
