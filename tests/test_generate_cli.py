@@ -77,6 +77,18 @@ def test_outputs_and_manifest(runs):
     assert (output / "contact_sheet.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_each_replica_leader_wrote_the_images_it_computed(runs, launcher):
+    import hashlib
+
+    output = runs[launcher]
+    lines = manifest(output)
+    assert all(line["written_by"] == line["rank"] for line in lines)
+    assert {line["written_by"] for line in lines} == {0, 1}, "both replicas wrote their own images"
+    for line in lines:
+        assert hashlib.sha256((output / line["path"]).read_bytes()).hexdigest() == line["sha256"]
+
+
 def test_same_png_bytes_under_every_launcher(runs):
     reference = images(runs["none"])
     assert len(reference) == 6

@@ -255,6 +255,24 @@ def check_world_layout(config: OmniDiffusionConfig) -> None:
             f"--tp {config.tensor_parallel_size}{' with --cfg-parallel' if config.cfg_parallel else ''} "
             f"needs a multiple of {config.replica_size} ranks; this job has {world}"
         )
+    if config.replica_size > 1 and config.device != "cpu":
+        check_gpus_for_parallel(config, world)
+
+
+def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> None:
+    """Tensor/CFG parallel on GPUs: one GPU per rank on this node, checked before loading."""
+    import torch
+
+    from spmd_diffusion.worker.device import check_one_gpu_per_rank
+
+    if not torch.cuda.is_available():
+        return  # auto means the CPU here; an explicit cuda fails at load with its own message
+    launch = detect_launcher()
+    on_node = (launch.local_world_size or launch.world_size) if launch.is_distributed else world
+    try:
+        check_one_gpu_per_rank(on_node or 1, torch.cuda.device_count())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command()

@@ -27,3 +27,14 @@ def resolve_dtype(name: str, device: Any) -> Any:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def check_one_gpu_per_rank(ranks_on_node: int, gpus: int) -> None:
+    """Tensor/CFG-parallel ranks need a GPU each: NCCL refuses two ranks on one device
+    (found on an H200 run with two ranks sharing cuda:0), and a failed group hangs or fails
+    every item. Refuse it up front, with what to do instead."""
+    if gpus and ranks_on_node > gpus:
+        raise ValueError(
+            f"tensor/CFG parallelism needs one GPU per rank, but {ranks_on_node} ranks on this node share "
+            f"{gpus} GPU(s): start at most {gpus} rank(s) per node, or use --device cpu"
+        )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.worker.device import resolve_device, resolve_dtype
+from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
 from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
 from spmd_diffusion.request import OmniDiffusionRequest
@@ -53,6 +53,9 @@ class DiffusionWorker:
         if threads:
             torch.set_num_threads(threads)
         from spmd_diffusion.parallel.groups import join_parallel_groups
+
+        if od_config.replica_size > 1 and self.device.type == "cuda":
+            check_one_gpu_per_rank(local_world_size, torch.cuda.device_count())
 
         # Collective over the job when tp x cfg > 1: every rank builds its worker in step.
         self.parallel = join_parallel_groups(
