@@ -111,7 +111,7 @@ def test_external_executor_drives_a_worker_it_did_not_start(tiny_unet, monkeypat
         assert worker.poll() is None, "shutdown of the executor must leave the worker running"
         with DiffusionEngine(config) as again:  # a second client reuses the loaded worker
             assert same_pixels(outputs, again.generate(small_requests(2)))
-            again.executor.transport.channels[0].send(RpcRequest(MessageKind.SHUTDOWN))
+            again.executor.transport.send(0, RpcRequest(MessageKind.SHUTDOWN))
         assert worker.wait(timeout=30) == 0
     finally:
         if worker.poll() is None:

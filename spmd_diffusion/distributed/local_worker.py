@@ -1,9 +1,14 @@
 """A worker on a thread of the engine's own process (rank 0 of an SPMD job, the uni executor).
 
 The worker thread runs the same :func:`~.serve_loop.run_worker_rank` as every other rank,
-over a pair of queues. So rank 0 denoises its share while its main thread keeps scheduling
-the other replicas and keeping the books, and the worker is only ever touched by its own
-thread (CUDA's current device is per thread, so it is set once, there).
+over a pair of queues. So rank 0 denoises its share of a batch job on that thread while its
+main thread keeps scheduling the other replicas and keeping the books.
+
+A collective call with no timeout may instead run on the caller's own thread
+(:meth:`LocalWorker.run_inline`) when the worker is idle and nothing is queued before it:
+the same order, without a thread hand-off. Measured at 2 MPI ranks, the hand-off made a
+no-op ``collective_rpc`` cost 153 us instead of about 30 (the uni executor: 69 us instead
+of 3-5): two thread wake-ups and a contended GIL per call.
 """
 
 from __future__ import annotations
@@ -12,26 +17,18 @@ import queue
 import threading
 from typing import Any
 
-from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest
+from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest, answer
 from spmd_diffusion.distributed.serve_loop import WorkerPlacement, run_worker_rank
 from spmd_diffusion.errors import WorkerDiedError
 
 _DEAD = object()  # put on the reply queue when the thread ends without being shut down
 
 
-class _QueueEndpoint:
-    def __init__(self, requests: queue.SimpleQueue, replies: queue.SimpleQueue) -> None:
-        self.requests, self.replies = requests, replies
-
-    def recv(self) -> RpcRequest:
-        return self.requests.get()
-
-    def send(self, reply: RpcReply) -> None:
-        self.replies.put(reply)
-
-
 class LocalWorker:
-    """Rank ``placement.rank``'s worker, served on a daemon thread."""
+    """Rank ``placement.rank``'s worker, served on a daemon thread.
+
+    ``_busy`` is held while a request runs (on the thread or inline); ``_queued`` counts
+    requests handed over and not yet answered, so an inline call never overtakes one."""
 
     def __init__(self, placement: WorkerPlacement, name: str = "spmd-diffusion-worker") -> None:
         self.rank = placement.rank
@@ -39,26 +36,61 @@ class LocalWorker:
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.exit_code: int | None = None
-        endpoint = _QueueEndpoint(self.requests, self.replies)
-        self.thread = threading.Thread(target=self._main, args=(endpoint, placement), name=name, daemon=True)
+        self.worker: Any = None
+        self._state = threading.Lock()
+        self._busy = threading.Lock()
+        self._queued = 0
+        self.thread = threading.Thread(target=self._main, args=(placement,), name=name, daemon=True)
         self.thread.start()
 
-    def _main(self, endpoint: _QueueEndpoint, placement: WorkerPlacement) -> None:
+    # -- the worker thread's end of the queues -------------------------------------------------
+    def recv(self) -> RpcRequest:
+        request = self.requests.get()
+        self._busy.acquire()
+        return request
+
+    def send(self, reply: RpcReply) -> None:
+        self.replies.put(reply)
+        with self._state:
+            self._queued -= 1
+        self._busy.release()
+
+    def _main(self, placement: WorkerPlacement) -> None:
         try:
-            self.exit_code = run_worker_rank(endpoint, placement)
+            self.exit_code = run_worker_rank(self, placement, loaded=self._loaded)
         except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit inside a call: report it
             self.error = exc
             self.replies.put(_DEAD)
 
+    def _loaded(self, worker: Any) -> None:
+        self.worker = worker
+
+    # -- the engine's end ----------------------------------------------------------------------
     def _died(self) -> WorkerDiedError:
         error = WorkerDiedError(self.rank, None, None)
         error.__cause__ = self.error  # e.g. the SystemExit that ended the thread
         return error
 
-    def send(self, request: RpcRequest) -> None:
+    def submit(self, request: RpcRequest) -> None:
+        """Queue ``request`` for the worker thread."""
         if self.error is not None:
             raise self._died()
+        with self._state:
+            self._queued += 1
         self.requests.put(request)
+
+    def run_inline(self, request: RpcRequest) -> RpcReply | None:
+        """Answer ``request`` on this thread if the worker is idle with nothing queued;
+        None when it must be queued instead."""
+        if self.worker is None or self.error is not None:
+            return None
+        with self._state:
+            if self._queued or not self._busy.acquire(blocking=False):
+                return None
+        try:
+            return answer(self.worker, self.rank, request)
+        finally:
+            self._busy.release()
 
     def _drain(self, first: Any) -> list[RpcReply]:
         items = [first]

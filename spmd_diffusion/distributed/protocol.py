@@ -6,9 +6,11 @@ The engine sends :class:`RpcRequest` (``kind``, ``call_id``, ``method``, ``args`
 serve loop (:mod:`.serve_loop`) answers them, so a call runs and fails the same way under
 every executor.
 
-Both are NamedTuples: cheap to build and to pickle, which matters on the microsecond RPC
-path. They only ever travel over channels that the job itself opened (a pipe to its own
-child, the launcher's MPI or gloo group, or a socket authenticated with a shared key).
+Both are NamedTuples. Across a process boundary they travel as plain tuples (the kind as an
+int): measured, pickling and unpickling a request and its reply costs 22 us as NamedTuples
+with an IntEnum and 2.7 us as plain tuples, on an RPC path whose raw MPI floor is ~20 us.
+They only ever travel over channels that the job itself opened (a pipe to its own child,
+the launcher's MPI or gloo group, or a socket authenticated with a shared key).
 """
 
 from __future__ import annotations
@@ -59,6 +61,39 @@ class RpcReply(NamedTuple):
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+
+_KINDS = {kind.value: kind for kind in MessageKind}
+
+
+def request_to_wire(request: RpcRequest) -> tuple:
+    return (request.kind.value, *request[1:])
+
+
+def request_from_wire(data: tuple) -> RpcRequest:
+    return RpcRequest(_KINDS[data[0]], *data[1:])
+
+
+def reply_to_wire(reply: RpcReply) -> tuple:
+    return tuple(reply)
+
+
+def reply_from_wire(data: tuple) -> RpcReply:
+    return RpcReply._make(data)
+
+
+class WireEndpoint:
+    """A worker's end of a pickling channel (pipe, socket, control plane): requests and
+    replies cross it as plain tuples."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    def recv(self) -> RpcRequest:
+        return request_from_wire(self.channel.recv())
+
+    def send(self, reply: RpcReply) -> None:
+        self.channel.send(reply_to_wire(reply))
 
 
 @functools.lru_cache(maxsize=64)

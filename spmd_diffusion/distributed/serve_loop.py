@@ -10,6 +10,7 @@ load the worker, report how that went.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -97,9 +98,12 @@ def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> MessageKin
             endpoint.send(RpcReply(rank, None, failure_from_exception(rank, exc), request.call_id))
 
 
-def run_worker_rank(endpoint: WorkerEndpoint, placement: WorkerPlacement) -> int:
+def run_worker_rank(
+    endpoint: WorkerEndpoint, placement: WorkerPlacement, loaded: Callable[[Any], None] | None = None
+) -> int:
     """A worker rank's life: START (load and report) or ABORT, then serve. Returns the
-    rank's exit code: 0 after a clean shutdown, ABORT's code otherwise."""
+    rank's exit code: 0 after a clean shutdown, ABORT's code otherwise. ``loaded`` is told
+    the worker once it exists (rank 0's own worker may also be called on other threads)."""
     request = endpoint.recv()
     if request.kind is MessageKind.ABORT:
         return int(request.args[0])
@@ -107,6 +111,8 @@ def run_worker_rank(endpoint: WorkerEndpoint, placement: WorkerPlacement) -> int
         raise RuntimeError(f"expected START, got {request.kind.name}")
     od_config, rendezvous = request.args
     worker, reply = load_worker(od_config, placement, rendezvous)
+    if loaded is not None and reply.ok:
+        loaded(worker)
     endpoint.send(reply._replace(call_id=request.call_id))
     try:
         serve_worker(worker, placement.rank, endpoint)

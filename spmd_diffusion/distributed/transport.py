@@ -24,7 +24,7 @@ from typing import Any
 
 from spmd_diffusion.distributed.control.base import Backoff, ControlPlane
 from spmd_diffusion.distributed.local_worker import LocalWorker
-from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest
+from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest, reply_from_wire, request_to_wire
 from spmd_diffusion.errors import WorkerDiedError
 
 
@@ -38,6 +38,11 @@ class Transport(ABC):
     @abstractmethod
     def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
         """Replies from ``ranks``, waiting up to ``timeout`` seconds for the first."""
+
+    def run_inline(self, rank: int, request: RpcRequest) -> RpcReply | None:
+        """Answer ``request`` for ``rank`` on the calling thread, if that rank's worker lives
+        in this process and is idle; None: send it instead."""
+        return None
 
     def close(self) -> None:
         """Release the channels (the workers' lives are their executor's business)."""
@@ -62,7 +67,7 @@ class ChannelTransport(Transport):
 
     def send(self, rank: int, request: RpcRequest) -> None:
         try:
-            self.channels[rank].send(request)
+            self.channels[rank].send(request_to_wire(request))
         except (BrokenPipeError, EOFError, OSError):
             raise self._died(rank) from None
 
@@ -77,7 +82,7 @@ class ChannelTransport(Transport):
                 continue
             try:
                 while True:
-                    replies.append(self.channels[rank].recv())
+                    replies.append(reply_from_wire(self.channels[rank].recv()))
                     if not self.channels[rank].poll():
                         break
             except (EOFError, OSError):
@@ -103,7 +108,10 @@ class LocalTransport(Transport):
         self.world_size = 1
 
     def send(self, rank: int, request: RpcRequest) -> None:
-        self.local.send(request)
+        self.local.submit(request)
+
+    def run_inline(self, rank: int, request: RpcRequest) -> RpcReply | None:
+        return self.local.run_inline(request)
 
     def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
         return self.local.wait(timeout)
@@ -124,9 +132,12 @@ class SPMDTransport(Transport):
 
     def send(self, rank: int, request: RpcRequest) -> None:
         if rank == 0:
-            self.local.send(request)
+            self.local.submit(request)
         else:
-            self.control.send(rank, request)
+            self.control.send(rank, request_to_wire(request))
+
+    def run_inline(self, rank: int, request: RpcRequest) -> RpcReply | None:
+        return self.local.run_inline(request) if rank == 0 else None
 
     def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
         remote = [rank for rank in ranks if rank != 0]
@@ -135,7 +146,7 @@ class SPMDTransport(Transport):
         def arrived() -> bool:
             replies.extend(self.local.poll())
             if remote:
-                replies.extend(self.control.poll_replies(remote))
+                replies.extend(map(reply_from_wire, self.control.poll_replies(remote)))
             return bool(replies)
 
         self.backoff.wait(arrived, None if timeout is None else time.monotonic() + timeout)

@@ -12,7 +12,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Listener
 
 from spmd_diffusion.data import OmniDiffusionConfig
-from spmd_diffusion.distributed.protocol import MessageKind
+from spmd_diffusion.distributed.protocol import MessageKind, WireEndpoint
 from spmd_diffusion.distributed.serve_loop import serve_worker
 from spmd_diffusion.distributed.shm_channel import ShmChannel
 from spmd_diffusion.executor.external_executor import REMOTE, parse_address
@@ -35,7 +35,7 @@ def serve_external_worker(
                 logger.warning("refused a client with the wrong authkey")
                 continue
             with connection:
-                reason = serve_worker(worker, rank, ShmChannel(connection, threshold=REMOTE))
+                reason = serve_worker(worker, rank, WireEndpoint(ShmChannel(connection, threshold=REMOTE)))
             if reason is MessageKind.SHUTDOWN:
                 break
     worker.shutdown()

@@ -19,7 +19,7 @@ from typing import Any
 
 from spmd_diffusion import envs
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.distributed.protocol import MessageKind, RpcMethod, RpcRequest, method_name
+from spmd_diffusion.distributed.protocol import MessageKind, RpcMethod, RpcRequest, method_name, request_to_wire
 from spmd_diffusion.distributed.shm_channel import ShmChannel
 from spmd_diffusion.distributed.transport import ChannelTransport
 from spmd_diffusion.errors import SpmdDiffusionError
@@ -87,7 +87,7 @@ class ExternalDiffusionExecutor(RpcExecutor):
             return
         for channel in transport.channels:
             try:
-                channel.send(RpcRequest(MessageKind.DISCONNECT))
+                channel.send(request_to_wire(RpcRequest(MessageKind.DISCONNECT)))
                 channel.recv()
             except (EOFError, OSError):
                 pass

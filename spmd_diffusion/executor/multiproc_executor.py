@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.distributed.protocol import WireEndpoint
 from spmd_diffusion.distributed.rendezvous import RendezvousServer
 from spmd_diffusion.distributed.serve_loop import WorkerPlacement, run_worker_rank
 from spmd_diffusion.distributed.shm_channel import ShmChannel
@@ -33,7 +34,7 @@ def worker_main(placement: WorkerPlacement, channel: ShmChannel) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(placement.rank)
-    run_worker_rank(channel, placement)
+    run_worker_rank(WireEndpoint(channel), placement)
 
 
 class MultiProcDiffusionExecutor(RpcExecutor):

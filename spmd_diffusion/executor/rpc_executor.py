@@ -137,15 +137,30 @@ class RpcExecutor(DiffusionExecutor):
                              tuple(args), kwargs, reply_rank)
         with self._routed:
             self._calls[call.call_id] = call
+        # A collective call with no deadline may run rank 0's share on this thread, after
+        # the others have theirs (see LocalWorker.run_inline); still under the send lock, so
+        # no other call can slip in between on any rank.
+        inline = kind is MessageKind.CALL and timeout is None and replica < 0 and 0 in ranks
         with self._send_lock:
             for rank in ranks:
-                try:
-                    self.transport.send(rank, request)
-                except WorkerDiedError as exc:
-                    exc.method = name
-                    self._fail(exc)
-                    raise
+                if inline and rank == 0:
+                    continue
+                self._send(rank, request, name)
+            if inline:
+                reply = self.transport.run_inline(0, request)
+                if reply is None:
+                    self._send(0, request, name)
+                else:
+                    self._route([reply])
         return call
+
+    def _send(self, rank: int, request: RpcRequest, name: str) -> None:
+        try:
+            self.transport.send(rank, request)
+        except WorkerDiedError as exc:
+            exc.method = name
+            self._fail(exc)
+            raise
 
     # -- waiting -------------------------------------------------------------------------------
     def _route(self, replies: list[RpcReply]) -> None:

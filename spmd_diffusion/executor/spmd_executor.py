@@ -19,10 +19,10 @@ import logging
 import traceback
 
 from spmd_diffusion.data import OmniDiffusionConfig
-from spmd_diffusion.distributed.control import ControlPlane, RootEndpoint, get_control_plane
+from spmd_diffusion.distributed.control import ControlPlane, RootChannel, get_control_plane
 from spmd_diffusion.distributed.launcher import detect_launcher
 from spmd_diffusion.distributed.local_worker import LocalWorker
-from spmd_diffusion.distributed.protocol import MessageKind, RpcRequest
+from spmd_diffusion.distributed.protocol import MessageKind, RpcRequest, WireEndpoint, request_to_wire
 from spmd_diffusion.distributed.rendezvous import RendezvousServer
 from spmd_diffusion.distributed.serve_loop import WorkerPlacement, run_worker_rank
 from spmd_diffusion.distributed.transport import SPMDTransport
@@ -55,7 +55,7 @@ def serve_spmd_rank(control: ControlPlane) -> int:
 
     setup_logging(control.rank)
     try:
-        return run_worker_rank(RootEndpoint(control), placement_of(control))
+        return run_worker_rank(WireEndpoint(RootChannel(control)), placement_of(control))
     except BaseException as exc:  # noqa: BLE001 - anything here would leave rank 0 waiting
         fatal(control, exc)
         raise
@@ -66,7 +66,7 @@ def release_waiting_ranks(control: ControlPlane | None, code: int) -> None:
     if control is None or control.size == 1 or control.serving:
         return
     for rank in range(1, control.size):
-        control.send(rank, RpcRequest(MessageKind.ABORT, args=(code,)))
+        control.send(rank, request_to_wire(RpcRequest(MessageKind.ABORT, args=(code,))))
     control.flush(timeout=10.0)
 
 

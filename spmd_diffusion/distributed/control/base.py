@@ -130,8 +130,9 @@ class ControlPlane(ABC):
         return f"{self.kind} rank {self.rank}/{self.size} (local {self.local_rank}/{self.local_size})"
 
 
-class RootEndpoint:
-    """A non-root rank's side of the control plane, as the serve loop sees it."""
+class RootChannel:
+    """A non-root rank's side of the control plane as a channel (wrap it in a
+    :class:`~spmd_diffusion.distributed.protocol.WireEndpoint` for the serve loop)."""
 
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
