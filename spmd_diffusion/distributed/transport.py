@@ -25,7 +25,7 @@ from typing import Any
 from spmd_diffusion.distributed.control.base import Backoff, ControlPlane
 from spmd_diffusion.distributed.local_worker import LocalWorker
 from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest, reply_from_wire, request_to_wire
-from spmd_diffusion.errors import WorkerDiedError
+from spmd_diffusion.errors import ConnectionLostError, WorkerDiedError
 
 
 class Transport(ABC):
@@ -120,17 +120,26 @@ class LocalTransport(Transport):
 class SPMDTransport(Transport):
     """Rank 0 of an SPMD job: its own worker on a thread, the others over the control plane.
 
-    Replies are polled with :class:`Backoff` (MPI and gloo offer no wait that a thread queue
-    could join), so an idle engine costs little CPU and a reply is seen within a couple of
-    milliseconds at worst."""
+    Where the control plane can deliver replies into a queue (gloo, whose replies arrive on a
+    thread), rank 0's worker replies into the same queue and the engine blocks on it. MPI
+    replies must be polled: then the engine polls with :class:`Backoff`, spinning only
+    just after it sent something (a reply is likely within microseconds), sleeping in short
+    steps otherwise, so a waiting engine neither burns a core nor starves rank 0's worker
+    thread of the GIL."""
+
+    SPIN_AFTER_SEND_S = 0.005
 
     def __init__(self, control: ControlPlane, local: LocalWorker) -> None:
         self.control = control
         self.local = local
         self.world_size = control.size
-        self.backoff = Backoff()
+        self.shared_inbox = control.share_inbox(local.replies)
+        self.spinning = Backoff()
+        self.sleeping = Backoff(spin_s=0.0)
+        self.last_send = 0.0
 
     def send(self, rank: int, request: RpcRequest) -> None:
+        self.last_send = time.monotonic()
         if rank == 0:
             self.local.submit(request)
         else:
@@ -140,6 +149,8 @@ class SPMDTransport(Transport):
         return self.local.run_inline(request) if rank == 0 else None
 
     def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
+        if self.shared_inbox:
+            return [_reply(item) for item in self.local.wait(timeout)]
         remote = [rank for rank in ranks if rank != 0]
         replies: list[RpcReply] = []
 
@@ -149,5 +160,14 @@ class SPMDTransport(Transport):
                 replies.extend(map(reply_from_wire, self.control.poll_replies(remote)))
             return bool(replies)
 
-        self.backoff.wait(arrived, None if timeout is None else time.monotonic() + timeout)
+        backoff = self.spinning if time.monotonic() - self.last_send < self.SPIN_AFTER_SEND_S else self.sleeping
+        backoff.wait(arrived, None if timeout is None else time.monotonic() + timeout)
         return replies
+
+
+def _reply(item: Any) -> RpcReply:
+    """An item of a shared inbox: a local reply, a remote one (a plain tuple), or the error
+    that ended the control plane's reply thread."""
+    if isinstance(item, BaseException):
+        raise ConnectionLostError(str(item)) from item
+    return reply_from_wire(item)

@@ -45,6 +45,9 @@ class PendingCall(ReplicaCall):
     """One call in flight: done when every rank in ``ranks`` has replied (or, for a start-up
     call, as soon as one rank reports a failure), or when ``error`` is set."""
 
+    __slots__ = ("executor", "call_id", "name", "ranks", "reply_rank", "timeout", "deadline", "replica",
+                 "stop_at_failure", "replies", "error", "_failed")
+
     def __init__(
         self,
         executor: RpcExecutor,
@@ -63,6 +66,11 @@ class PendingCall(ReplicaCall):
         self.stop_at_failure = stop_at_failure
         self.replies: dict[int, RpcReply] = {}
         self.error: BaseException | None = None
+        self._failed = False
+
+    def add(self, reply: RpcReply) -> None:
+        self.replies[reply.rank] = reply
+        self._failed = self._failed or reply.failure is not None
 
     @property
     def waiting_for(self) -> list[int]:
@@ -70,9 +78,8 @@ class PendingCall(ReplicaCall):
 
     @property
     def done(self) -> bool:
-        if self.error is not None or len(self.replies) == len(self.ranks):
-            return True
-        return self.stop_at_failure and any(not reply.ok for reply in self.replies.values())
+        return (self.error is not None or len(self.replies) == len(self.ranks)
+                or (self.stop_at_failure and self._failed))
 
     def result(self) -> Any:
         """The value (or values, one per rank, when ``reply_rank`` is None); raises the call's
@@ -93,7 +100,7 @@ class RpcExecutor(DiffusionExecutor):
         self._calls: dict[int, PendingCall] = {}
         self._send_lock = threading.Lock()
         self._pump_lock = threading.Lock()
-        self._routed = threading.Condition()
+        self._routed = threading.Condition(threading.Lock())
         self.failure: BaseException | None = None
 
     @property
@@ -169,7 +176,7 @@ class RpcExecutor(DiffusionExecutor):
                 call = self._calls.get(reply.call_id)
                 if call is None:
                     continue  # a reply to a call that already failed or timed out
-                call.replies[reply.rank] = reply
+                call.add(reply)
                 if call.done:
                     del self._calls[reply.call_id]
             self._routed.notify_all()
@@ -192,24 +199,24 @@ class RpcExecutor(DiffusionExecutor):
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            finished = [call for call in calls if call.done]
-            if finished and (not every or len(finished) == len(calls)):
-                return finished
+            pending = [call for call in calls if not call.done]
+            if not pending or (not every and len(pending) < len(calls)):
+                return [call for call in calls if call.done]
             now = time.monotonic()
-            late = [call for call in calls if not call.done and call.deadline is not None and now >= call.deadline]
+            ends = [call.deadline for call in pending if call.deadline is not None]
+            late = [call for call in pending if call.deadline is not None and now >= call.deadline]
             if late:
                 error = ExecutorTimeoutError(late[0].name, late[0].timeout, late[0].waiting_for)
                 self._fail(error)  # a stuck rank cannot be interrupted: nothing can follow
                 raise error
-            if deadline is not None and now >= deadline:
-                return finished
-            ends = [call.deadline for call in calls if not call.done and call.deadline is not None]
             if deadline is not None:
+                if now >= deadline:
+                    return [call for call in calls if call.done]
                 ends.append(deadline)
-            limit = min([POLL_SLICE_S, *(end - now for end in ends)])
+            limit = max(0.0, min(POLL_SLICE_S, *(end - now for end in ends)) if ends else POLL_SLICE_S)
             if self._pump_lock.acquire(blocking=False):
                 try:
-                    self._pump(max(0.0, limit))
+                    self._pump(limit)
                 finally:
                     self._pump_lock.release()
                     with self._routed:

@@ -113,6 +113,11 @@ class ControlPlane(ABC):
     def flush(self, timeout: float) -> bool:
         """Wait until every queued send has left (False at the timeout)."""
 
+    def share_inbox(self, inbox: Any) -> bool:
+        """Deliver replies into ``inbox`` (a queue) as they arrive, instead of waiting for
+        ``poll_replies``; False where replies can only be polled (MPI)."""
+        return False
+
     # -- every other rank --------------------------------------------------------------------
     @abstractmethod
     def recv_from_root(self) -> Any:

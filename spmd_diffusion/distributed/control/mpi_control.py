@@ -32,6 +32,7 @@ TAG_REQUEST = 76
 TAG_REPLY = 77
 TAG_LARGE = 78
 LARGE_BYTES = 1 << 30
+REAP_AFTER = 64
 LARGE_MARKER = b"\x00spmd-diffusion-large\x00"
 
 
@@ -93,7 +94,8 @@ class MPIControl(ControlPlane):
         data = pickle.dumps(obj, protocol=5)
         with self.lock:
             self._sending.append((self.comm.Isend(data, dest=rank, tag=TAG_REQUEST), data))
-            self._reap()
+            if len(self._sending) > REAP_AFTER:  # polls reap too: keep the send path short
+                self._reap()
 
     def _receive(self, message: Any, status: Any) -> Any:
         buffer = bytearray(status.Get_count(self.MPI.BYTE))

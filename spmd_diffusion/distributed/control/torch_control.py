@@ -141,6 +141,14 @@ class TorchControl(ControlPlane):
         except Exception as exc:  # noqa: BLE001 - the group is gone (a rank died, or shutdown)
             self._replies.put(exc)
 
+    def share_inbox(self, inbox: Any) -> bool:
+        """Replies go straight into ``inbox`` (rank 0's own worker replies there too), so the
+        engine blocks on one queue instead of polling: a polling thread holds the GIL that
+        the reply thread needs (measured: 2.8 ms per call that way, against 0.7-0.9 ms)."""
+        with self.lock:
+            self._replies = inbox
+        return True
+
     def poll_replies(self, ranks: Collection[int]) -> list[Any]:
         arrived = []
         while True:
