@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from spmd_diffusion.request import MAX_SEED, OmniDiffusionRequest
 from spmd_diffusion.utils.images import ImageLike, decode_image, encode_image
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class OmniDiffusionConfig:
     rpc_timeout: float | None = 300.0
     generate_timeout: float | None = 3600.0
     startup_timeout: float | None = 900.0
+    max_image_size: int = 4096
+    max_inference_steps: int = 1000
+    max_images_per_prompt: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -98,12 +102,29 @@ class OmniDiffusionConfig:
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         ):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         _check_int("max_batch_size", self.max_batch_size, 1)
+        for name in ("max_image_size", "max_inference_steps", "max_images_per_prompt"):
+            _check_int(name, getattr(self, name), 1)
         _check_int("torch_num_threads", self.torch_num_threads, 1, allow_none=True)
         for name in ("rpc_timeout", "generate_timeout", "startup_timeout"):
             _check_timeout(name, getattr(self, name))
+
+    def check_limits(self, request: OmniDiffusionRequest) -> None:
+        """Refuse a request past this config's limits (a typo such as height 100000 would
+        hold a replica for hours), before any work is sent anywhere."""
+        for name in ("height", "width"):
+            value = getattr(request, name)
+            if value is not None and value > self.max_image_size:
+                raise ValueError(f"{name} {value} is above the limit of {self.max_image_size} (max_image_size)")
+        steps = request.num_inference_steps
+        if steps is not None and steps > self.max_inference_steps:
+            raise ValueError(f"num_inference_steps {steps} is above the limit of {self.max_inference_steps} "
+                             "(max_inference_steps)")
+        if request.num_images_per_prompt > self.max_images_per_prompt:
+            raise ValueError(f"num_images_per_prompt {request.num_images_per_prompt} is above the limit of "
+                             f"{self.max_images_per_prompt} (max_images_per_prompt)")
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: serve executor options as attributes.

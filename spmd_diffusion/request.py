@@ -7,11 +7,18 @@ so it holds no tensors and validates itself on construction, before any model is
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MAX_SEED = 2**63 - 1
+# Pipeline arguments a request sets through its own fields, or the worker sets itself (the
+# seeds' generators): ``extra`` may not override them, or the manifest would lie.
+RESERVED_EXTRA = frozenset({
+    "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
+    "num_images_per_prompt", "generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+})
 
 
 def new_request_id() -> str:
@@ -73,8 +80,8 @@ class OmniDiffusionRequest:
         if self.guidance_scale is not None:
             if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
                 raise ValueError(f"guidance_scale must be a number, got {self.guidance_scale!r}")
-            if self.guidance_scale < 0:
-                raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+            if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+                raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
             self.guidance_scale = float(self.guidance_scale)
         check_size("height", self.height)
         check_size("width", self.width)
@@ -86,6 +93,9 @@ class OmniDiffusionRequest:
             raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+        reserved = sorted(RESERVED_EXTRA.intersection(self.extra))
+        if reserved:
+            raise ValueError(f"extra may not set {', '.join(reserved)}: use the request's own fields")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (as long as ``extra`` holds JSON-safe values)."""

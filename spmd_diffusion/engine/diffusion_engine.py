@@ -37,7 +37,8 @@ class DiffusionEngine:
         self.scheduler = ReplicaScheduler(self.executor, policy)
 
     def prepare(self, requests: Sequence[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
-        """Check types and unique ids, and fix every seed here, on the engine, not on a rank."""
+        """Check types, unique ids and the config's limits, and fix every seed here, on the
+        engine, not on a rank."""
         prepared = []
         seen: set[str] = set()
         for request in requests:
@@ -46,6 +47,7 @@ class DiffusionEngine:
             if request.request_id in seen:
                 raise ValueError(f"duplicate request_id {request.request_id!r}")
             seen.add(request.request_id)
+            self.od_config.check_limits(request)
             prepared.append(with_seed(request, self.od_config.seed))
         return prepared
 

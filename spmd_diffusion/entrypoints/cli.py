@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 import tomllib
 from pathlib import Path
@@ -45,10 +46,17 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--seed", default=0, show_default=True, type=int,
                      help="Run seed: items without their own seed derive theirs from it and their id."),
-        click.option("--batch-size", "max_batch_size", default=4, show_default=True, type=int,
-                     help="Most images in one pipeline call."),
-        click.option("--threads", "torch_num_threads", default=None, type=int,
+        click.option("--batch-size", "max_batch_size", default=4, show_default=True, type=click.IntRange(min=1),
+                     help="Most images in one pipeline call (generate: prompts per batch; a batch is one "
+                          "pipeline call of batch-size x images-per-prompt images)."),
+        click.option("--threads", "torch_num_threads", default=None, type=click.IntRange(min=1),
                      help="torch intra-op threads per rank (CPU default: 1, for layout-independent results)."),
+        click.option("--max-image-size", default=4096, show_default=True, type=click.IntRange(min=8),
+                     help="Largest height or width a request may ask for."),
+        click.option("--max-steps", "max_inference_steps", default=1000, show_default=True,
+                     type=click.IntRange(min=1), help="Most denoising steps a request may ask for."),
+        click.option("--max-images-per-prompt", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="Most images one prompt may ask for."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -231,6 +239,13 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | N
     return value
 
 
+def finite_number(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """NaN and infinity parse as floats but are no setting (and are not JSON)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
+
+
 def job_layout(engine: Any) -> dict[str, Any]:
     """The layout the executor runs (read from it, never recomputed)."""
     layout = engine.executor.parallel_layout
@@ -284,7 +299,8 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Output directory: images/, manifest.jsonl, run.json, contact_sheet.png.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's).")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None, help="Guidance scale (default: the pipeline's).")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite_number,
+              help="Guidance scale (default: the pipeline's).")
 @click.option("--height", type=int, default=None, help="Image height, a multiple of 8 (default: the model's).")
 @click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
 @click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
@@ -323,7 +339,7 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
 
     def prepare() -> OmniDiffusionConfig:
         config = build_config(
-            **model_values, max_batch_size=batch_size * images_per_prompt,
+            **model_values, max_batch_size=options.images_per_batch,
             tensor_parallel_size=tensor_parallel_size, cfg_parallel=cfg_parallel, batch_invariant=batch_invariant,
         )
         check_world_layout(config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -28,8 +29,8 @@ from spmd_diffusion.engine.seeding import with_seed
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
 from spmd_diffusion.jobs.files import write_atomic
-from spmd_diffusion.jobs.manifest import ManifestWriter, done_images, fingerprint
-from spmd_diffusion.jobs.outputs import ImageFileSink
+from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, done_images, fingerprint
+from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink
 from spmd_diffusion.jobs.prompts import PromptItem, read_items
 from spmd_diffusion.request import OmniDiffusionRequest
 
@@ -52,9 +53,16 @@ class GenerateOptions:
     width: int | None = None
     negative_prompt: str | None = None
     images_per_prompt: int = 1
-    batch_size: int = 4
+    batch_size: int = 4  # prompts per batch
     resume: bool = True
     fail_fast: bool = False
+
+
+    @property
+    def images_per_batch(self) -> int:
+        """A batch is the unit a replica takes and one pipeline call: ``batch_size`` prompts of
+        ``images_per_prompt`` images each (it becomes ``OmniDiffusionConfig.max_batch_size``)."""
+        return self.batch_size * self.images_per_prompt
 
 
 @dataclass
@@ -76,8 +84,11 @@ class GeneratePlan:
         return self.images_total - len(self.done)
 
 
-def build_requests(items: list[PromptItem], options: GenerateOptions, run_seed: int) -> list[OmniDiffusionRequest]:
-    """One request per item: run-wide settings, overridden by the item's own."""
+def build_requests(
+    items: list[PromptItem], options: GenerateOptions, run_seed: int, config: OmniDiffusionConfig | None = None
+) -> list[OmniDiffusionRequest]:
+    """One request per item: run-wide settings, overridden by the item's own, within the
+    config's limits."""
     requests = []
     for item in items:
         settings: dict[str, Any] = {
@@ -92,20 +103,36 @@ def build_requests(items: list[PromptItem], options: GenerateOptions, run_seed: 
             request = OmniDiffusionRequest(
                 prompt=item.prompt, request_id=item.id, num_images_per_prompt=options.images_per_prompt, **settings
             )
+            if config is not None:
+                config.check_limits(request)
             requests.append(with_seed(request, run_seed))
         except ValueError as exc:
             raise InputError(f"item {item.id!r} (line {item.line}): {exc}") from None
     return requests
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an output directory the job could not write, before any model loads."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output {str(output_dir)!r} exists and is not a directory")
+    for name, kind in ((MANIFEST_NAME, "file"), ("run.json", "file"), (IMAGES_DIR, "directory")):
+        path = output_dir / name
+        if path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
+            raise InputError(f"--output {str(output_dir)!r}: {name} exists and is not a {kind}")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output {str(output_dir)!r} is not writable (checked {str(existing)!r})")
+
+
 def plan_generation(options: GenerateOptions, config: OmniDiffusionConfig) -> GeneratePlan:
     """Everything rank 0 decides before any model loads; bad input raises InputError."""
     output_dir = Path(options.output)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output {options.output!r} exists and is not a directory")
+    check_output_dir(output_dir)
     items = read_items(options.prompts_file, options.prompts)
-    requests = build_requests(items, options, config.seed)
-    chunks = chunk_requests(requests, options.batch_size * options.images_per_prompt)
+    requests = build_requests(items, options, config.seed, config)
+    chunks = chunk_requests(requests, options.images_per_batch)
     done = done_images(output_dir, requests, config.model) if options.resume else set()
     # A batch is redone whole when any of its images is missing: batch composition, and so
     # every pixel, stays what a full run would give.
@@ -198,7 +225,7 @@ class GenerateJob:
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
             record["images_per_second"] = round(made / seconds, 4) if seconds > 0 else None
-        write_atomic(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr) + "\n").encode())
+        write_atomic(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode())
 
     def _record(self, request: OmniDiffusionRequest, index: int, output: DiffusionOutput, position: int,
                 files: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ class ManifestWriter:
 
     def append(self, records: list[dict[str, Any]]) -> None:
         if records:
-            self.log.write("".join(json.dumps(record, default=repr) + "\n" for record in records))
+            self.log.write("".join(json.dumps(record, default=repr, allow_nan=False) + "\n" for record in records))
 
     def close(self) -> None:
         self.log.close()

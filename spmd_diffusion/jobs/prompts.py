@@ -7,6 +7,7 @@ before any model is loaded (the CLI turns it into one message and exit code 2).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -60,9 +61,44 @@ def _item(record: dict[str, Any], line: int, where: str) -> PromptItem:
     return PromptItem(item_id, prompt, line, settings, meta)
 
 
+def read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark; anything else is refused
+    with the line and the byte that is not UTF-8 (binary files included)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read prompt file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise InputError(f"{path}:{line}: holds a NUL byte: this is not a text file")
+    return text
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json_line(text: str, where: str) -> Any:
+    """One strict-JSON value (no NaN/Infinity), or an InputError that says why not."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply to be a prompt record") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer past Python's digit limit
+        reason = "a number is too large" if "digits" in str(exc) else str(exc)
+        raise InputError(f"{where}: not valid JSON ({reason})") from None
+
+
 def _read_txt(path: Path) -> list[PromptItem]:
     items = []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, text in enumerate(read_text(path).splitlines(), start=1):
         if text.strip():
             items.append(PromptItem(f"{number:0{ID_WIDTH}d}", text.strip(), number))
     return items
@@ -70,14 +106,11 @@ def _read_txt(path: Path) -> list[PromptItem]:
 
 def _read_jsonl(path: Path) -> list[PromptItem]:
     items = []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, text in enumerate(read_text(path).splitlines(), start=1):
         if not text.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+        record = parse_json_line(text, where)
         if not isinstance(record, dict):
             raise InputError(f"{where}: each line must be a JSON object with a 'prompt'")
         items.append(_item(record, number, where))
@@ -88,8 +121,9 @@ def _numbers(record: dict[str, str]) -> dict[str, Any]:
     """CSV cells are text: turn the numeric settings into numbers (or leave them to fail)."""
     converted: dict[str, Any] = dict(record)
     for key in ("seed", "steps", "height", "width"):
-        if converted.get(key) not in (None, "") and re.fullmatch(r"-?\d+", converted[key].strip()):
-            converted[key] = int(converted[key])
+        value = converted.get(key)
+        if value not in (None, "") and re.fullmatch(r"-?\d{1,30}", value.strip()):
+            converted[key] = int(value)
     if converted.get("guidance") not in (None, ""):
         try:
             converted["guidance"] = float(converted["guidance"])
@@ -98,13 +132,29 @@ def _numbers(record: dict[str, str]) -> dict[str, Any]:
     return converted
 
 
+EXTRA_CELLS = "\x00extra"  # DictReader's key for cells beyond the header (no header can hold it)
+
+
 def _read_csv(path: Path) -> list[PromptItem]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise InputError(f"{path}: a CSV file needs a header row with a 'prompt' column")
-        # Data row n is line n + 1 of the file (the header is line 1).
-        return [_item(_numbers(row), number, f"{path}:{number + 1}") for number, row in enumerate(reader, start=1)]
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), restkey=EXTRA_CELLS)
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        raise InputError(f"{path}:1: not a readable CSV header ({exc})") from None
+    if not fieldnames or "prompt" not in [name.strip() for name in fieldnames]:
+        raise InputError(f"{path}: a CSV file needs a header row with a 'prompt' column")
+    reader.fieldnames = [name.strip() for name in fieldnames]
+    items = []
+    try:
+        for number, row in enumerate(reader, start=1):
+            where = f"{path}:{reader.line_num}"  # the file's line (a quoted cell may span lines)
+            if EXTRA_CELLS in row:
+                raise InputError(f"{where}: {len(fieldnames) + len(row[EXTRA_CELLS])} cells, but the header "
+                                 f"has {len(fieldnames)} columns")
+            items.append(_item(_numbers(row), number, where))
+    except csv.Error as exc:
+        raise InputError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+    return items
 
 
 READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}

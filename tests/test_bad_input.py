@@ -1,0 +1,185 @@
+"""Bad input to ``omni-diffuse generate``: exit 2, one clear message, no traceback, nothing
+loaded -- a table of the ways a prompt file or a flag can be wrong.
+
+Run in-process (the CLI's own ``main``): every case fails in rank 0's planning, before any
+model is loaded, so each takes milliseconds. ``test_bad_input_releases_every_rank`` checks
+the same path under real launchers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spmd_diffusion.entrypoints.cli import main
+
+BIN = Path(sys.executable).parent
+
+# (name, file name, file bytes or None, extra args, expected message)
+CASES = [
+    ("binary garbage txt", "g.txt", bytes(range(256)) * 4, [], "g.txt:2: not UTF-8 text (byte 0x80)"),
+    ("binary garbage jsonl", "g.jsonl", b"\xff\xfe\x00garbage", [], "g.jsonl:1: not UTF-8 text"),
+    ("stray latin-1 byte on line 3", "p.txt", b"one\ntwo\nd\xe9j\xe0 vu\n", [], "p.txt:3: not UTF-8 text (byte 0xe9)"),
+    ("NUL byte", "p.txt", b"one\ntw\x00o\n", [], "p.txt:2: holds a NUL byte"),
+    ("deep nesting", "p.jsonl", b"[" * 100_000 + b"\n", [], "p.jsonl:1: nested too deeply"),
+    ("5000-digit integer", "p.jsonl", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}\n", [],
+     "p.jsonl:1: not valid JSON (a number is too large)"),
+    ("NaN guidance in jsonl", "p.jsonl", b'{"prompt": "x", "guidance": NaN}\n', [],
+     "p.jsonl:1: not valid JSON (NaN is not a number JSON allows)"),
+    ("Infinity guidance in jsonl", "p.jsonl", b'{"prompt": "x", "guidance": Infinity}\n', [],
+     "Infinity is not a number JSON allows"),
+    ("broken JSON", "p.jsonl", b'{"prompt": "ok"}\n{"prompt": \n', [], "p.jsonl:2: not valid JSON"),
+    ("a JSON list line", "p.jsonl", b'["a"]\n', [], "p.jsonl:1: each line must be a JSON object"),
+    ("missing prompt", "p.jsonl", b'{"id": "a"}\n', [], "'prompt' is required"),
+    ("empty prompt", "p.jsonl", b'{"prompt": "   "}\n', [], "'prompt' is required"),
+    ("prompt not a string", "p.jsonl", b'{"prompt": 5}\n', [], "'prompt' is required and must be a non-empty string"),
+    ("bad id", "p.jsonl", b'{"prompt": "x", "id": "../../etc"}\n', [], "id '../../etc' must be 1-128 characters"),
+    ("duplicate id", "p.jsonl", b'{"prompt": "x", "id": "a"}\n{"prompt": "y", "id": "a"}\n', [],
+     "id 'a' repeats line 1"),
+    ("height not a multiple of 8", "p.jsonl", b'{"prompt": "x", "height": 60}\n', [],
+     "height must be a positive multiple of 8"),
+    ("height past the limit", "p.jsonl", b'{"prompt": "x", "height": 100000}\n', [],
+     "height 100000 is above the limit of 4096"),
+    ("steps past the limit", "p.jsonl", b'{"prompt": "x", "steps": 100000}\n', [],
+     "num_inference_steps 100000 is above the limit of 1000"),
+    ("steps not an integer", "p.jsonl", b'{"prompt": "x", "steps": "many"}\n', [],
+     "num_inference_steps must be an integer"),
+    ("negative guidance", "p.jsonl", b'{"prompt": "x", "guidance": -1}\n', [], "guidance_scale must be a finite number >= 0"),
+    ("seed too large", "p.jsonl", b'{"prompt": "x", "seed": 18446744073709551616}\n', [], "seed must be in [0, 2**63 - 1]"),
+    ("negative seed", "p.jsonl", b'{"prompt": "x", "seed": -5}\n', [], "seed must be in [0, 2**63 - 1]"),
+    ("csv without prompt column", "p.csv", b"text,seed\nhello,1\n", [], "needs a header row with a 'prompt' column"),
+    ("csv extra cells", "p.csv", b"prompt,seed\nhello,1,surplus\n", [], "p.csv:2: 3 cells, but the header has 2 columns"),
+    ("csv bad seed", "p.csv", b"prompt,seed\nhello,abc\n", [], "seed must be an integer"),
+    ("csv huge seed", "p.csv", b"prompt,seed\nhello,99999999999999999999\n", [], "seed must be in [0, 2**63 - 1]"),
+    ("empty txt", "p.txt", b"\n\n", [], "no prompts in"),
+    ("empty csv", "p.csv", b"prompt\n", [], "no prompts in"),
+    ("unknown extension", "p.yaml", b"prompt: x\n", [], "use .txt, .jsonl or .csv"),
+    ("height flag not multiple of 8", "p.txt", b"x\n", ["--height", "60"], "height must be a positive multiple of 8"),
+    ("height flag past the limit", "p.txt", b"x\n", ["--height", "100000"], "height 100000 is above the limit"),
+    ("raised limit refuses less", "p.txt", b"x\n", ["--height", "512", "--max-image-size", "256"],
+     "height 512 is above the limit of 256"),
+    ("steps flag zero", "p.txt", b"x\n", ["--steps", "0"], "Invalid value for '--steps'"),
+    ("steps flag past the limit", "p.txt", b"x\n", ["--steps", "5000"], "num_inference_steps 5000 is above the limit"),
+    ("guidance nan", "p.txt", b"x\n", ["--guidance", "nan"], "nan is not a finite number"),
+    ("guidance inf", "p.txt", b"x\n", ["--guidance", "inf"], "inf is not a finite number"),
+    ("guidance negative", "p.txt", b"x\n", ["--guidance", "-1"], "Invalid value for '--guidance'"),
+    ("images per prompt past the limit", "p.txt", b"x\n", ["--images-per-prompt", "1000"],
+     "num_images_per_prompt 1000 is above the limit of 64"),
+    ("seed 2**64", "p.txt", b"x\n", ["--seed", str(2**64)], "seed must be an integer in [0, 2**63 - 1]"),
+    ("negative seed flag", "p.txt", b"x\n", ["--seed", "-1"], "seed must be an integer in [0, 2**63 - 1]"),
+    ("batch size zero", "p.txt", b"x\n", ["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    ("threads zero", "p.txt", b"x\n", ["--threads", "0"], "Invalid value for '--threads'"),
+    ("tp not dividing", "p.txt", b"x\n", ["--tp", "3", "--num-gpus", "2"], "--tp 3 needs a multiple of 3 ranks"),
+    ("unknown executor", "p.txt", b"x\n", ["--executor", "nope"], "unknown executor_class 'nope'"),
+    ("missing model dir", "p.txt", b"x\n", ["--model", "/no/such/model"], "does not exist or is not a directory"),
+    ("unknown model name", "p.txt", b"x\n", ["--model", "not a model"], "unknown model 'not a model'"),
+    ("bad dtype", "p.txt", b"x\n", ["--dtype", "int8"], "Invalid value for '--dtype'"),
+    ("bad device", "p.txt", b"x\n", ["--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("prompt and prompts", "p.txt", b"x\n", ["--prompt", "y"], "give --prompts FILE or --prompt TEXT, not both"),
+]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", *args])
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, file_name, data, extra, message", CASES, ids=[case[0] for case in CASES])
+def test_bad_prompt_files_and_flags(tmp_path, capsys, name, file_name, data, extra, message):
+    path = tmp_path / file_name
+    path.write_bytes(data)
+    code, err = run_cli(["--prompts", str(path), "--output", str(tmp_path / "out"), *extra], capsys)
+    assert code == 2, err
+    assert err.count(message) == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_prompt_file(tmp_path, capsys):
+    code, err = run_cli(["--prompts", str(tmp_path / "none.txt"), "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    from spmd_diffusion.jobs.prompts import read_items
+
+    path = tmp_path / "p.csv"
+    path.write_bytes("\ufeffprompt,seed\nhello,3\n".encode())
+    (item,) = read_items(str(path))
+    assert item.prompt == "hello" and item.settings == {"seed": 3}
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("output is a file", "is a file"),
+        ("manifest is a directory", "manifest.jsonl exists and is not a file"),
+        ("run.json is a directory", "run.json exists and is not a file"),
+        ("images is a file", "images exists and is not a directory"),
+    ],
+)
+def test_unusable_output_directory_is_refused_before_loading(tmp_path, capsys, layout, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n")
+    output = tmp_path / "out"
+    if layout == "output is a file":
+        output.write_text("")
+    else:
+        output.mkdir()
+        name = {"manifest is a directory": "manifest.jsonl", "run.json is a directory": "run.json",
+                "images is a file": "images"}[layout]
+        (output / name).mkdir() if name != "images" else (output / name).write_text("")
+    code, err = run_cli(["--prompts", str(prompts), "--output", str(output)], capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_unwritable_output_directory_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """As above for a directory the job may not write (faked: root may write anywhere)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real_access(path, mode))
+    code, err = run_cli(["--prompts", str(prompts), "--output", str(tmp_path / "new" / "out")], capsys)
+    assert code == 2 and "is not writable" in err, err
+
+
+@pytest.mark.launcher
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_bad_input_releases_every_rank(tmp_path, launcher):
+    """A garbage prompt file ends a 2-rank job with exit 2 and one message, fast: rank 0's
+    failure before start-up releases the other rank (which would otherwise wait forever)."""
+    garbage = tmp_path / "g.txt"
+    garbage.write_bytes(os.urandom(3000))
+    command = {
+        "mpiexec": [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")],
+        "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"],
+    }[launcher]
+    start = time.monotonic()
+    done = subprocess.run([*command, "generate", "--prompts", str(garbage), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert time.monotonic() - start < 30
+    expected = 2 if launcher == "mpiexec" else 1  # torchrun reports any failing rank as 1
+    assert done.returncode == expected, done.stderr[-3000:]
+    assert done.stderr.count("not UTF-8 text") == 1, done.stderr[-3000:]
+    our_frames = [line for line in done.stderr.splitlines() if 'File "' in line and "spmd_diffusion" in line]
+    assert not our_frames, done.stderr[-3000:]  # torchrun's agent prints its own report; the ranks none
+
+
+def test_manifest_lines_are_strict_json(tmp_path):
+    """Nothing the job writes may hold NaN or Infinity (they are not JSON)."""
+    from spmd_diffusion.jobs.manifest import ManifestWriter
+
+    writer = ManifestWriter(tmp_path, fresh=True)
+    with pytest.raises(ValueError, match="JSON compliant"):
+        writer.append([{"id": "a", "seconds": float("nan")}])
+    writer.append([{"id": "b", "seconds": 1.5}])
+    writer.close()
+    assert json.loads((tmp_path / "manifest.jsonl").read_text()) == {"id": "b", "seconds": 1.5}
