@@ -171,3 +171,36 @@ def test_engine_passes_keywords_to_an_executor_written_with_keyword_parameters()
         assert engine.collective_rpc("ping", timeout=3, args=(1,), kwargs={"a": 2}) == ["answer"]
         assert engine.executor.seen == [("ping", {"timeout": 3, "args": (1,), "kwargs": {"a": 2},
                                                   "unique_reply_rank": None})]
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """SIGTERM to a no-launcher job leaves no worker behind, even one in the middle of a long
+    batch (500 steps at 512x512: about a minute here) that would only notice the closed pipe
+    at its end."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(200)))
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "spmd_diffusion", "generate", "--prompts", str(prompts), "--output", str(tmp_path / "out"),
+         "--num-gpus", "2", "--steps", "500", "--height", "512", "--width", "512"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "out" / "manifest.jsonl").exists():
+            time.sleep(0.2)
+        workers = psutil.Process(parent.pid).children(recursive=True)
+        assert len(workers) >= 2
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        for orphan in alive:
+            orphan.kill()
+        assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -77,6 +77,15 @@ def test_outputs_and_manifest(runs):
     assert (output / "contact_sheet.png").stat().st_size > 0
 
 
+def test_a_finished_job_has_nothing_to_do_and_loads_nothing(runs, prompt_file):
+    start = time.monotonic()
+    again = generate("mpiexec", "--prompts", str(prompt_file), "--output", str(runs["mpiexec"]), "--batch-size", "2",
+                     "--model", "tiny-unet", *COMMON, timeout=60)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("nothing to do: all 6 image(s)") == 1
+    assert "loaded" not in again.stderr and time.monotonic() - start < 30
+
+
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_each_replica_leader_wrote_the_images_it_computed(runs, launcher):
     import hashlib

@@ -59,3 +59,52 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     write_atomic(target, b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+def test_resume_redoes_truncated_emptied_and_outside_files(tmp_path):
+    request = _request(num_images_per_prompt=1)
+    images = tmp_path / "images"
+    images.mkdir()
+
+    def entry(path: str, size: int | None) -> str:
+        record = {"id": "a", "index": 0, "status": "ok", "fingerprint": fingerprint(request, "m"), "path": path}
+        return json.dumps(record if size is None else {**record, "bytes": size})
+
+    (images / "a.png").write_bytes(b"0123456789")
+    (tmp_path / MANIFEST_NAME).write_text(entry("images/a.png", 10) + "\n")
+    assert done_images(tmp_path, [request], "m") == {("a", 0)}
+    (images / "a.png").write_bytes(b"01234")  # truncated by a crash of the machine
+    assert done_images(tmp_path, [request], "m") == set()
+    (images / "a.png").write_bytes(b"")
+    (tmp_path / MANIFEST_NAME).write_text(entry("images/a.png", None) + "\n")  # an older line without a size
+    assert done_images(tmp_path, [request], "m") == set()
+    (tmp_path.parent / "elsewhere.png").write_bytes(b"x")
+    for path in ("../elsewhere.png", str(tmp_path.parent / "elsewhere.png")):
+        (tmp_path / MANIFEST_NAME).write_text(entry(path, 1) + "\n")
+        assert done_images(tmp_path, [request], "m") == set(), path
+
+
+def test_run_settings_that_change_pixels_are_in_the_fingerprint(tmp_path):
+    request = _request(num_images_per_prompt=1)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"png")
+    settings = {"dtype": "float32", "batch_invariant": False, "images_per_batch": 4, "model_class_name": None}
+    record = {"id": "a", "index": 0, "status": "ok", "bytes": 3, "path": "images/a.png",
+              "fingerprint": fingerprint(request, "m", settings)}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(record) + "\n")
+    assert done_images(tmp_path, [request], "m", settings) == {("a", 0)}
+    for change in ({"dtype": "bfloat16"}, {"batch_invariant": True}, {"images_per_batch": 2},
+                   {"model_class_name": "StableDiffusionPipeline"}):
+        assert done_images(tmp_path, [request], "m", {**settings, **change}) == set(), change
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from spmd_diffusion.jobs.files import FILE_MODE
+
+    mask = os.umask(0)
+    os.umask(mask)
+    write_atomic(tmp_path / "x.bin", b"data")
+    assert FILE_MODE == 0o666 & ~mask
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == FILE_MODE

@@ -135,7 +135,7 @@ def control_backend(executor_class: str | None) -> str | None:
 
 
 def spmd_command(
-    prepare: Callable[[], OmniDiffusionConfig], job: Callable[[Any], int], executor_class: str | None = None
+    prepare: Callable[[], OmniDiffusionConfig | None], job: Callable[[Any], int], executor_class: str | None = None
 ) -> int:
     """Run ``job`` under whatever launcher started this process (or none)."""
     from spmd_diffusion.entrypoints.spmd import run_spmd
@@ -337,16 +337,20 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
     )
     plan_holder: dict[str, Any] = {}
 
-    def prepare() -> OmniDiffusionConfig:
+    def prepare() -> OmniDiffusionConfig | None:
         config = build_config(
             **model_values, max_batch_size=options.images_per_batch,
             tensor_parallel_size=tensor_parallel_size, cfg_parallel=cfg_parallel, batch_invariant=batch_invariant,
         )
         check_world_layout(config)
         try:
-            plan_holder["plan"] = plan_generation(options, config)
+            plan = plan_holder["plan"] = plan_generation(options, config)
         except InputError as exc:
             raise click.UsageError(str(exc)) from None
+        if not plan.batches:
+            click.echo(f"nothing to do: all {plan.images_total} image(s) in {output} are done "
+                       "(--no-resume makes them again)", err=True)
+            return None
         return config
 
     def job(engine: Any) -> int:

@@ -24,7 +24,7 @@ from spmd_diffusion.executor.spmd_executor import WorkerRankDone, release_waitin
 
 logger = logging.getLogger(__name__)
 
-EXIT_FATAL, EXIT_USAGE = 1, 2
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 
 @contextlib.contextmanager
@@ -53,7 +53,7 @@ def control_plane_or_exit(launch: LaunchInfo, backend: str | None = None) -> Con
 
 def run_spmd(
     launch: LaunchInfo,
-    prepare: Callable[[], OmniDiffusionConfig],
+    prepare: Callable[[], OmniDiffusionConfig | None],
     job: Callable[[DiffusionEngine], int],
     usage_errors: tuple[type[BaseException], ...] = (),
     backend: str | None = None,
@@ -62,7 +62,8 @@ def run_spmd(
 
     ``backend`` (``mpi``/``torch``) overrides the launcher's control plane; every rank must
     pass the same (it comes from the command line, which every rank parses).
-    ``prepare`` runs on rank 0 only (read inputs, build the config). Any exception on rank 0
+    ``prepare`` runs on rank 0 only (read inputs, build the config); None means there is
+    nothing to do: every rank exits 0 without loading anything. Any exception on rank 0
     before the engine holds the other ranks releases them: with exit 2 for ``usage_errors``
     (nothing was loaded anywhere), 1 for anything else. After that, closing the engine
     releases them (or ends the whole job if it failed).
@@ -72,6 +73,9 @@ def run_spmd(
         return serve_spmd_rank(control)
     try:
         od_config = prepare()
+        if od_config is None:
+            release_waiting_ranks(control, EXIT_OK)
+            return EXIT_OK
         engine = DiffusionEngine(od_config)
     except BaseException as exc:
         release_waiting_ranks(control, EXIT_USAGE if isinstance(exc, usage_errors) else EXIT_FATAL)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -28,11 +30,28 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0
 
 
-def worker_main(placement: WorkerPlacement, channel: ShmChannel) -> None:
+PARENT_CHECK_S = 1.0
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """End this worker when its parent is gone (killed, or ended by a signal it did not
+    handle), so no orphan keeps a GPU or a core busy. A watcher thread, not the Linux
+    parent-death signal: that one fires when the parent's spawning *thread* ends."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="spmd-diffusion-parent-watch", daemon=True).start()
+
+
+def worker_main(placement: WorkerPlacement, channel: ShmChannel, parent_pid: int) -> None:
     """Body of one worker process: the serve loop every rank runs."""
     from spmd_diffusion.utils.logs import setup_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    exit_with_parent(parent_pid)
     setup_logging(placement.rank)
     run_worker_rank(WireEndpoint(channel), placement)
 
@@ -57,7 +76,7 @@ class MultiProcDiffusionExecutor(RpcExecutor):
             parent_end, child_end = context.Pipe(duplex=True)
             process = context.Process(
                 target=worker_main,
-                args=(WorkerPlacement(rank, size, rank, size), ShmChannel(child_end)),
+                args=(WorkerPlacement(rank, size, rank, size), ShmChannel(child_end), os.getpid()),
                 name=f"spmd-diffusion-worker-{rank}",
                 daemon=True,
             )

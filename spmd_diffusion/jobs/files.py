@@ -7,13 +7,34 @@ import tempfile
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give: others on a shared cluster can read results
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the new name is in the directory's data)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, flush it to disk, then rename it
-    over ``path`` (rename is atomic): readers see the old file or the new one, never part."""
+    over ``path`` (rename is atomic) and sync the directory: readers see the old file or the
+    new one, never part, and a crash after this returns keeps the new one. The file gets the
+    mode ``open()`` would give (``mkstemp`` makes it private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
+            os.fchmod(stream.fileno(), FILE_MODE)
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
@@ -21,6 +42,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
 class AppendLog:
@@ -34,7 +56,7 @@ class AppendLog:
     def __init__(self, path: Path, truncate: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
-        self.fd = os.open(path, flags, 0o644)
+        self.fd = os.open(path, flags, 0o666)  # the umask applies, as for any file
         self._terminate_partial_line(path)
 
     def _terminate_partial_line(self, path: Path) -> None:

@@ -111,6 +111,12 @@ def build_requests(
     return requests
 
 
+def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[str, Any]:
+    """The run-wide settings that change pixels, for the resume fingerprint."""
+    return {"model_class_name": config.model_class_name, "dtype": config.dtype, "batch_invariant": config.batch_invariant,
+            "images_per_batch": options.images_per_batch, "variant": config.variant, "revision": config.revision}
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Refuse an output directory the job could not write, before any model loads."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -133,7 +139,7 @@ def plan_generation(options: GenerateOptions, config: OmniDiffusionConfig) -> Ge
     items = read_items(options.prompts_file, options.prompts)
     requests = build_requests(items, options, config.seed, config)
     chunks = chunk_requests(requests, options.images_per_batch)
-    done = done_images(output_dir, requests, config.model) if options.resume else set()
+    done = done_images(output_dir, requests, config.model, run_settings(options, config)) if options.resume else set()
     # A batch is redone whole when any of its images is missing: batch composition, and so
     # every pixel, stays what a full run would give.
     remaining = [
@@ -177,6 +183,7 @@ class GenerateJob:
         self.stats = JobStats()
         self.metadata = {item.id: item.meta for item in plan.items}
         self.requests = {r.request_id: r for r in plan.requests}
+        self.settings = run_settings(plan.options, plan.config)
         self.done_by_id: dict[str, set[int]] = {}
         for request_id, index in plan.done:
             self.done_by_id.setdefault(request_id, set()).add(index)
@@ -244,7 +251,7 @@ class GenerateJob:
             "height": settings.get("height", request.height),
             "width": settings.get("width", request.width),
             "model": self.plan.config.model,
-            "fingerprint": fingerprint(request, self.plan.config.model),
+            "fingerprint": fingerprint(request, self.plan.config.model, self.settings),
             "path": None,
             "status": "error",
             "error": output.errors[position],
@@ -254,7 +261,7 @@ class GenerateJob:
         }
         written = files.get(index)
         if record["error"] is None and written is not None:
-            record.update(path=written["path"], status="ok", sha256=written["sha256"],
+            record.update(path=written["path"], status="ok", sha256=written["sha256"], bytes=written["bytes"],
                           written_by=written["written_by"])
         else:
             record["error"] = record["error"] or "no image returned"

@@ -21,8 +21,10 @@ from spmd_diffusion.request import OmniDiffusionRequest
 MANIFEST_NAME = "manifest.jsonl"
 
 
-def fingerprint(request: OmniDiffusionRequest, model: str) -> str:
-    """What determines an item's pixels (besides the software): a changed setting means redo."""
+def fingerprint(request: OmniDiffusionRequest, model: str, settings: dict[str, Any] | None = None) -> str:
+    """What determines an item's pixels (besides the software): a changed setting means redo.
+    ``settings`` holds the run-wide ones (dtype, pipeline class, batch invariance, images per
+    batch: batch composition changes the last bits)."""
     basis = {
         "model": model,
         "prompt": request.prompt,
@@ -34,6 +36,7 @@ def fingerprint(request: OmniDiffusionRequest, model: str) -> str:
         "width": request.width,
         "images": request.num_images_per_prompt,
         "extra": request.extra,
+        **({"run": settings} if settings else {}),
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
@@ -45,6 +48,19 @@ class ManifestEntry:
     status: str
     fingerprint: str
     path: str | None
+    bytes: int | None = None
+
+    def file_is_intact(self, output_dir: Path) -> bool:
+        """The recorded file is inside ``output_dir`` and whole: its size is the one recorded
+        (a truncated or emptied image is redone; older lines without a size need a non-empty
+        file)."""
+        if not self.path or Path(self.path).is_absolute() or ".." in Path(self.path).parts:
+            return False
+        try:
+            size = (output_dir / self.path).stat().st_size
+        except OSError:
+            return False
+        return size == self.bytes if self.bytes is not None else size > 0
 
 
 def read_manifest(path: Path) -> dict[tuple[str, int], ManifestEntry]:
@@ -58,6 +74,7 @@ def read_manifest(path: Path) -> dict[tuple[str, int], ManifestEntry]:
             entry = ManifestEntry(
                 str(record["id"]), int(record["index"]), str(record["status"]),
                 str(record.get("fingerprint", "")), record.get("path"),
+                int(record["bytes"]) if record.get("bytes") is not None else None,
             )
         except (ValueError, KeyError, TypeError):
             continue
@@ -65,20 +82,21 @@ def read_manifest(path: Path) -> dict[tuple[str, int], ManifestEntry]:
     return latest
 
 
-def done_images(output_dir: Path, requests: list[OmniDiffusionRequest], model: str) -> set[tuple[str, int]]:
-    """Images of ``requests`` that a previous run finished (ok, same settings, file present)."""
+def done_images(
+    output_dir: Path, requests: list[OmniDiffusionRequest], model: str, settings: dict[str, Any] | None = None
+) -> set[tuple[str, int]]:
+    """Images of ``requests`` that a previous run finished (ok, same settings, file intact)."""
     latest = read_manifest(output_dir / MANIFEST_NAME)
     done = set()
     for request in requests:
-        expected = fingerprint(request, model)
+        expected = fingerprint(request, model, settings)
         for index in range(request.num_images_per_prompt):
             entry = latest.get((request.request_id, index))
             if (
                 entry is not None
                 and entry.status == "ok"
                 and entry.fingerprint == expected
-                and entry.path
-                and (output_dir / entry.path).is_file()
+                and entry.file_is_intact(output_dir)
             ):
                 done.add((request.request_id, index))
     return done
