@@ -73,18 +73,21 @@ def load_worker(od_config: Any, placement: WorkerPlacement, rendezvous: Any) -> 
         return UnloadedWorker(exc), RpcReply(rank, None, failure_from_exception(rank, exc))
 
 
-def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> MessageKind | None:
-    """Answer requests until SHUTDOWN or DISCONNECT (acknowledged, and returned), or until
-    the channel closes (None). An exception inside a call becomes its reply; only a
-    BaseException that is not an Exception (SystemExit, KeyboardInterrupt) escapes."""
+def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> RpcRequest | None:
+    """Answer requests until SHUTDOWN or DISCONNECT (acknowledged) or ABORT (the engine is
+    gone: not answered), returning that request, or until the channel closes (None). An
+    exception inside a call becomes its reply; only a BaseException that is not an
+    Exception (SystemExit, KeyboardInterrupt) escapes."""
     while True:
         try:
             request = endpoint.recv()
         except (EOFError, OSError):
             return None
+        if request.kind is MessageKind.ABORT:
+            return request
         if request.kind in (MessageKind.SHUTDOWN, MessageKind.DISCONNECT):
             endpoint.send(RpcReply(rank, request.kind.name.lower(), None, request.call_id))
-            return request.kind
+            return request
         if request.kind is MessageKind.CALL:
             reply = answer(worker, rank, request)
         else:
@@ -102,8 +105,9 @@ def run_worker_rank(
     endpoint: WorkerEndpoint, placement: WorkerPlacement, loaded: Callable[[Any], None] | None = None
 ) -> int:
     """A worker rank's life: START (load and report) or ABORT, then serve. Returns the
-    rank's exit code: 0 after a clean shutdown, ABORT's code otherwise. ``loaded`` is told
-    the worker once it exists (rank 0's own worker may also be called on other threads)."""
+    rank's exit code: 0 after a clean shutdown, an ABORT's code otherwise (before start-up,
+    or after an interrupted engine left). ``loaded`` is told the worker once it exists (rank
+    0's own worker may also be called on other threads)."""
     request = endpoint.recv()
     if request.kind is MessageKind.ABORT:
         return int(request.args[0])
@@ -115,8 +119,8 @@ def run_worker_rank(
         loaded(worker)
     endpoint.send(reply._replace(call_id=request.call_id))
     try:
-        serve_worker(worker, placement.rank, endpoint)
+        last = serve_worker(worker, placement.rank, endpoint)
     finally:
         if not isinstance(worker, UnloadedWorker):
             worker.shutdown()
-    return 0
+    return int(last.args[0]) if last is not None and last.kind is MessageKind.ABORT else 0

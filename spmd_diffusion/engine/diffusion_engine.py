@@ -125,5 +125,7 @@ class DiffusionEngine:
     def __enter__(self) -> DiffusionEngine:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.executor.interrupted = True  # Ctrl-C: stop now, do not wait for running batches
         self.close()

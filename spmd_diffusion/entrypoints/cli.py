@@ -1,7 +1,8 @@
 """``omni-diffuse``: the command line (``python -m spmd_diffusion`` is the same).
 
 Exit codes: 0 success; 1 a fatal fault; 2 bad input or usage, reported before any model is
-loaded; 3 (``generate``) the job finished but some items failed (see the manifest).
+loaded; 3 (``generate``) the job finished but some items failed (see the manifest); 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -26,6 +28,7 @@ EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130
 
 logger = logging.getLogger("spmd_diffusion.entrypoints.cli")
 
@@ -116,10 +119,15 @@ def main(args: list[str] | None = None) -> None:
         if rank == 0:
             exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         if rank == 0:
-            click.echo("Aborted!", err=True)
-        sys.exit(EXIT_FATAL)
+            click.echo("interrupted: the job was stopped (Ctrl-C); run the same command again to resume",
+                       err=True)
+        # The books are closed (run.json says "interrupted"); a worker thread may still be
+        # inside torch, and tearing the interpreter down under it aborts the process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

@@ -36,6 +36,6 @@ def serve_external_worker(
                 continue
             with connection:
                 reason = serve_worker(worker, rank, WireEndpoint(ShmChannel(connection, threshold=REMOTE)))
-            if reason is MessageKind.SHUTDOWN:
+            if reason is not None and reason.kind is MessageKind.SHUTDOWN:
                 break
     worker.shutdown()

@@ -70,6 +70,8 @@ class DiffusionExecutor(ABC):
     # True: the replica leaders share the engine's filesystem and write a batch job's
     # outputs themselves; False: outputs come back to the engine, which writes them.
     writes_outputs: bool = False
+    # Set when the engine's user pressed Ctrl-C: shut down at once, wait for nobody.
+    interrupted: bool = False
 
     def __init__(self, od_config: OmniDiffusionConfig) -> None:
         self.od_config = od_config

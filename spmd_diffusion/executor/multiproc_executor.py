@@ -116,15 +116,15 @@ class MultiProcDiffusionExecutor(RpcExecutor):
             return
         self.is_closed = True
         processes = getattr(self, "processes", [])
-        if not self.is_failed and processes:
+        hurry = self.is_failed or self.interrupted  # a worker may be stuck in (or busy with) a call
+        if not hurry and processes:
             self.stop_workers(SHUTDOWN_GRACE_S)
-        # A failed executor may have a worker stuck in a call: do not wait long for it.
-        deadline = time.monotonic() + (1.0 if self.is_failed else SHUTDOWN_GRACE_S)
+        deadline = time.monotonic() + (1.0 if hurry else SHUTDOWN_GRACE_S)
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
         for process in processes:
             if process.is_alive():
-                log = logger.info if self.is_failed else logger.warning
+                log = logger.info if hurry else logger.warning
                 log("worker %s did not stop in time; terminating", process.name)
                 process.terminate()
                 process.join(2.0)

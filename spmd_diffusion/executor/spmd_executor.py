@@ -32,6 +32,7 @@ from spmd_diffusion.executor.rpc_executor import RpcExecutor
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 30.0
+EXIT_INTERRUPTED = 130  # the shell's code for a job ended by Ctrl-C (128 + SIGINT)
 
 
 class WorkerRankDone(SystemExit):
@@ -56,18 +57,21 @@ def serve_spmd_rank(control: ControlPlane) -> int:
     setup_logging(control.rank)
     try:
         return run_worker_rank(WireEndpoint(RootChannel(control)), placement_of(control))
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the job: leave quietly
+        return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - anything here would leave rank 0 waiting
         fatal(control, exc)
         raise
 
 
-def release_waiting_ranks(control: ControlPlane | None, code: int) -> None:
-    """Rank 0 failed before an executor took the other ranks: tell them to exit with ``code``."""
+def release_waiting_ranks(control: ControlPlane | None, code: int, timeout: float = 10.0) -> None:
+    """Rank 0 failed before an executor took the other ranks (or was interrupted after):
+    tell them to exit with ``code`` (a busy rank sees it once its call is done)."""
     if control is None or control.size == 1 or control.serving:
         return
     for rank in range(1, control.size):
         control.send(rank, request_to_wire(RpcRequest(MessageKind.ABORT, args=(code,))))
-    control.flush(timeout=10.0)
+    control.flush(timeout=timeout)
 
 
 class SPMDExecutor(RpcExecutor):
@@ -109,6 +113,10 @@ class SPMDExecutor(RpcExecutor):
             return
         self.is_closed = True
         atexit.unregister(self.shutdown)
+        if self.interrupted:  # Ctrl-C: every rank got it too; release any that did not, wait for none
+            self.control.serving = False
+            release_waiting_ranks(self.control, EXIT_INTERRUPTED, timeout=1.0)
+            return
         if not self.is_failed and not self.stop_workers(SHUTDOWN_GRACE_S):
             self.is_failed = True
             self.failure = self.failure or RuntimeError("a rank did not acknowledge shutdown in time")

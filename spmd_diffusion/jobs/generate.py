@@ -314,6 +314,9 @@ class GenerateJob:
 
         try:
             engine.generate_stream(plan.batches, on_output, sinks=[self.sink(batch) for batch in plan.batches])
+        except KeyboardInterrupt:
+            self._write_run_json("interrupted", started, time.time() - started)
+            raise
         finally:
             bar.close()
             writer.close()

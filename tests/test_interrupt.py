@@ -1,0 +1,50 @@
+"""Ctrl-C: one line saying the job was interrupted, run.json says so, exit 130, no traceback
+from any rank, and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.launcher, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+LAUNCH = {  # (the command before "generate", options after it)
+    "mpiexec": ([str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")], []),
+    "none": ([str(BIN / "omni-diffuse")], ["--num-gpus", "2"]),
+}
+ARGS = ["--steps", "40", "--height", "64", "--width", "64", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCH))
+def test_ctrl_c_ends_the_job_with_one_line_and_exit_130(tmp_path, launcher):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
+    output = tmp_path / "out"
+    command, extra = LAUNCH[launcher]
+    job = subprocess.Popen([*command, "generate", "--prompts", str(prompts), "--output", str(output), *ARGS, *extra],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            manifest = output / "manifest.jsonl"
+            if manifest.exists() and manifest.read_text().strip():
+                break
+            time.sleep(0.1)
+        os.killpg(job.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, stderr[-3000:]
+    assert stderr.count("interrupted: the job was stopped") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert json.loads((output / "run.json").read_text())["status"] == "interrupted"
