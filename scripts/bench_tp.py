@@ -37,7 +37,7 @@ import os
 import socket
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

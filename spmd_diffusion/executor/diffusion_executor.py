@@ -103,11 +103,13 @@ class DiffusionExecutor(ABC):
 
     @property
     def parallel_layout(self) -> ParallelLayout:
-        """How this executor's ranks split into replicas (dp) of cfg x tp ranks."""
+        """How this executor's ranks split into replicas (dp) of cfg x tp ranks. An executor
+        that does not say how many ranks it has is one replica of one rank."""
         from spmd_diffusion.parallel.mesh import ParallelLayout
 
-        return ParallelLayout(self.world_size, tp=1, cfg=1) if self.world_size == 1 else \
-            self.od_config.parallel_layout(self.world_size)
+        if self.world_size == 1:
+            return ParallelLayout(1)
+        return self.od_config.parallel_layout(self.world_size)
 
     @property
     def num_replicas(self) -> int:
