@@ -204,3 +204,19 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig\n"
+        "with DiffusionEngine(OmniDiffusionConfig(executor_class='mp')) as engine:\n"
+        "    print(engine.collective_rpc('ping'))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert 'put the code that builds the engine under `if __name__ == "__main__":`' in done.stderr, done.stderr[-2000:]

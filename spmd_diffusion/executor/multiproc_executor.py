@@ -28,6 +28,11 @@ from spmd_diffusion.executor.rpc_executor import RpcExecutor
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10.0
+MAIN_GUARD_HINT = (
+    "the mp executor starts its worker processes with 'spawn', which imports your script again "
+    "in each of them: put the code that builds the engine under `if __name__ == \"__main__\":` "
+    "(see the README's Python example)"
+)
 
 
 PARENT_CHECK_S = 1.0
@@ -80,7 +85,12 @@ class MultiProcDiffusionExecutor(RpcExecutor):
                 name=f"spmd-diffusion-worker-{rank}",
                 daemon=True,
             )
-            process.start()
+            try:
+                process.start()
+            except RuntimeError as exc:
+                if "bootstrapping phase" not in str(exc):
+                    raise
+                raise RuntimeError(MAIN_GUARD_HINT) from None
             child_end.close()
             self.processes.append(process)
             channels.append(ShmChannel(parent_end))
