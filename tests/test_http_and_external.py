@@ -116,3 +116,56 @@ def test_external_executor_drives_a_worker_it_did_not_start(tiny_unet, monkeypat
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_external_worker_survives_scans_silence_garbage_and_wrong_keys(tiny_unet, monkeypatch):
+    """Port scans, a client that never speaks, an oversized or garbled handshake, a wrong
+    key and a malformed message after a good handshake cost that connection alone."""
+    from multiprocessing.connection import Client
+
+    from spmd_diffusion.distributed.protocol import RpcReply
+    from spmd_diffusion.distributed.shm_channel import ShmChannel
+    from spmd_diffusion.executor.external_executor import REMOTE
+
+    port = _free_port()
+    monkeypatch.setenv("SPMD_DIFFUSION_AUTHKEY", "test-secret")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "spmd_diffusion", "worker", "--listen", f"127.0.0.1:{port}", "--model", tiny_unet],
+    )
+    silent = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()  # a port scan
+                break
+            except OSError:
+                assert time.monotonic() < deadline and worker.poll() is None, "worker did not come up"
+                time.sleep(0.5)
+        silent = socket.create_connection(("127.0.0.1", port))  # connects and never speaks
+        for junk in (b"\xff\xff\xff\xff" + b"x" * 16, b"\x00\x00\x00\x05hello", bytes(range(256))):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(junk)
+        with pytest.raises(Exception):
+            Client(("127.0.0.1", port), authkey=b"wrong-key")
+        trusted = ShmChannel(Client(("127.0.0.1", port), authkey=b"test-secret"), threshold=REMOTE)
+        trusted.send(("not", "a", "request"))  # a malformed envelope after a good handshake
+        reply = RpcReply._make(trusted.recv())
+        assert reply.failure is not None and reply.failure.exc_type == "KeyError"  # an error reply
+        trusted.close()
+        config = OmniDiffusionConfig(executor_class="external",
+                                     executor_config={"worker_addresses": [f"127.0.0.1:{port}"]})
+        with DiffusionEngine(config) as engine:  # served while the silent client still hangs on
+            assert all(output.ok for output in engine.generate(small_requests(1)))
+        assert worker.poll() is None
+    finally:
+        if silent is not None:
+            silent.close()
+        worker.kill()
+
+
+def test_worker_listen_address_is_checked_before_loading(monkeypatch):
+    monkeypatch.setenv("SPMD_DIFFUSION_AUTHKEY", "k")
+    done = subprocess.run([sys.executable, "-m", "spmd_diffusion", "worker", "--listen", "127.0.0.1:70000"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "port in 1-65535" in done.stderr and "loaded" not in done.stderr

@@ -83,6 +83,9 @@ def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> RpcRequest
             request = endpoint.recv()
         except (EOFError, OSError):
             return None
+        except Exception as exc:  # noqa: BLE001 - a malformed message: say so, keep serving
+            endpoint.send(RpcReply(rank, None, failure_from_exception(rank, exc), 0))
+            continue
         if request.kind is MessageKind.ABORT:
             return request
         if request.kind in (MessageKind.SHUTDOWN, MessageKind.DISCONNECT):

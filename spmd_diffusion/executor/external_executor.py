@@ -33,8 +33,8 @@ REMOTE = 2**62  # a channel threshold no message reaches: no shared memory acros
 
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"worker address must be HOST:PORT, got {address!r}")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"worker address must be HOST:PORT with a port in 1-65535, got {address!r}")
     return host, int(port)
 
 
