@@ -20,7 +20,7 @@ from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.distributed.control import ControlPlane, LaunchError, get_control_plane
 from spmd_diffusion.distributed.launcher import LaunchInfo, detect_launcher
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
-from spmd_diffusion.executor.spmd_executor import WorkerRankDone, release_waiting_ranks, serve_spmd_rank
+from spmd_diffusion.executor.spmd_executor import release_waiting_ranks, serve_spmd_rank
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +29,29 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 @contextlib.contextmanager
 def spmd_engine(od_config: OmniDiffusionConfig) -> Iterator[DiffusionEngine | None]:
-    """``with spmd_engine(config) as engine:`` -- the engine on rank 0, None elsewhere."""
-    try:
-        engine = DiffusionEngine(od_config)
-    except WorkerRankDone as done:
-        if done.code:
-            raise
+    """``with spmd_engine(config) as engine:`` -- the engine on rank 0, None elsewhere (after
+    that rank served the engine until rank 0 closed it; a non-zero exit code is raised)."""
+    rank = worker_rank_to_serve(od_config)
+    if rank is not None:
+        code = serve_spmd_rank(rank)
+        if code:
+            raise SystemExit(code)
         yield None
         return
-    with engine:
+    with DiffusionEngine(od_config) as engine:
         yield engine
+
+
+def worker_rank_to_serve(od_config: OmniDiffusionConfig) -> ControlPlane | None:
+    """This process's control plane if it is a rank other than 0 of an SPMD executor (it
+    serves rather than builds an engine), else None."""
+    from spmd_diffusion.executor.registry import resolve_executor_class
+
+    launch = detect_launcher()
+    executor_class = resolve_executor_class(od_config.executor_class)
+    if not launch.is_distributed or not executor_class.spmd or launch.rank == 0:
+        return None
+    return control_plane_or_exit(launch, getattr(executor_class, "control_backend", None) or None)
 
 
 def control_plane_or_exit(launch: LaunchInfo, backend: str | None = None) -> ControlPlane:
