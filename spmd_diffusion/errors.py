@@ -112,3 +112,16 @@ class ConnectionLostError(WorkerDiedError):
 
     def __reduce__(self):
         return (type(self), (self.detail,))
+
+
+class Terminated(KeyboardInterrupt):
+    """The job received SIGTERM (Slurm's time limit, scancel, a requeue): it stops the way
+    Ctrl-C stops it, so ``run.json`` says why and a rerun resumes."""
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED

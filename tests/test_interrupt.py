@@ -1,5 +1,5 @@
-"""Ctrl-C: one line saying the job was interrupted, run.json says so, exit 130, no traceback
-from any rank, and a rerun resumes."""
+"""Ctrl-C (SIGINT) and SIGTERM (Slurm's time limit, scancel, requeue): one line saying the
+job was interrupted, run.json says so, exit 130 / 143, no traceback from any rank."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ ARGS = ["--steps", "40", "--height", "64", "--width", "64", "--batch-size", "2"]
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCH))
-def test_ctrl_c_ends_the_job_with_one_line_and_exit_130(tmp_path, launcher):
+@pytest.mark.parametrize("sent, code, why", [(signal.SIGINT, 130, "was stopped (Ctrl-C)"),
+                                             (signal.SIGTERM, 143, "received SIGTERM")], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_job_with_one_line(tmp_path, launcher, sent, code, why):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
     output = tmp_path / "out"
@@ -39,12 +41,12 @@ def test_ctrl_c_ends_the_job_with_one_line_and_exit_130(tmp_path, launcher):
             if manifest.exists() and manifest.read_text().strip():
                 break
             time.sleep(0.1)
-        os.killpg(job.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        os.killpg(job.pid, sent)  # what the terminal (Ctrl-C) or Slurm (SIGTERM) does
         _, stderr = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode == 130, stderr[-3000:]
-    assert stderr.count("interrupted: the job was stopped") == 1, stderr[-3000:]
+    assert job.returncode == code, stderr[-3000:]
+    assert stderr.count(f"interrupted: the job {why}") == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert json.loads((output / "run.json").read_text())["status"] == "interrupted"

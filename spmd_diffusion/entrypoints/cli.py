@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 a fatal fault; 2 bad input or usage, reported before any model is
 loaded; 3 (``generate``) the job finished but some items failed (see the manifest); 130
-interrupted (Ctrl-C).
+interrupted (Ctrl-C); 143 terminated (SIGTERM, e.g. Slurm's time limit or scancel).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -22,13 +23,13 @@ import click
 
 from spmd_diffusion import __version__
 from spmd_diffusion.data import DEFAULT_MODEL, DTYPES, OmniDiffusionConfig
+from spmd_diffusion.errors import Terminated, interrupt_exit_code
 from spmd_diffusion.distributed.launcher import detect_launcher
 
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
-EXIT_INTERRUPTED = 130
 
 logger = logging.getLogger("spmd_diffusion.entrypoints.cli")
 
@@ -110,24 +111,31 @@ def cli(verbose: bool) -> None:
     setup_logging(detect_launcher().rank, "DEBUG" if verbose else None)
 
 
+def raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: usage errors are printed by rank 0 only, and exit 2 everywhere."""
+    """Console entry point: usage errors are printed by rank 0 only, and exit 2 everywhere;
+    Ctrl-C and SIGTERM end the job with one line (exit 130 / 143)."""
     rank = detect_launcher().rank
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = cli.main(args=args, prog_name="omni-diffuse", standalone_mode=False)
     except click.ClickException as exc:
         if rank == 0:
             exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        exc = exc.__cause__ or exc if isinstance(exc, click.exceptions.Abort) else exc  # click wraps it
         if rank == 0:
-            click.echo("interrupted: the job was stopped (Ctrl-C); run the same command again to resume",
-                       err=True)
+            why = "received SIGTERM" if isinstance(exc, Terminated) else "was stopped (Ctrl-C)"
+            click.echo(f"interrupted: the job {why}; run the same command again to resume", err=True)
         # The books are closed (run.json says "interrupted"); a worker thread may still be
         # inside torch, and tearing the interpreter down under it aborts the process.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(interrupt_exit_code(exc))
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

@@ -26,13 +26,12 @@ from spmd_diffusion.distributed.protocol import MessageKind, RpcRequest, WireEnd
 from spmd_diffusion.distributed.rendezvous import RendezvousServer
 from spmd_diffusion.distributed.serve_loop import WorkerPlacement, run_worker_rank
 from spmd_diffusion.distributed.transport import SPMDTransport
-from spmd_diffusion.errors import WorkerError
+from spmd_diffusion.errors import EXIT_INTERRUPTED, WorkerError, interrupt_exit_code
 from spmd_diffusion.executor.rpc_executor import RpcExecutor
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 30.0
-EXIT_INTERRUPTED = 130  # the shell's code for a job ended by Ctrl-C (128 + SIGINT)
 
 
 class WorkerRankDone(SystemExit):
@@ -57,8 +56,8 @@ def serve_spmd_rank(control: ControlPlane) -> int:
     setup_logging(control.rank)
     try:
         return run_worker_rank(WireEndpoint(RootChannel(control)), placement_of(control))
-    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the job: leave quietly
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM reach every rank of the job: leave quietly
+        return interrupt_exit_code(exc)
     except BaseException as exc:  # noqa: BLE001 - anything here would leave rank 0 waiting
         fatal(control, exc)
         raise
