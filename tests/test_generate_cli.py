@@ -142,7 +142,8 @@ def test_a_failing_item_is_recorded_and_the_rest_finish(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "fine one"}\n{"prompt": "too many steps", "steps": 5000}\n{"prompt": "fine two"}\n')
     output = tmp_path / "out"
-    done = generate("mpiexec", "--prompts", str(prompts), "--output", str(output), *COMMON[:2])
+    # 5000 steps pass the (raised) request limit and fail in the scheduler, at run time
+    done = generate("mpiexec", "--prompts", str(prompts), "--output", str(output), *COMMON[:2], "--max-steps", "5000")
     assert done.returncode == 3, done.stderr[-3000:]
     by_id = {line["id"]: line for line in manifest(output)}
     assert by_id["000001"]["status"] == "ok" and by_id["000003"]["status"] == "ok"
