@@ -23,7 +23,7 @@ if ! python -c "import torch" 2>/dev/null; then
             || python -m pip install "torch>=2.4,<3" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-python -m pip install -q -e ".[mpi,test]"
+python -m pip install -q -e ".[mpi,serve,test]"
 
 export SPMD_DIFFUSION_CACHE="${SPMD_DIFFUSION_CACHE:-$SPMD_DIFFUSION_ROOT/.cache/spmd_diffusion}"
 export TOKENIZERS_PARALLELISM=false

@@ -74,6 +74,9 @@ class OmniDiffusionConfig:
     max_image_size: int = 4096
     max_inference_steps: int = 1000
     max_images_per_prompt: int = 64
+    schedule: str = "shape"
+    hooks: list[str] = field(default_factory=list)
+    batch_wait_s: float = 0.005
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -110,6 +113,13 @@ class OmniDiffusionConfig:
         _check_int("torch_num_threads", self.torch_num_threads, 1, allow_none=True)
         for name in ("rpc_timeout", "generate_timeout", "startup_timeout"):
             _check_timeout(name, getattr(self, name))
+        if not isinstance(self.schedule, str) or not self.schedule:
+            raise ValueError(f"schedule must be fifo, shape, cost or a dotted path, got {self.schedule!r}")
+        if not isinstance(self.hooks, list) or not all(isinstance(h, str) and h for h in self.hooks):
+            raise ValueError(f"hooks must be a list of hook names or dotted paths, got {self.hooks!r}")
+        if (isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float))
+                or not 0 <= self.batch_wait_s <= 10):
+            raise ValueError(f"batch_wait_s must be a number of seconds in [0, 10], got {self.batch_wait_s!r}")
 
     def check_limits(self, request: OmniDiffusionRequest) -> None:
         """Refuse a request past this config's limits (a typo such as height 100000 would

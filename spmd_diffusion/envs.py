@@ -8,6 +8,7 @@ through :func:`environment`, so tests can hand it any mapping.
 |---|---|
 | ``SPMD_DIFFUSION_CACHE`` | where the embedded tiny models are built (default ``$XDG_CACHE_HOME/spmd_diffusion`` or ``~/.cache/spmd_diffusion``) |
 | ``SPMD_DIFFUSION_AUTHKEY`` | shared secret of the external executor and ``omni-diffuse worker`` |
+| ``SPMD_DIFFUSION_API_KEY`` | bearer token of ``omni-diffuse serve`` (same as ``--api-key``) and of the HTTP executor |
 | ``SPMD_DIFFUSION_LOG_LEVEL`` | log level of every rank (default INFO on rank 0, WARNING elsewhere) |
 | ``SPMD_DIFFUSION_SPIN_S`` | how long an idle MPI rank spins before it starts sleeping (default 0.002) |
 | ``SPMD_DIFFUSION_MAX_SLEEP_S`` | the longest sleep between polls of an idle rank (default 0.002) |
@@ -48,6 +49,13 @@ AUTHKEY = "SPMD_DIFFUSION_AUTHKEY"
 
 def authkey() -> str | None:
     return os.environ.get(AUTHKEY) or None
+
+
+API_KEY = "SPMD_DIFFUSION_API_KEY"
+
+
+def api_key() -> str | None:
+    return os.environ.get(API_KEY) or None
 
 
 def log_level() -> str | None:

@@ -21,6 +21,10 @@ RESERVED_EXTRA = frozenset({
 })
 
 
+# What a pipeline may return that is still an image (latents, tensors, ... are not).
+IMAGE_OUTPUT_TYPES = ("pil", "np")
+
+
 def new_request_id() -> str:
     """A short random id, unique enough for one job's requests."""
     return f"req-{uuid.uuid4().hex[:16]}"
@@ -96,6 +100,10 @@ class OmniDiffusionRequest:
         reserved = sorted(RESERVED_EXTRA.intersection(self.extra))
         if reserved:
             raise ValueError(f"extra may not set {', '.join(reserved)}: use the request's own fields")
+        output_type = self.extra.get("output_type", "pil")
+        if output_type not in IMAGE_OUTPUT_TYPES:
+            raise ValueError(f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}: "
+                             "the tool returns and writes images")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (as long as ``extra`` holds JSON-safe values)."""

@@ -9,7 +9,8 @@ import pytest
 from helpers import same_pixels, small_requests
 
 from spmd_diffusion import OmniDiffusionConfig, OmniDiffusionRequest
-from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine, Waiting, plan_next_batch
+from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine, Waiting
+from spmd_diffusion.engine.policies import ShapePolicy
 
 
 def waiting(request_id: str, queued_at: float, steps: int = 4, images: int = 1) -> Waiting:
@@ -21,24 +22,24 @@ def waiting(request_id: str, queued_at: float, steps: int = 4, images: int = 1) 
 def test_batches_follow_the_oldest_requests_shape_up_to_the_limit():
     queue = [waiting("a", 0.0), waiting("b", 0.1, steps=8), waiting("c", 0.2), waiting("d", 0.3, images=2),
              waiting("e", 0.4)]
-    plan = plan_next_batch(queue, max_images=3, max_wait_s=0.0, now=1.0)
+    plan = ShapePolicy().select(queue, 3, 0.0, 1.0)
     assert [item.request.request_id for item in plan.batch] == ["a", "c"]  # d (2 images) would overflow
-    plan = plan_next_batch(queue[1:], max_images=3, max_wait_s=0.0, now=1.0)
+    plan = ShapePolicy().select(queue[1:], 3, 0.0, 1.0)
     assert [item.request.request_id for item in plan.batch] == ["b"]
 
 
 def test_a_partial_batch_waits_for_company_until_its_deadline():
     queue = [waiting("a", 10.0), waiting("b", 10.001)]
-    held = plan_next_batch(queue, max_images=4, max_wait_s=0.005, now=10.002)
+    held = ShapePolicy().select(queue, 4, 0.005, 10.002)
     assert held.batch == [] and held.wake_at == pytest.approx(10.005)
-    ready = plan_next_batch(queue, max_images=4, max_wait_s=0.005, now=10.006)
+    ready = ShapePolicy().select(queue, 4, 0.005, 10.006)
     assert [item.request.request_id for item in ready.batch] == ["a", "b"]
-    full = plan_next_batch(queue, max_images=2, max_wait_s=10.0, now=10.002)
+    full = ShapePolicy().select(queue, 2, 10.0, 10.002)
     assert len(full.batch) == 2  # a full batch never waits
 
 @pytest.fixture(scope="module")
 def uni_engine(tiny_unet):
-    engine = AsyncDiffusionEngine(OmniDiffusionConfig(executor_class="uni", max_batch_size=4), max_wait_s=0.05)
+    engine = AsyncDiffusionEngine(OmniDiffusionConfig(executor_class="uni", max_batch_size=4), 0.05)
     yield engine
     engine.close_sync()
 

@@ -1,11 +1,11 @@
 """AsyncDiffusionEngine: many concurrent callers, one dispatcher, dynamic batching.
 
 ``await engine.generate(request)`` may be called by any number of coroutines at once. A
-dispatcher thread owns the replicas: requests that share a shape (``batch_key``: size,
-steps, guidance, extra arguments) are batched together, up to ``max_batch_size`` images,
-waiting at most ``max_wait_s`` for company, and each batch goes to whichever replica is
-free (the same executor interface the batch job's scheduler uses). Results are handed back
-to each caller's event loop.
+dispatcher thread runs the engine's replica scheduler (the same loop a batch job uses) with
+this engine's queue as its work source: the schedule policy batches requests that share a
+shape (``batch_key``: size, steps, guidance, extra arguments), up to ``max_batch_size``
+images, waiting at most ``max_wait_s`` for company, and each batch goes to whichever
+replica is free. Results are handed back to each caller's event loop.
 
 Cancelling a caller's task drops its request if it has not started; a request already in a
 running batch finishes with it and its result is discarded.
@@ -21,23 +21,21 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.distributed.protocol import RpcMethod
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
-from spmd_diffusion.errors import ExecutorClosedError, WorkerError
-from spmd_diffusion.executor.diffusion_executor import ReplicaCall
+from spmd_diffusion.engine.hooks import BatchInfo, EngineHooks, HookList
+from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
+from spmd_diffusion.engine.scheduler import ReplicaScheduler, Work
+from spmd_diffusion.errors import ExecutorClosedError
 from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_WAIT_S = 0.005
-IDLE_SLICE_S = 0.1  # how long the dispatcher waits on busy replicas before looking at the queue again
-FREE_SLICE_S = 0.005  # the same while a replica is free: a new request starts within this
 
 
 @dataclass(eq=False)
@@ -75,55 +73,89 @@ class Waiting:
         self.loop.call_soon_threadsafe(settle)
 
 
-@dataclass
-class BatchPlan:
-    """What the dispatcher decided for the queue: a batch to start now, or when to look again."""
+class _CallerEvents(EngineHooks):
+    """Tells each caller that asked for events when its batch started, and where."""
 
-    batch: list[Waiting] = field(default_factory=list)
-    wake_at: float | None = None
+    def __init__(self, engine: AsyncDiffusionEngine) -> None:
+        self.engine = engine
 
-
-def plan_next_batch(waiting: Sequence[Waiting], max_images: int, max_wait_s: float, now: float) -> BatchPlan:
-    """The requests of the oldest request's shape, in arrival order, up to ``max_images``;
-    held back (``wake_at``) while the batch is not full and its oldest request has waited
-    less than ``max_wait_s``: a few milliseconds of latency buy fuller batches."""
-    if not waiting:
-        return BatchPlan()
-    oldest = waiting[0]
-    key = oldest.request.batch_key()
-    batch, images = [], 0
-    for item in waiting:
-        if item.request.batch_key() != key:
-            continue
-        if batch and images + item.images > max_images:
-            break
-        batch.append(item)
-        images += item.images
-    deadline = oldest.queued_at + max_wait_s
-    if images < max_images and now < deadline:
-        return BatchPlan(wake_at=deadline)
-    return BatchPlan(batch=batch)
+    def batch_started(self, batch: BatchInfo) -> None:
+        for request_id in batch.request_ids:
+            item = self.engine._started.get(request_id)
+            if item is not None:
+                item.tell({"event": "started", "request_id": request_id, "replica": batch.replica,
+                           "batch_size": len(batch.request_ids), "batch_id": batch.batch_id})
 
 
 class AsyncDiffusionEngine:
     """The asyncio front of a :class:`DiffusionEngine` (which it owns)."""
 
-    def __init__(self, od_config: OmniDiffusionConfig, max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+    def __init__(
+        self,
+        od_config: OmniDiffusionConfig,
+        max_wait_s: float | None = None,
+        policy: SchedulePolicy | str | None = None,
+        hooks: list[EngineHooks] | None = None,
+        engine: DiffusionEngine | None = None,
+    ) -> None:
+        """``max_wait_s`` (default: the config's ``batch_wait_s``) is how long a partial batch
+        waits for company. ``engine``: serve an engine you already have (it is not closed by
+        :meth:`close` then); else one is built from ``od_config`` and owned."""
+        max_wait_s = od_config.batch_wait_s if max_wait_s is None else max_wait_s
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-        self.engine = DiffusionEngine(od_config)
+        self.owns_engine = engine is None
+        self.engine = engine if engine is not None else DiffusionEngine(od_config, hooks=hooks)
         self.od_config = od_config
         self.max_wait_s = max_wait_s
+        self.policy = resolve_policy(policy or od_config.schedule)
+        hook_list = HookList([*self.engine.hooks.hooks, *(hooks if engine is not None and hooks else [])])
+        self.hooks = hook_list
         self._queue: list[Waiting] = []
+        self._started: dict[str, Waiting] = {}
         self._changed = threading.Condition()
+        self._generation = 0
+        self._seen_generation = 0
         self._closing = False
         self.failure: BaseException | None = None
+        self.may_grow = True
+        self.scheduler = ReplicaScheduler(self.engine.executor, self.policy,
+                                          HookList([*hook_list.hooks, _CallerEvents(self)]))
         self._dispatcher = threading.Thread(target=self._dispatch, name="spmd-diffusion-dispatcher", daemon=True)
         self._dispatcher.start()
 
     @property
     def executor(self) -> Any:
         return self.engine.executor
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def add_hook(self, hook: EngineHooks) -> None:
+        """Watch this engine's events with ``hook`` from now on."""
+        self.hooks.add(hook)
+        self.scheduler.hooks.add(hook)
+
+    def metrics_hooks(self) -> Any:
+        """The Prometheus hooks watching this engine (added if none is)."""
+        from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
+
+        found = next((hook for hook in self.hooks.hooks if isinstance(hook, PrometheusHooks)), None)
+        if found is None:
+            found = PrometheusHooks()
+            self.add_hook(found)
+        return found
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a replica."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Requests in batches that replicas are running."""
+        return len(self._started)
 
     # -- callers -----------------------------------------------------------------------------
     def _enqueue(self, request: OmniDiffusionRequest, events: asyncio.Queue | None = None) -> Waiting:
@@ -133,8 +165,14 @@ class AsyncDiffusionEngine:
         with self._changed:
             if self._closing or self.failure is not None:
                 raise ExecutorClosedError(f"the engine is {'failed: ' + str(self.failure) if self.failure else 'closed'}")
+            if prepared.request_id in self._started or any(w.request.request_id == prepared.request_id
+                                                           for w in self._queue):
+                raise ValueError(f"duplicate request_id {prepared.request_id!r}: a request with this id is running")
             self._queue.append(item)
+            self._generation += 1
             self._changed.notify_all()
+        if self.hooks:
+            self.hooks.request_queued(prepared.request_id, prepared.num_images_per_prompt, item.queued_at)
         item.tell({"event": "queued", "request_id": prepared.request_id})
         return item
 
@@ -185,71 +223,48 @@ class AsyncDiffusionEngine:
     async def check_health(self) -> None:
         await asyncio.to_thread(self.engine.check_health)
 
-    # -- the dispatcher ------------------------------------------------------------------------
-    def _take_batch(self, now: float) -> BatchPlan:
+    # -- the scheduler's work source ------------------------------------------------------------
+    def take(self, now: float) -> Work | float | None:
         with self._changed:
-            plan = plan_next_batch(self._queue, self.od_config.max_batch_size, self.max_wait_s, now)
-            for item in plan.batch:
+            self._seen_generation = self._generation
+            selection = self.policy.select(self._queue, self.od_config.max_batch_size, self.max_wait_s, now)
+            if not selection.batch:
+                return selection.wake_at
+            for item in selection.batch:
                 item.started = True
                 self._queue.remove(item)
-            return plan
+                self._started[item.request.request_id] = item
+        return Work([item.request for item in selection.batch], [item.queued_at for item in selection.batch],
+                    token=selection.batch)
 
-    def _deliver(self, call: ReplicaCall, batch: list[Waiting]) -> None:
-        try:
-            output = call.result()
-        except WorkerError as error:
-            output = DiffusionOutput.failed([item.request.request_id for item in batch], error.brief())
-        if not isinstance(output, DiffusionOutput):
-            output = DiffusionOutput.failed([item.request.request_id for item in batch], "no output returned")
+    def wait_for_work(self, until: float | None) -> None:
+        with self._changed:
+            while self._generation == self._seen_generation and not self._closing:
+                pause = None if until is None else until - time.monotonic()
+                if pause is not None and pause <= 0:
+                    return
+                self._changed.wait(pause)
+
+    def finished(self, work: Work, output: DiffusionOutput) -> None:
         by_id = {single.request_id: single for single in output.split()}
-        for item in batch:
+        with self._changed:
+            for item in work.token:
+                self._started.pop(item.request.request_id, None)
+        for item in work.token:
             single = by_id.get(item.request.request_id)
             item.resolve(single or DiffusionOutput.failed([item.request.request_id], "no output returned"))
 
-    def _fail_all(self, error: BaseException, running: dict[ReplicaCall, list[Waiting]]) -> None:
-        with self._changed:
-            self.failure = error
-            stranded = [item for batch in running.values() for item in batch] + self._queue
-            self._queue = []
-        for item in stranded:
-            item.resolve(error=error)
-
     def _dispatch(self) -> None:
-        free = deque(range(self.executor.num_replicas))
-        running: dict[ReplicaCall, list[Waiting]] = {}
-        timeout = self.od_config.generate_timeout
         try:
-            while True:
-                wake_at = None
-                while free:
-                    plan = self._take_batch(time.monotonic())
-                    if not plan.batch:
-                        wake_at = plan.wake_at
-                        break
-                    replica = free.popleft()
-                    call = self.executor.submit(replica, "generate", ([item.request for item in plan.batch],), None,
-                                                timeout)
-                    running[call] = plan.batch
-                    for item in plan.batch:
-                        item.tell({"event": "started", "request_id": item.request.request_id, "replica": replica,
-                                   "batch_size": len(plan.batch)})
-                if running:
-                    slice_s = FREE_SLICE_S if free else IDLE_SLICE_S
-                    if wake_at is not None:
-                        slice_s = max(0.0, min(slice_s, wake_at - time.monotonic()))
-                    for call in self.executor.wait(list(running), timeout=slice_s):
-                        free.append(call.replica)
-                        self._deliver(call, running.pop(call))
-                    continue
-                with self._changed:
-                    if self._closing and not self._queue:
-                        return
-                    if not self._queue or wake_at is not None:
-                        pause = None if wake_at is None else max(0.0, wake_at - time.monotonic())
-                        self._changed.wait(pause if pause is not None else IDLE_SLICE_S)
+            self.scheduler.drive(self, timeout=self.od_config.generate_timeout)
         except BaseException as exc:  # noqa: BLE001 - an executor that failed fails every caller
-            logger.error("the dispatcher stopped: %s", exc)
-            self._fail_all(exc, running)
+            logger.error("the engine stopped: %s", exc)
+            with self._changed:
+                self.failure = exc
+                stranded = list(self._started.values()) + self._queue
+                self._queue, self._started = [], {}
+            for item in stranded:
+                item.resolve(error=exc)
 
     # -- life ------------------------------------------------------------------------------------
     async def close(self) -> None:
@@ -261,12 +276,14 @@ class AsyncDiffusionEngine:
             if self._closing:
                 return
             self._closing = True
+            self.may_grow = False
             refused, self._queue = self._queue, []
             self._changed.notify_all()
         for item in refused:
             item.resolve(error=ExecutorClosedError("the engine closed before this request started"))
         self._dispatcher.join()
-        self.engine.close()
+        if self.owns_engine:
+            self.engine.close()
 
     async def __aenter__(self) -> AsyncDiffusionEngine:
         return self

@@ -10,7 +10,9 @@ from typing import Any
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.distributed.protocol import RpcMethod
 from spmd_diffusion.engine.batching import chunk_requests
-from spmd_diffusion.engine.scheduler import ReplicaScheduler, SchedulePolicy
+from spmd_diffusion.engine.hooks import EngineHooks, HookList, load_hooks
+from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
+from spmd_diffusion.engine.scheduler import ReplicaScheduler
 from spmd_diffusion.engine.seeding import with_seed
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.executor.registry import check_executor_for_launch
@@ -26,15 +28,25 @@ class DiffusionEngine:
     of replica happen here too, so every executor behaves alike. ``generate`` and
     ``collective_rpc`` may be called from several threads (the executor routes replies by
     call id).
+
+    ``policy`` (default: the config's ``schedule``) orders the batches; ``hooks`` are
+    monitoring hooks called besides those the config names (see :mod:`.hooks`).
     """
 
-    def __init__(self, od_config: OmniDiffusionConfig, policy: SchedulePolicy | None = None) -> None:
+    def __init__(
+        self,
+        od_config: OmniDiffusionConfig,
+        policy: SchedulePolicy | str | None = None,
+        hooks: list[EngineHooks] | None = None,
+    ) -> None:
         self.od_config = od_config
+        self.hooks: HookList = load_hooks([*od_config.hooks, *(hooks or [])])
+        self.policy = resolve_policy(policy or od_config.schedule)  # bad names fail before workers start
         executor_class = DiffusionExecutor.get_class(od_config)
         check_executor_for_launch(executor_class)
         logger.info("executor: %s", executor_class.__name__)
         self.executor: DiffusionExecutor = executor_class(od_config)
-        self.scheduler = ReplicaScheduler(self.executor, policy)
+        self.scheduler = ReplicaScheduler(self.executor, self.policy, self.hooks)
 
     def prepare(self, requests: Sequence[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
         """Check types, unique ids and the config's limits, and fix every seed here, on the
@@ -120,7 +132,10 @@ class DiffusionEngine:
         self.executor.wake_up(tags)
 
     def close(self) -> None:
-        self.executor.shutdown()
+        try:
+            self.executor.shutdown()
+        finally:
+            self.hooks.close()
 
     def __enter__(self) -> DiffusionEngine:
         return self

@@ -1,23 +1,30 @@
-"""The replica scheduler: free replica <- next batch, for every executor.
+"""The replica scheduler: free replica <- next batch, for every executor and every front end.
 
-It lives in the engine, above the executors, which only move messages: it hands the next
-batch (as its policy orders them) to whichever data-parallel replica is free, collects the
-outputs in whatever order replicas finish, and stops handing out work when told to. Nobody
-hands out work in advance, so replicas stay busy even when batches differ in cost.
+It lives in the engine, above the executors, which only move messages. One loop serves
+both ways work arrives: a batch job's fixed list of batches (:class:`ListSource`, ordered
+by the schedule policy) and a server's queue of requests that keep arriving (the async
+engine's source, batched by the policy as they come). Each free replica gets the next
+batch; outputs are collected in whatever order replicas finish. Nobody hands out work in
+advance, so replicas stay busy even when batches differ in cost.
 
 A batch that fails inside the worker (a WorkerError) becomes a failed output for its
 requests and the others go on; an executor that can go on no more (a rank died, a call
-timed out) ends the run after the outputs that did arrive were delivered.
+timed out) raises out of :meth:`ReplicaScheduler.drive` after the outputs that did arrive
+were delivered. Monitoring hooks are called here, so every front end reports alike.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from spmd_diffusion.data import DiffusionOutput
+from spmd_diffusion.engine.hooks import BatchInfo, HookList
+from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
 from spmd_diffusion.errors import WorkerError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor, ReplicaCall
 from spmd_diffusion.request import OmniDiffusionRequest
@@ -27,31 +34,100 @@ logger = logging.getLogger(__name__)
 Batch = list[OmniDiffusionRequest]
 OnResult = Callable[[int, DiffusionOutput], Any]  # (batch index, its output)
 
-
-class SchedulePolicy(Protocol):
-    """Which pending batch goes to the next free replica."""
-
-    def order(self, batches: Sequence[Batch]) -> list[int]:
-        """The batch indices in the order they are handed out."""
+# While some replica is free and more work may arrive, the loop looks at the queue at least
+# this often (the executors' wait cannot be woken by a new request): a new request starts
+# within this. While every replica is busy it simply waits for one to finish.
+FREE_SLICE_S = 0.005
 
 
-class FifoPolicy:
-    """Batches in the order given (the batch job's order is its item order)."""
+@dataclass(eq=False)
+class Work:
+    """A batch ready to start, with when each of its requests entered the engine."""
 
-    def order(self, batches: Sequence[Batch]) -> list[int]:
-        return list(range(len(batches)))
+    requests: Batch
+    queued_at: list[float]
+    kwargs: dict[str, Any] | None = None
+    token: Any = None  # the source's own handle on it
+
+
+class WorkSource(Protocol):
+    """Where the scheduler's batches come from."""
+
+    may_grow: bool  # more work may still arrive (a server); False for a fixed list
+
+    def take(self, now: float) -> Work | float | None:
+        """The batch to start now; else when to look again (a float), or None."""
+
+    def wait_for_work(self, until: float | None) -> None:
+        """Block until work may have arrived, or ``until`` (only called while ``may_grow``)."""
+
+    def finished(self, work: Work, output: DiffusionOutput) -> bool | None:
+        """``work``'s output; return False to stop handing out new batches."""
 
 
 def failed_output(batch: Batch, error: str, rank: int | None = None) -> DiffusionOutput:
     return DiffusionOutput.failed([request.request_id for request in batch], error, rank)
 
 
+def images_of(output: DiffusionOutput, position: int) -> int:
+    """Images a request got (written ones count too: a sink leaves records in metadata)."""
+    return len(output.images[position]) or len(output.metadata[position].get("files", ()) if output.metadata else ())
+
+
+class ListSource:
+    """A batch job's fixed batches, in the policy's order; ``on_result(index, output)``."""
+
+    may_grow = False
+
+    def __init__(
+        self,
+        batches: Sequence[Batch],
+        order: list[int],
+        on_result: OnResult,
+        kwargs_for: Callable[[int], dict[str, Any] | None] | None = None,
+        hooks: HookList | None = None,
+    ) -> None:
+        self.batches = batches
+        self.pending = deque(order)
+        self.on_result = on_result
+        self.kwargs_for = kwargs_for
+        self.queued_at = time.monotonic()
+        if hooks:
+            for batch in batches:
+                for request in batch:
+                    hooks.request_queued(request.request_id, request.num_images_per_prompt, self.queued_at)
+
+    def take(self, now: float) -> Work | None:
+        if not self.pending:
+            return None
+        index = self.pending.popleft()
+        kwargs = self.kwargs_for(index) if self.kwargs_for is not None else None
+        return Work(self.batches[index], [self.queued_at] * len(self.batches[index]), kwargs, index)
+
+    def wait_for_work(self, until: float | None) -> None:
+        raise RuntimeError("a fixed list of batches never grows")
+
+    def finished(self, work: Work, output: DiffusionOutput) -> bool | None:
+        return self.on_result(work.token, output)
+
+
+@dataclass
+class Running:
+    work: Work
+    info: BatchInfo
+    started: float = field(default_factory=time.monotonic)
+
+
 class ReplicaScheduler:
     """Runs batches over every replica of ``executor``."""
 
-    def __init__(self, executor: DiffusionExecutor, policy: SchedulePolicy | None = None) -> None:
+    def __init__(
+        self, executor: DiffusionExecutor, policy: SchedulePolicy | str | None = None, hooks: HookList | None = None
+    ) -> None:
         self.executor = executor
-        self.policy = policy or FifoPolicy()
+        self.policy = resolve_policy(policy)
+        self.hooks = hooks if hooks is not None else HookList()
+        self._batch_ids = 0
 
     def _output(self, call: ReplicaCall, batch: Batch) -> DiffusionOutput:
         """The replica's output, or a failed one for every request of its batch."""
@@ -75,27 +151,70 @@ class ReplicaScheduler:
         ``index``'s output exists. ``on_result`` returning False stops handing out new batches (those running
         still finish and are delivered); an exception in it does the same, then is raised
         (a KeyboardInterrupt is raised at once)."""
-        pending = deque(self.policy.order(batches))
+        order = self.policy.order(batches)
+        self.drive(ListSource(batches, order, on_result, kwargs_for, self.hooks), timeout)
+
+    def _start(self, replica: int, work: Work, timeout: float | None) -> tuple[ReplicaCall, Running]:
+        call = self.executor.submit(replica, "generate", (work.requests,), work.kwargs, timeout)
+        self._batch_ids += 1
+        info = BatchInfo(self._batch_ids, replica, tuple(r.request_id for r in work.requests),
+                         sum(r.num_images_per_prompt for r in work.requests), time.monotonic(),
+                         tuple(work.queued_at))
+        if self.hooks:
+            self.hooks.batch_started(info)
+        return call, Running(work, info)
+
+    def _report(self, running: Running, output: DiffusionOutput) -> None:
+        if not self.hooks:
+            return
+        info, now = running.info, time.monotonic()
+        for step, seconds in enumerate(output.timings.get("step_s", ()) if output.timings else ()):
+            self.hooks.denoising_step(info, step, seconds)
+        self.hooks.batch_finished(info, now - running.started, sum(e is not None for e in output.errors))
+        queued = dict(zip(info.request_ids, info.queued_at))
+        for position, request_id in enumerate(output.request_ids):
+            queued_at = queued.get(request_id, info.started_at)
+            if output.errors[position] is None:
+                self.hooks.request_done(request_id, images_of(output, position), info.started_at - queued_at,
+                                        now - queued_at)
+            else:
+                self.hooks.request_failed(request_id, output.errors[position], now - queued_at)
+
+    def drive(self, source: WorkSource, timeout: float | None = None) -> None:
+        """Run ``source``'s work until it has none left (and, if it may grow, is closed)."""
         free = deque(range(self.executor.num_replicas))
-        running: dict[ReplicaCall, int] = {}
+        running: dict[ReplicaCall, Running] = {}
         stopping = False
         consumer_error: BaseException | None = None
-        while running or (pending and not stopping):
-            while free and pending and not stopping:
-                index = pending.popleft()
-                kwargs = kwargs_for(index) if kwargs_for is not None else None
-                call = self.executor.submit(free.popleft(), "generate", (batches[index],), kwargs, timeout)
-                running[call] = index
-            for call in self.executor.wait(list(running)):
-                index = running.pop(call)
-                free.append(call.replica)
-                output = self._output(call, batches[index])
-                if consumer_error is not None:
-                    continue
-                try:
-                    if on_result(index, output) is False:
-                        stopping = True
-                except Exception as exc:  # noqa: BLE001 - the consumer failed: let running batches finish
-                    consumer_error, stopping = exc, True
+        while True:
+            wake_at = None
+            while free and not stopping:
+                taken = source.take(time.monotonic())
+                if not isinstance(taken, Work):
+                    wake_at = taken
+                    break
+                call, entry = self._start(free.popleft(), taken, timeout)
+                running[call] = entry
+            if running:
+                slice_s = None  # every replica busy, or nothing more can come: wait for one
+                if free and not stopping and (source.may_grow or wake_at is not None):
+                    slice_s = FREE_SLICE_S if wake_at is None else max(0.0, min(FREE_SLICE_S,
+                                                                                 wake_at - time.monotonic()))
+                for call in self.executor.wait(list(running), timeout=slice_s):
+                    entry = running.pop(call)
+                    free.append(call.replica)
+                    output = self._output(call, entry.work.requests)
+                    self._report(entry, output)
+                    if consumer_error is not None:
+                        continue
+                    try:
+                        if source.finished(entry.work, output) is False:
+                            stopping = True
+                    except Exception as exc:  # noqa: BLE001 - the consumer failed: let running batches finish
+                        consumer_error, stopping = exc, True
+                continue
+            if stopping or not source.may_grow:
+                break
+            source.wait_for_work(wake_at)
         if consumer_error is not None:
             raise consumer_error

@@ -61,6 +61,12 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.IntRange(min=1), help="Most denoising steps a request may ask for."),
         click.option("--max-images-per-prompt", default=64, show_default=True, type=click.IntRange(min=1),
                      help="Most images one prompt may ask for."),
+        click.option("--schedule", default="shape", show_default=True, metavar="POLICY",
+                     help="Which batch a free replica gets: fifo, shape (same-shape work together), cost "
+                          "(longest first), or a dotted path to your own policy class."),
+        click.option("--hook", "hooks", multiple=True, metavar="HOOK",
+                     help="Monitoring hook (repeatable): prometheus, trace:FILE, an entry point of "
+                          "spmd_diffusion.hooks, or a dotted path to a class."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -72,12 +78,19 @@ def build_config(**values: Any) -> OmniDiffusionConfig:
     from spmd_diffusion.executor.registry import check_executor_for_launch, resolve_executor_class
     from spmd_diffusion.models import check_model_reference
 
+    from spmd_diffusion.engine.hooks import check_hook_spec
+    from spmd_diffusion.engine.policies import resolve_policy
+
+    values["hooks"] = list(values.get("hooks") or ())
     try:
         check_model_reference(values["model"])
         config = OmniDiffusionConfig(**values)
+        resolve_policy(config.schedule)
+        for hook in config.hooks:
+            check_hook_spec(hook)
         check_executor_for_launch(resolve_executor_class(config.executor_class))
         return config
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         raise click.UsageError(str(exc)) from None
 
 
@@ -175,24 +188,71 @@ def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
 
 @cli.command()
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback an API key is required.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="SPMD_DIFFUSION_API_KEY", default=None,
+              help="Bearer token every /v1 request must carry (or $SPMD_DIFFUSION_API_KEY).")
+@click.option("--served-model-name", default=None, help="Model name in /v1/models (default: --model).")
+@click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 10000),
+              help="How long a partial batch waits for same-shape requests to join it.")
+@click.option("--max-queue", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Requests that may wait for a replica; beyond that new ones get 503.")
+@click.option("--tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel ranks per replica (must divide the ranks).")
+@click.option("--cfg-parallel", is_flag=True, help="Run the two guidance branches on two ranks.")
 @fatal_errors
-def serve(host: str, port: int, **model_values: Any) -> None:
-    """Serve POST /v1/diffusion/generate, GET /health and GET /metrics over HTTP."""
-    from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
-    from spmd_diffusion.entrypoints.server import serve as make_server
+def serve(host: str, port: int, api_key: str | None, served_model_name: str | None, batch_wait_ms: float,
+          max_queue: int, tensor_parallel_size: int, cfg_parallel: bool, **model_values: Any) -> int:
+    """Serve the OpenAI images API (POST /v1/images/generations, GET /v1/models), the native
+    POST /v1/diffusion/generate, GET /health and GET /metrics. Under mpirun/srun/torchrun the
+    server runs on rank 0 and every rank serves the engine; concurrent requests are batched
+    and spread over every replica."""
+    from spmd_diffusion.entrypoints.server import ServerLimits, check_listen_address, serve as make_server
 
-    config = build_config(**model_values)
-    with DiffusionEngine(config) as engine:
-        server = make_server(engine, host, port)
+    bound: dict[str, Any] = {}
+
+    def prepare() -> OmniDiffusionConfig:
+        config = build_config(**model_values, tensor_parallel_size=tensor_parallel_size,
+                              cfg_parallel=cfg_parallel, batch_wait_s=batch_wait_ms / 1000)
+        check_world_layout(config)
+        try:
+            check_listen_address(host, api_key)
+            bound["socket"] = bind_socket(host, port)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        return config
+
+    def job(engine: Any) -> int:
+        server = make_server(engine, api_key=api_key, model_name=served_model_name or model_values["model"],
+                             limits=ServerLimits(max_queued_requests=max_queue), sock=bound["socket"])
         click.echo(f"serving on {server.url}", err=True)
         try:
             server.serve_forever()
-        except KeyboardInterrupt:
-            pass
         finally:
             server.server_close()
+        return EXIT_OK
+
+    return spmd_command(prepare, job, model_values["executor_class"])
+
+
+def serve_metrics(engine: Any, port: int) -> None:
+    """The job's Prometheus metrics on loopback (read-only counters; nothing else listens)."""
+    from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
+
+    metrics = next(hook for hook in engine.hooks.hooks if isinstance(hook, PrometheusHooks))
+    metrics.serve(port)
+    click.echo(f"metrics on http://127.0.0.1:{port}/metrics", err=True)
+
+
+def bind_socket(host: str, port: int) -> Any:
+    """The listening socket, bound before any model loads (a busy port is a usage error)."""
+    from spmd_diffusion.entrypoints.server import listen_socket
+
+    try:
+        return listen_socket(host, port)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -329,13 +389,17 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip images a previous run in --output finished (manifest + file).")
 @click.option("--fail-fast", is_flag=True, help="Stop handing out work after the first failed item.")
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
+              help="Write a JSON-lines trace of the engine's events (queued, batch started/finished, done).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics on 127.0.0.1:PORT while the job runs.")
 @model_options
 @fatal_errors
 def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[str, ...], output: str,
              steps: int | None, guidance: float | None, height: int | None, width: int | None,
              negative_prompt: str | None, images_per_prompt: int, tensor_parallel_size: int,
              cfg_parallel: bool, batch_invariant: bool, resume: bool, fail_fast: bool,
-             **model_values: Any) -> int:
+             trace_file: str | None, metrics_port: int | None, **model_values: Any) -> int:
     """Generate images for many prompts: the batch job, under mpirun, srun, torchrun or none.
 
     Writes OUTPUT/images/<id>[_k].png, OUTPUT/manifest.jsonl (a line per image), OUTPUT/run.json
@@ -352,8 +416,15 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
         batch_size=batch_size, resume=resume, fail_fast=fail_fast,
     )
     plan_holder: dict[str, Any] = {}
+    model_values["hooks"] = [*model_values.get("hooks", ()), *(["trace:" + trace_file] if trace_file else []),
+                             *(["prometheus"] if metrics_port else [])]
 
     def prepare() -> OmniDiffusionConfig | None:
+        if metrics_port:
+            try:
+                bind_socket("127.0.0.1", metrics_port).close()
+            except ValueError as exc:
+                raise click.UsageError(f"--metrics-port: {exc}") from None
         config = build_config(
             **model_values, max_batch_size=options.images_per_batch,
             tensor_parallel_size=tensor_parallel_size, cfg_parallel=cfg_parallel, batch_invariant=batch_invariant,
@@ -370,6 +441,8 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
         return config
 
     def job(engine: Any) -> int:
+        if metrics_port:
+            serve_metrics(engine, metrics_port)
         return GenerateJob(plan_holder["plan"], job_layout(engine)).run(engine)
 
     return spmd_command(prepare, job, model_values["executor_class"])

@@ -1,32 +1,74 @@
-"""A small HTTP front end for an engine: the API that HTTPDiffusionExecutor talks to.
+"""The HTTP server (``omni-diffuse serve``): OpenAI-compatible images API plus the native API.
 
-- ``POST /v1/diffusion/generate`` takes ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
-  and answers ``DiffusionOutput.to_dict()`` for all of them, in order.
-- ``GET /health`` answers 200 ``{"status": "ok"}`` or 503 with the error.
-- ``GET /metrics`` answers Prometheus text counters.
+FastAPI + uvicorn (the ``serve`` extra) in front of an :class:`AsyncDiffusionEngine`, so
+concurrent requests are batched dynamically and spread over every replica:
 
-The engine runs one call at a time (a lock); HTTP handling is threaded so health checks
-answer while a batch is generating.
+- ``POST /v1/images/generations``: OpenAI's images API (``prompt``, ``n``, ``size`` "WxH",
+  ``response_format`` ``b64_json``, ``model``; extensions ``negative_prompt``,
+  ``num_inference_steps``, ``guidance_scale``, ``seed``). The ``openai`` client's
+  ``client.images.generate(...)`` works against it.
+- ``GET /v1/models``: the one model served.
+- ``POST /v1/diffusion/generate``: ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
+  -> ``DiffusionOutput.to_dict()`` (what :class:`HTTPDiffusionExecutor` speaks).
+- ``GET /health``: answers from the engine's own state, never waiting for it (200 ok, 503
+  when the engine failed or is closing). ``GET /metrics``: Prometheus text.
+
+With an API key (``--api-key`` or ``$SPMD_DIFFUSION_API_KEY``) every ``/v1`` route needs
+``Authorization: Bearer <key>``; a server bound beyond loopback refuses to start without one.
+Every client mistake is a 4xx and every failure a JSON body in OpenAI's error shape
+(``{"error": {"message", "type", "param", "code"}}``). A client that disconnects cancels
+its requests that have not started. Bodies are capped, and so are requests per call and
+the queue (503 when full, so a flood cannot grow the server's memory without bound).
 """
 
-from __future__ import annotations
 
+import asyncio
+import base64
+import hmac
 import json
 import logging
+import socket
 import threading
 import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from spmd_diffusion.data import DiffusionOutput
+from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
+from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
+from spmd_diffusion.errors import ExecutorClosedError
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.images import image_png_bytes
 
 logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/v1/diffusion/generate"
-MAX_BODY_BYTES = 64 << 20
+LISTEN_BACKLOG = 2048  # 5 (http.server's default) reset 2-3 of 20 concurrent clients here
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may ask of the server."""
+
+    max_body_bytes: int = 64 << 20
+    max_requests_per_call: int = 256
+    max_queued_requests: int = 4096
+    max_prompt_chars: int = 16384
+
+
+class ApiError(Exception):
+    """A failure with its HTTP status, in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.code, self.param = status, message, error_type, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
 def merge_outputs(outputs: list[DiffusionOutput]) -> DiffusionOutput:
@@ -41,121 +83,339 @@ def merge_outputs(outputs: list[DiffusionOutput]) -> DiffusionOutput:
     return merged
 
 
-class Metrics:
-    """Counters shown at /metrics."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.http_requests = 0
-        self.generated_requests = 0
-        self.failed_requests = 0
-        self.images = 0
-        self.generate_seconds = 0.0
-
-    def record(self, output: DiffusionOutput, seconds: float) -> None:
-        with self.lock:
-            self.generated_requests += len(output.request_ids)
-            self.failed_requests += sum(error is not None for error in output.errors)
-            self.images += sum(len(images) for images in output.images)
-            self.generate_seconds += seconds
-
-    def render(self) -> str:
-        rows = [
-            ("spmd_diffusion_http_requests_total", self.http_requests),
-            ("spmd_diffusion_requests_total", self.generated_requests),
-            ("spmd_diffusion_request_errors_total", self.failed_requests),
-            ("spmd_diffusion_images_total", self.images),
-            ("spmd_diffusion_generate_seconds_total", round(self.generate_seconds, 6)),
-        ]
-        lines = []
-        for name, value in rows:
-            lines += [f"# TYPE {name} counter", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's ``size`` ("WxH") as (height, width); None or "auto": the model's default."""
+    if size is None or size == "auto":
+        return None, None
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ApiError(400, f"size must look like 512x512 (width x height), got {size!r}", param="size")
+    return int(height), int(width)
 
 
-class DiffusionHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+def png_base64(image: Any) -> str:
+    return base64.b64encode(image_png_bytes(image)).decode("ascii")
 
-    def __init__(self, address: tuple[str, int], engine: DiffusionEngine) -> None:
-        self.engine = engine
-        self.engine_lock = threading.Lock()
-        self.metrics = Metrics()
-        super().__init__(address, _Handler)
+
+def build_app(
+    engine: AsyncDiffusionEngine,
+    model_name: str,
+    api_key: str | None = None,
+    metrics: PrometheusHooks | None = None,
+    limits: ServerLimits = ServerLimits(),
+) -> Any:
+    """The FastAPI application serving ``engine``."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="spmd_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
+    started = time.time()
+    metrics = metrics or PrometheusHooks()
+    from prometheus_client import Counter
+
+    http_requests = Counter("spmd_diffusion_http_requests", "HTTP requests by route and status",
+                            ["route", "status"], registry=metrics.registry)
+
+    class ImagesRequest(BaseModel):
+        """OpenAI's ``images.generate`` body, plus the diffusers settings as extensions."""
+
+        model_config = ConfigDict(extra="forbid")
+        prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
+        model: str | None = None
+        n: int = Field(1, ge=1)
+        size: str | None = None
+        response_format: Literal["b64_json", "url"] | None = "b64_json"
+        quality: str | None = None  # accepted for compatibility; a diffusers pipeline has no such knob
+        style: str | None = None
+        user: str | None = None
+        negative_prompt: str | None = Field(None, max_length=limits.max_prompt_chars)
+        num_inference_steps: int | None = Field(None, ge=1)
+        guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+        seed: int | None = Field(None, ge=0)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    def error_response(error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        return error_response(ApiError(400, message, param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(ApiError(exc.status_code, str(exc.detail), "not_found_error"
+                                       if exc.status_code == 404 else "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def on_crash(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return error_response(ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
+
+    async def read_json(request: Request) -> Any:
+        body = await request.body()
+        if len(body) > limits.max_body_bytes:
+            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes")
+        try:
+            return json.loads(body)
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not JSON: {exc}") from None
+
+    def check_room(count: int) -> None:
+        if engine.failure is not None:
+            raise ApiError(503, f"the engine failed: {engine.failure}", "server_error")
+        if engine.queued + count > limits.max_queued_requests:
+            raise ApiError(503, f"the server is full ({engine.queued} requests waiting); retry later",
+                           "server_error", code="overloaded")
+
+    def prepared(requests: list[OmniDiffusionRequest]) -> None:
+        """Every request checked (limits, duplicate ids) before any is queued."""
+        try:
+            engine.engine.prepare(requests)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def run_all(request: Request, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
+        """Every request's output; a client that goes away cancels what has not started."""
+        check_room(len(requests))
+        tasks = [asyncio.ensure_future(engine.generate(item)) for item in requests]
+        everything = asyncio.gather(*tasks)
+        try:
+            while True:
+                done, _ = await asyncio.wait({everything}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return everything.result()
+                if await request.is_disconnected():
+                    logger.info("client went away: cancelling %d request(s)", len(tasks))
+                    everything.cancel()
+                    raise ApiError(499, "client closed the request")
+        except ValueError as exc:  # e.g. a request id already running
+            raise ApiError(400, str(exc)) from None
+        except ExecutorClosedError as exc:
+            raise ApiError(503, str(exc), "server_error") from None
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.failure is not None:
+            return Response(json.dumps({"status": "error", "error": str(engine.failure)}), 503,
+                            media_type="application/json")
+        if engine.closing:
+            return Response(json.dumps({"status": "error", "error": "closing"}), 503, media_type="application/json")
+        return Response(json.dumps({"status": "ok"}), media_type="application/json")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
+                                            "owned_by": "spmd_diffusion"}]}
+
+    @app.post("/v1/images/generations", dependencies=[Depends(check_key)])
+    async def images_generations(body: ImagesRequest, request: Request) -> dict[str, Any]:
+        if body.model not in (None, model_name):
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                           code="model_not_found", param="model")
+        if body.response_format == "url":
+            raise ApiError(400, "response_format url is not supported: images are returned as b64_json",
+                           param="response_format")
+        height, width = parse_size(body.size)
+        try:
+            item = OmniDiffusionRequest(prompt=body.prompt, negative_prompt=body.negative_prompt,
+                                        num_inference_steps=body.num_inference_steps,
+                                        guidance_scale=body.guidance_scale, height=height, width=width,
+                                        seed=body.seed, num_images_per_prompt=body.n)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        prepared([item])
+        (output,) = await run_all(request, [item])
+        if output.errors[0] is not None:
+            raise ApiError(500, output.errors[0], "server_error")
+        encoded = await asyncio.to_thread(lambda: [png_base64(image) for image in output.images[0]])
+        return {"created": int(time.time()), "data": [{"b64_json": data} for data in encoded]}
+
+    @app.post(GENERATE_PATH, dependencies=[Depends(check_key)])
+    async def native_generate(request: Request) -> Response:
+        body = await read_json(request)
+        if not isinstance(body, dict) or set(body) != {"requests"}:
+            raise ApiError(400, 'body must be {"requests": [<request>, ...]} and nothing else')
+        items = body["requests"]
+        if not isinstance(items, list) or not items:
+            raise ApiError(400, '"requests" must be a non-empty list of requests')
+        if len(items) > limits.max_requests_per_call:
+            raise ApiError(400, f"{len(items)} requests in one call; the limit is {limits.max_requests_per_call}")
+        requests = []
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ApiError(400, f"requests[{position}] must be an object")
+            try:
+                requests.append(OmniDiffusionRequest.from_dict(item))
+            except (TypeError, ValueError) as exc:
+                raise ApiError(400, f"requests[{position}]: {exc}") from None
+        prepared(requests)
+        merged = merge_outputs(await run_all(request, requests))
+        text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))
+        return Response(text, media_type="application/json")
+
+    return GuardMiddleware(app, limits.max_body_bytes, http_requests)
+
+
+class GuardMiddleware:
+    """Pure ASGI (a BaseHTTPMiddleware would hide client disconnects from the routes):
+    refuses declared bodies over the cap before reading them, cuts chunked ones at the cap,
+    and counts requests by route and status."""
+
+    def __init__(self, app: Any, max_body_bytes: int, counter: Any) -> None:
+        self.app, self.max_body_bytes, self.counter = app, max_body_bytes, counter
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            error = ApiError(413, f"request body over {self.max_body_bytes} bytes")
+            await self._send_error(send, error)
+            self.counter.labels(route="other", status="413").inc()
+            return
+        received = [0]
+
+        async def capped_receive() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_body_bytes:
+                    raise ApiError(413, f"request body over {self.max_body_bytes} bytes")
+            return message
+
+        async def watched_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, watched_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.counter.labels(route=route, status=str(status[0])).inc()
+
+    @staticmethod
+    async def _send_error(send: Callable, error: ApiError) -> None:
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    return socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen_address(host: str, api_key: str | None) -> None:
+    """Only loopback may go without a key: anyone who reaches the port could make the job's
+    owner pay for their images (and see what others asked for)."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"listening on {host} needs an API key (--api-key or $SPMD_DIFFUSION_API_KEY); "
+                         "without one the server listens on 127.0.0.1 only")
+
+
+class DiffusionServer:
+    """A bound server: ``serve_forever()`` in this thread, or ``start()`` in a background one;
+    ``shutdown()`` stops it (finishing the requests in flight) and ``server_close()`` frees it."""
+
+    def __init__(self, engine: AsyncDiffusionEngine, sock: socket.socket, api_key: str | None = None,
+                 model_name: str | None = None, limits: ServerLimits = ServerLimits()) -> None:
+        import uvicorn
+
+        self.async_engine = engine
+        self.engine = engine.engine
+        self.metrics = engine.metrics_hooks()
+        self.app = build_app(engine, model_name or engine.od_config.model, api_key, self.metrics, limits)
+        self.socket = sock
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_keep_alive=5,
+                                timeout_graceful_shutdown=30, access_log=False)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._stopped.set()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: DiffusionHTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        logger.debug("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: Any, content_type: str = "application/json") -> None:
-        data = (json.dumps(body) if content_type == "application/json" else body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        with self.server.metrics.lock:
-            self.server.metrics.http_requests += 1
-        if self.path == "/health":
-            try:
-                with self.server.engine_lock:
-                    self.server.engine.check_health()
-            except Exception as exc:  # noqa: BLE001 - report, do not crash the server
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "error", "error": str(exc)})
-                return
-            self._send(HTTPStatus.OK, {"status": "ok"})
-        elif self.path == "/metrics":
-            self._send(HTTPStatus.OK, self.server.metrics.render(), "text/plain; version=0.0.4")
-        else:
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        with self.server.metrics.lock:
-            self.server.metrics.http_requests += 1
-        if self.path != GENERATE_PATH:
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
-            return
+    def serve_forever(self) -> None:
+        self._stopped.clear()
         try:
-            requests = self._parse_requests()
-        except ValueError as exc:
-            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            return
-        start = time.perf_counter()
-        try:
-            with self.server.engine_lock:
-                outputs = self.server.engine.generate(requests)
-        except Exception as exc:  # noqa: BLE001 - the client gets the reason
-            logger.exception("generate failed")
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
-            return
-        merged = merge_outputs(outputs)
-        merged.timings = {"total_s": time.perf_counter() - start}
-        self.server.metrics.record(merged, merged.timings["total_s"])
-        self._send(HTTPStatus.OK, merged.to_dict())
+            self.server.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
 
-    def _parse_requests(self) -> list[OmniDiffusionRequest]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length <= 0 or length > MAX_BODY_BYTES:
-            raise ValueError(f"request body must be 1..{MAX_BODY_BYTES} bytes of JSON")
-        try:
-            body = json.loads(self.rfile.read(length))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"body is not JSON: {exc}") from None
-        items = body.get("requests") if isinstance(body, dict) else None
-        if not isinstance(items, list) or not items:
-            raise ValueError('body must be {"requests": [<request>, ...]} with at least one request')
-        return [OmniDiffusionRequest.from_dict(item) for item in items]
+    def start(self) -> "DiffusionServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="spmd-diffusion-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self) -> None:
+        """Stop serving (from another thread), after the requests in flight are answered."""
+        self.server.should_exit = True
+        self._stopped.wait(timeout=60)
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self.async_engine.close_sync()
 
 
-def serve(engine: DiffusionEngine, host: str = "127.0.0.1", port: int = 8000) -> DiffusionHTTPServer:
-    """Bind the server (port 0 picks a free port); call ``serve_forever()`` on the result."""
-    return DiffusionHTTPServer((host, port), engine)
+def serve(engine: DiffusionEngine | AsyncDiffusionEngine, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, model_name: str | None = None,
+          limits: ServerLimits = ServerLimits(), sock: socket.socket | None = None) -> DiffusionServer:
+    """Bind the server (port 0 picks a free port; or pass a bound ``sock``); call
+    ``serve_forever()`` or ``start()``. Beyond loopback an ``api_key`` is required. A plain
+    :class:`DiffusionEngine` is wrapped in an async engine (and not closed by it)."""
+    if sock is None:
+        check_listen_address(host, api_key)
+        sock = listen_socket(host, port)
+    if isinstance(engine, DiffusionEngine):
+        engine = AsyncDiffusionEngine(engine.od_config, engine=engine)
+    return DiffusionServer(engine, sock, api_key, model_name, limits)

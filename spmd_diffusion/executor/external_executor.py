@@ -97,7 +97,8 @@ class ExternalDiffusionExecutor(RpcExecutor):
 class HTTPDiffusionExecutor(DiffusionExecutor):
     """Forwards generation to an HTTP endpoint speaking ``POST /v1/diffusion/generate``.
 
-    ``executor_config``: ``base_url`` (default ``http://127.0.0.1:8000``).
+    ``executor_config``: ``base_url`` (default ``http://127.0.0.1:8000``) and ``api_key``
+    (default ``$SPMD_DIFFUSION_API_KEY``), sent as a bearer token.
     Only ``generate`` and ``check_health`` cross HTTP; other worker methods are refused,
     because a server must not run arbitrary calls for its clients.
     """
@@ -106,12 +107,14 @@ class HTTPDiffusionExecutor(DiffusionExecutor):
 
     def _init_executor(self) -> None:
         self.base_url = str(self.od_config.executor_config.get("base_url", "http://127.0.0.1:8000")).rstrip("/")
+        self.api_key = self.od_config.executor_config.get("api_key") or envs.api_key()
 
     def _request(self, path: str, payload: Any = None, timeout: float | None = None) -> Any:
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(
-            self.base_url + path, data=data, headers={"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())
@@ -119,6 +122,7 @@ class HTTPDiffusionExecutor(DiffusionExecutor):
             detail = exc.read().decode(errors="replace")
             try:
                 detail = json.loads(detail).get("error", detail)
+                detail = detail.get("message", detail) if isinstance(detail, dict) else detail
             except (ValueError, AttributeError):
                 pass
             raise SpmdDiffusionError(f"{self.base_url}{path} answered {exc.code}: {detail}") from None

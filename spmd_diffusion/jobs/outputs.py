@@ -23,7 +23,7 @@ from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.jobs.files import write_atomic
-from spmd_diffusion.utils.images import png_bytes
+from spmd_diffusion.utils.images import image_png_bytes
 
 IMAGES_DIR = "images"
 
@@ -31,16 +31,6 @@ IMAGES_DIR = "images"
 def image_name(item_id: str, index: int, count: int) -> str:
     """``<id>.png`` for a single image, ``<id>_<k>.png`` when a prompt has several."""
     return f"{item_id}.png" if count == 1 else f"{item_id}_{index}.png"
-
-
-def image_bytes(image: Any) -> bytes:
-    """PNG bytes of a PIL image, or of a float array in [0, 1] (``output_type="np"``)."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-    return png_bytes(image)
 
 
 @dataclass(frozen=True)
@@ -80,7 +70,7 @@ class ImageFileSink:
             if (request_id, index) in self.skip:
                 continue
             relative = Path(IMAGES_DIR) / image_name(request_id, index, count)
-            data = image_bytes(image)
+            data = image_png_bytes(image)
             write_atomic(Path(self.output_dir) / relative, data)
             records.append({"index": index, "path": str(relative), "sha256": hashlib.sha256(data).hexdigest(),
                             "bytes": len(data), "written_by": rank})

@@ -22,6 +22,13 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def image_png_bytes(image: ImageLike) -> bytes:
+    """PNG bytes of a PIL image, or of a float array in [0, 1] (``output_type="np"``)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    return png_bytes(image)
+
+
 def encode_image(image: ImageLike) -> dict[str, Any]:
     if isinstance(image, Image.Image):
         return {"format": "png", "data": base64.b64encode(png_bytes(image)).decode("ascii")}

@@ -136,7 +136,7 @@ class DiffusionWorker:
         self,
         requests: list[OmniDiffusionRequest],
         jobs: list[ImageJob],
-        step_callback: Callable[[], None] | None = None,
+        step_callback: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         import torch
 
@@ -158,7 +158,7 @@ class DiffusionWorker:
         if step_callback is not None and "callback_on_step_end" in self._call_params:
 
             def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-                step_callback()
+                step_callback(step)
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = on_step_end
@@ -172,7 +172,7 @@ class DiffusionWorker:
         self,
         requests: list[OmniDiffusionRequest],
         jobs: list[ImageJob],
-        step_callback: Callable[[], None] | None = None,
+        step_callback: Callable[[int], None] | None = None,
     ) -> list[Any]:
         import numpy as np
         import torch
@@ -185,6 +185,22 @@ class DiffusionWorker:
         if len(images) != len(jobs):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} prompts")
         return list(images)
+
+    @staticmethod
+    def _step_timer(
+        step_seconds: list[float], step_callback: Callable[[int], None] | None
+    ) -> Callable[[int], None]:
+        """A step callback that appends each step's duration (and calls ``step_callback``)."""
+        last = [time.perf_counter()]
+
+        def on_step(step: int) -> None:
+            now = time.perf_counter()
+            step_seconds.append(now - last[0])
+            last[0] = now
+            if step_callback is not None:
+                step_callback(step)
+
+        return on_step
 
     def _check_awake(self) -> None:
         if self._closed:
@@ -200,14 +216,15 @@ class DiffusionWorker:
     def generate(
         self,
         requests: list[OmniDiffusionRequest],
-        step_callback: Callable[[], None] | None = None,
+        step_callback: Callable[[int], None] | None = None,
         sink: Any | None = None,
     ) -> DiffusionOutput:
         """Images for every request; a request that fails gets its error, the others their images.
 
         Every request must carry its seed: seeds are fixed by the engine, never by a rank.
-        ``step_callback`` runs after every denoising step (where the pipeline supports
-        ``callback_on_step_end``). ``sink`` (a batch job's output writer) makes the replica
+        ``step_callback(step)`` runs after every denoising step (where the pipeline supports
+        ``callback_on_step_end``); the steps' durations come back in ``timings["step_s"]``
+        for the engine's monitoring hooks. ``sink`` (a batch job's output writer) makes the replica
         leader write the images itself and return small records in their place, so pixels
         never travel to rank 0.
         """
@@ -221,11 +238,12 @@ class DiffusionWorker:
         seconds = [0.0] * len(requests)
         pipeline_seconds = 0.0
         pending = plan_batches(requests, self.od_config.max_batch_size)
+        step_seconds: list[float] = []
         while pending:
             jobs = pending.pop(0)
             batch_start = time.perf_counter()
             try:
-                produced = self._run_batch(requests, jobs, step_callback)
+                produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback))
             except Exception as exc:  # noqa: BLE001 - isolate the failing request
                 positions = sorted({job.request_pos for job in jobs})
                 if len(positions) > 1:
@@ -252,7 +270,8 @@ class DiffusionWorker:
                 {**self.effective_settings(request), "seconds": round(seconds[i], 6), "rank": self.rank}
                 for i, request in enumerate(requests)
             ],
-            timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds},
+            timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds,
+                     "step_s": [round(seconds, 6) for seconds in step_seconds]},
             rank=self.rank,
         )
         self.images_generated += sum(len(per_request) for per_request in output.images)
