@@ -1,0 +1,126 @@
+"""``omni-diffuse serve`` as users start it: under mpiexec -n 2 (rank 0 serves HTTP, both
+ranks serve the engine), its refusals before loading, and ``generate --trace/--metrics-port``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.launcher, pytest.mark.slow]
+openai = pytest.importorskip("openai", reason="the test extra installs openai")
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("serve did not come up")
+
+
+def test_serve_under_mpiexec_uses_both_replicas_and_answers_the_openai_client():
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_API_KEY": "k"}
+    process = subprocess.Popen(
+        [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), "serve", "--model", "tiny-unet",
+         "--port", str(port), "--batch-size", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(process, url)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k")
+        result = client.images.generate(model="tiny-unet", prompt="a cat", n=2, size="64x64",
+                                        response_format="b64_json")
+        sizes = [Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size for item in result.data]
+        assert sizes == [(64, 64), (64, 64)]
+
+        # concurrent clients: the engine spreads their batches over both replicas
+        def one(index: int) -> None:
+            client.images.generate(prompt=f"p{index}", n=1, size="32x32", extra_body={"num_inference_steps": 8})
+
+        threads = [threading.Thread(target=one, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        busy = [line for line in metrics.splitlines() if line.startswith("spmd_diffusion_replica_busy_seconds_total")]
+        assert {line.split('"')[1] for line in busy} == {"0", "1"}, busy
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError("serve did not stop on SIGINT") from None
+    assert process.returncode == 130, process.stderr.read()  # interrupted: one line, every rank gone
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "omni-diffuse"), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_key_before_loading():
+    env = {key: value for key, value in os.environ.items() if key != "SPMD_DIFFUSION_API_KEY"}
+    start = time.monotonic()
+    done = subprocess.run([str(BIN / "omni-diffuse"), "serve", "--host", "0.0.0.0", "--model", "tiny-unet"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "listening on 0.0.0.0 needs an API key" in done.stderr
+    assert time.monotonic() - start < 30 and "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_busy_port_and_a_bad_schedule_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--model", "tiny-unet", "--port", str(port))
+        assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    done = run_cli("serve", "--model", "tiny-unet", "--schedule", "random")
+    assert done.returncode == 2 and "unknown schedule 'random'" in done.stderr
+    done = run_cli("serve", "--model", "tiny-unet", "--hook", "no_such_module.Hook")
+    assert done.returncode == 2 and "cannot load hook" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_generate_writes_a_trace_and_serves_metrics(tmp_path):
+    port = free_port()
+    trace = tmp_path / "trace.jsonl"
+    done = run_cli("generate", "--model", "tiny-unet", "--prompt", "a", "--prompt", "b", "--steps", "2",
+                   "--height", "32", "--width", "32", "--output", str(tmp_path / "out"), "--trace", str(trace),
+                   "--metrics-port", str(port), "--schedule", "cost", timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in done.stderr
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    kinds = [event["event"] for event in events]
+    assert kinds.count("request_queued") == 2 and kinds.count("request_done") == 2
+    assert kinds.index("batch_started") < kinds.index("batch_finished") < kinds.index("request_done")
