@@ -1,5 +1,6 @@
-"""Schedule policies on a mixed batch job: how long the same batches take under fifo, shape
-and cost (longest first), on the same engine.
+"""Schedule policies on a mixed batch job: how long the same batches take under the default
+(shape: the plan's order, a shape's chunks together; fifo is the same for a batch job) and
+cost (longest first), on the same engine.
 
     python scripts/bench_policies.py [--replicas 2] [--repeats 3]
 
@@ -7,7 +8,7 @@ The workload, in item order, is what a prompt file of mixed settings looks like:
 cycling 4/4/4/16 denoising steps, then 2 items of 64 steps (a user's "final quality" rows at
 the end). Batches are the engine's fixed chunks (``--batch-size`` images); only their order
 changes, so every policy makes the same pixels. Reports the wall time of the whole job
-(median of ``--repeats``), the ratio to fifo, and how long replicas sat idle at the end.
+(median of ``--repeats``), the ratio to shape, and how long replicas sat idle at the end.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main() -> None:
     busy = Busy()
     config = OmniDiffusionConfig(model=args.model, executor_class="mp", num_gpus=args.replicas, device="cpu",
                                  max_batch_size=args.batch_size)
-    times: dict[str, list[float]] = {"fifo": [], "shape": [], "cost": []}
+    times: dict[str, list[float]] = {"shape": [], "cost": []}
     idle: dict[str, list[float]] = {name: [] for name in times}
     with DiffusionEngine(config, hooks=[busy]) as engine:
         requests = engine.prepare(workload(args.size))
@@ -67,13 +68,13 @@ def main() -> None:
                 end = time.monotonic()
                 times[name].append(end - start)
                 idle[name].append(end - min(busy.last_finish.values()))
-    fifo = statistics.median(times["fifo"])
+    baseline = statistics.median(times["shape"])
     print(f"{len(requests)} items in {len(batches)} batches of <= {args.batch_size}, {args.replicas} replicas "
           f"(mp, CPU, 1 thread each), {args.size}x{args.size}, median of {args.repeats}")
-    print(f"{'policy':8s} {'seconds':>8s} {'x fifo speed':>13s} {'idle tail s':>12s}")
+    print(f"{'policy':8s} {'seconds':>8s} {'x shape speed':>14s} {'idle tail s':>12s}")
     for name in times:
         seconds = statistics.median(times[name])
-        print(f"{name:8s} {seconds:8.2f} {fifo / seconds:13.2f} {statistics.median(idle[name]):12.2f}")
+        print(f"{name:8s} {seconds:8.2f} {baseline / seconds:14.2f} {statistics.median(idle[name]):12.2f}")
 
 
 if __name__ == "__main__":

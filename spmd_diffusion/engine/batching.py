@@ -14,17 +14,14 @@ from spmd_diffusion.request import OmniDiffusionRequest
 
 
 def chunk_requests(requests: list[OmniDiffusionRequest], max_images: int) -> list[list[OmniDiffusionRequest]]:
-    """Fixed chunks of compatible requests, of at most ``max_images`` images each (a request
-    with more images than that is a chunk of its own), listed in the order of their first
-    request (a schedule policy may reorder them: that changes when, never what)."""
-    open_chunk: dict[tuple[Any, ...], list[OmniDiffusionRequest]] = {}
-    chunks: list[list[OmniDiffusionRequest]] = []
+    """Fixed chunks of compatible requests, in list order, of at most ``max_images`` images
+    (a request with more images than that is a chunk of its own)."""
+    groups: dict[tuple[Any, ...], list[list[OmniDiffusionRequest]]] = {}
     for request in requests:
-        key = request.batch_key()
-        current = open_chunk.get(key)
-        images = sum(r.num_images_per_prompt for r in current) if current else 0
-        if current is None or (current and images + request.num_images_per_prompt > max_images):
-            current = open_chunk[key] = []
-            chunks.append(current)
+        chunks = groups.setdefault(request.batch_key(), [[]])
+        current = chunks[-1]
+        images = sum(r.num_images_per_prompt for r in current)
+        if current and images + request.num_images_per_prompt > max_images:
+            chunks.append(current := [])
         current.append(request)
-    return chunks
+    return [chunk for chunks in groups.values() for chunk in chunks if chunk]

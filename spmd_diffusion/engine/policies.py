@@ -8,8 +8,9 @@ A policy answers two questions, one per way work arrives:
   the policy picks the requests of the next batch from those waiting (all of one shape,
   ``OmniDiffusionRequest.batch_key``), or says when to look again.
 
-Built in (``--schedule``): ``fifo`` (arrival order, nothing overtakes), ``shape`` (the
-oldest request's shape, gathered from the whole queue; the default), ``cost`` (longest
+Built in (``--schedule``): ``fifo`` (arrival order, nothing overtakes; a batch job's
+batches as the plan lists them), ``shape`` (a shape's batches together; a server gathers the
+oldest request's shape from the whole queue; the default), ``cost`` (longest
 first: cost = steps x pixels x images, so a mixed batch job does not end with one replica
 finishing a long batch alone while the others idle). Your own: a dotted path to a class
 with these two methods.
@@ -109,12 +110,13 @@ class ShapePolicy:
 
 class FifoPolicy:
     """Strict arrival order: a batch is the oldest request and the same-shape requests right
-    behind it; batch jobs run their batches in the order of their first items."""
+    behind it; a batch job's batches run in the order listed (its plan lists a shape's fixed
+    chunks together, so there fifo and shape agree)."""
 
     name = "fifo"
 
     def order(self, batches: Sequence[Sequence[OmniDiffusionRequest]]) -> list[int]:
-        return list(range(len(batches)))  # the batch job lists chunks by their first item
+        return list(range(len(batches)))
 
     def select(self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float) -> Selection:
         if not waiting:
