@@ -17,12 +17,13 @@ or by an entry point in the group ``spmd_diffusion.hooks``.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
+
+from spmd_diffusion.utils.imports import import_by_path
 
 logger = logging.getLogger(__name__)
 
@@ -113,53 +114,41 @@ class HookList(EngineHooks):
         self._call("close")
 
 
-def _import_object(path: str) -> Any:
-    module_name, sep, name = path.partition(":")
-    if not sep:
-        module_name, _, name = path.rpartition(".")
-    if not module_name or not name:
-        raise ValueError(f"hook {path!r} is not a dotted path (package.module:Class)")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load hook {path!r}: {exc}") from None
-
-
-def check_hook_spec(spec: str) -> None:
-    """Raise ValueError unless ``spec`` names a hook (without building it: that may open files)."""
+def _hook_factory(spec: str) -> Callable[[], Any]:
+    """What builds the hook ``spec`` names, found without building it (that may open files)."""
     name, _, argument = spec.partition(":")
     if name == "prometheus" and not argument:
         try:
             import prometheus_client  # noqa: F401
         except ImportError:
             raise ValueError("the prometheus hook needs prometheus-client: pip install 'spmd_diffusion[serve]'") from None
-        return
+        from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
+
+        return PrometheusHooks
     if name == "trace":
         if not argument:
             raise ValueError("the trace hook needs a file: trace:PATH")
-        return
-    if spec not in {point.name for point in entry_points(group=ENTRY_POINT_GROUP)}:
-        _import_object(spec)
+        from spmd_diffusion.engine.trace_hooks import TraceHooks
+
+        return lambda: TraceHooks(argument)
+    registered = {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
+    try:
+        target = registered[spec].load() if spec in registered else import_by_path(spec)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load hook {spec!r}: {exc}") from None
+    return target if isinstance(target, type) else lambda: target
+
+
+def check_hook_spec(spec: str) -> None:
+    """Raise ValueError unless ``spec`` names a hook (without building it)."""
+    _hook_factory(spec)
 
 
 def load_hook(spec: str | EngineHooks) -> EngineHooks:
     """One hook from its name (see the module docstring) or an instance."""
     if isinstance(spec, EngineHooks):
         return spec
-    name, _, argument = spec.partition(":")
-    if name == "prometheus" and not argument:
-        from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
-
-        return PrometheusHooks()
-    if name == "trace":
-        from spmd_diffusion.engine.trace_hooks import TraceHooks
-
-        if not argument:
-            raise ValueError("the trace hook needs a file: trace:PATH")
-        return TraceHooks(argument)
-    registered = {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
-    target = registered[spec].load() if spec in registered else _import_object(spec)
-    hook = target() if isinstance(target, type) else target
+    hook = _hook_factory(spec)()
     if not isinstance(hook, EngineHooks) and not any(hasattr(hook, n) for n in vars(EngineHooks) if n[0] != "_"):
         raise ValueError(f"hook {spec!r} is a {type(hook).__name__}, not EngineHooks")
     return hook

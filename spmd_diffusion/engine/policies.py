@@ -18,12 +18,12 @@ with these two methods.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.imports import import_by_path
 
 # Stand-ins where a request leaves a setting to the pipeline's default: only the ratio
 # between requests matters, and requests that leave it alike compare alike.
@@ -170,13 +170,10 @@ def resolve_policy(spec: str | SchedulePolicy | None) -> SchedulePolicy:
         return spec
     if spec in POLICIES:
         return POLICIES[spec]()
-    module_name, sep, name = spec.partition(":")
-    if not sep:
-        module_name, _, name = spec.rpartition(".")
-    if not module_name:
+    if "." not in spec and ":" not in spec:
         raise ValueError(f"unknown schedule {spec!r}: choose {', '.join(POLICIES)} or a dotted path to a class")
     try:
-        target = getattr(importlib.import_module(module_name), name)
+        target = import_by_path(spec)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load schedule {spec!r}: {exc}") from None
     policy = target() if isinstance(target, type) else target

@@ -7,11 +7,11 @@ name of an entry point in the group ``spmd_diffusion.executors``, a dotted path
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
+from spmd_diffusion.utils.imports import import_by_path
 
 ENTRY_POINT_GROUP = "spmd_diffusion.executors"
 
@@ -23,20 +23,6 @@ BUILTIN_EXECUTORS: dict[str, str] = {
     "external": "spmd_diffusion.executor.external_executor:ExternalDiffusionExecutor",
     "http": "spmd_diffusion.executor.external_executor:HTTPDiffusionExecutor",
 }
-
-
-def import_by_path(path: str) -> Any:
-    """Import ``package.module.Name`` or ``package.module:Name``."""
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ImportError(f"{path!r} is not a dotted path to an object")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _entry_points() -> dict[str, Any]:
