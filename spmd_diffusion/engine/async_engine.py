@@ -50,10 +50,6 @@ class Waiting:
     started: bool = False
     events: asyncio.Queue | None = None
 
-    @property
-    def images(self) -> int:
-        return self.request.num_images_per_prompt
-
     def tell(self, event: dict[str, Any]) -> None:
         """Hand a progress event to the caller's loop (if it asked for events)."""
         if self.events is not None:
@@ -109,8 +105,7 @@ class AsyncDiffusionEngine:
         self.od_config = od_config
         self.max_wait_s = max_wait_s
         self.policy = resolve_policy(policy or od_config.schedule)
-        hook_list = HookList([*self.engine.hooks.hooks, *(hooks if engine is not None and hooks else [])])
-        self.hooks = hook_list
+        self.hooks = HookList([*self.engine.hooks.hooks, *(hooks if engine is not None and hooks else [])])
         self._queue: list[Waiting] = []
         self._started: dict[str, Waiting] = {}
         self._changed = threading.Condition()
@@ -118,9 +113,8 @@ class AsyncDiffusionEngine:
         self._seen_generation = 0
         self._closing = False
         self.failure: BaseException | None = None
-        self.may_grow = True
-        self.scheduler = ReplicaScheduler(self.engine.executor, self.policy,
-                                          HookList([*hook_list.hooks, _CallerEvents(self)]))
+        events = HookList([self.hooks, _CallerEvents(self)])
+        self.scheduler = ReplicaScheduler(self.engine.executor, self.policy, events)
         self._dispatcher = threading.Thread(target=self._dispatch, name="spmd-diffusion-dispatcher", daemon=True)
         self._dispatcher.start()
 
@@ -132,10 +126,15 @@ class AsyncDiffusionEngine:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def may_grow(self) -> bool:
+        """More requests may still come (the scheduler's work source contract)."""
+        return not self._closing
+
     def add_hook(self, hook: EngineHooks) -> None:
-        """Watch this engine's events with ``hook`` from now on."""
+        """Watch this engine's events with ``hook`` from now on (the scheduler calls
+        ``self.hooks`` too)."""
         self.hooks.add(hook)
-        self.scheduler.hooks.add(hook)
 
     def metrics_hooks(self) -> Any:
         """The Prometheus hooks watching this engine (added if none is)."""
@@ -276,7 +275,6 @@ class AsyncDiffusionEngine:
             if self._closing:
                 return
             self._closing = True
-            self.may_grow = False
             refused, self._queue = self._queue, []
             self._changed.notify_all()
         for item in refused:

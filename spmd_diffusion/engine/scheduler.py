@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spmd_diffusion.data import DiffusionOutput
@@ -115,7 +115,6 @@ class ListSource:
 class Running:
     work: Work
     info: BatchInfo
-    started: float = field(default_factory=time.monotonic)
 
 
 class ReplicaScheduler:
@@ -170,7 +169,7 @@ class ReplicaScheduler:
         info, now = running.info, time.monotonic()
         for step, seconds in enumerate(output.timings.get("step_s", ()) if output.timings else ()):
             self.hooks.denoising_step(info, step, seconds)
-        self.hooks.batch_finished(info, now - running.started, sum(e is not None for e in output.errors))
+        self.hooks.batch_finished(info, now - info.started_at, sum(e is not None for e in output.errors))
         queued = dict(zip(info.request_ids, info.queued_at))
         for position, request_id in enumerate(output.request_ids):
             queued_at = queued.get(request_id, info.started_at)
