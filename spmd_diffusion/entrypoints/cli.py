@@ -73,6 +73,13 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def parallel_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tp and --cfg-parallel: the replica layout of the commands that generate."""
+    command = click.option("--cfg-parallel", is_flag=True, help="Run the two guidance branches on two ranks.")(command)
+    return click.option("--tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="Tensor-parallel ranks per replica (must divide the ranks).")(command)
+
+
 def build_config(**values: Any) -> OmniDiffusionConfig:
     """An OmniDiffusionConfig, or a usage error (exit 2) naming the bad field."""
     from spmd_diffusion.executor.registry import check_executor_for_launch, resolve_executor_class
@@ -198,9 +205,7 @@ def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
               help="How long a partial batch waits for same-shape requests to join it.")
 @click.option("--max-queue", default=4096, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait for a replica; beyond that new ones get 503.")
-@click.option("--tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Tensor-parallel ranks per replica (must divide the ranks).")
-@click.option("--cfg-parallel", is_flag=True, help="Run the two guidance branches on two ranks.")
+@parallel_options
 @fatal_errors
 def serve(host: str, port: int, api_key: str | None, served_model_name: str | None, batch_wait_ms: float,
           max_queue: int, tensor_parallel_size: int, cfg_parallel: bool, **model_values: Any) -> int:
@@ -381,9 +386,7 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
 @click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Tensor-parallel ranks per replica (must divide the ranks).")
-@click.option("--cfg-parallel", is_flag=True, help="Run the two guidance branches on two ranks.")
+@parallel_options
 @click.option("--batch-invariant", is_flag=True,
               help="Run every forward pass one sample at a time: images then do not depend on --batch-size.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
