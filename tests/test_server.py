@@ -199,6 +199,9 @@ def test_a_client_that_disconnects_cancels_what_has_not_started(server):
     assert engine.queued == 0 and engine.running == 0
     made = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"] - before
     assert 1 <= made <= 4  # the started batch finished; the other four were dropped
+    status, text = call(server.url + "/metrics", key=None)
+    assert "spmd_diffusion_requests_waiting 0.0" in text.splitlines()  # the dropped ones left the gauge
+    assert 'spmd_diffusion_requests_total{outcome="cancelled"} 4.0' in text.splitlines()
 
 
 def test_prometheus_output_parses_and_counts_what_was_made(server):

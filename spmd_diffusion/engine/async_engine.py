@@ -206,8 +206,11 @@ class AsyncDiffusionEngine:
     def _cancel(self, item: Waiting) -> None:
         with self._changed:
             item.cancelled = True
-            if not item.started and item in self._queue:
+            dropped = not item.started and item in self._queue
+            if dropped:
                 self._queue.remove(item)
+        if dropped:
+            self.hooks.request_cancelled(item.request.request_id, time.monotonic() - item.queued_at)
 
     async def collective_rpc(
         self,
@@ -278,6 +281,7 @@ class AsyncDiffusionEngine:
             refused, self._queue = self._queue, []
             self._changed.notify_all()
         for item in refused:
+            self.hooks.request_cancelled(item.request.request_id, time.monotonic() - item.queued_at)
             item.resolve(error=ExecutorClosedError("the engine closed before this request started"))
         self._dispatcher.join()
         if self.owns_engine:

@@ -3,7 +3,8 @@
 The engine calls every hook in this order for each request: ``request_queued`` (when it
 enters the engine), ``batch_started`` (its batch went to a replica), ``denoising_step``
 (once per step of that batch), ``batch_finished``, then ``request_done`` or
-``request_failed``. Times are ``time.monotonic()`` seconds on rank 0.
+``request_failed`` (or ``request_cancelled`` for one dropped before it started: its
+caller went away or the engine closed). Times are ``time.monotonic()`` seconds on rank 0.
 
 Steps run on the replica; their durations come back with the batch's output and are
 reported when the batch finishes (one message to rank 0 per step would cost an RPC per
@@ -63,6 +64,9 @@ class EngineHooks:
     def request_failed(self, request_id: str, error: str, latency_s: float) -> None:
         """A request failed with ``error``."""
 
+    def request_cancelled(self, request_id: str, latency_s: float) -> None:
+        """A request was dropped before its batch started."""
+
     def close(self) -> None:
         """The engine is done: flush whatever is buffered."""
 
@@ -109,6 +113,9 @@ class HookList(EngineHooks):
 
     def request_failed(self, request_id: str, error: str, latency_s: float) -> None:
         self._call("request_failed", request_id, error, latency_s)
+
+    def request_cancelled(self, request_id: str, latency_s: float) -> None:
+        self._call("request_cancelled", request_id, latency_s)
 
     def close(self) -> None:
         self._call("close")

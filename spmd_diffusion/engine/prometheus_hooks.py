@@ -39,8 +39,8 @@ class PrometheusHooks(EngineHooks):
         self.busy_seconds = Counter(f"{prefix}_replica_busy_seconds", "Seconds each replica spent on batches",
                                     ["replica"], **kwargs)
         self.waiting = Gauge(f"{prefix}_requests_waiting", "Requests queued for a replica", **kwargs)
-        self.requests.labels(outcome="ok")
-        self.requests.labels(outcome="failed")
+        for outcome in ("ok", "failed", "cancelled"):
+            self.requests.labels(outcome=outcome)
 
     def request_queued(self, request_id: str, images: int, at: float) -> None:
         self.waiting.inc()
@@ -64,6 +64,10 @@ class PrometheusHooks(EngineHooks):
     def request_failed(self, request_id: str, error: str, latency_s: float) -> None:
         self.requests.labels(outcome="failed").inc()
         self.latency_seconds.observe(latency_s)
+
+    def request_cancelled(self, request_id: str, latency_s: float) -> None:
+        self.requests.labels(outcome="cancelled").inc()
+        self.waiting.dec()
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -63,6 +63,9 @@ class TraceHooks(EngineHooks):
     def request_failed(self, request_id: str, error: str, latency_s: float) -> None:
         self._write("request_failed", request_id=request_id, error=error, latency_s=round(latency_s, 6))
 
+    def request_cancelled(self, request_id: str, latency_s: float) -> None:
+        self._write("request_cancelled", request_id=request_id, latency_s=round(latency_s, 6))
+
     def close(self) -> None:
         with self._lock:
             if not self._file.closed:
