@@ -224,7 +224,8 @@ class DiffusionWorker:
         Every request must carry its seed: seeds are fixed by the engine, never by a rank.
         ``step_callback(step)`` runs after every denoising step (where the pipeline supports
         ``callback_on_step_end``); the steps' durations come back in ``timings["step_s"]``
-        for the engine's monitoring hooks. ``sink`` (a batch job's output writer) makes the replica
+        for the engine's monitoring hooks (diffusers has no callback before the first step, so
+        a pipeline call's first duration includes its prompt encoding). ``sink`` (a batch job's output writer) makes the replica
         leader write the images itself and return small records in their place, so pixels
         never travel to rank 0.
         """
