@@ -8,7 +8,8 @@ results, nothing that is unpickled -- and it is opened only when replicas span s
   (mode 0700). Nothing listens on any network interface (a TCPStore binds every
   interface, whatever host name it is given).
 - Several nodes: a TCPStore on rank 0 (``MASTER_ADDR``/``MASTER_PORT + 1`` when set, else
-  this host's name and a free port), with every key under a random 128-bit prefix that rank
+  this host's name and a free port; an executor that knows the address its workers
+  reach, such as Ray's node IP, passes it), with every key under a random 128-bit prefix that rank
   0 draws and sends over the launcher's channel: a stranger who connects cannot name, read
   or overwrite any key the job uses.
 """
@@ -52,7 +53,7 @@ class Rendezvous:
 class RendezvousServer:
     """Rank 0's side: owns the store (or its directory) for the life of the executor."""
 
-    def __init__(self, world_size: int, one_node: bool) -> None:
+    def __init__(self, world_size: int, one_node: bool, host: str | None = None) -> None:
         self._directory: str | None = None
         self._store: Any = None
         if one_node:
@@ -64,7 +65,7 @@ class RendezvousServer:
         base_port = envs.master_port()
         port = base_port + 1 if base_port else 0
         self._store = TCPStore("0.0.0.0", port, None, True, timeout=STORE_TIMEOUT, wait_for_workers=False)
-        host = envs.master_addr() or socket.getfqdn()
+        host = host or envs.master_addr() or socket.getfqdn()
         self.rendezvous = Rendezvous(world_size, host=host, port=self._store.port, prefix=secrets.token_hex(16))
 
     def close(self) -> None:

@@ -35,12 +35,17 @@ class WorkerEndpoint(Protocol):
 
 @dataclass(frozen=True)
 class WorkerPlacement:
-    """Where a worker sits in the job (its device follows from ``local_rank``)."""
+    """Where a worker sits in the job (its device follows from ``local_rank``).
+
+    ``one_node``: every rank of the job is on this node, so its groups stay on loopback;
+    None derives it from the sizes (a Ray GPU actor sees one GPU, so its local sizes are
+    1 while the job may still be on one node)."""
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
+    one_node: bool | None = None
 
 
 class UnloadedWorker:
@@ -67,6 +72,7 @@ def load_worker(od_config: Any, placement: WorkerPlacement, rendezvous: Any) -> 
             world_size=placement.world_size,
             local_world_size=placement.local_world_size,
             store=store,
+            one_node=placement.one_node,
         )
         return worker, RpcReply(rank, "ready")
     except Exception as exc:  # noqa: BLE001 - the engine reports it, with the rank

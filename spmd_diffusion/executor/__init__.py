@@ -24,6 +24,7 @@ _LAZY = {
     "HTTPDiffusionExecutor": "spmd_diffusion.executor.external_executor",
     "MPIExecutor": "spmd_diffusion.executor.spmd_executor",
     "TorchDistributedExecutor": "spmd_diffusion.executor.spmd_executor",
+    "RayDiffusionExecutor": "spmd_diffusion.executor.ray_executor",
 }
 
 __all__ = [

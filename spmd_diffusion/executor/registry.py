@@ -22,6 +22,7 @@ BUILTIN_EXECUTORS: dict[str, str] = {
     "torchrun": "spmd_diffusion.executor.spmd_executor:TorchDistributedExecutor",
     "external": "spmd_diffusion.executor.external_executor:ExternalDiffusionExecutor",
     "http": "spmd_diffusion.executor.external_executor:HTTPDiffusionExecutor",
+    "ray": "spmd_diffusion.executor.ray_executor:RayDiffusionExecutor",
 }
 
 

@@ -204,7 +204,7 @@ class GenerateJob:
         }
 
     def _write_run_json(self, status: str, started: float, seconds: float | None = None,
-                        missing: list[tuple[str, int]] | None = None) -> None:
+                        missing: list[tuple[str, int]] | None = None, error: str | None = None) -> None:
         stats = self.stats
         made = stats.images_ok + stats.images_failed
         record = {
@@ -227,6 +227,8 @@ class GenerateJob:
                 "images_per_rank": dict(sorted(stats.per_rank.items())),
             },
         }
+        if error is not None:
+            record["error"] = error
         if missing:
             record["missing"] = [{"id": request_id, "index": index} for request_id, index in missing[:MISSING_LISTED]]
         if seconds is not None:
@@ -316,6 +318,9 @@ class GenerateJob:
             engine.generate_stream(plan.batches, on_output, sinks=[self.sink(batch) for batch in plan.batches])
         except KeyboardInterrupt:
             self._write_run_json("interrupted", started, time.time() - started)
+            raise
+        except Exception as exc:  # a fault that ends the job (a worker died, a timeout): say so
+            self._write_run_json("failed", started, time.time() - started, error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             bar.close()

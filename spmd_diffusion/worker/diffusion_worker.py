@@ -36,6 +36,7 @@ class DiffusionWorker:
         world_size: int = 1,
         local_world_size: int = 1,
         store: Any | None = None,
+        one_node: bool | None = None,
     ) -> None:
         import torch
 
@@ -59,7 +60,8 @@ class DiffusionWorker:
 
         # Collective over the job when tp x cfg > 1: every rank builds its worker in step.
         self.parallel = join_parallel_groups(
-            od_config, rank, world_size, self.device, store, one_node=local_world_size == world_size
+            od_config, rank, world_size, self.device, store,
+            one_node=local_world_size == world_size if one_node is None else one_node,
         )
         self.torch_dtype = resolve_dtype(od_config.dtype, self.device)
         self.pipeline: Any = None
