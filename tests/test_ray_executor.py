@@ -133,10 +133,12 @@ def test_generate_killed_actor_exits_naming_the_rank_then_resume_completes(ray_a
     args = ["generate", "--prompts", str(prompts), "--batch-size", "1", "--steps", "12", "--height", "32",
             "--width", "32", "--model", "tiny-unet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    reference = tmp_path / "reference"
-    done = subprocess.run([str(BIN / "omni-diffuse"), *args, "--executor", "uni", "--output", str(reference)],
-                          capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    references = {"uni": [str(BIN / "omni-diffuse"), *args, "--executor", "uni"],
+                  "mpi": [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), *args]}
+    for name, reference_command in references.items():
+        done = subprocess.run([*reference_command, "--output", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=180, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
 
     output = tmp_path / "ray"
     command = [str(BIN / "omni-diffuse"), *args, "--executor", "ray", "--num-gpus", "2", "--output", str(output)]
@@ -165,6 +167,10 @@ def test_generate_killed_actor_exits_naming_the_rank_then_resume_completes(ray_a
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = json.loads((output / "run.json").read_text())
     assert run["totals"]["images_skipped_as_done"] == made and run["layout"]["executor"] == "RayDiffusionExecutor"
-    pngs = {path.name: path.read_bytes() for path in sorted((output / "images").glob("*.png"))}
-    assert len(pngs) == 10
-    assert pngs == {path.name: path.read_bytes() for path in sorted((reference / "images").glob("*.png"))}
+    pngs = {name: _pngs(tmp_path / name) for name in ("ray", *references)}
+    assert len(pngs["ray"]) == 10
+    assert pngs["ray"] == pngs["uni"] == pngs["mpi"]  # byte-identical through ray, uni and mpi
+
+
+def _pngs(output: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted((output / "images").glob("*.png"))}
