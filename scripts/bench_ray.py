@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# Ray reads its authentication mode at import: the cluster below uses tokens.
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING", "RAY_AUTH_MODE": "token",
        "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -41,8 +43,9 @@ def start_cluster() -> str:
     return text.split("--address='")[1].split("'")[0]
 
 
-def generate(command: list[str], prompts: Path, output: Path, model: str, env: dict) -> float:
-    subprocess.run([*command, "generate", "--model", model, "--prompts", str(prompts), "--output", str(output),
+def generate(command: tuple[list[str], list[str]], prompts: Path, output: Path, model: str, env: dict) -> float:
+    launcher, options = command
+    subprocess.run([*launcher, "generate", *options, "--model", model, "--prompts", str(prompts), "--output", str(output),
                     "--height", "64", "--width", "64", "--batch-size", "2", "--no-resume"],
                    check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     record = json.loads((output / "run.json").read_text())
@@ -56,9 +59,9 @@ def data_parallel(args: argparse.Namespace, address: str, tmp: Path) -> dict[str
     env = {**ENV, "RAY_ADDRESS": address}
     mpiexec, cli = str(BIN / "mpiexec"), str(BIN / "omni-diffuse")
     commands = {
-        "mpiexec -n 1": [mpiexec, "-n", "1", cli],
-        "mpiexec -n 2": [mpiexec, "-n", "2", cli],
-        "ray, 2 actors": [cli, "--executor", "ray", "--num-gpus", "2"],
+        "mpiexec -n 1": ([mpiexec, "-n", "1", cli], []),
+        "mpiexec -n 2": ([mpiexec, "-n", "2", cli], []),
+        "ray, 2 actors": ([cli], ["--executor", "ray", "--num-gpus", "2"]),
     }
     rates: dict[str, list[float]] = {name: [] for name in commands}
     for repeat in range(args.repeats):
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--model", default="tiny-unet")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", choices=("rpc", "dp"), default=None, help="run one of the two parts")
     args = parser.parse_args()
     if args.model in ("tiny-unet", "tiny-dit"):
         from spmd_diffusion.models import ensure_tiny_model
@@ -114,18 +118,32 @@ def main() -> None:
     ensure_tiny_model_for_rpc()
     address = start_cluster()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            dp = data_parallel(args, address, Path(tmp))
-        calls = rpc(args, address)
+        calls = rpc(args, address) if args.only != "dp" else {}
+        dp: dict[str, list[float]] = {}
+        if args.only != "rpc":
+            with tempfile.TemporaryDirectory() as tmp:
+                dp = data_parallel(args, address, Path(tmp))
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=ENV, timeout=120)
 
+    if dp:
+        print_dp(args, dp)
+    if calls:
+        print_rpc(calls)
+    if args.json:
+        args.json.write_text(json.dumps({"data_parallel": dp, "rpc_us": calls}, indent=2))
+
+
+def print_dp(args: argparse.Namespace, dp: dict[str, list[float]]) -> None:
     one, two, ray_two = (statistics.median(dp[k]) for k in ("mpiexec -n 1", "mpiexec -n 2", "ray, 2 actors"))
     print("| data parallel | mpiexec -n 1 (img/s) | mpiexec -n 2 (img/s) | ray 2 actors (img/s) | ray / mpiexec -n 2 "
           "| ray / 1 rank |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.prompts} prompts x {args.steps} steps, 64x64 | {one:.2f} | {two:.2f} | {ray_two:.2f} "
           f"| {ray_two / two:.2f}x | {ray_two / one:.2f}x |")
+
+
+def print_rpc(calls: dict[str, list[float]]) -> None:
     ours, raw = (statistics.median(calls[k]) for k in ("ray executor collective_rpc", "raw Ray actor calls"))
     print()
     print("| no-op RPC over 2 actors | round trip (us, median of rounds) |")
@@ -133,8 +151,6 @@ def main() -> None:
     print(f"| ray executor collective_rpc('ping') | {ours:.0f} |")
     print(f"| raw Ray: ray.get of one ping.remote() per actor | {raw:.0f} |")
     print(f"| ratio | {ours / raw:.2f}x |")
-    if args.json:
-        args.json.write_text(json.dumps({"data_parallel": dp, "rpc_us": calls}, indent=2))
 
 
 def ensure_tiny_model_for_rpc() -> None:

@@ -17,6 +17,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # and everything that joins it use token authentication.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Under pytest-xdist, each worker's torchrun jobs get their own rendezvous port
+    # (torchrun reads --master-port from PET_MASTER_PORT), so two jobs never meet.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        os.environ.setdefault("PET_MASTER_PORT", str(29500 + 10 * (1 + int(worker[2:]))))
 
 
 @pytest.fixture(scope="session")
