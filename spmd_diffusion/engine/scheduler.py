@@ -113,11 +113,16 @@ class ListSource:
         return self.on_result(work.token, output)
 
 
-STREAM_WINDOW = 64  # batches a stream is read ahead and ordered by the policy
+# A stream is read ahead this many batches, or this many images (whichever comes first), and
+# each window ordered by the policy: enough to group shapes, small enough that rank 0 holds
+# little (every request read ahead is held until its output arrives).
+STREAM_WINDOW = 64
+STREAM_WINDOW_IMAGES = 4096
 
 
 class StreamSource:
-    """A batch job's batches from an iterator, read ``window`` batches ahead: each window is
+    """A batch job's batches from an iterator, read ``window`` batches (at most
+    ``STREAM_WINDOW_IMAGES`` images) ahead: each window is
     ordered by the policy and handed out, then the next is read. Rank 0 holds a window and the
     running batches, never the whole job. ``on_result(batch, output)``;
     ``kwargs_for(batch)`` gives a batch's extra call arguments (e.g. its output sink)."""
@@ -142,7 +147,13 @@ class StreamSource:
         self.ready: deque[tuple[Batch, float]] = deque()
 
     def _read_window(self) -> None:
-        window = list(islice(self.batches, self.window))
+        window: list[Batch] = []
+        images = 0
+        for batch in islice(self.batches, self.window):
+            window.append(batch)
+            images += sum(request.num_images_per_prompt for request in batch)
+            if images >= STREAM_WINDOW_IMAGES:
+                break
         now = time.monotonic()
         if self.hooks:
             for batch in window:
