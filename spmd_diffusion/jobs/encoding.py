@@ -26,6 +26,9 @@ EXIF_SOFTWARE = 0x0131
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
 RECORD_KEY = "spmd_diffusion"
+# Left out of the embedded record: the resume fingerprint covers the output format too, and
+# the same image must be the same bytes whether it lands in a file or in a shard.
+NOT_EMBEDDED = ("fingerprint",)
 
 
 def parameters_text(info: dict[str, Any]) -> str:
@@ -74,6 +77,8 @@ def encode_image(image: Any, image_format: str = "png", quality: int | None = No
     """The file bytes of ``image`` in ``image_format`` (png, jpg, webp), carrying ``info``
     (the image's record: prompt, seed, settings) when given."""
     pil = as_pil(image)
+    if info is not None:
+        info = {key: value for key, value in info.items() if key not in NOT_EMBEDDED}
     buffer = io.BytesIO()
     if image_format == "png":
         kwargs: dict[str, Any] = {}
