@@ -20,6 +20,10 @@ measured is the job's I/O path alone. Three parts, one run of each:
    must equal the manifest's.
 3. throughput: ``--throughput`` items to files and to shards at each of ``--ranks``
    (interleaved), images/s from ``run.json``; ratios against files at the first rank count.
+
+``--startup-only`` times launch -> first pipeline call and first manifest line for a 10k-
+and an ``--items``-line file, stopping each job there (the difference is what reading and
+checking the larger file costs before any model loads).
 """
 
 from __future__ import annotations
@@ -122,6 +126,45 @@ def run_job(ranks: int, prompts: Path, output: Path, workdir: Path, args: argpar
             "images_per_second": record["images_per_second"], "images_ok": record["totals"]["images_ok"]}
 
 
+def time_to_first_output(ranks: int, prompts: Path, output: Path, workdir: Path, args: argparse.Namespace,
+                         output_format: str = "files") -> dict[str, Any]:
+    """Start a job, wait for its first pipeline call and first manifest line, then stop it:
+    the start-up alone (the planning pass over the whole input included)."""
+    import signal
+
+    stamps = workdir / f"stamps-{output.name}"
+    subprocess.run(["rm", "-rf", str(output), str(stamps)], check=True)
+    stamps.mkdir(parents=True)
+    helper = bench_output()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
+           helper.BASES_ENV: str(workdir / "bases.npy"), helper.STAMPS_ENV: str(stamps)}
+    command = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, str(Path(__file__).resolve()), "--rank-main",
+               "--", "generate", "--model", "tiny-unet", "--prompts", str(prompts), "--output", str(output),
+               "--height", str(args.size), "--width", str(args.size), "--batch-size", str(args.batch_size),
+               "--steps", "1", "--output-format", output_format]
+    start = time.time()
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    first_call = first_line = None
+    try:
+        while time.time() - start < args.timeout and job.poll() is None:
+            if first_call is None and list(stamps.glob("first_call.*")):
+                first_call = time.time()
+            manifest = output / "manifest.jsonl"
+            if first_line is None and manifest.exists() and manifest.stat().st_size:
+                first_line = time.time()
+            if first_call and first_line:
+                break
+            time.sleep(0.05)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    return {"ranks": ranks, "items": sum(1 for _ in open(prompts)),
+            "launch_to_first_call_s": round(first_call - start, 2) if first_call else None,
+            "launch_to_first_manifest_line_s": round(first_line - start, 2) if first_line else None}
+
+
 def rss_at(samples: list[list[float]], lines: int) -> float | None:
     """Rank 0's RSS (MiB) at the first sample with at least ``lines`` manifest lines."""
     for _, rss, count in samples:
@@ -172,6 +215,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: startup,readback,throughput")
+    parser.add_argument("--startup-only", action="store_true",
+                        help="only time launch -> first image for 10k and --items lines (each job stopped there)")
     parser.add_argument("--json")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -194,6 +239,13 @@ def main() -> None:
             subprocess.run(f"head -n {count} {workdir / 'all.txt'} > {path}", shell=True, check=True)
             prompts[count] = path
 
+        if args.startup_only:
+            small = workdir / "p10000.txt"
+            subprocess.run(f"head -n 10000 {workdir / 'all.txt'} > {small}", shell=True, check=True)
+            info["startup_only"] = [time_to_first_output(2, path, workdir / f"first-{n}", workdir, args)
+                                    for n, path in ((10_000, small), (args.items, prompts[args.items]))]
+            print("startup_only:", json.dumps(info["startup_only"]), file=sys.stderr)
+            skip = {"startup", "readback", "throughput"}
         if "startup" not in skip:
             samples_file = workdir / "samples.jsonl"
             job = run_job(2, prompts[args.items], workdir / "big", workdir, args, "webdataset", samples_file)

@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.engine.batching import chunk_requests, iter_chunks
+from spmd_diffusion.engine.batching import ChunkCounter, chunk_requests, iter_chunks
 from spmd_diffusion.engine.seeding import derive_seed
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.generate import GenerateOptions, plan_generation
@@ -115,17 +115,27 @@ def test_stream_chunks_are_the_fixed_chunks():
     for max_images in (1, 3, 4, 8):
         streamed = sorted([r.request_id for r in chunk] for chunk in iter_chunks(requests, max_images))
         assert streamed == sorted([r.request_id for r in chunk] for chunk in chunk_requests(requests, max_images))
+        counter = ChunkCounter(max_images)  # the planning pass counts them without building them
+        for request in requests:
+            counter.add(request.batch_key(), request.num_images_per_prompt)
+        assert counter.chunks == len(streamed)
 
 
 def test_plan_streams_and_counts_without_listing(tmp_path):
     path = tmp_path / "p.txt"
-    path.write_text("".join(f"prompt {i}\n" for i in range(10)))
+    path.write_text("".join(f"prompt {i}\n" for i in range(11)))
     options = GenerateOptions(output=str(tmp_path / "out"), prompts_file=str(path), batch_size=3, images_per_prompt=2)
     plan = plan_generation(options, OmniDiffusionConfig(seed=4))
-    assert (plan.items, plan.images_total, plan.batches_to_run, plan.images_to_make) == (10, 20, 4, 20)
+    assert (plan.items, plan.images_total, plan.batches_to_run, plan.images_to_make) == (11, 22, 4, 22)
     batches = list(plan.batches())
-    assert [len(batch) for batch in batches] == [3, 3, 3, 1]
-    item, request = batches[1][0]
+    assert [len(batch) for batch in batches] == [3, 3, 3, 2]
+    jsonl = tmp_path / "p.jsonl"  # a shape of its own: a batch of its own
+    jsonl.write_text("".join(json.dumps({"prompt": f"p{i}", **({"steps": 3} if i in (2, 5) else {})}) + "\n"
+                             for i in range(7)))
+    mixed = plan_generation(GenerateOptions(output=str(tmp_path / "out"), prompts_file=str(jsonl), batch_size=2),
+                            OmniDiffusionConfig())
+    assert mixed.batches_to_run == len(list(mixed.batches())) == 4
+    _, request = batches[1][0]
     assert (request.request_id, request.seed, request.num_images_per_prompt) == ("000004", derive_seed(4, "000004"), 2)
 
 

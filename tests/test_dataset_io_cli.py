@@ -1,7 +1,8 @@
 """``omni-diffuse generate`` on dataset-scale inputs and outputs, for real, on the tiny model:
 parquet, a ``datasets`` directory and an OpenAI batch file under ``mpiexec -n 2``; WebDataset
 shards read back with ``webdataset`` and equal to the files output of the same job; a job
-killed in the middle of a shard resumes into new, complete shards."""
+killed in the middle of a shard resumes into new, complete shards (that a resumed job makes
+the same pixels is test_generate_cli's)."""
 
 from __future__ import annotations
 
@@ -133,9 +134,8 @@ def test_resume_after_a_kill_in_the_middle_of_a_shard(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(12)))
     uni = [str(BIN / "omni-diffuse")]
-    common = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "20", "--height", "32", "--width", "32",
-              "--executor", "uni"]
-    args = [*common, "--output-format", "webdataset", "--shard-size", "4"]
+    args = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "20", "--height", "32", "--width", "32",
+            "--executor", "uni", "--output-format", "webdataset", "--shard-size", "4"]
     output = tmp_path / "killed"
     job = subprocess.Popen([*uni, "generate", *args, "--output", str(output)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -170,8 +170,7 @@ def test_resume_after_a_kill_in_the_middle_of_a_shard(tmp_path):
     samples = shard_samples(output)
     assert sorted(s["__key__"] for s in samples) == [f"{i:06d}" for i in range(1, 13)]
 
-    reference = tmp_path / "reference"  # the same job, never killed, to files
-    done = generate(uni, *common, "--output", str(reference), timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    files = {l["id"]: (reference / l["path"]).read_bytes() for l in manifest(reference)}
-    assert {json.loads(s["json"])["id"]: s["png"] for s in samples} == files
+    from spmd_diffusion.engine.seeding import derive_seed
+
+    assert {json.loads(s["json"])["id"]: json.loads(s["json"])["seed"] for s in samples} == {
+        f"{i:06d}": derive_seed(0, f"{i:06d}") for i in range(1, 13)}

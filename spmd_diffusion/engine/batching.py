@@ -53,3 +53,29 @@ def iter_chunks(
             open_chunks[key] = (chunk, images)
     for chunk, _ in open_chunks.values():
         yield chunk
+
+
+class ChunkCounter:
+    """How many chunks :func:`iter_chunks` would cut, counted from (shape, images) alone:
+    a million-item plan without listing anything (the same packing rule, one open count per
+    shape)."""
+
+    def __init__(self, max_images: int) -> None:
+        self.max_images = max_images
+        self.open: dict[tuple[Any, ...], int] = {}
+        self.closed = 0
+
+    def add(self, key: tuple[Any, ...], images: int) -> None:
+        current = self.open.get(key, 0)
+        if current and current + images > self.max_images:
+            self.closed += 1
+            current = 0
+        current += images
+        if current >= self.max_images:
+            self.closed += 1
+            current = 0
+        self.open[key] = current
+
+    @property
+    def chunks(self) -> int:
+        return self.closed + sum(1 for images in self.open.values() if images)

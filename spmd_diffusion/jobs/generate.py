@@ -33,7 +33,7 @@ from typing import Any
 
 from spmd_diffusion import __version__
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.engine.batching import iter_chunks
+from spmd_diffusion.engine.batching import ChunkCounter, iter_chunks
 from spmd_diffusion.engine.seeding import derive_seed
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
@@ -127,11 +127,22 @@ class RequestBuilder:
         self.run_seed = run_seed
         self.config = config
         self.template: dict[str, Any] | None = None
+        self.shared: OmniDiffusionRequest | None = None
 
     def _template(self, item: PromptItem) -> dict[str, Any]:
         if self.template is None:  # the run-wide settings, checked once (as this item's)
-            self.template = dict(vars(build_request(item, self.options, self.run_seed, self.config)))
+            self.shared = build_request(item, self.options, self.run_seed, self.config)
+            self.template = dict(vars(self.shared))
         return self.template
+
+    def shape_of(self, item: PromptItem) -> OmniDiffusionRequest:
+        """A request with the item's batch shape and image count, checked like the item's own,
+        but not necessarily its prompt, id or seed: what the planning pass needs to count
+        batches (an item without settings shares one such request: no object per item)."""
+        if item.settings:
+            return build_request(item, self.options, self.run_seed, self.config)
+        self._template(item)
+        return self.shared
 
     def __call__(self, item: PromptItem) -> OmniDiffusionRequest:
         if item.settings:
@@ -247,6 +258,48 @@ class GeneratePlan:
                 yield chunk
 
 
+def _plan_fresh(plan: GeneratePlan, ids: IdCheck) -> None:
+    """The planning pass with nothing done before: every item checked and counted, batches
+    counted by shape, no request object for an item without settings of its own (the pass
+    over a million-line file took 19.5 s building and chunking every request on the loaded
+    2-vCPU VM)."""
+    build = RequestBuilder(plan.options, plan.config.seed, plan.config)
+    counter = ChunkCounter(plan.options.images_per_batch)
+    shared_key: tuple[Any, ...] | None = None
+    for item in plan.source:
+        request = build.shape_of(item)
+        if request is build.shared:
+            shared_key = shared_key or request.batch_key()
+            key = shared_key
+        else:
+            key = request.batch_key()
+        ids.add(item.id)
+        plan.items += 1
+        plan.images_total += request.num_images_per_prompt
+        counter.add(key, request.num_images_per_prompt)
+    plan.batches_to_run = counter.chunks
+    plan.images_to_make = plan.images_total
+
+
+def _plan_resume(plan: GeneratePlan, latest: dict[tuple[str, int], Any], ids: IdCheck) -> None:
+    """The planning pass of a resumed run: each item's request against the manifest; a batch
+    runs again when any of its images is not done."""
+    settings = run_settings(plan.options, plan.config)
+    sizes: dict[str, int | None] = {}
+    for chunk in plan.chunks():
+        for item, request in chunk:
+            ids.add(item.id)
+            plan.items += 1
+            plan.images_total += request.num_images_per_prompt
+            expected = fingerprint(request, plan.config.model, settings)
+            plan.done.update((request.request_id, k) for k in range(request.num_images_per_prompt)
+                             if is_done(latest.get((request.request_id, k)), expected, plan.output_dir, sizes))
+        missing = plan.needs_running(chunk)
+        if missing:
+            plan.batches_to_run += 1
+            plan.images_to_make += missing
+
+
 def plan_generation(options: GenerateOptions, config: OmniDiffusionConfig) -> GeneratePlan:
     """Everything rank 0 decides before any model loads, in one pass over the input; bad
     input raises InputError."""
@@ -257,22 +310,11 @@ def plan_generation(options: GenerateOptions, config: OmniDiffusionConfig) -> Ge
     source = open_source(options.prompts_file, options.prompts, options.columns)
     plan = GeneratePlan(output_dir, source, options, config)
     latest = read_manifest(output_dir / MANIFEST_NAME) if options.resume else {}
-    settings = run_settings(options, config)
-    sizes: dict[str, int | None] = {}
     ids = IdCheck()
-    for chunk in plan.chunks():
-        for item, request in chunk:
-            ids.add(item.id)
-            plan.items += 1
-            plan.images_total += request.num_images_per_prompt
-            if latest:
-                expected = fingerprint(request, config.model, settings)
-                plan.done.update((request.request_id, k) for k in range(request.num_images_per_prompt)
-                                 if is_done(latest.get((request.request_id, k)), expected, output_dir, sizes))
-        missing = plan.needs_running(chunk)
-        if missing:
-            plan.batches_to_run += 1
-            plan.images_to_make += missing
+    if latest:
+        _plan_resume(plan, latest, ids)
+    else:
+        _plan_fresh(plan, ids)
     del latest
     if not plan.items:
         raise InputError(f"no prompts in {source.name}")
