@@ -229,3 +229,50 @@ def test_bad_dataset_inputs_exit_2_before_loading(tmp_path, capsys, kind, extra,
     assert exited.value.code == 2, err
     assert err.count(message) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stream_is_read_as_replicas_free_up_and_sinks_write_on_rank_0(tmp_path):
+    from PIL import Image
+
+    from spmd_diffusion import DiffusionEngine
+    from spmd_diffusion.executor import DiffusionExecutor
+    from spmd_diffusion.jobs.shards import ShardSink, close_open_shards
+
+    class Instant(DiffusionExecutor):
+        """No workers (outputs come back to rank 0, as the http executor's do): one 8x8
+        image per request, at once."""
+
+        def _init_executor(self) -> None:
+            pass
+
+        def execute_model(self, requests):
+            return DiffusionOutput(request_ids=[r.request_id for r in requests],
+                                   images=[[Image.new("RGB", (8, 8), "white")] for _ in requests],
+                                   seeds=[r.image_seeds() for r in requests], rank=0)
+
+    read: list[int] = []
+
+    def batches():
+        for index in range(200):
+            read.append(index)
+            yield [OmniDiffusionRequest(prompt=f"p{index}", request_id=f"i{index}")]
+
+    outputs = []
+
+    def on_output(output):
+        outputs.append((len(read), output))
+
+    with DiffusionEngine(OmniDiffusionConfig(executor_class=Instant, seed=2)) as engine:
+        assert not engine.executor.writes_outputs
+        engine.generate_stream(batches(), on_output, sinks=lambda batch: ShardSink(
+            str(tmp_path), 0, 50, {r.request_id: 1 for r in batch}, described={r.request_id: {"prompt": r.prompt}
+                                                                               for r in batch}))
+    assert len(outputs) == 200 and outputs[0][0] < 200, "the first batch ran before the input was read to its end"
+    assert all(output.images == [[]] and output.metadata[0]["files"][0]["key"] == output.request_ids[0]
+               for _, output in outputs)
+    assert outputs[-1][1].seeds == [[derive_seed(2, "i199")]]
+    close_open_shards(None, str(tmp_path), 0)
+    wds = pytest.importorskip("webdataset")
+    shards = sorted(str(path) for path in (tmp_path / "shards").glob("*.tar"))
+    assert len(shards) == 4
+    assert [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)] == [f"i{i}" for i in range(200)]
