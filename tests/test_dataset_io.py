@@ -78,6 +78,25 @@ def test_datasets_directory_with_splits(tmp_path):
         open_source(str(tmp_path / "ds"), columns=Columns(split="validation"))
 
 
+def test_hub_dataset_by_name_goes_through_load_dataset(monkeypatch):
+    """hf:NAME asks datasets.load_dataset for the split (its cache answers offline); a
+    dataset it cannot load is one clear error."""
+    datasets = pytest.importorskip("datasets")
+    asked = []
+
+    def load_dataset(name, split=None):
+        asked.append((name, split))
+        if name != "owner/prompts":
+            raise FileNotFoundError(f"Couldn't find '{name}' on the Hub or in the cache")
+        return datasets.Dataset.from_dict({"text": ["one", "two"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    items = list(open_source("hf:owner/prompts", columns=Columns(prompt="text", split="validation")))
+    assert [i.prompt for i in items] == ["one", "two"] and asked == [("owner/prompts", "validation")]
+    with pytest.raises(InputError, match="hf:owner/missing: cannot load the dataset"):
+        open_source("hf:owner/missing")
+
+
 def test_openai_batch_lines(tmp_path):
     path = tmp_path / "batch.jsonl"
     lines = [
