@@ -123,7 +123,7 @@ class OmniDiffusionRequest:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can run in one pipeline call (their prompts may differ)."""
-        extra = json.dumps(self.extra, sort_keys=True, default=repr)
+        extra = json.dumps(self.extra, sort_keys=True, default=repr) if self.extra else "{}"
         return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra)
 
     def image_seeds(self) -> list[int]:

@@ -23,7 +23,8 @@ BIN = Path(sys.executable).parent
 
 # (name, file name, file bytes or None, extra args, expected message)
 CASES = [
-    ("binary garbage txt", "g.txt", bytes(range(256)) * 4, [], "g.txt:2: not UTF-8 text (byte 0x80)"),
+    ("binary garbage txt", "g.txt", bytes(range(256)) * 4, [], "g.txt:1: holds a NUL byte"),
+    ("binary garbage txt past line 1", "g.txt", bytes(range(1, 256)) * 4, [], "g.txt:2: not UTF-8 text (byte 0x80)"),
     ("binary garbage jsonl", "g.jsonl", b"\xff\xfe\x00garbage", [], "g.jsonl:1: not UTF-8 text"),
     ("stray latin-1 byte on line 3", "p.txt", b"one\ntwo\nd\xe9j\xe0 vu\n", [], "p.txt:3: not UTF-8 text (byte 0xe9)"),
     ("NUL byte", "p.txt", b"one\ntw\x00o\n", [], "p.txt:2: holds a NUL byte"),
@@ -59,7 +60,7 @@ CASES = [
     ("csv huge seed", "p.csv", b"prompt,seed\nhello,99999999999999999999\n", [], "seed must be in [0, 2**63 - 1]"),
     ("empty txt", "p.txt", b"\n\n", [], "no prompts in"),
     ("empty csv", "p.csv", b"prompt\n", [], "no prompts in"),
-    ("unknown extension", "p.yaml", b"prompt: x\n", [], "use .txt, .jsonl or .csv"),
+    ("unknown extension", "p.yaml", b"prompt: x\n", [], "use .txt, .jsonl, .csv, .parquet"),
     ("height flag not multiple of 8", "p.txt", b"x\n", ["--height", "60"], "height must be a positive multiple of 8"),
     ("height flag past the limit", "p.txt", b"x\n", ["--height", "100000"], "height 100000 is above the limit"),
     ("raised limit refuses less", "p.txt", b"x\n", ["--height", "512", "--max-image-size", "256"],

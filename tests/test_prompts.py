@@ -96,6 +96,8 @@ def test_plan_chunks_are_fixed_by_the_item_list(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "steps": 8 if i % 3 == 0 else 4}) + "\n" for i in range(7)))
     options = GenerateOptions(output=str(tmp_path / "out"), prompts_file=str(path), batch_size=2)
     plan = plan_generation(options, OmniDiffusionConfig())
-    ids = [[r.request_id for r in batch] for batch in plan.batches]
-    # compatible items (same steps) share batches, in file order, two at a time
-    assert ids == [["000001", "000004"], ["000007"], ["000002", "000003"], ["000005", "000006"]]
+    ids = [[request.request_id for _, request in batch] for batch in plan.batches()]
+    # compatible items (same steps) share batches, in file order, two at a time; the plan
+    # reads the file as a stream and hands each batch out as soon as it is full
+    assert ids == [["000002", "000003"], ["000001", "000004"], ["000005", "000006"], ["000007"]]
+    assert (plan.items, plan.images_total, plan.batches_to_run) == (7, 7, 4)

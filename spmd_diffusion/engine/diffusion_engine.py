@@ -4,7 +4,7 @@ and schedules the batches over the replicas of whichever executor the config nam
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
@@ -86,28 +86,59 @@ class DiffusionEngine:
 
     def generate_stream(
         self,
-        batches: list[list[OmniDiffusionRequest]],
+        batches: Sequence[list[OmniDiffusionRequest]] | Iterable[list[OmniDiffusionRequest]],
         on_output: Callable[[DiffusionOutput], Any],
-        sinks: Sequence[Any] | None = None,
+        sinks: Sequence[Any] | Callable[[list[OmniDiffusionRequest]], Any] | None = None,
     ) -> None:
         """Run fixed batches over all replicas, calling ``on_output`` as each finishes (in
         any order). ``on_output`` may return False to stop handing out new batches.
 
-        ``sinks[i]`` (optional) writes batch i's images where they belong and replaces them
-        in the output by small records (see :mod:`spmd_diffusion.jobs.outputs`). It runs on
-        the replica's leader when the executor's workers share this filesystem (so pixels
-        never travel to rank 0), else here, on the output that came back."""
-        prepared = iter(self.prepare([request for batch in batches for request in batch]))
-        batches = [[next(prepared) for _ in batch] for batch in batches]
+        ``batches`` is a list, ordered as a whole by the schedule policy, or any other
+        iterable, read lazily a window at a time as replicas free up (a job of millions of
+        items; each batch is checked and seeded as it is read, and request ids are checked for
+        repeats within a batch only: the caller vouches for the rest).
+
+        ``sinks[i]`` (optional; with an iterable, ``sinks(batch)``) writes batch i's images
+        where they belong and replaces them in the output by small records (see
+        :mod:`spmd_diffusion.jobs.outputs`). It runs on the replica's leader when the
+        executor's workers share this filesystem (so pixels never travel to rank 0), else
+        here, on the output that came back."""
         on_leader = sinks is not None and self.executor.writes_outputs
+        timeout = self.od_config.generate_timeout
+        if isinstance(batches, Sequence):
+            prepared = iter(self.prepare([request for batch in batches for request in batch]))
+            batches = [[next(prepared) for _ in batch] for batch in batches]
+            listed_sinks = sinks
 
-        def deliver(index: int, output: DiffusionOutput) -> Any:
-            if sinks is not None and not on_leader:
-                output = sinks[index].write(output)
-            return on_output(output)
+            def deliver(index: int, output: DiffusionOutput) -> Any:
+                if listed_sinks is not None and not on_leader:
+                    output = listed_sinks[index].write(output)
+                return on_output(output)
 
-        kwargs_for = (lambda index: {"sink": sinks[index]}) if on_leader else None
-        self.scheduler.run(batches, deliver, kwargs_for, timeout=self.od_config.generate_timeout)
+            kwargs_for = (lambda index: {"sink": listed_sinks[index]}) if on_leader else None
+            self.scheduler.run(batches, deliver, kwargs_for, timeout=timeout)
+            return
+        sink_for: Callable[[list[OmniDiffusionRequest]], Any] | None = sinks  # type: ignore[assignment]
+        written: dict[int, Any] = {}  # id(batch) -> its sink, while it runs (sinks that write here)
+
+        def kwargs_of(batch: list[OmniDiffusionRequest]) -> dict[str, Any] | None:
+            if sink_for is None:
+                return None
+            sink = sink_for(batch)
+            if on_leader:
+                return {"sink": sink}
+            written[id(batch)] = sink
+            return None
+
+        def deliver_streamed(batch: list[OmniDiffusionRequest], output: DiffusionOutput) -> Any:
+            sink = written.pop(id(batch), None)
+            return on_output(sink.write(output) if sink is not None else output)
+
+        self.scheduler.run_stream(self._prepared(batches), deliver_streamed, kwargs_of, timeout=timeout)
+
+    def _prepared(self, batches: Iterable[list[OmniDiffusionRequest]]) -> Iterator[list[OmniDiffusionRequest]]:
+        for batch in batches:
+            yield self.prepare(batch)
 
     def collective_rpc(
         self,

@@ -1,8 +1,9 @@
 """The replica scheduler: free replica <- next batch, for every executor and every front end.
 
 It lives in the engine, above the executors, which only move messages. One loop serves
-both ways work arrives: a batch job's fixed list of batches (:class:`ListSource`, ordered
-by the schedule policy) and a server's queue of requests that keep arriving (the async
+both ways work arrives: a batch job's batches (a fixed list, :class:`ListSource`, ordered
+by the schedule policy; or a stream, :class:`StreamSource`, pulled a window at a time as
+replicas free up, so a job of millions of items never lists them) and a server's queue of requests that keep arriving (the async
 engine's source, batched by the policy as they come). Each free replica gets the next
 batch; outputs are collected in whatever order replicas finish. Nobody hands out work in
 advance, so replicas stay busy even when batches differ in cost.
@@ -18,7 +19,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,6 +113,70 @@ class ListSource:
         return self.on_result(work.token, output)
 
 
+# A stream is read ahead this many batches, or this many images (whichever comes first), and
+# each window ordered by the policy: enough to group shapes, small enough that rank 0 holds
+# little (every request read ahead is held until its output arrives).
+STREAM_WINDOW = 64
+STREAM_WINDOW_IMAGES = 4096
+
+
+class StreamSource:
+    """A batch job's batches from an iterator, read ``window`` batches (at most
+    ``STREAM_WINDOW_IMAGES`` images) ahead: each window is
+    ordered by the policy and handed out, then the next is read. Rank 0 holds a window and the
+    running batches, never the whole job. ``on_result(batch, output)``;
+    ``kwargs_for(batch)`` gives a batch's extra call arguments (e.g. its output sink)."""
+
+    may_grow = False
+
+    def __init__(
+        self,
+        batches: Iterable[Batch],
+        policy: SchedulePolicy,
+        on_result: Callable[[Batch, DiffusionOutput], Any],
+        kwargs_for: Callable[[Batch], dict[str, Any] | None] | None = None,
+        hooks: HookList | None = None,
+        window: int = STREAM_WINDOW,
+    ) -> None:
+        self.batches = iter(batches)
+        self.policy = policy
+        self.on_result = on_result
+        self.kwargs_for = kwargs_for
+        self.hooks = hooks
+        self.window = window
+        self.ready: deque[tuple[Batch, float]] = deque()
+
+    def _read_window(self) -> None:
+        window: list[Batch] = []
+        images = 0
+        for batch in islice(self.batches, self.window):
+            window.append(batch)
+            images += sum(request.num_images_per_prompt for request in batch)
+            if images >= STREAM_WINDOW_IMAGES:
+                break
+        now = time.monotonic()
+        if self.hooks:
+            for batch in window:
+                for request in batch:
+                    self.hooks.request_queued(request.request_id, request.num_images_per_prompt, now)
+        self.ready.extend((window[index], now) for index in self.policy.order(window))
+
+    def take(self, now: float) -> Work | None:
+        if not self.ready:
+            self._read_window()
+            if not self.ready:
+                return None
+        batch, queued_at = self.ready.popleft()
+        kwargs = self.kwargs_for(batch) if self.kwargs_for is not None else None
+        return Work(batch, [queued_at] * len(batch), kwargs, batch)
+
+    def wait_for_work(self, until: float | None) -> None:
+        raise RuntimeError("a batch job's stream never grows")
+
+    def finished(self, work: Work, output: DiffusionOutput) -> bool | None:
+        return self.on_result(work.token, output)
+
+
 @dataclass
 class Running:
     work: Work
@@ -152,6 +218,18 @@ class ReplicaScheduler:
         (a KeyboardInterrupt is raised at once)."""
         order = self.policy.order(batches)
         self.drive(ListSource(batches, order, on_result, kwargs_for, self.hooks), timeout)
+
+    def run_stream(
+        self,
+        batches: Iterable[Batch],
+        on_result: Callable[[Batch, DiffusionOutput], Any],
+        kwargs_for: Callable[[Batch], dict[str, Any] | None] | None = None,
+        timeout: float | None = None,
+        window: int = STREAM_WINDOW,
+    ) -> None:
+        """:meth:`run` for batches read from an iterator as replicas free up (see
+        :class:`StreamSource`); ``on_result(batch, output)``."""
+        self.drive(StreamSource(batches, self.policy, on_result, kwargs_for, self.hooks, window), timeout)
 
     def _start(self, replica: int, work: Work, timeout: float | None) -> tuple[ReplicaCall, Running]:
         call = self.executor.submit(replica, "generate", (work.requests,), work.kwargs, timeout)

@@ -374,8 +374,14 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), callback=load_config_file,
               is_eager=True, expose_value=True, help="JSON or TOML file of option defaults.")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
-              help="Prompt file: .txt (a prompt a line), .jsonl (prompt, optional id/seed/steps/...), .csv.")
+@click.option("--prompts", "prompts_file",
+              help="The items: .txt (a prompt a line), .jsonl (prompt, optional id/seed/steps/...; or an OpenAI "
+                   "batch file), .csv, .parquet, a datasets directory (save_to_disk) or hf:NAME (a hub dataset).")
+@click.option("--prompt-column", default="prompt", show_default=True,
+              help="parquet/datasets: the column holding the prompt.")
+@click.option("--id-column", default=None,
+              help="parquet/datasets: the column holding the item id (default: 'id' if there is one, else the row).")
+@click.option("--split", default=None, help="datasets: the split to read (default: train, or the only one).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Output directory: images/, manifest.jsonl, run.json, contact_sheet.png.")
@@ -386,6 +392,15 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
 @click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--image-format", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
+              help="Image files; each carries its prompt, seed and settings (PNG text, EXIF/XMP).")
+@click.option("--quality", type=click.IntRange(1, 100), default=None,
+              help="jpg/webp quality (default 90).")
+@click.option("--output-format", type=click.Choice(["files", "webdataset"]), default="files", show_default=True,
+              help="files: OUTPUT/images/<id>.<ext>; webdataset: tar shards OUTPUT/shards/*.tar written by each "
+                   "replica, listed in OUTPUT/shards.txt.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Images per WebDataset shard.")
 @parallel_options
 @click.option("--batch-invariant", is_flag=True,
               help="Run every forward pass one sample at a time: images then do not depend on --batch-size.")
@@ -398,15 +413,17 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
               help="Serve Prometheus metrics on 127.0.0.1:PORT while the job runs.")
 @model_options
 @fatal_errors
-def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[str, ...], output: str,
+def generate(config_file: str | None, prompts_file: str | None, prompt_column: str, id_column: str | None,
+             split: str | None, prompts: tuple[str, ...], output: str,
              steps: int | None, guidance: float | None, height: int | None, width: int | None,
-             negative_prompt: str | None, images_per_prompt: int, tensor_parallel_size: int,
+             negative_prompt: str | None, images_per_prompt: int, image_format: str, quality: int | None,
+             output_format: str, shard_size: int, tensor_parallel_size: int,
              cfg_parallel: bool, batch_invariant: bool, resume: bool, fail_fast: bool,
              trace_file: str | None, metrics_port: int | None, **model_values: Any) -> int:
     """Generate images for many prompts: the batch job, under mpirun, srun, torchrun or none.
 
-    Writes OUTPUT/images/<id>[_k].png, OUTPUT/manifest.jsonl (a line per image), OUTPUT/run.json
-    and OUTPUT/contact_sheet.png. Exit codes: 0 all images made; 3 some items failed (their
+    Writes OUTPUT/images/<id>[_k].png (or WebDataset shards OUTPUT/shards/*.tar),
+    OUTPUT/manifest.jsonl (a line per image), OUTPUT/run.json and OUTPUT/contact_sheet.png. Exit codes: 0 all images made; 3 some items failed (their
     manifest lines say why); 2 bad input (nothing loaded); 1 a fatal fault.
     """
     from spmd_diffusion.errors import InputError
@@ -416,7 +433,9 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
     options = GenerateOptions(
         output=output, prompts_file=prompts_file, prompts=prompts, steps=steps, guidance=guidance,
         height=height, width=width, negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
-        batch_size=batch_size, resume=resume, fail_fast=fail_fast,
+        batch_size=batch_size, resume=resume, fail_fast=fail_fast, image_format=image_format, quality=quality,
+        output_format=output_format, shard_size=shard_size, prompt_column=prompt_column, id_column=id_column,
+        split=split,
     )
     plan_holder: dict[str, Any] = {}
     model_values["hooks"] = [*model_values.get("hooks", ()), *(["trace:" + trace_file] if trace_file else []),
@@ -437,7 +456,7 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
             plan = plan_holder["plan"] = plan_generation(options, config)
         except InputError as exc:
             raise click.UsageError(str(exc)) from None
-        if not plan.batches:
+        if not plan.batches_to_run:
             click.echo(f"nothing to do: all {plan.images_total} image(s) in {output} are done "
                        "(--no-resume makes them again)", err=True)
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -14,8 +15,8 @@ TILE = 128
 LABEL = 14
 
 
-def contact_sheet(images: list[tuple[str, Path]], columns: int = 4) -> Image.Image:
-    """A grid of (label, image path) pairs; every tile is TILE pixels wide, label below."""
+def contact_sheet(images: list[tuple[str, Path | IO[bytes]]], columns: int = 4) -> Image.Image:
+    """A grid of (label, image path or open file) pairs; every tile is TILE pixels wide, label below."""
     rows = max(1, math.ceil(len(images) / columns))
     columns = min(columns, max(1, len(images)))
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + LABEL)), "white")
@@ -33,7 +34,7 @@ def contact_sheet(images: list[tuple[str, Path]], columns: int = 4) -> Image.Ima
     return sheet
 
 
-def write_contact_sheet(path: Path, images: list[tuple[str, Path]], columns: int = 4) -> None:
+def write_contact_sheet(path: Path, images: list[tuple[str, Path | IO[bytes]]], columns: int = 4) -> None:
     buffer = io.BytesIO()
     contact_sheet(images, columns).save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())

@@ -3,7 +3,9 @@
 A line records everything needed to redo or audit the image: id, prompt, seed, all
 generation settings, path, status (ok/error), error text, seconds and rank. An image is
 done when its latest line is ok, its settings fingerprint matches the current run and its
-file exists; everything else is (re)generated.
+file exists; everything else is (re)generated. An image in a WebDataset shard has the
+shard as its ``path``, its sample ``key`` and ``member`` name, and the shard's size
+(``shard_bytes``): the manifest is the shards' index.
 """
 
 from __future__ import annotations
@@ -49,18 +51,28 @@ class ManifestEntry:
     fingerprint: str
     path: str | None
     bytes: int | None = None
+    shard_bytes: int | None = None  # the image lives in this tar shard, of this size
 
-    def file_is_intact(self, output_dir: Path) -> bool:
-        """The recorded file is inside ``output_dir`` and whole: its size is the one recorded
-        (a truncated or emptied image is redone; older lines without a size need a non-empty
-        file)."""
+    def file_is_intact(self, output_dir: Path, sizes: dict[str, int | None] | None = None) -> bool:
+        """The recorded file (or shard) is inside ``output_dir`` and whole: its size is the
+        one recorded (a truncated or emptied image or shard is redone; older lines without a
+        size need a non-empty file). ``sizes`` caches file sizes by path (a shard holds
+        many images)."""
         if not self.path or Path(self.path).is_absolute() or ".." in Path(self.path).parts:
             return False
-        try:
-            size = (output_dir / self.path).stat().st_size
-        except OSError:
+        if sizes is not None and self.path in sizes:
+            size = sizes[self.path]
+        else:
+            try:
+                size = (output_dir / self.path).stat().st_size
+            except OSError:
+                size = None
+            if sizes is not None:
+                sizes[self.path] = size
+        if size is None:
             return False
-        return size == self.bytes if self.bytes is not None else size > 0
+        expected = self.shard_bytes if self.shard_bytes is not None else self.bytes
+        return size == expected if expected is not None else size > 0
 
 
 def read_manifest(path: Path) -> dict[tuple[str, int], ManifestEntry]:
@@ -68,18 +80,50 @@ def read_manifest(path: Path) -> dict[tuple[str, int], ManifestEntry]:
     latest: dict[tuple[str, int], ManifestEntry] = {}
     if not path.exists():
         return latest
-    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(text)
-            entry = ManifestEntry(
-                str(record["id"]), int(record["index"]), str(record["status"]),
-                str(record.get("fingerprint", "")), record.get("path"),
-                int(record["bytes"]) if record.get("bytes") is not None else None,
-            )
-        except (ValueError, KeyError, TypeError):
-            continue
-        latest[(entry.id, entry.index)] = entry
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for text in lines:
+            _read_line(text, latest)
     return latest
+
+
+def _read_line(text: str, latest: dict[tuple[str, int], ManifestEntry]) -> None:
+    """Record one manifest line in ``latest`` (a torn or foreign line is skipped)."""
+    try:
+        record = json.loads(text)
+        entry = ManifestEntry(
+            str(record["id"]), int(record["index"]), str(record["status"]),
+            str(record.get("fingerprint", "")), record.get("path"),
+            int(record["bytes"]) if record.get("bytes") is not None else None,
+            int(record["shard_bytes"]) if record.get("shard_bytes") is not None else None,
+        )
+    except (ValueError, KeyError, TypeError):
+        return
+    latest[(entry.id, entry.index)] = entry
+
+
+def shards_listed(path: Path) -> set[str]:
+    """The shard paths the ok lines of the manifest at ``path`` name (read a line at a time)."""
+    listed: set[str] = set()
+    if not path.exists():
+        return listed
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for text in lines:
+            if '"shard_bytes"' not in text:
+                continue
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("status") == "ok" and isinstance(record.get("path"), str):
+                listed.add(record["path"])
+    return listed
+
+
+def is_done(entry: ManifestEntry | None, expected: str, output_dir: Path,
+            sizes: dict[str, int | None] | None = None) -> bool:
+    """An image is done: its latest line is ok, with this run's fingerprint, its file intact."""
+    return (entry is not None and entry.status == "ok" and entry.fingerprint == expected
+            and entry.file_is_intact(output_dir, sizes))
 
 
 def done_images(
@@ -88,16 +132,11 @@ def done_images(
     """Images of ``requests`` that a previous run finished (ok, same settings, file intact)."""
     latest = read_manifest(output_dir / MANIFEST_NAME)
     done = set()
+    sizes: dict[str, int | None] = {}
     for request in requests:
         expected = fingerprint(request, model, settings)
         for index in range(request.num_images_per_prompt):
-            entry = latest.get((request.request_id, index))
-            if (
-                entry is not None
-                and entry.status == "ok"
-                and entry.fingerprint == expected
-                and entry.file_is_intact(output_dir)
-            ):
+            if is_done(latest.get((request.request_id, index)), expected, output_dir, sizes):
                 done.add((request.request_id, index))
     return done
 

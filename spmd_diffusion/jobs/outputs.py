@@ -22,15 +22,44 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
+from spmd_diffusion.jobs.encoding import encode_image
 from spmd_diffusion.jobs.files import write_atomic
-from spmd_diffusion.utils.images import image_png_bytes
 
 IMAGES_DIR = "images"
+# What each image's record (in the manifest, inside the file, beside it in a shard) holds
+# about the request, besides its seed and the settings the worker used.
+DESCRIBED = ("prompt", "negative_prompt", "model", "fingerprint", "meta")
 
 
-def image_name(item_id: str, index: int, count: int) -> str:
+def image_name(item_id: str, index: int, count: int, extension: str = "png") -> str:
     """``<id>.png`` for a single image, ``<id>_<k>.png`` when a prompt has several."""
-    return f"{item_id}.png" if count == 1 else f"{item_id}_{index}.png"
+    return f"{item_id}.{extension}" if count == 1 else f"{item_id}_{index}.{extension}"
+
+
+def image_info(request_id: str, index: int, described: dict[str, Any], output: DiffusionOutput,
+               position: int) -> dict[str, Any]:
+    """What an image is: id, index, prompt, seed and every setting it was made with (the
+    part of its manifest record known where it is made, so the leader that writes the file
+    and rank 0 that writes the manifest say the same)."""
+    settings = output.metadata[position] if output.metadata else {}
+    seeds = output.seeds[position] if output.seeds else []
+    seed = seeds[index] if index < len(seeds) else None
+    if seed is None and described.get("seed") is not None:
+        seed = described["seed"] + index
+    return {
+        "id": request_id,
+        "index": index,
+        "prompt": described.get("prompt"),
+        "negative_prompt": described.get("negative_prompt"),
+        "seed": seed,
+        "num_inference_steps": settings.get("num_inference_steps", described.get("num_inference_steps")),
+        "guidance_scale": settings.get("guidance_scale", described.get("guidance_scale")),
+        "height": settings.get("height", described.get("height")),
+        "width": settings.get("width", described.get("width")),
+        "model": described.get("model"),
+        "fingerprint": described.get("fingerprint"),
+        "meta": described.get("meta", {}),
+    }
 
 
 @dataclass(frozen=True)
@@ -39,12 +68,17 @@ class ImageFileSink:
 
     ``counts`` gives each request's number of images (it names the files); ``skip`` lists the
     ``(id, index)`` images a previous run already finished (a batch is redone whole, but the
-    files it already has are not touched again).
+    files it already has are not touched again). ``image_format`` is png, jpg or webp
+    (``quality`` for the last two); ``described[id]`` (prompt, model, ... see
+    :func:`image_info`) is written into each file's metadata when given.
     """
 
     output_dir: str
     counts: dict[str, int]
     skip: frozenset[tuple[str, int]] = frozenset()
+    image_format: str = "png"
+    quality: int | None = None
+    described: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def write(self, output: DiffusionOutput) -> DiffusionOutput:
         """Write every image of ``output``; the same output with images replaced by records
@@ -56,22 +90,25 @@ class ImageFileSink:
             files = []
             if errors[position] is None:
                 try:
-                    files = self._write_request(request_id, output.images[position], output.rank)
+                    files = self._write_request(output, position)
                 except Exception as exc:  # noqa: BLE001 - e.g. a full disk: this item fails, not the job
                     errors[position] = f"writing its images failed: {type(exc).__name__}: {exc}"
             metadata[position]["files"] = files
             images.append([])
         return dataclasses.replace(output, images=images, errors=errors, metadata=metadata)
 
-    def _write_request(self, request_id: str, images: list[Any], rank: int | None) -> list[dict[str, Any]]:
+    def _write_request(self, output: DiffusionOutput, position: int) -> list[dict[str, Any]]:
+        request_id, images = output.request_ids[position], output.images[position]
         count = self.counts.get(request_id, len(images))
+        described = self.described.get(request_id)
         records = []
         for index, image in enumerate(images):
             if (request_id, index) in self.skip:
                 continue
-            relative = Path(IMAGES_DIR) / image_name(request_id, index, count)
-            data = image_png_bytes(image)
+            relative = Path(IMAGES_DIR) / image_name(request_id, index, count, self.image_format)
+            info = image_info(request_id, index, described, output, position) if described is not None else None
+            data = encode_image(image, self.image_format, self.quality, info)
             write_atomic(Path(self.output_dir) / relative, data)
             records.append({"index": index, "path": str(relative), "sha256": hashlib.sha256(data).hexdigest(),
-                            "bytes": len(data), "written_by": rank})
+                            "bytes": len(data), "written_by": output.rank})
         return records

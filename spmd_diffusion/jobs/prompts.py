@@ -1,15 +1,19 @@
 """Reading the work: prompt files (.txt, .jsonl, .csv) or prompts from the command line.
 
-Every problem is an :class:`InputError` that names the file and line, raised on rank 0
-before any model is loaded (the CLI turns it into one message and exit code 2).
+Files are read a line at a time (:func:`iter_items`), so a million-line file never sits in
+memory; other inputs (parquet, ``datasets``, OpenAI batch files) live in
+:mod:`spmd_diffusion.jobs.sources` and produce the same :class:`PromptItem`. Every problem
+is an :class:`InputError` that names the file and line, raised on rank 0 before any model
+is loaded (the CLI turns it into one message and exit code 2).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,22 +65,26 @@ def _item(record: dict[str, Any], line: int, where: str) -> PromptItem:
     return PromptItem(item_id, prompt, line, settings, meta)
 
 
-def read_text(path: Path) -> str:
-    """The file as text: UTF-8, with or without a byte-order mark; anything else is refused
-    with the line and the byte that is not UTF-8 (binary files included)."""
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The file's lines (number, text with its line ending), one at a time: UTF-8, with or
+    without a byte-order mark; anything else is refused with the line and the byte that is
+    not UTF-8 (binary files included), a NUL byte with its line."""
     try:
-        data = path.read_bytes()
+        stream = open(path, "rb")  # noqa: SIM115 - closed by the with below, also on early exit
     except OSError as exc:
         raise InputError(f"cannot read prompt file {str(path)!r}: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
-    if "\x00" in text:
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise InputError(f"{path}:{line}: holds a NUL byte: this is not a text file")
-    return text
+    with stream:
+        for number, raw in enumerate(stream, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                                 "save the file as UTF-8") from None
+            if "\x00" in text:
+                raise InputError(f"{path}:{number}: holds a NUL byte: this is not a text file")
+            yield number, text
 
 
 def _refuse_constant(name: str) -> Any:
@@ -96,25 +104,21 @@ def parse_json_line(text: str, where: str) -> Any:
         raise InputError(f"{where}: not valid JSON ({reason})") from None
 
 
-def _read_txt(path: Path) -> list[PromptItem]:
-    items = []
-    for number, text in enumerate(read_text(path).splitlines(), start=1):
+def _read_txt(path: Path) -> Iterator[PromptItem]:
+    for number, text in text_lines(path):
         if text.strip():
-            items.append(PromptItem(f"{number:0{ID_WIDTH}d}", text.strip(), number))
-    return items
+            yield PromptItem(f"{number:0{ID_WIDTH}d}", text.strip(), number)
 
 
-def _read_jsonl(path: Path) -> list[PromptItem]:
-    items = []
-    for number, text in enumerate(read_text(path).splitlines(), start=1):
+def _read_jsonl(path: Path) -> Iterator[PromptItem]:
+    for number, text in text_lines(path):
         if not text.strip():
             continue
         where = f"{path}:{number}"
         record = parse_json_line(text, where)
         if not isinstance(record, dict):
             raise InputError(f"{where}: each line must be a JSON object with a 'prompt'")
-        items.append(_item(record, number, where))
-    return items
+        yield _item(record, number, where)
 
 
 def _numbers(record: dict[str, str]) -> dict[str, Any]:
@@ -135,8 +139,8 @@ def _numbers(record: dict[str, str]) -> dict[str, Any]:
 EXTRA_CELLS = "\x00extra"  # DictReader's key for cells beyond the header (no header can hold it)
 
 
-def _read_csv(path: Path) -> list[PromptItem]:
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), restkey=EXTRA_CELLS)
+def _read_csv(path: Path) -> Iterator[PromptItem]:
+    reader = csv.DictReader((text for _, text in text_lines(path)), restkey=EXTRA_CELLS)
     try:
         fieldnames = reader.fieldnames
     except csv.Error as exc:
@@ -144,24 +148,23 @@ def _read_csv(path: Path) -> list[PromptItem]:
     if not fieldnames or "prompt" not in [name.strip() for name in fieldnames]:
         raise InputError(f"{path}: a CSV file needs a header row with a 'prompt' column")
     reader.fieldnames = [name.strip() for name in fieldnames]
-    items = []
     try:
         for number, row in enumerate(reader, start=1):
             where = f"{path}:{reader.line_num}"  # the file's line (a quoted cell may span lines)
             if EXTRA_CELLS in row:
                 raise InputError(f"{where}: {len(fieldnames) + len(row[EXTRA_CELLS])} cells, but the header "
                                  f"has {len(fieldnames)} columns")
-            items.append(_item(_numbers(row), number, where))
+            yield _item(_numbers(row), number, where)
     except csv.Error as exc:
         raise InputError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
-    return items
 
 
 READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
 
 
-def read_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()) -> list[PromptItem]:
-    """The work items, in order; ids are unique."""
+def iter_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()) -> Iterator[PromptItem]:
+    """The work items in order, read lazily (ids are not checked for repeats here: see
+    :func:`read_items`, or the job's streaming check)."""
     if prompts_file and prompts:
         raise InputError("give --prompts FILE or --prompt TEXT, not both")
     if prompts_file:
@@ -171,16 +174,26 @@ def read_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = 
         reader = READERS.get(path.suffix.lower())
         if reader is None:
             raise InputError(f"prompt file {prompts_file!r}: use .txt, .jsonl or .csv")
-        items = reader(path)
-        source = str(path)
-    else:
-        items = [PromptItem(f"{n:0{ID_WIDTH}d}", text, n) for n, text in enumerate(prompts, start=1) if text.strip()]
-        source = "--prompt"
-    if not items:
-        raise InputError(f"no prompts in {source}")
+        return reader(path)
+    return (PromptItem(f"{n:0{ID_WIDTH}d}", text, n) for n, text in enumerate(prompts, start=1) if text.strip())
+
+
+def check_unique(items: Iterable[PromptItem], source: str) -> list[PromptItem]:
+    """``items`` as a list; a repeated id (it names the image file) is an InputError."""
     seen: dict[str, int] = {}
+    listed = []
     for item in items:
         if item.id in seen:
             raise InputError(f"{source}:{item.line}: id {item.id!r} repeats line {seen[item.id]}")
         seen[item.id] = item.line
+        listed.append(item)
+    return listed
+
+
+def read_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()) -> list[PromptItem]:
+    """The work items, in order, as a list (for small inputs; jobs stream): ids are unique."""
+    source = str(Path(prompts_file)) if prompts_file else "--prompt"
+    items = check_unique(iter_items(prompts_file, prompts), source)
+    if not items:
+        raise InputError(f"no prompts in {source}")
     return items
