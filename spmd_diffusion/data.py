@@ -123,7 +123,10 @@ class OmniDiffusionConfig:
 
     def check_limits(self, request: OmniDiffusionRequest) -> None:
         """Refuse a request past this config's limits (a typo such as height 100000 would
-        hold a replica for hours), before any work is sent anywhere."""
+        hold a replica for hours), before any work is sent anywhere; its input images must
+        exist, be images and fit the size limit (only their headers are read)."""
+        from spmd_diffusion.utils.image_inputs import check_image_inputs
+
         for name in ("height", "width"):
             value = getattr(request, name)
             if value is not None and value > self.max_image_size:
@@ -135,6 +138,7 @@ class OmniDiffusionConfig:
         if request.num_images_per_prompt > self.max_images_per_prompt:
             raise ValueError(f"num_images_per_prompt {request.num_images_per_prompt} is above the limit of "
                              f"{self.max_images_per_prompt} (max_images_per_prompt)")
+        check_image_inputs(request, self.max_image_size)
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: serve executor options as attributes.

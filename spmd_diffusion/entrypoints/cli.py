@@ -375,7 +375,8 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), callback=load_config_file,
               is_eager=True, expose_value=True, help="JSON or TOML file of option defaults.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
-              help="Prompt file: .txt (a prompt a line), .jsonl (prompt, optional id/seed/steps/...), .csv.")
+              help="Prompt file: .txt (a prompt a line), .jsonl (prompt, optional id/seed/steps/image/mask_image/"
+                   "strength/...), .csv.")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Output directory: images/, manifest.jsonl, run.json, contact_sheet.png.")
@@ -385,6 +386,9 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--height", type=int, default=None, help="Image height, a multiple of 8 (default: the model's).")
 @click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
 @click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Image-to-image/inpainting strength in (0, 1] for items without their own "
+                   "(their 'image'/'mask_image' columns: paths relative to the prompt file).")
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
 @parallel_options
 @click.option("--batch-invariant", is_flag=True,
@@ -400,7 +404,7 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @fatal_errors
 def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[str, ...], output: str,
              steps: int | None, guidance: float | None, height: int | None, width: int | None,
-             negative_prompt: str | None, images_per_prompt: int, tensor_parallel_size: int,
+             negative_prompt: str | None, strength: float | None, images_per_prompt: int, tensor_parallel_size: int,
              cfg_parallel: bool, batch_invariant: bool, resume: bool, fail_fast: bool,
              trace_file: str | None, metrics_port: int | None, **model_values: Any) -> int:
     """Generate images for many prompts: the batch job, under mpirun, srun, torchrun or none.
@@ -415,7 +419,8 @@ def generate(config_file: str | None, prompts_file: str | None, prompts: tuple[s
     batch_size = model_values.pop("max_batch_size")
     options = GenerateOptions(
         output=output, prompts_file=prompts_file, prompts=prompts, steps=steps, guidance=guidance,
-        height=height, width=width, negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
+        height=height, width=width, negative_prompt=negative_prompt, strength=strength,
+        images_per_prompt=images_per_prompt,
         batch_size=batch_size, resume=resume, fail_fast=fail_fast,
     )
     plan_holder: dict[str, Any] = {}

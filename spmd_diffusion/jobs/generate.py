@@ -33,6 +33,7 @@ from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, done_ima
 from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink
 from spmd_diffusion.jobs.prompts import PromptItem, read_items
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.image_inputs import DATA_URI, IMAGE_FIELDS, URL
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class GenerateOptions:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    strength: float | None = None
     images_per_prompt: int = 1
     batch_size: int = 4  # prompts per batch
     resume: bool = True
@@ -84,12 +86,22 @@ class GeneratePlan:
         return self.images_total - len(self.done)
 
 
+def resolve_input_paths(settings: dict[str, Any], base: Path) -> None:
+    """Input image paths of a prompt file are relative to the file: made absolute here, so
+    every rank finds them whatever its working directory (URLs are left to be refused)."""
+    for name in IMAGE_FIELDS:
+        value = settings.get(name)
+        if isinstance(value, str) and not URL.match(value) and not DATA_URI.match(value) and value.strip():
+            settings[name] = os.path.abspath(base / Path(value).expanduser())
+
+
 def build_requests(
     items: list[PromptItem], options: GenerateOptions, run_seed: int, config: OmniDiffusionConfig | None = None
 ) -> list[OmniDiffusionRequest]:
     """One request per item: run-wide settings, overridden by the item's own, within the
-    config's limits."""
+    config's limits (input images checked: they exist and are images)."""
     requests = []
+    base = Path(options.prompts_file).parent if options.prompts_file else Path.cwd()
     for item in items:
         settings: dict[str, Any] = {
             "negative_prompt": options.negative_prompt,
@@ -97,8 +109,10 @@ def build_requests(
             "guidance_scale": options.guidance,
             "height": options.height,
             "width": options.width,
+            "strength": options.strength,
         }
         settings.update(item.settings)
+        resolve_input_paths(settings, base)
         try:
             request = OmniDiffusionRequest(
                 prompt=item.prompt, request_id=item.id, num_images_per_prompt=options.images_per_prompt, **settings
@@ -107,7 +121,7 @@ def build_requests(
                 config.check_limits(request)
             requests.append(with_seed(request, run_seed))
         except ValueError as exc:
-            raise InputError(f"item {item.id!r} (line {item.line}): {exc}") from None
+            raise InputError(f"{item.where or f'item {item.id!r} (line {item.line})'}: {exc}") from None
     return requests
 
 
@@ -250,6 +264,7 @@ class GenerateJob:
             "guidance_scale": settings.get("guidance_scale", request.guidance_scale),
             "height": settings.get("height", request.height),
             "width": settings.get("width", request.width),
+            **self._input_fields(request, settings),
             "model": self.plan.config.model,
             "fingerprint": fingerprint(request, self.plan.config.model, self.settings),
             "path": None,
@@ -266,6 +281,14 @@ class GenerateJob:
         else:
             record["error"] = record["error"] or "no image returned"
         return record
+
+    @staticmethod
+    def _input_fields(request: OmniDiffusionRequest, settings: dict[str, Any]) -> dict[str, Any]:
+        """An image-to-image or inpainting item's inputs (paths) and strength, for its line."""
+        if request.image is None:
+            return {}
+        fields = {name: getattr(request, name) for name in IMAGE_FIELDS if getattr(request, name) is not None}
+        return {**fields, "strength": settings.get("strength", request.strength)}
 
     def _records(self, output: DiffusionOutput) -> list[dict[str, Any]]:
         """The manifest lines of one batch output, counted into the job's totals."""

@@ -113,37 +113,94 @@ class DiffusionWorker:
             return sample * scale
         return None
 
-    def effective_settings(self, request: OmniDiffusionRequest) -> dict[str, Any]:
-        """The settings a request really runs with: its own, else the pipeline's defaults."""
+    def effective_settings(self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The settings a request really runs with: its own, else the pipeline's defaults.
+        ``size`` is the (width, height) an input image gives the output (see ``_output_size``)."""
 
         def pick(value: Any, fallback: Any) -> Any:
             return fallback if value is None else value
 
-        size = self._default_size()
-        return {
+        default = self._default_size()
+        width, height = size if size is not None else (pick(request.width, default), pick(request.height, default))
+        settings = {
             "num_inference_steps": pick(request.num_inference_steps, self._default("num_inference_steps")),
             "guidance_scale": pick(request.guidance_scale, self._default("guidance_scale")),
-            "height": pick(request.height, size),
-            "width": pick(request.width, size),
+            "height": height,
+            "width": width,
         }
+        if request.image is not None:
+            settings["strength"] = pick(request.strength, self._default("strength"))
+        return settings
+
+    def _output_size(self, request: OmniDiffusionRequest) -> tuple[int, int] | None:
+        """(width, height) of a request with an input image: its own size where the pipeline
+        takes height/width (diffusers resizes the input to it), else the input image's size
+        rounded as diffusers rounds it (or the request's size: the input is resized to it).
+        Reads the image's header only."""
+        if request.image is None:
+            return None
+        if self._accepts("height") and self._accepts("width"):
+            default = self._default_size()
+            return (request.width or default, request.height or default)
+        processor = getattr(self.pipeline, "image_processor", None)
+        if processor is None or not self._accepts("image"):
+            return None  # the pipeline call refuses the image with its own message
+        from spmd_diffusion.utils.image_inputs import image_size
+
+        width, height = image_size("image", request.image)
+        height, width = processor.get_default_height_width(None, request.height or height, request.width or width)
+        if min(width, height) < 8:
+            raise ValueError(f"the input image is {width}x{height} after rounding: too small for the VAE")
+        return (width, height)
 
     def _accepts(self, name: str) -> bool:
         # Named parameters only: pipelines swallow unknown **kwargs silently.
         param = self._call_params.get(name)
         return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
 
+    def _input_images(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob],
+                      size: tuple[int, int] | None) -> dict[str, Any]:
+        """``image`` / ``mask_image`` for one pipeline call: decoded here, for this batch only.
+        A pipeline that takes no height/width gets its input already at the output size."""
+        from spmd_diffusion.utils.image_inputs import load_image_input
+
+        first = requests[jobs[0].request_pos]
+        resize = size is not None and not self._accepts("height")
+        inputs: dict[str, Any] = {}
+        for name, mode in (("image", "RGB"), ("mask_image", "L")):
+            if getattr(first, name) is None:
+                continue
+            decoded: dict[int, Any] = {}
+            for job in jobs:
+                if job.request_pos not in decoded:
+                    image = load_image_input(getattr(requests[job.request_pos], name), mode)
+                    if resize and image.size != size:
+                        image = self.pipeline.image_processor.resize(image, size[1], size[0])
+                    decoded[job.request_pos] = image
+            inputs[name] = [decoded[job.request_pos] for job in jobs]
+        return inputs
+
     def _pipeline_kwargs(
         self,
         requests: list[OmniDiffusionRequest],
         jobs: list[ImageJob],
         step_callback: Callable[[int], None] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         import torch
 
         first = requests[jobs[0].request_pos]
-        kwargs: dict[str, Any] = {
-            key: value for key, value in self.effective_settings(first).items() if value is not None
-        }
+        settings = self.effective_settings(first, size)
+        settings.pop("strength", None)  # passed below only when the request sets it
+        for name in ("height", "width"):
+            if not self._accepts(name) and (first.image is not None or getattr(first, name) is None):
+                # The pipeline sizes its output from the input image (resized to the size
+                # asked for), or has a size of its own: height/width are not its arguments.
+                settings.pop(name)
+        kwargs: dict[str, Any] = {key: value for key, value in settings.items() if value is not None}
+        kwargs.update(self._input_images(requests, jobs, size))
+        if first.strength is not None:
+            kwargs["strength"] = first.strength
         kwargs["prompt"] = [requests[job.request_pos].prompt for job in jobs]
         negatives = [requests[job.request_pos].negative_prompt for job in jobs]
         if any(negatives):
@@ -173,12 +230,13 @@ class DiffusionWorker:
         requests: list[OmniDiffusionRequest],
         jobs: list[ImageJob],
         step_callback: Callable[[int], None] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> list[Any]:
         import numpy as np
         import torch
 
         with torch.inference_mode():
-            result = self.pipeline(**self._pipeline_kwargs(requests, jobs, step_callback))
+            result = self.pipeline(**self._pipeline_kwargs(requests, jobs, step_callback, size))
         images = result.images if hasattr(result, "images") else result[0]
         if isinstance(images, np.ndarray) or isinstance(images, torch.Tensor):
             images = [images[i] for i in range(images.shape[0])]
@@ -238,13 +296,23 @@ class DiffusionWorker:
         errors: list[str | None] = [None] * len(requests)
         seconds = [0.0] * len(requests)
         pipeline_seconds = 0.0
-        pending = plan_batches(requests, self.od_config.max_batch_size)
+        sizes: list[Any] = [None] * len(requests)
+        for pos, request in enumerate(requests):
+            try:
+                sizes[pos] = self._output_size(request)
+            except Exception as exc:  # noqa: BLE001 - e.g. an input file gone since the plan
+                errors[pos] = f"{type(exc).__name__}: {exc}"
+                sizes[pos] = False
+        # Images of different output sizes never share a pipeline call (it would resize them
+        # all to the first one's size): each image stays what it would be alone.
+        pending = plan_batches(requests, self.od_config.max_batch_size, keys=sizes)
         step_seconds: list[float] = []
         while pending:
             jobs = pending.pop(0)
             batch_start = time.perf_counter()
             try:
-                produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback))
+                produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback),
+                                           sizes[jobs[0].request_pos])
             except Exception as exc:  # noqa: BLE001 - isolate the failing request
                 positions = sorted({job.request_pos for job in jobs})
                 if len(positions) > 1:
@@ -268,7 +336,8 @@ class DiffusionWorker:
             errors=errors,
             seeds=[request.image_seeds() for request in requests],
             metadata=[
-                {**self.effective_settings(request), "seconds": round(seconds[i], 6), "rank": self.rank}
+                {**self.effective_settings(request, sizes[i] or None), "seconds": round(seconds[i], 6),
+                 "rank": self.rank}
                 for i, request in enumerate(requests)
             ],
             timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds,
