@@ -66,7 +66,9 @@ class OmniDiffusionRequest:
     a PIL image (encoded as PNG here, so the request stays plain data) or
     ``{"format": "png", "data": <base64>}``; ``strength`` is in (0, 1] (None: the
     pipeline's default). The worker passes a pipeline only the arguments its ``__call__``
-    takes, and refuses a request whose settings it would have to drop.
+    takes, and refuses a request whose settings it would have to drop. ``lora`` (a list of
+    ``PATH_OR_ID[:scale]``) is the request's own set of LoRA adapters (``[]``: none); None
+    means the engine's (``OmniDiffusionConfig.lora``).
     """
 
     prompt: str
@@ -82,6 +84,7 @@ class OmniDiffusionRequest:
     image: Any = None
     mask_image: Any = None
     strength: float | None = None
+    lora: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -117,6 +120,12 @@ class OmniDiffusionRequest:
             raise ValueError(f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}: "
                              "the tool returns and writes images")
         self._check_image_inputs()
+        if self.lora is not None:
+            from spmd_diffusion.models.lora import parse_loras
+
+            self.lora = [self.lora] if isinstance(self.lora, str) else self.lora
+            parse_loras(self.lora)
+            self.lora = list(self.lora)
 
     def _check_image_inputs(self) -> None:
         self.image = normalize_image_input("image", self.image)
@@ -149,7 +158,8 @@ class OmniDiffusionRequest:
         """Requests with equal keys can run in one pipeline call (their prompts may differ)."""
         extra = json.dumps(self.extra, sort_keys=True, default=repr)
         inputs = (self.image is not None, self.mask_image is not None, self.strength)
-        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra, inputs)
+        lora = None if self.lora is None else tuple(self.lora)  # one adapter set per pipeline call
+        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra, inputs, lora)
 
     def image_seeds(self) -> list[int]:
         """The seed of each of this request's images: ``seed``, ``seed + 1``, ...

@@ -67,6 +67,23 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--hook", "hooks", multiple=True, metavar="HOOK",
                      help="Monitoring hook (repeatable): prometheus, trace:FILE, an entry point of "
                           "spmd_diffusion.hooks, or a dotted path to a class."),
+        click.option("--lora", multiple=True, metavar="PATH_OR_ID[:SCALE]",
+                     help="LoRA adapter (repeatable): a save_lora_weights file or directory, or a hub id; "
+                          "scale 1 by default."),
+        click.option("--scheduler", default=None, metavar="CLASS",
+                     help="diffusers scheduler class (e.g. EulerDiscreteScheduler), built from the "
+                          "pipeline's scheduler config."),
+        click.option("--scheduler-option", "scheduler_option", multiple=True, metavar="KEY=VALUE",
+                     help="Scheduler option (repeatable); VALUE is read as JSON, else as a string."),
+        click.option("--offload", type=click.Choice(["model", "sequential"]), default=None,
+                     help="diffusers CPU offload (needs a GPU): model (whole models, small slowdown) or "
+                          "sequential (layer by layer: least memory, slow)."),
+        click.option("--vae-tiling", is_flag=True, help="Decode the VAE in tiles (large images, less memory)."),
+        click.option("--vae-slicing", is_flag=True, help="Decode the VAE one image at a time (less memory)."),
+        click.option("--attention-backend", default=None, metavar="NAME",
+                     help="diffusers attention dispatcher backend: native, flash, sage, ... (where installed)."),
+        click.option("--compile", is_flag=True,
+                     help="torch.compile the denoiser (compile time is reported apart from throughput)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -88,10 +105,16 @@ def build_config(**values: Any) -> OmniDiffusionConfig:
     from spmd_diffusion.engine.hooks import check_hook_spec
     from spmd_diffusion.engine.policies import resolve_policy
 
+    from spmd_diffusion.models.options import check_model_options
+    from spmd_diffusion.models.schedulers import parse_scheduler_option
+
     values["hooks"] = list(values.get("hooks") or ())
+    values["lora"] = list(values.get("lora") or ())
     try:
+        values["scheduler_options"] = dict(parse_scheduler_option(text) for text in values.pop("scheduler_option", ()))
         check_model_reference(values["model"])
         config = OmniDiffusionConfig(**values)
+        check_model_options(config)
         resolve_policy(config.schedule)
         for hook in config.hooks:
             check_hook_spec(hook)

@@ -33,6 +33,7 @@ from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, done_ima
 from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink
 from spmd_diffusion.jobs.prompts import PromptItem, read_items
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.models.lora import is_local, lora_identity, parse_lora, parse_loras
 from spmd_diffusion.utils.image_inputs import DATA_URI, IMAGE_FIELDS, URL
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,27 @@ class GeneratePlan:
 
 
 def resolve_input_paths(settings: dict[str, Any], base: Path) -> None:
-    """Input image paths of a prompt file are relative to the file: made absolute here, so
-    every rank finds them whatever its working directory (URLs are left to be refused)."""
+    """Input image and LoRA paths of a prompt file are relative to the file: made absolute
+    here, so every rank finds them whatever its working directory (URLs are left to be
+    refused; a LoRA that is no file beside the prompts stays a hub id)."""
     for name in IMAGE_FIELDS:
         value = settings.get(name)
         if isinstance(value, str) and not URL.match(value) and not DATA_URI.match(value) and value.strip():
             settings[name] = os.path.abspath(base / Path(value).expanduser())
+    loras = settings.get("lora")
+    if isinstance(loras, (str, list)):
+        resolved = []
+        for spec in [loras] if isinstance(loras, str) else loras:
+            try:
+                parsed = parse_lora(spec)
+            except ValueError:
+                resolved.append(spec)  # refused, with the file and line, when the request is built
+                continue
+            local = base / Path(parsed.source).expanduser()
+            if not Path(parsed.source).is_absolute() and (is_local(parsed.source) or local.exists()):
+                spec = f"{os.path.abspath(local)}:{parsed.scale}"
+            resolved.append(spec)
+        settings["lora"] = resolved
 
 
 def build_requests(
@@ -126,9 +142,20 @@ def build_requests(
 
 
 def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[str, Any]:
-    """The run-wide settings that change pixels, for the resume fingerprint."""
-    return {"model_class_name": config.model_class_name, "dtype": config.dtype, "batch_invariant": config.batch_invariant,
-            "images_per_batch": options.images_per_batch, "variant": config.variant, "revision": config.revision}
+    """The run-wide settings that change pixels, for the resume fingerprint (model options
+    only when set, so a plain run's fingerprints stay what they were; offload moves weights
+    but changes no pixel, so it is not one of them)."""
+    settings = {"model_class_name": config.model_class_name, "dtype": config.dtype,
+                "batch_invariant": config.batch_invariant, "images_per_batch": options.images_per_batch,
+                "variant": config.variant, "revision": config.revision}
+    if config.lora:
+        settings["lora"] = [lora_identity(spec) for spec in parse_loras(config.lora)]
+    if config.scheduler is not None:
+        settings["scheduler"] = {"name": config.scheduler, "options": config.scheduler_options}
+    for name in ("vae_tiling", "vae_slicing", "attention_backend", "compile"):
+        if getattr(config, name):
+            settings[name] = getattr(config, name)
+    return settings
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -198,6 +225,7 @@ class GenerateJob:
         self.metadata = {item.id: item.meta for item in plan.items}
         self.requests = {r.request_id: r for r in plan.requests}
         self.settings = run_settings(plan.options, plan.config)
+        self.compile_seconds: float | None = None  # with --compile: the slowest rank's compile time
         self.done_by_id: dict[str, set[int]] = {}
         for request_id, index in plan.done:
             self.done_by_id.setdefault(request_id, set()).add(index)
@@ -246,6 +274,12 @@ class GenerateJob:
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
             record["images_per_second"] = round(made / seconds, 4) if seconds > 0 else None
+            if self.compile_seconds is not None:
+                # Replicas compile at once, on their first batches: the slowest one's compile
+                # time is what the run lost to it.
+                record["compile_seconds"] = round(self.compile_seconds, 3)
+                steady = seconds - self.compile_seconds
+                record["images_per_second_excluding_compile"] = round(made / steady, 4) if steady > 0 else None
         write_atomic(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode())
 
     def _record(self, request: OmniDiffusionRequest, index: int, output: DiffusionOutput, position: int,
@@ -265,6 +299,8 @@ class GenerateJob:
             "height": settings.get("height", request.height),
             "width": settings.get("width", request.width),
             **self._input_fields(request, settings),
+            "scheduler": settings.get("scheduler"),
+            **({"lora": settings["lora"]} if settings.get("lora") else {}),
             "model": self.plan.config.model,
             "fingerprint": fingerprint(request, self.plan.config.model, self.settings),
             "path": None,
@@ -344,6 +380,9 @@ class GenerateJob:
             bar.close()
             writer.close()
         seconds = time.time() - started
+        if plan.config.compile:
+            stats = engine.collective_rpc("get_cache_stats")
+            self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
             write_contact_sheet(plan.output_dir / "contact_sheet.png", self.stats.sheet)
         missing = sorted(self.planned_images() - self.stats.accounted)
@@ -372,6 +411,12 @@ class GenerateJob:
             ("images already done", len(self.plan.done)),
             ("seconds", f"{seconds:.1f}"),
             ("images/s", f"{made / seconds:.2f}" if seconds > 0 else "-"),
+        ]
+        if self.compile_seconds is not None:
+            steady = seconds - self.compile_seconds
+            rows += [("compile seconds", f"{self.compile_seconds:.1f}"),
+                     ("images/s excluding compile", f"{made / steady:.2f}" if steady > 0 else "-")]
+        rows += [
             ("layout", f"{self.layout.get('replicas', 1)} replica(s) x {self.layout.get('replica_size', 1)} rank(s)"),
         ]
         if missing:

@@ -29,6 +29,7 @@ SETTING_KEYS = {
     "image": "image",
     "mask_image": "mask_image",
     "strength": "strength",
+    "lora": "lora",
 }
 KNOWN_KEYS = {"id", "prompt", *SETTING_KEYS}
 

@@ -72,25 +72,34 @@ class DiffusionWorker:
 
     # -- loading -------------------------------------------------------------------------
     def _load(self) -> None:
+        from spmd_diffusion.models.lora import LoraAdapters, parse_loras
+        from spmd_diffusion.models.options import apply_model_options, compile_denoiser, place_pipeline
+
         start = time.perf_counter()
+        config = self.od_config
         pipeline = load_pipeline(
-            self.od_config.model,
-            self.od_config.model_class_name,
+            config.model,
+            config.model_class_name,
             self.torch_dtype,
-            revision=self.od_config.revision,
-            variant=self.od_config.variant,
+            revision=config.revision,
+            variant=config.variant,
         )
-        self.pipeline = pipeline.to(self.device)
+        self.model_report = apply_model_options(pipeline, config)
+        self.adapters = LoraAdapters(pipeline)
+        self.adapters.activate(parse_loras(config.lora))  # loaded before placing: they move with the weights
+        self.pipeline = place_pipeline(pipeline, config, self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
         if self.parallel is not None:
             from spmd_diffusion.parallel import parallelize_pipeline
 
             report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
             logger.info("%s", report.summary())
-        if self.od_config.batch_invariant:
+        if config.batch_invariant:
             from spmd_diffusion.worker.batch_invariance import make_batch_invariant
 
             make_batch_invariant(self.pipeline)
+        if config.compile:
+            compile_denoiser(self.pipeline)  # last: it compiles the layers as patched above
         self.load_seconds = time.perf_counter() - start
         logger.info("loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds)
 
@@ -131,6 +140,21 @@ class DiffusionWorker:
         if request.image is not None:
             settings["strength"] = pick(request.strength, self._default("strength"))
         return settings
+
+    def _loras(self, request: OmniDiffusionRequest) -> list[Any]:
+        """The adapters a request runs with: its own set, else the run's."""
+        from spmd_diffusion.models.lora import parse_loras
+
+        return parse_loras(request.lora if request.lora is not None else self.od_config.lora)
+
+    def model_facts(self, request: OmniDiffusionRequest) -> dict[str, Any]:
+        """What besides the call's arguments made the image: the scheduler class and the
+        active LoRA adapters (for the manifest)."""
+        facts: dict[str, Any] = {"scheduler": type(self.pipeline.scheduler).__name__}
+        loras = self._loras(request)
+        if loras:
+            facts["lora"] = [{"source": spec.source, "scale": spec.scale} for spec in loras]
+        return facts
 
     def _output_size(self, request: OmniDiffusionRequest) -> tuple[int, int] | None:
         """(width, height) of a request with an input image: its own size where the pipeline
@@ -235,6 +259,7 @@ class DiffusionWorker:
         import numpy as np
         import torch
 
+        self.adapters.activate(self._loras(requests[jobs[0].request_pos]))  # one set per batch (batch_key)
         with torch.inference_mode():
             result = self.pipeline(**self._pipeline_kwargs(requests, jobs, step_callback, size))
         images = result.images if hasattr(result, "images") else result[0]
@@ -336,8 +361,8 @@ class DiffusionWorker:
             errors=errors,
             seeds=[request.image_seeds() for request in requests],
             metadata=[
-                {**self.effective_settings(request, sizes[i] or None), "seconds": round(seconds[i], 6),
-                 "rank": self.rank}
+                {**self.effective_settings(request, sizes[i] or None), **self.model_facts(request),
+                 "seconds": round(seconds[i], 6), "rank": self.rank}
                 for i, request in enumerate(requests)
             ],
             timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds,
@@ -406,7 +431,12 @@ class DiffusionWorker:
             "load_seconds": round(self.load_seconds, 3),
             "images_generated": self.images_generated,
             "requests_failed": self.requests_failed,
+            **getattr(self, "model_report", {}),
         }
+        if self.od_config.compile:
+            from spmd_diffusion.models.options import compile_seconds
+
+            stats["compile_seconds"] = round(compile_seconds(), 3)
         if self.device.type == "cuda":
             stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
         return stats
