@@ -160,3 +160,39 @@ def test_inpainting_takes_image_and_mask(tiny_unet, pictures):
     assert output.images[0][0].size == (64, 64)
     # The 4-channel UNet inpaints by blending latents: the two masks give different images.
     assert max_pixel_difference(output.images[0][0], output.images[1][0]) > 0.05
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_native_http_route_takes_base64_images_and_refuses_paths(tiny_unet, pictures):
+    pytest.importorskip("fastapi", reason="the serve extra installs fastapi")
+    from test_server import KEY, call
+
+    from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
+    from spmd_diffusion.entrypoints.server import serve
+    from spmd_diffusion.utils.images import decode_image, encode_image
+
+    engine = AsyncDiffusionEngine(OmniDiffusionConfig(executor_class="uni",
+                                                      model_class_name="StableDiffusionImg2ImgPipeline"))
+    http = serve(engine, "127.0.0.1", 0, api_key=KEY, model_name="tiny-unet").start()
+    url = http.url + "/v1/diffusion/generate"
+    try:
+        sent = noise_image(48, 40, 5)
+        body = {"requests": [{"prompt": "x", "request_id": "a", "seed": 1, "num_inference_steps": 2, "strength": 0.6,
+                              "image": encode_image(sent)}]}
+        status, answer = call(url, body)
+        assert status == 200, answer
+        (image,) = answer["images"][0]
+        assert decode_image(image).size == (48, 40) and answer["metadata"][0]["strength"] == 0.6
+        for value, message in ((str(pictures / "a.png"), "the server reads no files"),
+                               ("http://example.com/a.png", "is a URL"),
+                               ({"format": "png", "data": base64.b64encode(b"plain text").decode()},
+                                "image data is not an image Pillow can read")):
+            body["requests"][0]["image"] = value
+            status, answer = call(url, body)
+            assert status == 400 and message in answer["error"]["message"], answer
+    finally:
+        http.shutdown()
+        http.server_close()
