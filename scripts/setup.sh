@@ -4,7 +4,7 @@
 # - creates/uses the virtual environment .venv (or the one already active),
 # - installs the CPU build of torch where no NVIDIA GPU is present (a plain `torch`
 #   requirement could pull a multi-GB CUDA build),
-# - installs this package with its mpi (mpi4py + mpich) and test extras.
+# - installs this package with its mpi (mpi4py + mpich), serve, lora (peft) and test extras.
 set -euo pipefail
 SPMD_DIFFUSION_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$SPMD_DIFFUSION_ROOT"
@@ -23,7 +23,7 @@ if ! python -c "import torch" 2>/dev/null; then
             || python -m pip install "torch>=2.4,<3" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-python -m pip install -q -e ".[mpi,serve,test]"
+python -m pip install -q -e ".[mpi,serve,lora,test]"
 
 export SPMD_DIFFUSION_CACHE="${SPMD_DIFFUSION_CACHE:-$SPMD_DIFFUSION_ROOT/.cache/spmd_diffusion}"
 export TOKENIZERS_PARALLELISM=false

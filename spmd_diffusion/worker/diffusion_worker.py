@@ -106,7 +106,9 @@ class DiffusionWorker:
     @property
     def denoiser(self) -> Any:
         """The network that runs every step: the UNet or the transformer."""
-        return getattr(self.pipeline, "unet", None) or getattr(self.pipeline, "transformer", None)
+        from spmd_diffusion.models.options import denoiser_of
+
+        return denoiser_of(self.pipeline)[1]  # not ``a or b``: a compiled module has no truth value
 
     # -- generation ------------------------------------------------------------------------
     def _default(self, name: str) -> Any:
