@@ -11,7 +11,8 @@ concurrent requests are batched dynamically and spread over every replica:
 - ``POST /v1/diffusion/generate``: ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
   -> ``DiffusionOutput.to_dict()`` (what :class:`HTTPDiffusionExecutor` speaks). Input
   images (``image``, ``mask_image``) come as ``{"format": "png", "data": <base64>}`` or a
-  ``data:image/...;base64,`` URI; a file path is refused (the server reads no files).
+  ``data:image/...;base64,`` URI; a file path is refused (the server reads no files), and
+  so is a per-request ``lora`` (adapters are the server's, ``--lora``).
 - ``GET /health``: answers from the engine's own state, never waiting for it (200 ok, 503
   when the engine failed or is closing). ``GET /metrics``: Prometheus text.
 
@@ -285,6 +286,10 @@ def build_app(
                     raise ApiError(400, f"requests[{position}]: {name} must be the image itself, "
                                    '{"format": "png", "data": <base64>} or a data: URI: the server reads no files',
                                    param=name)
+            if requests[-1].lora is not None:
+                # A client must not make the server read its files or download from the hub.
+                raise ApiError(400, f"requests[{position}]: lora is set when the server starts (--lora), "
+                               "not per request", param="lora")
         prepared(requests)
         merged = merge_outputs(await run_all(request, requests))
         text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))
