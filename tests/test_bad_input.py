@@ -118,6 +118,8 @@ IMAGE_CASES = [
     ("strength flag zero", '{"prompt": "x", "image": "pics/a.png"}', ["--strength", "0"], "Invalid value for '--strength'"),
     ("image past the size limit", '{"prompt": "x", "image": "pics/a.png"}', ["--max-image-size", "16"],
      "p.jsonl:1: image is 32x32, above the limit of 16"),
+    ("mask for an img2img pipeline", '{"prompt": "x", "image": "pics/a.png", "mask_image": "pics/a.png"}',
+     ["--model-class-name", "StableDiffusionImg2ImgPipeline"], "p.jsonl:2: StableDiffusionImg2ImgPipeline takes no mask_image"),
 ]
 
 
@@ -132,10 +134,23 @@ def test_bad_image_inputs(tmp_path, capsys, name, line, extra, message):
     (tmp_path / "pics" / "notes.png").write_text("just text")
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "fine", "image": "pics/a.png"}\n' + line + "\n")
-    code, err = run_cli(["--prompts", str(path), "--output", str(tmp_path / "out"), *extra], capsys)
+    code, err = run_cli(["--prompts", str(path), "--output", str(tmp_path / "out"),
+                         *(extra if "--model-class-name" in extra else
+                           ["--model-class-name", "StableDiffusionImg2ImgPipeline", *extra])], capsys)
     assert code == 2, err
     assert err.count(message.format(dir=tmp_path)) == 1, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_image_items_need_a_pipeline_that_takes_images(tmp_path, capsys):
+    """The default tiny model is text-to-image: refused before loading, with the fix."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "x"}\n{"prompt": "y", "image": "a.png"}\n')
+    code, err = run_cli(["--prompts", str(path), "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "p.jsonl:2: StableDiffusionPipeline takes no image: load an image-to-image" in err, err
 
 
 def test_missing_prompt_file(tmp_path, capsys):

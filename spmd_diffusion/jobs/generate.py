@@ -118,6 +118,7 @@ def build_requests(
     config's limits (input images checked: they exist and are images)."""
     requests = []
     base = Path(options.prompts_file).parent if options.prompts_file else Path.cwd()
+    accepted: list[Any] = []  # the pipeline's call arguments, looked up at the first image item
     for item in items:
         settings: dict[str, Any] = {
             "negative_prompt": options.negative_prompt,
@@ -135,10 +136,30 @@ def build_requests(
             )
             if config is not None:
                 config.check_limits(request)
+                check_pipeline_takes(request, config, accepted)
             requests.append(with_seed(request, run_seed))
         except ValueError as exc:
             raise InputError(f"{item.where or f'item {item.id!r} (line {item.line})'}: {exc}") from None
     return requests
+
+
+def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionConfig, accepted: list[Any]) -> None:
+    """An item with input images needs a pipeline that takes them: known before loading from
+    the class name or model_index.json (a hub id's class is only known once loaded)."""
+    wanted = [name for name in (*IMAGE_FIELDS, "strength") if getattr(request, name) is not None]
+    if not wanted:
+        return
+    if not accepted:
+        from spmd_diffusion.models.loader import call_arguments
+
+        accepted.append(call_arguments(config.model, config.model_class_name))
+    if accepted[0] is None:
+        return
+    name, arguments = accepted[0]
+    refused = [field for field in wanted if field not in arguments]
+    if refused:
+        raise ValueError(f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
+                         "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)")
 
 
 def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[str, Any]:
