@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "tiny-unet"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+OFFLOAD_MODES = ("model", "sequential")
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -77,6 +78,14 @@ class OmniDiffusionConfig:
     schedule: str = "shape"
     hooks: list[str] = field(default_factory=list)
     batch_wait_s: float = 0.005
+    lora: list[str] = field(default_factory=list)
+    scheduler: str | None = None
+    scheduler_options: dict[str, Any] = field(default_factory=dict)
+    offload: str | None = None
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    attention_backend: str | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -94,7 +103,7 @@ class OmniDiffusionConfig:
             raise ValueError(f"executor_config must be a dict, got {type(self.executor_config).__name__}")
         _check_int("num_gpus", self.num_gpus, 1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        for name in ("cfg_parallel", "batch_invariant"):
+        for name in ("cfg_parallel", "batch_invariant", "vae_tiling", "vae_slicing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -120,10 +129,39 @@ class OmniDiffusionConfig:
         if (isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float))
                 or not 0 <= self.batch_wait_s <= 10):
             raise ValueError(f"batch_wait_s must be a number of seconds in [0, 10], got {self.batch_wait_s!r}")
+        self._check_model_options()
+
+    def _check_model_options(self) -> None:
+        """Shapes only (no diffusers import here); names are checked against the installed
+        diffusers by ``spmd_diffusion.models.options.check_model_options``."""
+        from spmd_diffusion.models.lora import parse_loras
+
+        if isinstance(self.lora, tuple):
+            self.lora = list(self.lora)
+        parse_loras(self.lora)
+        if self.lora and self.tensor_parallel_size > 1:
+            raise ValueError("lora is not supported with tensor parallelism (the adapters would wrap sharded layers)")
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()):
+            raise ValueError(f"scheduler must be a diffusers scheduler class name, got {self.scheduler!r}")
+        if not isinstance(self.scheduler_options, dict) or not all(isinstance(k, str) for k in self.scheduler_options):
+            raise ValueError(f"scheduler_options must be a dict of option names to values, got {self.scheduler_options!r}")
+        if self.scheduler_options and self.scheduler is None:
+            raise ValueError("scheduler_options need a scheduler")
+        if self.offload is not None and self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be None or one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+        if self.offload is not None and (self.replica_size > 1 or self.device == "cpu"):
+            raise ValueError("offload moves whole models between the CPU and one accelerator: it needs a GPU and "
+                             "works without tensor/CFG parallelism")
+        if self.attention_backend is not None and (not isinstance(self.attention_backend, str)
+                                                   or not self.attention_backend):
+            raise ValueError(f"attention_backend must be a backend name, got {self.attention_backend!r}")
 
     def check_limits(self, request: OmniDiffusionRequest) -> None:
         """Refuse a request past this config's limits (a typo such as height 100000 would
-        hold a replica for hours), before any work is sent anywhere."""
+        hold a replica for hours), before any work is sent anywhere; its input images must
+        exist, be images and fit the size limit (only their headers are read)."""
+        from spmd_diffusion.utils.image_inputs import check_image_inputs
+
         for name in ("height", "width"):
             value = getattr(request, name)
             if value is not None and value > self.max_image_size:
@@ -135,6 +173,14 @@ class OmniDiffusionConfig:
         if request.num_images_per_prompt > self.max_images_per_prompt:
             raise ValueError(f"num_images_per_prompt {request.num_images_per_prompt} is above the limit of "
                              f"{self.max_images_per_prompt} (max_images_per_prompt)")
+        check_image_inputs(request, self.max_image_size)
+        if request.lora is not None:
+            from spmd_diffusion.models.lora import check_lora_source, parse_loras
+
+            if request.lora and self.tensor_parallel_size > 1:
+                raise ValueError("lora is not supported with tensor parallelism")
+            for spec in parse_loras(request.lora):
+                check_lora_source(spec.source)
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: serve executor options as attributes.

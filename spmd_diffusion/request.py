@@ -12,12 +12,15 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from spmd_diffusion.utils.image_inputs import normalize_image_input
+
 MAX_SEED = 2**63 - 1
 # Pipeline arguments a request sets through its own fields, or the worker sets itself (the
 # seeds' generators): ``extra`` may not override them, or the manifest would lie.
 RESERVED_EXTRA = frozenset({
     "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
     "num_images_per_prompt", "generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+    "image", "mask_image", "strength",
 })
 
 
@@ -58,6 +61,14 @@ class OmniDiffusionRequest:
     ``seed=None`` lets the engine derive one from the run seed and ``request_id``, so the
     result never depends on which rank runs the request. ``extra`` holds further keyword
     arguments for the diffusers pipeline call (e.g. ``{"output_type": "np"}``).
+
+    ``image`` and ``mask_image`` (image-to-image and inpainting pipelines) are a file path,
+    a PIL image (encoded as PNG here, so the request stays plain data) or
+    ``{"format": "png", "data": <base64>}``; ``strength`` is in (0, 1] (None: the
+    pipeline's default). The worker passes a pipeline only the arguments its ``__call__``
+    takes, and refuses a request whose settings it would have to drop. ``lora`` (a list of
+    ``PATH_OR_ID[:scale]``) is the request's own set of LoRA adapters (``[]``: none); None
+    means the engine's (``OmniDiffusionConfig.lora``).
     """
 
     prompt: str
@@ -70,6 +81,10 @@ class OmniDiffusionRequest:
     num_images_per_prompt: int = 1
     request_id: str = field(default_factory=new_request_id)
     extra: dict[str, Any] = field(default_factory=dict)
+    image: Any = None
+    mask_image: Any = None
+    strength: float | None = None
+    lora: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -104,6 +119,24 @@ class OmniDiffusionRequest:
         if output_type not in IMAGE_OUTPUT_TYPES:
             raise ValueError(f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}: "
                              "the tool returns and writes images")
+        self._check_image_inputs()
+        if self.lora is not None:
+            from spmd_diffusion.models.lora import parse_loras
+
+            self.lora = [self.lora] if isinstance(self.lora, str) else self.lora
+            parse_loras(self.lora)
+            self.lora = list(self.lora)
+
+    def _check_image_inputs(self) -> None:
+        self.image = normalize_image_input("image", self.image)
+        self.mask_image = normalize_image_input("mask_image", self.mask_image)
+        if self.mask_image is not None and self.image is None:
+            raise ValueError("mask_image needs an image: inpainting takes both")
+        strength = self.strength
+        if strength is not None:
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+            self.strength = float(strength)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (as long as ``extra`` holds JSON-safe values)."""
@@ -124,7 +157,9 @@ class OmniDiffusionRequest:
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can run in one pipeline call (their prompts may differ)."""
         extra = json.dumps(self.extra, sort_keys=True, default=repr) if self.extra else "{}"
-        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra)
+        inputs = (self.image is not None, self.mask_image is not None, self.strength)
+        lora = None if self.lora is None else tuple(self.lora)  # one adapter set per pipeline call
+        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra, inputs, lora)
 
     def image_seeds(self) -> list[int]:
         """The seed of each of this request's images: ``seed``, ``seed + 1``, ...

@@ -67,3 +67,21 @@ def hammer_from_two_threads(engine, rounds: int = 50) -> list[str]:
         if thread.is_alive():
             problems.append(f"{thread.name} did not finish")
     return problems
+
+
+def make_random_lora(directory, model_dir: str, seed: int = 0, rank: int = 4) -> str:
+    """A LoRA for the tiny UNet with random (non-zero) weights, saved by diffusers' own
+    ``save_lora_weights``: no training, yet it changes every image."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # init_lora_weights=False: B is random too (the default starts it at zero, a no-op)
+        pipeline.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=get_peft_model_state_dict(pipeline.unet))
+    return str(directory)

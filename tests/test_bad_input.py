@@ -103,6 +103,57 @@ def test_bad_prompt_files_and_flags(tmp_path, capsys, name, file_name, data, ext
     assert not (tmp_path / "out").exists()
 
 
+IMAGE_CASES = [
+    ("image URL", '{"prompt": "x", "image": "https://example.com/a.png"}', [],
+     "p.jsonl:2: image 'https://example.com/a.png' is a URL: jobs run offline"),
+    ("missing image file", '{"prompt": "x", "image": "pics/none.png"}', [], "p.jsonl:2: image file '{dir}/pics/none.png' does not exist"),
+    ("image is a directory", '{"prompt": "x", "image": "pics"}', [], "p.jsonl:2: image '{dir}/pics' is not a file"),
+    ("not an image", '{"prompt": "x", "image": "pics/notes.png"}', [],
+     "p.jsonl:2: image file '{dir}/pics/notes.png' is not an image Pillow can read"),
+    ("mask not an image", '{"prompt": "x", "image": "pics/a.png", "mask_image": "pics/notes.png"}', [],
+     "p.jsonl:2: mask_image file '{dir}/pics/notes.png' is not an image"),
+    ("mask without image", '{"prompt": "x", "mask_image": "pics/a.png"}', [], "p.jsonl:2: mask_image needs an image"),
+    ("strength above 1", '{"prompt": "x", "image": "pics/a.png", "strength": 1.5}', [],
+     "p.jsonl:2: strength must be a number in (0, 1], got 1.5"),
+    ("strength zero", '{"prompt": "x", "image": "pics/a.png", "strength": 0}', [], "p.jsonl:2: strength must be a number in (0, 1]"),
+    ("strength flag zero", '{"prompt": "x", "image": "pics/a.png"}', ["--strength", "0"], "Invalid value for '--strength'"),
+    ("image past the size limit", '{"prompt": "x", "image": "pics/a.png"}', ["--max-image-size", "16"],
+     "p.jsonl:1: image is 32x32, above the limit of 16"),
+    ("mask for an img2img pipeline", '{"prompt": "x", "image": "pics/a.png", "mask_image": "pics/a.png"}',
+     ["--model-class-name", "StableDiffusionImg2ImgPipeline"], "p.jsonl:2: StableDiffusionImg2ImgPipeline takes no mask_image"),
+]
+
+
+@pytest.mark.parametrize("name, line, extra, message", IMAGE_CASES, ids=[case[0] for case in IMAGE_CASES])
+def test_bad_image_inputs(tmp_path, capsys, name, line, extra, message):
+    """Input images are checked (headers only) by rank 0 before loading; paths are relative to
+    the prompt file; each problem names the file and line."""
+    from PIL import Image
+
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "pics" / "a.png")
+    (tmp_path / "pics" / "notes.png").write_text("just text")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine", "image": "pics/a.png"}\n' + line + "\n")
+    code, err = run_cli(["--prompts", str(path), "--output", str(tmp_path / "out"),
+                         *(extra if "--model-class-name" in extra else
+                           ["--model-class-name", "StableDiffusionImg2ImgPipeline", *extra])], capsys)
+    assert code == 2, err
+    assert err.count(message.format(dir=tmp_path)) == 1, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_image_items_need_a_pipeline_that_takes_images(tmp_path, capsys):
+    """The default tiny model is text-to-image: refused before loading, with the fix."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "x"}\n{"prompt": "y", "image": "a.png"}\n')
+    code, err = run_cli(["--prompts", str(path), "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "p.jsonl:2: StableDiffusionPipeline takes no image: load an image-to-image" in err, err
+
+
 def test_missing_prompt_file(tmp_path, capsys):
     code, err = run_cli(["--prompts", str(tmp_path / "none.txt"), "--output", str(tmp_path / "out")], capsys)
     assert code == 2 and "does not exist" in err

@@ -83,11 +83,11 @@ def test_requests_take_run_settings_then_item_settings(tmp_path):
     assert second.num_inference_steps == 4 and second.seed == 3 and second.num_images_per_prompt == 2
 
 
-def test_invalid_item_setting_names_the_item_and_line(tmp_path):
+def test_invalid_item_setting_names_the_file_and_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b", "height": 60}\n')
     options = GenerateOptions(output=str(tmp_path / "out"), prompts_file=str(path))
-    with pytest.raises(InputError, match=r"item '000002' \(line 2\): height must be a positive multiple of 8"):
+    with pytest.raises(InputError, match=r"p.jsonl:2: height must be a positive multiple of 8"):
         plan_generation(options, OmniDiffusionConfig())
 
 

@@ -67,6 +67,23 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--hook", "hooks", multiple=True, metavar="HOOK",
                      help="Monitoring hook (repeatable): prometheus, trace:FILE, an entry point of "
                           "spmd_diffusion.hooks, or a dotted path to a class."),
+        click.option("--lora", multiple=True, metavar="PATH_OR_ID[:SCALE]",
+                     help="LoRA adapter (repeatable): a save_lora_weights file or directory, or a hub id; "
+                          "scale 1 by default."),
+        click.option("--scheduler", default=None, metavar="CLASS",
+                     help="diffusers scheduler class (e.g. EulerDiscreteScheduler), built from the "
+                          "pipeline's scheduler config."),
+        click.option("--scheduler-option", "scheduler_option", multiple=True, metavar="KEY=VALUE",
+                     help="Scheduler option (repeatable); VALUE is read as JSON, else as a string."),
+        click.option("--offload", type=click.Choice(["model", "sequential"]), default=None,
+                     help="diffusers CPU offload (needs a GPU): model (whole models, small slowdown) or "
+                          "sequential (layer by layer: least memory, slow)."),
+        click.option("--vae-tiling", is_flag=True, help="Decode the VAE in tiles (large images, less memory)."),
+        click.option("--vae-slicing", is_flag=True, help="Decode the VAE one image at a time (less memory)."),
+        click.option("--attention-backend", default=None, metavar="NAME",
+                     help="diffusers attention dispatcher backend: native, flash, sage, ... (where installed)."),
+        click.option("--compile", is_flag=True,
+                     help="torch.compile the denoiser (compile time is reported apart from throughput)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -88,10 +105,16 @@ def build_config(**values: Any) -> OmniDiffusionConfig:
     from spmd_diffusion.engine.hooks import check_hook_spec
     from spmd_diffusion.engine.policies import resolve_policy
 
+    from spmd_diffusion.models.options import check_model_options
+    from spmd_diffusion.models.schedulers import parse_scheduler_option
+
     values["hooks"] = list(values.get("hooks") or ())
+    values["lora"] = list(values.get("lora") or ())
     try:
+        values["scheduler_options"] = dict(parse_scheduler_option(text) for text in values.pop("scheduler_option", ()))
         check_model_reference(values["model"])
         config = OmniDiffusionConfig(**values)
+        check_model_options(config)
         resolve_policy(config.schedule)
         for hook in config.hooks:
             check_hook_spec(hook)
@@ -375,8 +398,9 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), callback=load_config_file,
               is_eager=True, expose_value=True, help="JSON or TOML file of option defaults.")
 @click.option("--prompts", "prompts_file",
-              help="The items: .txt (a prompt a line), .jsonl (prompt, optional id/seed/steps/...; or an OpenAI "
-                   "batch file), .csv, .parquet, a datasets directory (save_to_disk) or hf:NAME (a hub dataset).")
+              help="The items: .txt (a prompt a line), .jsonl (prompt, optional id/seed/steps/image/mask_image/"
+                   "strength/...; or an OpenAI batch file), .csv, .parquet, a datasets directory (save_to_disk) "
+                   "or hf:NAME (a hub dataset).")
 @click.option("--prompt-column", default="prompt", show_default=True,
               help="parquet/datasets: the column holding the prompt.")
 @click.option("--id-column", default=None,
@@ -391,6 +415,9 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--height", type=int, default=None, help="Image height, a multiple of 8 (default: the model's).")
 @click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
 @click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Image-to-image/inpainting strength in (0, 1] for items without their own "
+                   "(their 'image'/'mask_image' columns: paths relative to the prompt file).")
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--image-format", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
               help="Image files; each carries its prompt, seed and settings (PNG text, EXIF/XMP).")
@@ -416,8 +443,8 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 def generate(config_file: str | None, prompts_file: str | None, prompt_column: str, id_column: str | None,
              split: str | None, prompts: tuple[str, ...], output: str,
              steps: int | None, guidance: float | None, height: int | None, width: int | None,
-             negative_prompt: str | None, images_per_prompt: int, image_format: str, quality: int | None,
-             output_format: str, shard_size: int, tensor_parallel_size: int,
+             negative_prompt: str | None, strength: float | None, images_per_prompt: int, image_format: str,
+             quality: int | None, output_format: str, shard_size: int, tensor_parallel_size: int,
              cfg_parallel: bool, batch_invariant: bool, resume: bool, fail_fast: bool,
              trace_file: str | None, metrics_port: int | None, **model_values: Any) -> int:
     """Generate images for many prompts: the batch job, under mpirun, srun, torchrun or none.
@@ -432,7 +459,8 @@ def generate(config_file: str | None, prompts_file: str | None, prompt_column: s
     batch_size = model_values.pop("max_batch_size")
     options = GenerateOptions(
         output=output, prompts_file=prompts_file, prompts=prompts, steps=steps, guidance=guidance,
-        height=height, width=width, negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
+        height=height, width=width, negative_prompt=negative_prompt, strength=strength,
+        images_per_prompt=images_per_prompt,
         batch_size=batch_size, resume=resume, fail_fast=fail_fast, image_format=image_format, quality=quality,
         output_format=output_format, shard_size=shard_size, prompt_column=prompt_column, id_column=id_column,
         split=split,

@@ -9,7 +9,10 @@ concurrent requests are batched dynamically and spread over every replica:
   ``client.images.generate(...)`` works against it.
 - ``GET /v1/models``: the one model served.
 - ``POST /v1/diffusion/generate``: ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
-  -> ``DiffusionOutput.to_dict()`` (what :class:`HTTPDiffusionExecutor` speaks).
+  -> ``DiffusionOutput.to_dict()`` (what :class:`HTTPDiffusionExecutor` speaks). Input
+  images (``image``, ``mask_image``) come as ``{"format": "png", "data": <base64>}`` or a
+  ``data:image/...;base64,`` URI; a file path is refused (the server reads no files), and
+  so is a per-request ``lora`` (adapters are the server's, ``--lora``).
 - ``GET /health``: answers from the engine's own state, never waiting for it (200 ok, 503
   when the engine failed or is closing). ``GET /metrics``: Prometheus text.
 
@@ -40,6 +43,7 @@ from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
 from spmd_diffusion.errors import ExecutorClosedError
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.image_inputs import IMAGE_FIELDS
 from spmd_diffusion.utils.images import image_png_bytes
 
 logger = logging.getLogger(__name__)
@@ -277,6 +281,15 @@ def build_app(
                 requests.append(OmniDiffusionRequest.from_dict(item))
             except (TypeError, ValueError) as exc:
                 raise ApiError(400, f"requests[{position}]: {exc}") from None
+            for name in IMAGE_FIELDS:
+                if isinstance(getattr(requests[-1], name), str):
+                    raise ApiError(400, f"requests[{position}]: {name} must be the image itself, "
+                                   '{"format": "png", "data": <base64>} or a data: URI: the server reads no files',
+                                   param=name)
+            if requests[-1].lora is not None:
+                # A client must not make the server read its files or download from the hub.
+                raise ApiError(400, f"requests[{position}]: lora is set when the server starts (--lora), "
+                               "not per request", param="lora")
         prepared(requests)
         merged = merge_outputs(await run_all(request, requests))
         text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))

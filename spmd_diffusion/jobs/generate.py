@@ -45,6 +45,8 @@ from spmd_diffusion.jobs.shards import (EVENTS_KEY, SHARDS_DIR, ShardSink, close
                                         remove_unlisted_shards)
 from spmd_diffusion.jobs.sources import Columns, ItemSource, open_source
 from spmd_diffusion.request import OmniDiffusionRequest, check_seed
+from spmd_diffusion.models.lora import is_local, lora_identity, parse_lora, parse_loras
+from spmd_diffusion.utils.image_inputs import DATA_URI, IMAGE_FIELDS, URL
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class GenerateOptions:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    strength: float | None = None
     images_per_prompt: int = 1
     batch_size: int = 4  # prompts per batch
     resume: bool = True
@@ -92,18 +95,21 @@ class GenerateOptions:
 
 
 def build_request(item: PromptItem, options: GenerateOptions, run_seed: int,
-                  config: OmniDiffusionConfig | None = None) -> OmniDiffusionRequest:
+                  config: OmniDiffusionConfig | None = None, accepted: list[Any] | None = None) -> OmniDiffusionRequest:
     """The item's request: run-wide settings, overridden by the item's own, within the
-    config's limits, its seed fixed."""
+    config's limits, its seed fixed; input image and LoRA paths resolved against the prompt
+    file, and the pipeline checked to take them (``accepted`` caches its call arguments)."""
     settings: dict[str, Any] = {
         "negative_prompt": options.negative_prompt,
         "num_inference_steps": options.steps,
         "guidance_scale": options.guidance,
         "height": options.height,
         "width": options.width,
+        "strength": options.strength,
         "num_images_per_prompt": options.images_per_prompt,
     }
     settings.update(item.settings)
+    resolve_input_paths(settings, Path(options.prompts_file).parent if options.prompts_file else Path.cwd())
     try:
         if settings.get("seed") is None:
             check_seed(run_seed)
@@ -111,9 +117,10 @@ def build_request(item: PromptItem, options: GenerateOptions, run_seed: int,
         request = OmniDiffusionRequest(prompt=item.prompt, request_id=item.id, **settings)
         if config is not None:
             config.check_limits(request)
+            check_pipeline_takes(request, config, [] if accepted is None else accepted)
         return request
     except ValueError as exc:
-        raise InputError(f"item {item.id!r} (line {item.line}): {exc}") from None
+        raise InputError(f"{item.where or f'item {item.id!r} (line {item.line})'}: {exc}") from None
 
 
 class RequestBuilder:
@@ -128,10 +135,11 @@ class RequestBuilder:
         self.config = config
         self.template: dict[str, Any] | None = None
         self.shared: OmniDiffusionRequest | None = None
+        self.accepted: list[Any] = []  # the pipeline's call arguments, looked up once
 
     def _template(self, item: PromptItem) -> dict[str, Any]:
         if self.template is None:  # the run-wide settings, checked once (as this item's)
-            self.shared = build_request(item, self.options, self.run_seed, self.config)
+            self.shared = build_request(item, self.options, self.run_seed, self.config, self.accepted)
             self.template = dict(vars(self.shared))
         return self.template
 
@@ -140,13 +148,13 @@ class RequestBuilder:
         but not necessarily its prompt, id or seed: what the planning pass needs to count
         batches (an item without settings shares one such request: no object per item)."""
         if item.settings:
-            return build_request(item, self.options, self.run_seed, self.config)
+            return build_request(item, self.options, self.run_seed, self.config, self.accepted)
         self._template(item)
         return self.shared
 
     def __call__(self, item: PromptItem) -> OmniDiffusionRequest:
         if item.settings:
-            return build_request(item, self.options, self.run_seed, self.config)
+            return build_request(item, self.options, self.run_seed, self.config, self.accepted)
         fields = self._template(item)
         request = OmniDiffusionRequest.__new__(OmniDiffusionRequest)
         vars(request).update(fields, prompt=item.prompt, request_id=item.id,
@@ -154,22 +162,83 @@ class RequestBuilder:
         return request
 
 
+def resolve_input_paths(settings: dict[str, Any], base: Path) -> None:
+    """Input image and LoRA paths of a prompt file are relative to the file: made absolute
+    here, so every rank finds them whatever its working directory (URLs are left to be
+    refused; a LoRA that is no file beside the prompts stays a hub id)."""
+    for name in IMAGE_FIELDS:
+        value = settings.get(name)
+        if isinstance(value, str) and not URL.match(value) and not DATA_URI.match(value) and value.strip():
+            settings[name] = os.path.abspath(base / Path(value).expanduser())
+    loras = settings.get("lora")
+    if isinstance(loras, (str, list)):
+        resolved = []
+        for spec in [loras] if isinstance(loras, str) else loras:
+            try:
+                parsed = parse_lora(spec)
+            except ValueError:
+                resolved.append(spec)  # refused, with the file and line, when the request is built
+                continue
+            local = base / Path(parsed.source).expanduser()
+            if not Path(parsed.source).is_absolute() and (is_local(parsed.source) or local.exists()):
+                spec = f"{os.path.abspath(local)}:{parsed.scale}"
+            resolved.append(spec)
+        settings["lora"] = resolved
+
+
 def build_requests(
     items: list[PromptItem], options: GenerateOptions, run_seed: int, config: OmniDiffusionConfig | None = None
 ) -> list[OmniDiffusionRequest]:
     """One request per item (see :func:`build_request`)."""
-    return [build_request(item, options, run_seed, config) for item in items]
+    accepted: list[Any] = []
+    return [build_request(item, options, run_seed, config, accepted) for item in items]
+
+
+def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionConfig, accepted: list[Any]) -> None:
+    """An item with input images needs a pipeline that takes them: known before loading from
+    the class name or model_index.json (a hub id's class is only known once loaded)."""
+    wanted = [name for name in (*IMAGE_FIELDS, "strength") if getattr(request, name) is not None]
+    if not wanted:
+        return
+    if not accepted:
+        from spmd_diffusion.models.loader import call_arguments
+
+        accepted.append(call_arguments(config.model, config.model_class_name))
+    if accepted[0] is None:
+        return
+    name, arguments = accepted[0]
+    refused = [field for field in wanted if field not in arguments]
+    if refused:
+        raise ValueError(f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
+                         "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)")
+
+
+def input_fields(request: OmniDiffusionRequest) -> dict[str, Any]:
+    """An image-to-image or inpainting item's inputs (paths) and strength, for its records
+    (the strength the pipeline used comes back with the batch, see ``image_info``)."""
+    if request.image is None:
+        return {}
+    fields = {name: getattr(request, name) for name in IMAGE_FIELDS if getattr(request, name) is not None}
+    return {**fields, "strength": request.strength}
 
 
 def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[str, Any]:
-    """The run-wide settings that change pixels or files, for the resume fingerprint (the
-    output's only when not the default: older manifests stay valid)."""
+    """The run-wide settings that change pixels or files, for the resume fingerprint (model
+    and output options only when set, so a plain run's fingerprints stay what they were;
+    offload moves weights but changes no pixel, so it is not one of them)."""
     settings = {"model_class_name": config.model_class_name, "dtype": config.dtype,
                 "batch_invariant": config.batch_invariant, "images_per_batch": options.images_per_batch,
                 "variant": config.variant, "revision": config.revision}
     if options.image_format != "png" or options.output_format != "files":
         settings["output"] = {"image_format": options.image_format, "output_format": options.output_format,
                               "quality": options.quality if options.image_format != "png" else None}
+    if config.lora:
+        settings["lora"] = [lora_identity(spec) for spec in parse_loras(config.lora)]
+    if config.scheduler is not None:
+        settings["scheduler"] = {"name": config.scheduler, "options": config.scheduler_options}
+    for name in ("vae_tiling", "vae_slicing", "attention_backend", "compile"):
+        if getattr(config, name):
+            settings[name] = getattr(config, name)
     return settings
 
 
@@ -370,6 +439,7 @@ class GenerateJob:
         self.layout = layout
         self.stats = JobStats()
         self.settings = run_settings(plan.options, plan.config)
+        self.compile_seconds: float | None = None  # with --compile: the slowest rank's compile time
         self.done_by_id: dict[str, set[int]] = {}
         for request_id, index in plan.done:
             self.done_by_id.setdefault(request_id, set()).add(index)
@@ -385,7 +455,8 @@ class GenerateJob:
         return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
                 "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
                 "height": request.height, "width": request.width, "model": self.plan.config.model,
-                "fingerprint": fingerprint(request, self.plan.config.model, self.settings), "meta": item.meta}
+                "fingerprint": fingerprint(request, self.plan.config.model, self.settings), "meta": item.meta,
+                **input_fields(request)}
 
     def batches(self) -> Iterator[list[OmniDiffusionRequest]]:
         """The plan's batches, read lazily; each request is registered as in flight."""
@@ -443,6 +514,12 @@ class GenerateJob:
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
             record["images_per_second"] = round(made / seconds, 4) if seconds > 0 else None
+            if self.compile_seconds is not None:
+                # Replicas compile at once, on their first batches: the slowest one's compile
+                # time is what the run lost to it.
+                record["compile_seconds"] = round(self.compile_seconds, 3)
+                steady = seconds - self.compile_seconds
+                record["images_per_second_excluding_compile"] = round(made / steady, 4) if steady > 0 else None
         write_atomic(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode())
 
     def _record(self, flight: InFlight, index: int, output: DiffusionOutput, position: int,
@@ -582,6 +659,9 @@ class GenerateJob:
         seconds = time.time() - started
         if self.shards:
             self._write_shard_index()
+        if plan.config.compile:
+            stats = engine.collective_rpc("get_cache_stats")
+            self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
             write_contact_sheet(plan.output_dir / "contact_sheet.png",
                                 [(label, self._sheet_image(record)) for label, record in self.stats.sheet])
@@ -622,6 +702,12 @@ class GenerateJob:
             ("images already done", len(self.plan.done)),
             ("seconds", f"{seconds:.1f}"),
             ("images/s", f"{made / seconds:.2f}" if seconds > 0 else "-"),
+        ]
+        if self.compile_seconds is not None:
+            steady = seconds - self.compile_seconds
+            rows += [("compile seconds", f"{self.compile_seconds:.1f}"),
+                     ("images/s excluding compile", f"{made / steady:.2f}" if steady > 0 else "-")]
+        rows += [
             ("layout", f"{self.layout.get('replicas', 1)} replica(s) x {self.layout.get('replica_size', 1)} rank(s)"),
         ]
         if self.shards:

@@ -18,7 +18,9 @@ from typing import Any
 
 from spmd_diffusion.jobs.files import AppendLog
 from spmd_diffusion.jobs.outputs import image_name  # noqa: F401 - part of the manifest's vocabulary
+from spmd_diffusion.models.lora import lora_identity, parse_loras
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.image_inputs import image_identity
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -39,8 +41,17 @@ def fingerprint(request: OmniDiffusionRequest, model: str, settings: dict[str, A
         "images": request.num_images_per_prompt,
         "extra": request.extra,
         **({"run": settings} if settings else {}),
+        **({"inputs": input_basis(request)} if request.image is not None or request.strength is not None else {}),
+        **({"lora": [lora_identity(spec) for spec in parse_loras(request.lora)]} if request.lora is not None else {}),
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def input_basis(request: OmniDiffusionRequest) -> dict[str, Any]:
+    """An image-to-image item's inputs: each file by path, size and modification time (its
+    pixels are not read on rank 0), and the strength."""
+    return {"image": image_identity(request.image), "mask_image": image_identity(request.mask_image),
+            "strength": request.strength}
 
 
 @dataclass(frozen=True)

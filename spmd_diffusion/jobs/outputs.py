@@ -56,10 +56,21 @@ def image_info(request_id: str, index: int, described: dict[str, Any], output: D
         "guidance_scale": settings.get("guidance_scale", described.get("guidance_scale")),
         "height": settings.get("height", described.get("height")),
         "width": settings.get("width", described.get("width")),
+        **_inputs(described, settings),
+        "scheduler": settings.get("scheduler"),
+        **({"lora": settings["lora"]} if settings.get("lora") else {}),
         "model": described.get("model"),
         "fingerprint": described.get("fingerprint"),
         "meta": described.get("meta", {}),
     }
+
+
+def _inputs(described: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """An image-to-image or inpainting item's input paths, and the strength it ran with."""
+    if described.get("image") is None:
+        return {}
+    fields = {name: described[name] for name in ("image", "mask_image") if described.get(name) is not None}
+    return {**fields, "strength": settings.get("strength", described.get("strength"))}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,10 @@ SETTING_KEYS = {
     "guidance": "guidance_scale",
     "height": "height",
     "width": "width",
+    "image": "image",
+    "mask_image": "mask_image",
+    "strength": "strength",
+    "lora": "lora",
 }
 KNOWN_KEYS = {"id", "prompt", *SETTING_KEYS}
 
@@ -43,6 +47,7 @@ class PromptItem:
     line: int
     settings: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # "file:line", for messages about the item's settings
 
 
 def _item(record: dict[str, Any], line: int, where: str) -> PromptItem:
@@ -62,7 +67,7 @@ def _item(record: dict[str, Any], line: int, where: str) -> PromptItem:
         if value not in (None, ""):
             settings[field_name] = value
     meta = {key: value for key, value in record.items() if key not in KNOWN_KEYS}
-    return PromptItem(item_id, prompt, line, settings, meta)
+    return PromptItem(item_id, prompt, line, settings, meta, where)
 
 
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -128,11 +133,12 @@ def _numbers(record: dict[str, str]) -> dict[str, Any]:
         value = converted.get(key)
         if value not in (None, "") and re.fullmatch(r"-?\d{1,30}", value.strip()):
             converted[key] = int(value)
-    if converted.get("guidance") not in (None, ""):
-        try:
-            converted["guidance"] = float(converted["guidance"])
-        except ValueError:
-            pass
+    for key in ("guidance", "strength"):
+        if converted.get(key) not in (None, ""):
+            try:
+                converted[key] = float(converted[key])
+            except ValueError:
+                pass
     return converted
 
 

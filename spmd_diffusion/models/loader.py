@@ -113,6 +113,38 @@ def pipeline_class(class_name: str | None) -> Any:
     return cls
 
 
+TINY_PIPELINES = {"tiny-unet": "StableDiffusionPipeline", "tiny-dit": "PixArtAlphaPipeline"}
+
+
+def declared_pipeline_class(model: str, class_name: str | None) -> str | None:
+    """The pipeline class a load will use, known without loading: ``class_name``, a tiny
+    model's, or a local directory's ``model_index.json``; None for a hub id."""
+    if class_name:
+        return class_name
+    if model in TINY_PIPELINES:
+        return TINY_PIPELINES[model]
+    try:
+        name = json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] | None:
+    """The pipeline class's name and the named arguments of its ``__call__`` (None when the
+    class cannot be known before loading): rank 0 refuses items it could not run."""
+    import inspect
+
+    import diffusers
+
+    name = declared_pipeline_class(model, class_name)
+    cls = getattr(diffusers, name, None) if name else None
+    if cls is None or not callable(getattr(cls, "__call__", None)):
+        return None
+    parameters = inspect.signature(cls.__call__).parameters.values()
+    return name, {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
 def _dtype_argument() -> str:
     """Newer diffusers renamed ``torch_dtype`` to ``dtype`` and warn on the old name."""
     try:

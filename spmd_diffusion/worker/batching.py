@@ -21,11 +21,21 @@ class ImageJob:
     seed: int
 
 
-def plan_batches(requests: list[OmniDiffusionRequest], max_images: int) -> list[list[ImageJob]]:
-    """Group the images of compatible requests, in request order, at most ``max_images`` each."""
+def plan_batches(
+    requests: list[OmniDiffusionRequest], max_images: int, keys: list[Any] | None = None
+) -> list[list[ImageJob]]:
+    """Group the images of compatible requests, in request order, at most ``max_images`` each.
+
+    ``keys[pos]`` (optional) splits further what only the worker knows, e.g. the size an
+    input image gives the output: a pipeline call resizes every input to one size, so
+    images of different sizes must not share a call. ``keys[pos] is False`` leaves the
+    request out (it already failed)."""
     groups: dict[tuple[Any, ...], list[ImageJob]] = {}
     for pos, request in enumerate(requests):
-        jobs = groups.setdefault(request.batch_key(), [])
+        extra = None if keys is None else keys[pos]
+        if extra is False:
+            continue
+        jobs = groups.setdefault((request.batch_key(), extra), [])
         for index, seed in enumerate(request.image_seeds()):
             jobs.append(ImageJob(pos, index, seed))
     batches = []

@@ -74,32 +74,43 @@ class DiffusionWorker:
 
     # -- loading -------------------------------------------------------------------------
     def _load(self) -> None:
+        from spmd_diffusion.models.lora import LoraAdapters, parse_loras
+        from spmd_diffusion.models.options import apply_model_options, compile_denoiser, place_pipeline
+
         start = time.perf_counter()
+        config = self.od_config
         pipeline = load_pipeline(
-            self.od_config.model,
-            self.od_config.model_class_name,
+            config.model,
+            config.model_class_name,
             self.torch_dtype,
-            revision=self.od_config.revision,
-            variant=self.od_config.variant,
+            revision=config.revision,
+            variant=config.variant,
         )
-        self.pipeline = pipeline.to(self.device)
+        self.model_report = apply_model_options(pipeline, config)
+        self.adapters = LoraAdapters(pipeline)
+        self.adapters.activate(parse_loras(config.lora))  # loaded before placing: they move with the weights
+        self.pipeline = place_pipeline(pipeline, config, self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
         if self.parallel is not None:
             from spmd_diffusion.parallel import parallelize_pipeline
 
             report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
             logger.info("%s", report.summary())
-        if self.od_config.batch_invariant:
+        if config.batch_invariant:
             from spmd_diffusion.worker.batch_invariance import make_batch_invariant
 
             make_batch_invariant(self.pipeline)
+        if config.compile:
+            compile_denoiser(self.pipeline)  # last: it compiles the layers as patched above
         self.load_seconds = time.perf_counter() - start
         logger.info("loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds)
 
     @property
     def denoiser(self) -> Any:
         """The network that runs every step: the UNet or the transformer."""
-        return getattr(self.pipeline, "unet", None) or getattr(self.pipeline, "transformer", None)
+        from spmd_diffusion.models.options import denoiser_of
+
+        return denoiser_of(self.pipeline)[1]  # not ``a or b``: a compiled module has no truth value
 
     # -- generation ------------------------------------------------------------------------
     def _default(self, name: str) -> Any:
@@ -115,37 +126,109 @@ class DiffusionWorker:
             return sample * scale
         return None
 
-    def effective_settings(self, request: OmniDiffusionRequest) -> dict[str, Any]:
-        """The settings a request really runs with: its own, else the pipeline's defaults."""
+    def effective_settings(self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The settings a request really runs with: its own, else the pipeline's defaults.
+        ``size`` is the (width, height) an input image gives the output (see ``_output_size``)."""
 
         def pick(value: Any, fallback: Any) -> Any:
             return fallback if value is None else value
 
-        size = self._default_size()
-        return {
+        default = self._default_size()
+        width, height = size if size is not None else (pick(request.width, default), pick(request.height, default))
+        settings = {
             "num_inference_steps": pick(request.num_inference_steps, self._default("num_inference_steps")),
             "guidance_scale": pick(request.guidance_scale, self._default("guidance_scale")),
-            "height": pick(request.height, size),
-            "width": pick(request.width, size),
+            "height": height,
+            "width": width,
         }
+        if request.image is not None:
+            settings["strength"] = pick(request.strength, self._default("strength"))
+        return settings
+
+    def _loras(self, request: OmniDiffusionRequest) -> list[Any]:
+        """The adapters a request runs with: its own set, else the run's."""
+        from spmd_diffusion.models.lora import parse_loras
+
+        return parse_loras(request.lora if request.lora is not None else self.od_config.lora)
+
+    def model_facts(self, request: OmniDiffusionRequest) -> dict[str, Any]:
+        """What besides the call's arguments made the image: the scheduler class and the
+        active LoRA adapters (for the manifest)."""
+        facts: dict[str, Any] = {"scheduler": type(self.pipeline.scheduler).__name__}
+        loras = self._loras(request)
+        if loras:
+            facts["lora"] = [{"source": spec.source, "scale": spec.scale} for spec in loras]
+        return facts
+
+    def _output_size(self, request: OmniDiffusionRequest) -> tuple[int, int] | None:
+        """(width, height) of a request with an input image: its own size where the pipeline
+        takes height/width (diffusers resizes the input to it), else the input image's size
+        rounded as diffusers rounds it (or the request's size: the input is resized to it).
+        Reads the image's header only."""
+        if request.image is None:
+            return None
+        if self._accepts("height") and self._accepts("width"):
+            default = self._default_size()
+            return (request.width or default, request.height or default)
+        processor = getattr(self.pipeline, "image_processor", None)
+        if processor is None or not self._accepts("image"):
+            return None  # the pipeline call refuses the image with its own message
+        from spmd_diffusion.utils.image_inputs import image_size
+
+        width, height = image_size("image", request.image)
+        height, width = processor.get_default_height_width(None, request.height or height, request.width or width)
+        if min(width, height) < 8:
+            raise ValueError(f"the input image is {width}x{height} after rounding: too small for the VAE")
+        return (width, height)
 
     def _accepts(self, name: str) -> bool:
         # Named parameters only: pipelines swallow unknown **kwargs silently.
         param = self._call_params.get(name)
         return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
 
+    def _input_images(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob],
+                      size: tuple[int, int] | None) -> dict[str, Any]:
+        """``image`` / ``mask_image`` for one pipeline call: decoded here, for this batch only.
+        A pipeline that takes no height/width gets its input already at the output size."""
+        from spmd_diffusion.utils.image_inputs import load_image_input
+
+        first = requests[jobs[0].request_pos]
+        resize = size is not None and not self._accepts("height")
+        inputs: dict[str, Any] = {}
+        for name, mode in (("image", "RGB"), ("mask_image", "L")):
+            if getattr(first, name) is None:
+                continue
+            decoded: dict[int, Any] = {}
+            for job in jobs:
+                if job.request_pos not in decoded:
+                    image = load_image_input(getattr(requests[job.request_pos], name), mode)
+                    if resize and image.size != size:
+                        image = self.pipeline.image_processor.resize(image, size[1], size[0])
+                    decoded[job.request_pos] = image
+            inputs[name] = [decoded[job.request_pos] for job in jobs]
+        return inputs
+
     def _pipeline_kwargs(
         self,
         requests: list[OmniDiffusionRequest],
         jobs: list[ImageJob],
         step_callback: Callable[[int], None] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         import torch
 
         first = requests[jobs[0].request_pos]
-        kwargs: dict[str, Any] = {
-            key: value for key, value in self.effective_settings(first).items() if value is not None
-        }
+        settings = self.effective_settings(first, size)
+        settings.pop("strength", None)  # passed below only when the request sets it
+        for name in ("height", "width"):
+            if not self._accepts(name) and (first.image is not None or getattr(first, name) is None):
+                # The pipeline sizes its output from the input image (resized to the size
+                # asked for), or has a size of its own: height/width are not its arguments.
+                settings.pop(name)
+        kwargs: dict[str, Any] = {key: value for key, value in settings.items() if value is not None}
+        kwargs.update(self._input_images(requests, jobs, size))
+        if first.strength is not None:
+            kwargs["strength"] = first.strength
         kwargs["prompt"] = [requests[job.request_pos].prompt for job in jobs]
         negatives = [requests[job.request_pos].negative_prompt for job in jobs]
         if any(negatives):
@@ -175,12 +258,14 @@ class DiffusionWorker:
         requests: list[OmniDiffusionRequest],
         jobs: list[ImageJob],
         step_callback: Callable[[int], None] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> list[Any]:
         import numpy as np
         import torch
 
+        self.adapters.activate(self._loras(requests[jobs[0].request_pos]))  # one set per batch (batch_key)
         with torch.inference_mode():
-            result = self.pipeline(**self._pipeline_kwargs(requests, jobs, step_callback))
+            result = self.pipeline(**self._pipeline_kwargs(requests, jobs, step_callback, size))
         images = result.images if hasattr(result, "images") else result[0]
         if isinstance(images, np.ndarray) or isinstance(images, torch.Tensor):
             images = [images[i] for i in range(images.shape[0])]
@@ -240,13 +325,23 @@ class DiffusionWorker:
         errors: list[str | None] = [None] * len(requests)
         seconds = [0.0] * len(requests)
         pipeline_seconds = 0.0
-        pending = plan_batches(requests, self.od_config.max_batch_size)
+        sizes: list[Any] = [None] * len(requests)
+        for pos, request in enumerate(requests):
+            try:
+                sizes[pos] = self._output_size(request)
+            except Exception as exc:  # noqa: BLE001 - e.g. an input file gone since the plan
+                errors[pos] = f"{type(exc).__name__}: {exc}"
+                sizes[pos] = False
+        # Images of different output sizes never share a pipeline call (it would resize them
+        # all to the first one's size): each image stays what it would be alone.
+        pending = plan_batches(requests, self.od_config.max_batch_size, keys=sizes)
         step_seconds: list[float] = []
         while pending:
             jobs = pending.pop(0)
             batch_start = time.perf_counter()
             try:
-                produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback))
+                produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback),
+                                           sizes[jobs[0].request_pos])
             except Exception as exc:  # noqa: BLE001 - isolate the failing request
                 positions = sorted({job.request_pos for job in jobs})
                 if len(positions) > 1:
@@ -270,7 +365,8 @@ class DiffusionWorker:
             errors=errors,
             seeds=[request.image_seeds() for request in requests],
             metadata=[
-                {**self.effective_settings(request), "seconds": round(seconds[i], 6), "rank": self.rank}
+                {**self.effective_settings(request, sizes[i] or None), **self.model_facts(request),
+                 "seconds": round(seconds[i], 6), "rank": self.rank}
                 for i, request in enumerate(requests)
             ],
             timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds,
@@ -339,7 +435,12 @@ class DiffusionWorker:
             "load_seconds": round(self.load_seconds, 3),
             "images_generated": self.images_generated,
             "requests_failed": self.requests_failed,
+            **getattr(self, "model_report", {}),
         }
+        if self.od_config.compile:
+            from spmd_diffusion.models.options import compile_seconds
+
+            stats["compile_seconds"] = round(compile_seconds(), 3)
         if self.device.type == "cuda":
             stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
         return stats

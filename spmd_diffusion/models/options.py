@@ -1,0 +1,133 @@
+"""Model options applied after loading, each through diffusers' or torch's own API: scheduler,
+LoRA, VAE tiling/slicing, the attention backend, CPU offload (instead of moving the pipeline
+to the device), ``torch.compile`` of the denoiser.
+
+``check_model_options`` runs on rank 0 before any model loads (a bad name is exit 2);
+``place_pipeline`` and ``compile_denoiser`` run on every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def check_attention_backend(name: str) -> None:
+    """A backend diffusers' attention dispatcher knows, whose packages are installed."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    except ImportError:
+        raise ValueError("attention_backend needs diffusers' attention dispatcher (diffusers >= 0.35); "
+                         "this diffusers has none") from None
+    names = sorted(member.value for member in AttentionBackendName if not member.value.startswith("_"))
+    try:
+        backend = AttentionBackendName(name.lower())
+    except ValueError:
+        raise ValueError(f"attention_backend {name!r} is not one of diffusers' backends: {', '.join(names)}") from None
+    try:
+        _check_attention_backend_requirements(backend)
+    except (RuntimeError, ImportError) as exc:
+        raise ValueError(f"attention_backend {name!r} cannot run here: {exc}") from None
+
+
+def check_model_options(config: Any) -> None:
+    """Everything about the model options that can be known before loading: the scheduler
+    and its options, LoRA paths, the attention backend, an accelerator for offload."""
+    from spmd_diffusion.models.lora import check_lora_source, parse_loras
+    from spmd_diffusion.models.schedulers import check_scheduler
+
+    if config.scheduler is not None:
+        check_scheduler(config.scheduler, config.scheduler_options)
+    for spec in parse_loras(config.lora):
+        check_lora_source(spec.source)
+    if config.attention_backend is not None:
+        check_attention_backend(config.attention_backend)
+    if config.offload is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            # diffusers refuses too ("requires accelerator, but not found"), but only after loading.
+            raise ValueError(f"--offload {config.offload} moves models between the CPU and a GPU, and this machine "
+                             "has none: on a CPU the whole pipeline already lives in host memory, run without it")
+
+
+def denoiser_of(pipeline: Any) -> tuple[str, Any] | tuple[None, None]:
+    """The network that runs every step, and its attribute name: the UNet or the transformer."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            return name, module
+    return None, None
+
+
+def apply_model_options(pipeline: Any, config: Any) -> dict[str, Any]:
+    """Scheduler, VAE tiling/slicing and attention backend, before the pipeline is placed
+    (LoRA adapters come from :class:`spmd_diffusion.models.lora.LoraAdapters`). Returns what
+    was done, for the worker's stats."""
+    from spmd_diffusion.models.schedulers import set_scheduler
+
+    report: dict[str, Any] = {}
+    if config.scheduler is not None:
+        set_scheduler(pipeline, config.scheduler, config.scheduler_options)
+    report["scheduler"] = type(getattr(pipeline, "scheduler", None)).__name__
+    vae = getattr(pipeline, "vae", None)
+    for flag, method in (("vae_tiling", "enable_tiling"), ("vae_slicing", "enable_slicing")):
+        if getattr(config, flag):
+            if vae is None or not hasattr(vae, method):
+                raise ValueError(f"{flag}: {type(pipeline).__name__} has no VAE that supports it")
+            getattr(vae, method)()
+    if config.attention_backend is not None:
+        report["attention_modules"] = set_attention_backend(pipeline, config.attention_backend)
+    return report
+
+
+def set_attention_backend(pipeline: Any, backend: str) -> int:
+    """diffusers' ``set_attention_backend`` on every model component; returns how many
+    attention modules the dispatcher now drives (0: the model's attention processors do not
+    go through the dispatcher, so the backend changes nothing for it -- said in a warning)."""
+    import torch
+
+    taken = 0
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and hasattr(component, "set_attention_backend"):
+            component.set_attention_backend(backend)
+            taken += sum(1 for module in component.modules()
+                         if getattr(getattr(module, "processor", None), "_attention_backend", None) is not None)
+    if not taken:
+        logger.warning("attention backend %s: no attention module of %s uses diffusers' dispatcher, so it runs "
+                       "as before", backend, type(pipeline).__name__)
+    return taken
+
+
+def place_pipeline(pipeline: Any, config: Any, device: Any) -> Any:
+    """Move the pipeline to ``device``, or hand placement to diffusers' CPU offload."""
+    if config.offload == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+        return pipeline
+    if config.offload == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=device)
+        return pipeline
+    return pipeline.to(device)
+
+
+def compile_denoiser(pipeline: Any) -> None:
+    """``torch.compile`` the denoiser (compiled lazily, on its first call per input shape)."""
+    import torch
+
+    name, module = denoiser_of(pipeline)
+    if module is None:
+        raise ValueError(f"compile: {type(pipeline).__name__} has no unet or transformer to compile")
+    setattr(pipeline, name, torch.compile(module))
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling with torch.compile (dynamo + inductor)."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0.0
+    metrics = getattr(utils, "compilation_time_metrics", {})
+    return float(sum(metrics.get("_compile.compile_inner", ())))
