@@ -92,7 +92,10 @@ def generate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def pngs(output: Path) -> dict[str, bytes]:
-    return {path.stem: path.read_bytes() for path in (output / "images").glob("*.png")}
+    """Each image's pixels (its file also carries its record, which names the adapters)."""
+    from PIL import Image
+
+    return {path.stem: Image.open(path).convert("RGB").tobytes() for path in (output / "images").glob("*.png")}
 
 
 def lines(output: Path) -> dict[str, dict]:
