@@ -34,7 +34,7 @@ from spmd_diffusion import envs
 from spmd_diffusion.distributed import netif
 
 STORE_TIMEOUT = datetime.timedelta(minutes=30)
-REACH_TIMEOUT_S = 20.0  # rank 0's store listens before START is sent: this is only for slow links
+REACH_TIMEOUT_S = 10.0  # rank 0's store listens before START is sent: this only covers slow links
 PROBE_TIMEOUT_S = 2.0
 
 
