@@ -11,6 +11,8 @@ automatically (MASTER_ADDR that does not resolve), which must fail within 60 s n
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,3 +100,39 @@ def test_a_rank0_address_no_node_resolves_fails_within_60_s_naming_it(nodes, tmp
     assert done.returncode != 0
     assert time.monotonic() - started < 60, done.stderr[-3000:]
     assert "nodea.cluster.example" in done.stderr and "MASTER_ADDR" in done.stderr, done.stderr[-3000:]
+
+
+def rank_process(output: Path, rank: int) -> int | None:
+    """The pid of this test's own rank ``rank`` (its command names ``output``)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(output).encode() in cmdline and b"omni-diffuse" in b" ".join(cmdline) \
+                and f"PMI_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_remote_rank_ends_the_job(nodes, tmp_path):
+    nodes.set_layout("shared")
+    output = tmp_path / "out"
+    many = [item for i in range(40) for item in ("--prompt", f"a small picture number {i}")]
+    process = subprocess.Popen(mpiexec(nodes, tmp_path, *ARGS[:-6], *many, "--output", str(output)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    manifest = output / "manifest.jsonl"
+    while not (manifest.exists() and manifest.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pid = rank_process(output, 1)
+    assert pid is not None, "rank 1 is not running"
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    _stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and time.monotonic() - killed < 30, stderr[-3000:]
+    run = json.loads((output / "run.json").read_text())
+    assert run["status"] in ("failed", "running", "interrupted"), run["status"]
