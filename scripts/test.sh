@@ -14,7 +14,7 @@ echo "== single-process tests (they launch real 2-rank jobs too)"
 timeout 900 python -m pytest -q -m "not slurm and not netns" "$@"
 
 echo "== cluster tests: the jobs/ scripts on a one-node Slurm, two nodes in network namespaces (root only)"
-timeout 600 python -m pytest -q -p no:cacheprovider -m "slurm or netns"
+timeout 900 python -m pytest -q -p no:cacheprovider -m "slurm or netns"
 
 echo "== multi-rank tests: mpiexec -n 2 (pytest-mpi)"
 timeout 600 mpiexec -n 2 python -m pytest -q -p no:cacheprovider --with-mpi tests/multirank

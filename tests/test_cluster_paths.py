@@ -90,3 +90,45 @@ def test_a_run_json_left_running_is_reported_killed_on_resume(tmp_path):
     path.write_text(json.dumps({"status": "failed", "error": "WorkerDiedError: rank 1", "attempt": 2}))
     assert previous_run(path) == {"status": "failed", "error": "WorkerDiedError: rank 1", "attempt": 2,
                                   "started_at": None, "totals": None}
+
+
+def test_rank0s_own_load_failure_is_reported_at_once_not_after_startup_timeout(monkeypatch):
+    """Rank 0's worker fails to load while rank 1 hangs (e.g. in a group rendezvous with
+    rank 0): the error is rank 0's own, within the load grace, not rank 1's lateness."""
+    from spmd_diffusion.distributed.protocol import RpcReply, failure_from_exception
+    from spmd_diffusion.distributed.transport import Transport
+    from spmd_diffusion.errors import WorkerError
+    from spmd_diffusion.executor import rpc_executor
+    from spmd_diffusion.executor.rpc_executor import RpcExecutor
+
+    class Rank0FailsRank1Hangs(Transport):
+        world_size = 2
+
+        def __init__(self):
+            self.replies = []
+
+        def send(self, rank, request):
+            if rank == 0:
+                error = RuntimeError("Gloo connectFullMesh failed")
+                self.replies.append(RpcReply(0, None, failure_from_exception(0, error), request.call_id))
+
+        def poll(self, ranks, timeout):
+            replies, self.replies = self.replies, []
+            if not replies and timeout:
+                time.sleep(min(timeout, 0.05))
+            return replies
+
+    class Bare(RpcExecutor):
+        def _init_executor(self):
+            pass
+
+    monkeypatch.setattr(rpc_executor, "LOAD_GRACE_S", 0.5)
+    executor = Bare.__new__(Bare)
+    executor.is_closed = executor.is_failed = False
+    executor._open_calls()
+    executor.transport = Rank0FailsRank1Hangs()
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        executor.start_workers((None, None), timeout=900)
+    assert time.monotonic() - started < 5
+    assert failure.value.ranks == [0] and "connectFullMesh" in str(failure.value)
