@@ -12,9 +12,10 @@ through :func:`environment`, so tests can hand it any mapping.
 | ``SPMD_DIFFUSION_LOG_LEVEL`` | log level of every rank (default INFO on rank 0, WARNING elsewhere) |
 | ``SPMD_DIFFUSION_SPIN_S`` | how long an idle MPI rank spins before it starts sleeping (default 0.002) |
 | ``SPMD_DIFFUSION_MAX_SLEEP_S`` | the longest sleep between polls of an idle rank (default 0.002) |
-| ``MASTER_ADDR`` / ``MASTER_PORT`` | where torch.distributed meets (torchrun sets them; under srun they are derived from the step; a multi-node MPI job's tensor-parallel rendezvous uses them if set) |
+| ``MASTER_ADDR`` / ``MASTER_PORT`` | where torch.distributed meets (torchrun sets them; under srun they are derived from the step; a multi-node MPI job's tensor-parallel rendezvous uses them if set, else every non-loopback address of rank 0's node) |
+| ``SPMD_DIFFUSION_INIT_TIMEOUT_S`` | how long the torch.distributed control group may take to form (default 120) |
 | ``LOCAL_WORLD_SIZE`` | ranks on this node, when the launcher says so |
-| ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` | the network interface of gloo / NCCL; set to ``lo`` by default for one-node jobs so nothing listens beyond loopback |
+| ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` | the network interface of gloo / NCCL; set to ``lo`` by default for one-node jobs so nothing listens beyond loopback; across nodes GLOO_SOCKET_IFNAME defaults to the interface that reaches rank 0 |
 | ``XDG_CACHE_HOME`` | base of the default cache directory |
 """
 
@@ -68,6 +69,10 @@ def spin_seconds() -> float:
 
 def max_sleep_seconds() -> float:
     return _float("SPMD_DIFFUSION_MAX_SLEEP_S", 0.002)
+
+
+def init_timeout() -> float:
+    return _float("SPMD_DIFFUSION_INIT_TIMEOUT_S", 120.0)
 
 
 def master_addr() -> str | None:

@@ -47,11 +47,13 @@ def test_one_process_executor_is_refused_under_a_launcher():
     assert done.returncode == 2 and done.stderr.count("runs in one process") == 1
 
 
-def fake_srun(tmp_path, *args: str, tasks: int = 2) -> list[subprocess.CompletedProcess]:
-    """Start ``tasks`` processes the way srun does: Slurm's step variables, no MPI launcher."""
+def fake_srun(tmp_path, *args: str, tasks: int = 2, pmi: bool = False) -> list[subprocess.CompletedProcess]:
+    """Start ``tasks`` processes the way srun does: Slurm's step variables, no MPI launcher
+    (``pmi``: plus the variables srun --mpi=pmi2 sets, without a PMI server behind them)."""
     processes = []
     for rank in range(tasks):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "777", "SLURM_STEP_ID": "0",
+               **({"PMI_RANK": str(rank), "PMI_SIZE": str(tasks), "PMI_JOBID": "777.0"} if pmi else {}),
                "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(tasks),
                "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": str(tasks),
                "SLURM_STEP_NODELIST": "localhost"}
@@ -65,14 +67,15 @@ def fake_srun(tmp_path, *args: str, tasks: int = 2) -> list[subprocess.Completed
 
 
 def test_srun_with_an_mpi_that_misses_its_pmi_is_diagnosed(tmp_path):
-    rank0, rank1 = fake_srun(tmp_path, "info", "--model", "tiny-dit")
+    rank0, rank1 = fake_srun(tmp_path, "info", "--model", "tiny-dit", "--executor", "mpi")
     assert rank0.returncode == 1 and rank1.returncode == 1
-    assert "says 2 ranks, but MPI sees a world of 1" in rank0.stderr and "--mpi=pmix" in rank0.stderr
+    assert "says 2 ranks, but MPI sees a world of 1" in rank0.stderr and "--mpi=pmi2" in rank0.stderr
     assert "MPI sees" not in rank1.stderr  # one message, from rank 0
 
 
-def test_srun_without_mpi_runs_over_torch_distributed(tmp_path):
-    rank0, rank1 = fake_srun(tmp_path, "info", "--model", "tiny-dit", "--executor", "torchrun")
+def test_srun_with_pmi2_and_executor_torchrun_runs_over_torch_distributed(tmp_path):
+    """srun --mpi=pmi2 sets PMI_RANK: still an srun launch, so --executor torchrun works."""
+    rank0, rank1 = fake_srun(tmp_path, "info", "--model", "tiny-dit", "--executor", "torchrun", pmi=True)
     assert rank0.returncode == 0 and rank1.returncode == 0, rank0.stderr[-2000:] + rank1.stderr[-2000:]
     layout = json.loads(rank0.stdout[rank0.stdout.index("{"):])
     assert layout["launcher"] == "slurm" and layout["world_size"] == 2

@@ -25,6 +25,18 @@ def test_script_is_valid_strict_and_requeues(path):
     assert "set -euo pipefail" in text
     assert "#SBATCH --requeue" in text and "scontrol requeue" in text and "trap requeue USR1" in text
     assert "omni-diffuse generate" in text or "spmd_diffusion generate" in text
+    assert "#SBATCH --open-mode=append" in text  # a requeued rerun must not truncate the log
+    assert "${VIRTUAL_ENV:-${SLURM_SUBMIT_DIR:-.}/.venv}" in text  # the active venv, else scripts/setup.sh's
+
+
+def test_scripts_follow_the_allocation():
+    texts = {path.name: path.read_text() for path in JOBS}
+    assert "--gpus-per-task" not in texts["mpirun_in_allocation.sbatch"]  # hydra's helper is one task per node
+    assert "GPUS_PER_NODE=" not in texts["torchrun_per_node.sbatch"]
+    assert "SLURM_GPUS_ON_NODE" in texts["torchrun_per_node.sbatch"] and ":29500" not in texts["torchrun_per_node.sbatch"]
+    srun = texts["srun_per_gpu.sbatch"]
+    assert 'SRUN_MPI="${SRUN_MPI-pmi2}"' in srun and "pmix}" not in srun
+    assert "spmd_diffusion.distributed.mpich_shm" in srun and "SLURM_RESTART_COUNT" in srun
 
 
 @pytest.mark.slow

@@ -73,3 +73,46 @@ def test_detection_does_not_import_mpi():
     import spmd_diffusion.executor  # noqa: F401
 
     assert "mpi4py.MPI" not in sys.modules
+
+
+SRUN_STEP = {**SBATCH, "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2"}
+
+
+@pytest.mark.parametrize(
+    "pmi",
+    [{}, {"PMI_RANK": "1", "PMI_SIZE": "2", "PMI_FD": "5", "PMI_JOBID": "4242.0"},  # srun --mpi=pmi2
+     {"PMIX_RANK": "1", "PMIX_NAMESPACE": "slurm.pmix.4242.0"}],  # srun --mpi=pmix: no PMIX_SIZE
+    ids=["none", "pmi2", "pmix"],
+)
+def test_srun_is_srun_whatever_its_pmi_plugin(pmi):
+    info = detect_launcher({**SRUN_STEP, **pmi})
+    assert (info.kind, info.rank, info.world_size, info.local_rank, info.local_world_size) == (SLURM, 1, 2, 1, 2)
+
+
+def test_hydra_inside_an_allocation_is_mpi():
+    # MPICH's mpiexec starts one proxy per node with `srun -N 1 -n 1`: its ranks see that
+    # step (procid 0 of 1) and hydra's own variables.
+    env = {**SBATCH, "SLURM_STEP_ID": "1", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1",
+           "PMI_RANK": "3", "PMI_SIZE": "4", "PMI_FD": "9", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4",
+           "PMI_HOSTNAME": "node1"}
+    info = detect_launcher(env)
+    assert (info.kind, info.rank, info.world_size, info.local_rank) == (MPI, 3, 4, 3)
+
+
+def test_pmix_without_size_takes_slurms_task_count():
+    # a PMIx launch whose ranks disagree with the step (not srun's own): still never size 0
+    env = {"PMIX_RANK": "3", "SLURM_NTASKS": "4"}
+    assert detect_launcher(env).world_size == 4
+
+
+@pytest.mark.parametrize(
+    "pmi, backend",
+    [({}, "torch"), ({"PMI_RANK": "1", "PMI_FD": "5"}, "mpi"), ({"PMIX_RANK": "1"}, "mpi")],
+    ids=["srun --mpi=none", "pmi2", "pmix"],
+)
+def test_srun_uses_mpi_only_where_srun_gave_a_pmi(pmi, backend):
+    from spmd_diffusion.distributed.control.base import default_backend
+
+    env = {**SRUN_STEP, **pmi}
+    assert default_backend(detect_launcher(env), env) == backend

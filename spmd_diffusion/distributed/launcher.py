@@ -1,9 +1,13 @@
 """Which launcher started this process, read from the environment alone.
 
 Order matters: torchrun first (it sets RANK/WORLD_SIZE explicitly), then MPI, then Slurm's
-srun. ``mpirun`` inside an sbatch allocation inherits SLURM_* variables (and Open MPI
-starts its daemons with srun), so MPI variables must win over Slurm's. Nothing here imports
-mpi4py: detection is free, and MPI is initialised only when it will be used.
+srun. ``mpirun`` inside an sbatch allocation inherits SLURM_* variables (and Open MPI and
+MPICH's hydra start their per-node daemons with srun), so an MPI launcher's variables win
+over Slurm's. But srun's own PMI plugins set ``PMI_RANK`` (pmi2) or ``PMIX_RANK`` (pmix)
+too: a task whose only MPI variables are those, with the rank Slurm gave it, was started by
+srun, and is recorded as such (MPI is then its transport when the library speaks that PMI;
+see :mod:`spmd_diffusion.distributed.control.base`). Nothing here imports mpi4py: detection
+is free, and MPI is initialised only when it will be used.
 """
 
 from __future__ import annotations
@@ -61,16 +65,35 @@ def _torchrun(env: Mapping[str, str]) -> LaunchInfo | None:
     return LaunchInfo(TORCHRUN, rank, size, local if local is not None else 0, _int(env, "LOCAL_WORLD_SIZE"))
 
 
+# Set by an MPI launcher's own per-node daemon (hydra, Open MPI, MVAPICH), never by srun's
+# PMI plugins: their presence means mpirun/mpiexec started this rank.
+MPI_LAUNCHER_ONLY = ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID", "PMI_HOSTNAME")
+
+
 def _mpi(env: Mapping[str, str]) -> LaunchInfo | None:
     for rank_var, size_var, local_var, local_size_var in MPI_VARIABLES:
         rank = _int(env, rank_var)
         if rank is None:
             continue
         size = _int(env, size_var)
-        if size is None and rank_var == "PMIX_RANK":
-            size = _int(env, "OMPI_COMM_WORLD_SIZE")
+        if size is None and rank_var == "PMIX_RANK":  # Slurm's pmix plugin sets no PMIX_SIZE
+            size = _int(env, "OMPI_COMM_WORLD_SIZE") or _slurm_tasks(env)
         return LaunchInfo(MPI, rank, size if size is not None else 0, _int(env, local_var), _int(env, local_size_var))
     return None
+
+
+def _slurm_tasks(env: Mapping[str, str]) -> int | None:
+    return _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS")
+
+
+def _started_by_srun_pmi(env: Mapping[str, str], slurm: LaunchInfo) -> bool:
+    """srun --mpi=pmi2/pmix: PMI variables set by Slurm itself, agreeing with the step."""
+    if any(name in env for name in MPI_LAUNCHER_ONLY):
+        return False
+    rank = _int(env, "PMI_RANK")
+    if rank is None:
+        rank = _int(env, "PMIX_RANK")
+    return rank is None or rank == slurm.rank
 
 
 def _slurm(env: Mapping[str, str]) -> LaunchInfo | None:
@@ -79,7 +102,7 @@ def _slurm(env: Mapping[str, str]) -> LaunchInfo | None:
     if step is None or step in ("batch", "extern", "4294967294", "4294967295"):
         return None
     rank = _int(env, "SLURM_PROCID")
-    size = _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS")
+    size = _slurm_tasks(env)
     if rank is None or size is None:
         return None
     local = _int(env, "SLURM_LOCALID")
@@ -103,7 +126,13 @@ def _local_tasks(env: Mapping[str, str]) -> int | None:
 def detect_launcher(env: Mapping[str, str] | None = None) -> LaunchInfo:
     """The launcher of this process: torchrun, MPI, Slurm srun, or none."""
     env = envs.environment() if env is None else env
-    return _torchrun(env) or _mpi(env) or _slurm(env) or LaunchInfo(NONE)
+    torchrun = _torchrun(env)
+    if torchrun is not None:
+        return torchrun
+    slurm = _slurm(env)
+    if slurm is not None and _started_by_srun_pmi(env, slurm):
+        return slurm
+    return _mpi(env) or slurm or LaunchInfo(NONE)
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -64,6 +64,8 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--schedule", default="shape", show_default=True, metavar="POLICY",
                      help="Which batch a free replica gets: fifo, shape (same-shape work together), cost "
                           "(longest first), or a dotted path to your own policy class."),
+        click.option("--startup-timeout", default=900.0, show_default=True, type=click.FloatRange(min=1),
+                     help="Seconds every rank may take to load the model (and join its groups)."),
         click.option("--hook", "hooks", multiple=True, metavar="HOOK",
                      help="Monitoring hook (repeatable): prometheus, trace:FILE, an entry point of "
                           "spmd_diffusion.hooks, or a dotted path to a class."),

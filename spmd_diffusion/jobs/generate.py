@@ -481,6 +481,8 @@ class GenerateJob:
         return ImageFileSink(str(self.plan.output_dir), counts, skip, options.image_format, options.quality,
                              described)
 
+    previous_run: dict[str, Any] | None = None
+
     def _write_run_json(self, status: str, started: float, seconds: float | None = None,
                         missing: list[tuple[str, int]] | None = None, missing_count: int = 0,
                         error: str | None = None) -> None:
@@ -509,6 +511,9 @@ class GenerateJob:
         }
         if error is not None:
             record["error"] = error
+        if self.previous_run is not None:
+            record["attempt"] = self.previous_run.get("attempt", 1) + 1
+            record["previous_run"] = self.previous_run
         if missing:
             record["missing"] = [{"id": request_id, "index": index} for request_id, index in missing[:MISSING_LISTED]]
         if seconds is not None:
@@ -626,6 +631,7 @@ class GenerateJob:
         plan = self.plan
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         started = time.time()
+        self.previous_run = previous_run(plan.output_dir / "run.json") if plan.options.resume else None
         self._write_run_json("running", started)
         if self.shards:
             self._prepare_shards()
@@ -718,3 +724,26 @@ class GenerateJob:
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value}" for name, value in rows]
         print("summary\n" + "\n".join(lines) + f"\n  output: {self.plan.output_dir}", file=sys.stderr)
+
+
+def previous_run(path: Path) -> dict[str, Any] | None:
+    """What ``path`` (run.json) says of the run before this one. A run still marked
+    ``running`` was killed without closing its books (SIGKILL, a lost node, a requeue that
+    did not wait): it is reported as ``killed``, so the job's history never claims a run
+    that no longer exists."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    status = record.get("status")
+    if status == "running":
+        status = "killed"
+        logger.warning("the previous run (started %s) ended without closing its books: it was killed; resuming",
+                       record.get("started_at", "?"))
+    summary = {"status": status, "started_at": record.get("started_at"), "attempt": record.get("attempt", 1),
+               "totals": record.get("totals")}
+    if record.get("error"):
+        summary["error"] = record["error"]
+    return summary

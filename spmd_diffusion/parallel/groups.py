@@ -8,6 +8,7 @@ exists; under MPI or the ``mp`` executor it is created here from the job's rende
 
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,9 @@ def join_parallel_groups(
             raise RuntimeError("tensor/CFG parallelism needs a rendezvous store or a torch.distributed group")
         envs.keep_on_loopback(one_node)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.PrefixStore("parallel", store), rank=rank, world_size=world_size)
+        timeout = datetime.timedelta(seconds=od_config.startup_timeout or envs.init_timeout())
+        dist.init_process_group(backend, store=dist.PrefixStore("parallel", store), rank=rank, world_size=world_size,
+                                timeout=timeout)
     mesh = build_device_mesh(layout, device.type)
     logger.info("parallel layout dp=%d cfg=%d tp=%d", layout.dp, layout.cfg, layout.tp)
     return ParallelContext(layout, mesh)

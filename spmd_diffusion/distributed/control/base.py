@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from spmd_diffusion import envs
@@ -155,8 +155,7 @@ _INSTANCE: ControlPlane | None = None
 def get_control_plane(launch: LaunchInfo, backend: str | None = None) -> ControlPlane:
     """The process-wide control plane (created once: it initialises MPI or torch.distributed).
 
-    ``backend`` forces ``mpi`` or ``torch``; by default MPI launches use MPI, torchrun uses
-    torch, and srun uses MPI when mpi4py is installed, else torch.
+    ``backend`` forces ``mpi`` or ``torch``; by default see :func:`default_backend`.
     """
     global _INSTANCE
     if backend is None:
@@ -178,7 +177,12 @@ def get_control_plane(launch: LaunchInfo, backend: str | None = None) -> Control
     return _INSTANCE
 
 
-def default_backend(launch: LaunchInfo) -> str:
+def default_backend(launch: LaunchInfo, env: Mapping[str, str] | None = None) -> str:
+    """MPI for MPI launches, torch for torchrun; for srun, MPI when mpi4py is installed and
+    srun gave the tasks a PMI (``--mpi=pmi2``/``pmix``: ``PMI_RANK``/``PMIX_RANK`` set),
+    else torch.distributed over Slurm's variables (``--mpi=none``, Slurm's usual default:
+    MPI would see N separate worlds of 1). Decided from the environment alone, so every
+    rank decides the same."""
     if launch.kind == MPI:
         return "mpi"
     if launch.kind == TORCHRUN:
@@ -186,7 +190,9 @@ def default_backend(launch: LaunchInfo) -> str:
     if launch.kind == SLURM:
         import importlib.util
 
-        return "mpi" if importlib.util.find_spec("mpi4py") else "torch"
+        env = envs.environment() if env is None else env
+        has_pmi = "PMI_RANK" in env or "PMIX_RANK" in env
+        return "mpi" if has_pmi and importlib.util.find_spec("mpi4py") else "torch"
     raise LaunchError("no launcher detected: start the job with mpirun, srun or torchrun")
 
 

@@ -51,8 +51,8 @@ def mismatch_diagnosis(launch: LaunchInfo, MPI: Any) -> str:
     version = MPI.Get_library_version().strip().splitlines()[0]
     hint = (
         "srun started the tasks, but this MPI library does not speak srun's PMI: try "
-        "`srun --mpi=pmix` (or --mpi=pmi2), launch with mpirun/mpiexec instead, or use "
-        "`--executor torchrun` (torch.distributed over Slurm's variables)"
+        "`srun --mpi=pmi2` (pip's MPICH speaks pmi2, not pmix), launch with mpirun/mpiexec "
+        "instead, or use `--executor torchrun` (torch.distributed over Slurm's variables)"
         if launch.kind == "slurm"
         else "the launcher's MPI is not the one mpi4py was built against: use the mpirun/mpiexec "
         "of the same MPI (with pip's mpich: the one in the virtual environment's bin/)"

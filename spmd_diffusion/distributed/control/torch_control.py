@@ -37,8 +37,9 @@ from spmd_diffusion.distributed.control.base import (
     slot_length,
     slot_payload,
 )
-from spmd_diffusion.distributed.launcher import SLURM, LaunchInfo, first_slurm_host
-from spmd_diffusion.errors import ConnectionLostError
+from spmd_diffusion.distributed import netif
+from spmd_diffusion.distributed.launcher import SLURM, TORCHRUN, LaunchInfo, first_slurm_host
+from spmd_diffusion.errors import ConnectionLostError, LaunchError
 
 IDLE_TIMEOUT = datetime.timedelta(days=30)
 TAG_REQUEST, TAG_REQUEST_REST, TAG_REPLY, TAG_REPLY_REST = 0, 1, 2, 3
@@ -55,17 +56,38 @@ def slurm_rendezvous_defaults(env: Any) -> None:
 
 
 def init_default_group(launch: LaunchInfo) -> None:
-    """Join torch.distributed's default group (NCCL for CUDA tensors, gloo for CPU ones)."""
+    """Join torch.distributed's default group (NCCL for CUDA tensors, gloo for CPU ones),
+    within ``envs.init_timeout()`` (torch's own default is 30 minutes). Across nodes, gloo
+    binds the interface that routes to MASTER_ADDR (not what this host's name resolves to,
+    127.0.1.1 on Debian/Ubuntu) unless GLOO_SOCKET_IFNAME says otherwise."""
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
+    env = envs.environment()
     if launch.kind == SLURM:
-        slurm_rendezvous_defaults(envs.environment())
-    envs.keep_on_loopback(launch.local_world_size == launch.world_size)
+        slurm_rendezvous_defaults(env)
+    elif launch.kind != TORCHRUN and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        raise LaunchError(
+            f"the torchrun executor needs torch.distributed's rendezvous, which {launch.kind} does "
+            "not set up: start the job with torchrun or srun, set MASTER_ADDR and MASTER_PORT, "
+            "or use the mpi executor")
+    one_node = launch.local_world_size == launch.world_size
+    envs.keep_on_loopback(one_node)
+    if not one_node:
+        netif.gloo_interface_towards(None if launch.rank == 0 else env.get("MASTER_ADDR"))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
+    timeout = datetime.timedelta(seconds=envs.init_timeout())
+    try:
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - torch's errors do not say where they tried to meet
+        where = f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+        raise LaunchError(
+            f"rank {launch.rank} could not join torch.distributed at {where} within "
+            f"{timeout.total_seconds():g} s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "set MASTER_ADDR to an address of rank 0's node that every node can reach, and "
+            "GLOO_SOCKET_IFNAME to the interface that carries it") from exc
 
 
 class TorchControl(ControlPlane):
