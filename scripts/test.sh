@@ -3,18 +3,17 @@
 # start real mpiexec/torchrun jobs), then the multi-rank pytest runs under mpiexec -n 2
 # (pytest-mpi) and torchrun --nproc-per-node 2, each under a hard timeout so a hang fails
 # fast. Each multi-rank run skips the other launcher's modules. Extra arguments go to the
-# single-process pytest run (e.g. -k worker). The cluster tests (-m slurm, -m netns) run
-# apart, under their own timeout; they skip, saying why, where they cannot run (not root,
-# Slurm not installed: scripts/setup_cluster_tests.sh).
+# single-process pytest run (e.g. -k worker). The cluster tests (-m slurm, -m netns) skip,
+# saying why, where they cannot run (not root, Slurm not installed:
+# scripts/setup_cluster_tests.sh).
 set -euo pipefail
 # shellcheck disable=SC1091
 source "$(dirname "$0")/setup.sh"
 
-echo "== single-process tests (they launch real 2-rank jobs too)"
-timeout 900 python -m pytest -q -m "not slurm and not netns" "$@"
-
-echo "== cluster tests: the jobs/ scripts on a one-node Slurm, two nodes in network namespaces (root only)"
-timeout 900 python -m pytest -q -p no:cacheprovider -m "slurm or netns"
+echo "== single-process tests (they launch real 2-rank jobs, a Ray cluster, Slurm and two-node jobs too)"
+# Two pytest workers, a test file each at a time: most of a test's time is spent starting
+# processes and waiting on them, so two files overlap well even on two cores.
+timeout 1500 python -m pytest -q -n 2 --dist loadfile "$@"
 
 echo "== multi-rank tests: mpiexec -n 2 (pytest-mpi)"
 timeout 600 mpiexec -n 2 python -m pytest -q -p no:cacheprovider --with-mpi tests/multirank
