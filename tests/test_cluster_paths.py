@@ -49,7 +49,8 @@ def test_an_unreachable_store_fails_fast_naming_the_address():
 
 
 def test_gloo_interface_follows_the_route_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")  # restored (to unset) after the test: the code sets it
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     monkeypatch.setattr(netif, "interface_addresses", lambda: {"lo": "127.0.0.1", "eth7": "10.1.2.3"})
     assert netif.use_interface_for_gloo("127.0.1.1") is None  # loopback: never chosen
     assert netif.use_interface_for_gloo("10.1.2.3") == "eth7"
@@ -59,7 +60,8 @@ def test_gloo_interface_follows_the_route_unless_the_user_chose(monkeypatch):
 
 def test_rank0_node_mapping_its_name_to_127_0_1_1_still_binds_a_real_interface(monkeypatch):
     """Debian's /etc/hosts: this node's name -> 127.0.1.1; gloo must not bind that."""
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")  # restored (to unset) after the test: the code sets it
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     monkeypatch.setattr(netif, "interface_addresses", lambda: {"lo": "127.0.0.1", "veth0": "10.9.0.1"})
     monkeypatch.setattr(netif, "resolve", lambda host: ["127.0.1.1"])
     assert netif.node_addresses() == ["10.9.0.1"]
