@@ -11,8 +11,9 @@ set -euo pipefail
 source "$(dirname "$0")/setup.sh"
 
 echo "== single-process tests (they launch real 2-rank jobs, a Ray cluster, Slurm and two-node jobs too)"
-# Two pytest workers, a test file each at a time: most of a test's time is spent starting
-# processes and waiting on them, so two files overlap well even on two cores.
+# Two pytest workers, a test file each at a time: most tests start processes (mpiexec,
+# torchrun, Ray, Slurm) and wait on them, so two files overlap even on two cores. Measured
+# on the 2-vCPU VM: 509 tests in 17 min, then 1 min for the two multi-rank runs.
 timeout 1500 python -m pytest -q -n 2 --dist loadfile "$@"
 
 echo "== multi-rank tests: mpiexec -n 2 (pytest-mpi)"
