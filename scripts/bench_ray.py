@@ -2,8 +2,8 @@
 
     python scripts/bench_ray.py [--prompts 24] [--steps 20] [--repeats 3] [--calls 1000]
 
-Starts a one-node Ray cluster (``ray start --head``, token authentication) so its start-up
-is not timed, then:
+Starts a one-node Ray cluster in its own process (token authentication) so its start-up is
+not timed, then:
 - data parallel: ``omni-diffuse generate`` on the same prompts with ``mpiexec -n 1``,
   ``mpiexec -n 2`` and ``--executor ray --num-gpus 2`` (two CPU actors), one torch thread
   each, rounds interleaved; images/s from run.json (model loading excluded);
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,14 +32,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNIN
 
 
 def start_cluster() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    done = subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "4",
-                           "--num-gpus", "0", "--include-dashboard=false", "--disable-usage-stats"],
-                          capture_output=True, text=True, env=ENV, timeout=300, check=True)
-    text = done.stdout + done.stderr
-    return text.split("--address='")[1].split("'")[0]
+    """A one-node cluster in this process (stopped by ``ray.shutdown``, which ends it and
+    nothing else); its address, for the ``omni-diffuse`` subprocesses."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    return ray.get_runtime_context().gcs_address
 
 
 def generate(command: tuple[list[str], list[str]], prompts: Path, output: Path, model: str, env: dict) -> float:
@@ -81,7 +79,6 @@ def rpc(args: argparse.Namespace, address: str) -> dict[str, list[float]]:
     from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
 
     os.environ.update({"RAY_ADDRESS": address})
-    ray.init(address=address, configure_logging=False, log_to_driver=False)
     raw = [ray.remote(num_cpus=1)(Pinger).remote() for _ in range(2)]
     results: dict[str, list[float]] = {"ray executor collective_rpc": [], "raw Ray actor calls": []}
 
@@ -97,7 +94,6 @@ def rpc(args: argparse.Namespace, address: str) -> dict[str, list[float]]:
         for _ in range(args.repeats):
             results["ray executor collective_rpc"].append(timed(lambda: engine.collective_rpc("ping")))
             results["raw Ray actor calls"].append(timed(lambda: ray.get([actor.ping.remote() for actor in raw])))
-    ray.shutdown()
     return results
 
 
@@ -124,7 +120,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 dp = data_parallel(args, address, Path(tmp))
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=ENV, timeout=120)
+        import ray
+
+        ray.shutdown()
 
     if dp:
         print_dp(args, dp)

@@ -40,41 +40,22 @@ def tiny_dit() -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    """A one-node Ray cluster for the session (``ray start --head``, token authentication,
-    4 logical CPUs so 4 actors fit on 2 cores), exported as $RAY_ADDRESS so in-process
-    executors and ``omni-diffuse`` subprocesses join it. Stopped at the end."""
-    pytest.importorskip("ray", reason="the ray executor's tests need Ray: pip install '.[ray]'")
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run(
-        [ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "4", "--num-gpus", "0",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        capture_output=True, text=True, timeout=180, env=env,
-    )
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-    host = next(line.split("--address='")[1].split("'")[0] for line in (started.stdout + started.stderr).splitlines()
-                if "--address='" in line)
-    saved = {"RAY_ADDRESS": os.environ.get("RAY_ADDRESS")}
-    os.environ["RAY_ADDRESS"] = host
+def ray_address():
+    """A one-node Ray cluster for the session, started in this process (token
+    authentication; 4 logical CPUs, so 4 actors fit on 2 cores) and exported as
+    $RAY_ADDRESS, so in-process executors and ``omni-diffuse`` subprocesses join it.
+    ``ray.shutdown`` stops it and nothing else (``ray stop`` would end every Ray cluster on
+    the machine, a user's too)."""
+    ray = pytest.importorskip("ray", reason="the ray executor's tests need Ray: pip install '.[ray]'")
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, configure_logging=False)
+    address = ray.get_runtime_context().gcs_address
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
     try:
-        yield host
+        yield address
     finally:
-        import ray
-
         ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if saved is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved
