@@ -153,8 +153,10 @@ class DiffusionWorker:
 
     def model_facts(self, request: OmniDiffusionRequest) -> dict[str, Any]:
         """What besides the call's arguments made the image: the scheduler class and the
-        active LoRA adapters (for the manifest)."""
-        facts: dict[str, Any] = {"scheduler": type(self.pipeline.scheduler).__name__}
+        active LoRA adapters (for the manifest). A pipeline without a scheduler (a custom
+        class, the benchmarks' stand-in) has None."""
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        facts: dict[str, Any] = {"scheduler": None if scheduler is None else type(scheduler).__name__}
         loras = self._loras(request)
         if loras:
             facts["lora"] = [{"source": spec.source, "scale": spec.scale} for spec in loras]
