@@ -97,9 +97,10 @@ def rank_main(cli_args: list[str]) -> None:
     helper.cli_main()(cli_args)
 
 
-def run_job(ranks: int, prompts: Path, output: Path, workdir: Path, args: argparse.Namespace, output_format: str,
-            samples: Path | None = None) -> dict[str, Any]:
-    """One ``mpiexec -n ranks`` job; its run.json, wall time and first-call time."""
+def job_command(ranks: int, prompts: Path, output: Path, workdir: Path, args: argparse.Namespace,
+                output_format: str, samples: Path | None = None) -> tuple[list[str], dict[str, str], Path]:
+    """The ``mpiexec -n ranks`` command of one stand-in job, its environment, and the
+    directory where its ranks stamp their first pipeline call (cleared, with the output)."""
     stamps = workdir / f"stamps-{output.name}"
     subprocess.run(["rm", "-rf", str(output), str(stamps)], check=True)
     stamps.mkdir(parents=True)
@@ -112,6 +113,13 @@ def run_job(ranks: int, prompts: Path, output: Path, workdir: Path, args: argpar
                "--", "generate", "--model", "tiny-unet", "--prompts", str(prompts), "--output", str(output),
                "--height", str(args.size), "--width", str(args.size), "--batch-size", str(args.batch_size),
                "--steps", "1", "--output-format", output_format, "--shard-size", str(args.shard_size)]
+    return command, env, stamps
+
+
+def run_job(ranks: int, prompts: Path, output: Path, workdir: Path, args: argparse.Namespace, output_format: str,
+            samples: Path | None = None) -> dict[str, Any]:
+    """One ``mpiexec -n ranks`` job; its run.json, wall time and first-call time."""
+    command, env, stamps = job_command(ranks, prompts, output, workdir, args, output_format, samples)
     start = time.time()
     done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           timeout=args.timeout)
@@ -132,16 +140,7 @@ def time_to_first_output(ranks: int, prompts: Path, output: Path, workdir: Path,
     the start-up alone (the planning pass over the whole input included)."""
     import signal
 
-    stamps = workdir / f"stamps-{output.name}"
-    subprocess.run(["rm", "-rf", str(output), str(stamps)], check=True)
-    stamps.mkdir(parents=True)
-    helper = bench_output()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
-           helper.BASES_ENV: str(workdir / "bases.npy"), helper.STAMPS_ENV: str(stamps)}
-    command = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, str(Path(__file__).resolve()), "--rank-main",
-               "--", "generate", "--model", "tiny-unet", "--prompts", str(prompts), "--output", str(output),
-               "--height", str(args.size), "--width", str(args.size), "--batch-size", str(args.batch_size),
-               "--steps", "1", "--output-format", output_format]
+    command, env, stamps = job_command(ranks, prompts, output, workdir, args, output_format)
     start = time.time()
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
