@@ -86,6 +86,7 @@ class OmniDiffusionConfig:
     vae_slicing: bool = False
     attention_backend: str | None = None
     compile: bool = False
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -155,6 +156,10 @@ class OmniDiffusionConfig:
         if self.attention_backend is not None and (not isinstance(self.attention_backend, str)
                                                    or not self.attention_backend):
             raise ValueError(f"attention_backend must be a backend name, got {self.attention_backend!r}")
+        if self.cache is not None:
+            from spmd_diffusion.models.step_cache import parse_cache
+
+            self.cache = str(parse_cache(self.cache))  # normalised: the kind's default value made explicit
 
     def check_limits(self, request: OmniDiffusionRequest) -> None:
         """Refuse a request past this config's limits (a typo such as height 100000 would

@@ -20,8 +20,9 @@ MAX_SEED = 2**63 - 1
 RESERVED_EXTRA = frozenset({
     "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
     "num_images_per_prompt", "generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
-    "image", "mask_image", "strength",
+    "image", "mask_image", "strength", "num_frames", "num_videos_per_prompt",
 })
+MAX_FPS = 240
 
 
 # What a pipeline may return that is still an image (latents, tensors, ... are not).
@@ -69,6 +70,10 @@ class OmniDiffusionRequest:
     takes, and refuses a request whose settings it would have to drop. ``lora`` (a list of
     ``PATH_OR_ID[:scale]``) is the request's own set of LoRA adapters (``[]``: none); None
     means the engine's (``OmniDiffusionConfig.lora``).
+
+    ``num_frames`` (video pipelines; None: the pipeline's default) is the frame count of each
+    video, and ``fps`` the frame rate its file is written at (None: 16); a video pipeline's
+    "images" are then videos, each a list of frames.
     """
 
     prompt: str
@@ -85,6 +90,8 @@ class OmniDiffusionRequest:
     mask_image: Any = None
     strength: float | None = None
     lora: list[str] | None = None
+    num_frames: int | None = None
+    fps: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -120,6 +127,7 @@ class OmniDiffusionRequest:
             raise ValueError(f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}: "
                              "the tool returns and writes images")
         self._check_image_inputs()
+        self._check_video()
         if self.lora is not None:
             from spmd_diffusion.models.lora import parse_loras
 
@@ -137,6 +145,16 @@ class OmniDiffusionRequest:
             if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
                 raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
             self.strength = float(strength)
+
+    def _check_video(self) -> None:
+        frames = self.num_frames
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+            raise ValueError(f"num_frames must be an integer >= 1, got {frames!r}")
+        fps = self.fps
+        if fps is not None:
+            if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
+                raise ValueError(f"fps must be a number in (0, {MAX_FPS}], got {fps!r}")
+            self.fps = float(fps)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (as long as ``extra`` holds JSON-safe values)."""
@@ -159,7 +177,8 @@ class OmniDiffusionRequest:
         extra = json.dumps(self.extra, sort_keys=True, default=repr) if self.extra else "{}"
         inputs = (self.image is not None, self.mask_image is not None, self.strength)
         lora = None if self.lora is None else tuple(self.lora)  # one adapter set per pipeline call
-        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra, inputs, lora)
+        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra, inputs, lora,
+                self.num_frames)
 
     def image_seeds(self) -> list[int]:
         """The seed of each of this request's images: ``seed``, ``seed + 1``, ...

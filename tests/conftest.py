@@ -38,6 +38,13 @@ def tiny_dit() -> str:
     return str(ensure_tiny_model("tiny-dit"))
 
 
+@pytest.fixture(scope="session")
+def tiny_video() -> str:
+    from spmd_diffusion.models import ensure_tiny_model
+
+    return str(ensure_tiny_model("tiny-video"))
+
+
 
 @pytest.fixture(scope="session")
 def ray_address():

@@ -38,7 +38,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options every model-loading command shares; they become an OmniDiffusionConfig."""
     options = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                     help="Pipeline directory, hub id, or an embedded tiny model: tiny-unet, tiny-dit."),
+                     help="Pipeline directory, hub id, or an embedded tiny model: tiny-unet, tiny-dit, tiny-video."),
         click.option("--model-class-name", default=None,
                      help="diffusers pipeline class to load with (default: from model_index.json)."),
         click.option("--executor", "executor_class", default=None,
@@ -86,6 +86,10 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="diffusers attention dispatcher backend: native, flash, sage, ... (where installed)."),
         click.option("--compile", is_flag=True,
                      help="torch.compile the denoiser (compile time is reported apart from throughput)."),
+        click.option("--cache", default=None, metavar="KIND[:VALUE]",
+                     help="Step cache through diffusers' hooks: first-block[:threshold], taylorseer[:interval], "
+                          "pab[:steps] or faster[:steps]; faster, slightly different pixels "
+                          "(benchmarks/RESULTS.md has the speed-up and PSNR per kind)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -424,7 +428,14 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--image-format", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
               help="Image files; each carries its prompt, seed and settings (PNG text, EXIF/XMP).")
 @click.option("--quality", type=click.IntRange(1, 100), default=None,
-              help="jpg/webp quality (default 90).")
+              help="jpg/webp/mp4 quality (default 90); 100 makes webp videos lossless.")
+@click.option("--num-frames", type=click.IntRange(min=1), default=None,
+              help="Video pipelines: frames per video (default: the model's; Wan takes 4k+1).")
+@click.option("--fps", type=click.FloatRange(0, 240, min_open=True), default=None,
+              help="Video pipelines: frame rate of the video files (default 16).")
+@click.option("--video-format", type=click.Choice(["mp4", "webp", "gif"]), default=None,
+              help="Video files: mp4 (H.264; needs the video extra, imageio-ffmpeg), webp or gif (animated, "
+                   "Pillow). Default: mp4 where imageio-ffmpeg is installed, else webp.")
 @click.option("--output-format", type=click.Choice(["files", "webdataset"]), default="files", show_default=True,
               help="files: OUTPUT/images/<id>.<ext>; webdataset: tar shards OUTPUT/shards/*.tar written by each "
                    "replica, listed in OUTPUT/shards.txt.")
@@ -446,7 +457,8 @@ def generate(config_file: str | None, prompts_file: str | None, prompt_column: s
              split: str | None, prompts: tuple[str, ...], output: str,
              steps: int | None, guidance: float | None, height: int | None, width: int | None,
              negative_prompt: str | None, strength: float | None, images_per_prompt: int, image_format: str,
-             quality: int | None, output_format: str, shard_size: int, tensor_parallel_size: int,
+             quality: int | None, num_frames: int | None, fps: float | None, video_format: str | None,
+             output_format: str, shard_size: int, tensor_parallel_size: int,
              cfg_parallel: bool, batch_invariant: bool, resume: bool, fail_fast: bool,
              trace_file: str | None, metrics_port: int | None, **model_values: Any) -> int:
     """Generate images for many prompts: the batch job, under mpirun, srun, torchrun or none.
@@ -465,7 +477,7 @@ def generate(config_file: str | None, prompts_file: str | None, prompt_column: s
         images_per_prompt=images_per_prompt,
         batch_size=batch_size, resume=resume, fail_fast=fail_fast, image_format=image_format, quality=quality,
         output_format=output_format, shard_size=shard_size, prompt_column=prompt_column, id_column=id_column,
-        split=split,
+        split=split, num_frames=num_frames, fps=fps, video_format=video_format,
     )
     plan_holder: dict[str, Any] = {}
     model_values["hooks"] = [*model_values.get("hooks", ()), *(["trace:" + trace_file] if trace_file else []),

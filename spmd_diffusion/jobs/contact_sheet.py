@@ -1,4 +1,5 @@
-"""A quick look at a run: the first images in a grid, each labelled with its id."""
+"""A quick look at a run: the first images in a grid, each labelled with its id; a video's
+tile is a strip of four of its frames, first to last."""
 
 from __future__ import annotations
 
@@ -7,12 +8,26 @@ import math
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
 from spmd_diffusion.jobs.files import write_atomic
 
 TILE = 128
 LABEL = 14
+
+
+def _picture(source: Path | IO[bytes]) -> Image.Image:
+    """The tile's picture: the image, or a frame strip of a video (MP4, animated WebP/GIF)."""
+    from spmd_diffusion.jobs.video import frame_strip, read_frames
+
+    name = str(source if isinstance(source, Path) else getattr(source, "name", ""))
+    if name.endswith(".mp4"):
+        data = source.read_bytes() if isinstance(source, Path) else source.read()
+        return frame_strip(read_frames(data, "mp4"))
+    with Image.open(source) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            return frame_strip([frame.convert("RGB") for frame in ImageSequence.Iterator(image)])
+        return image.convert("RGB")
 
 
 def contact_sheet(images: list[tuple[str, Path | IO[bytes]]], columns: int = 4) -> Image.Image:
@@ -23,11 +38,10 @@ def contact_sheet(images: list[tuple[str, Path | IO[bytes]]], columns: int = 4) 
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for position, (label, path) in enumerate(images):
-        with Image.open(path) as image:
-            tile = image.convert("RGB")
-            scale = TILE / max(tile.size)  # small images are enlarged too, pixel for pixel
-            tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
-                               Image.NEAREST if scale > 1 else Image.LANCZOS)
+        tile = _picture(path)
+        scale = TILE / max(tile.size)  # small images are enlarged too, pixel for pixel
+        tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
+                           Image.NEAREST if scale > 1 else Image.LANCZOS)
         x, y = (position % columns) * TILE, (position // columns) * (TILE + LABEL)
         sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
         draw.text((x + 2, y + TILE + 1), label[:20], fill="black", font=font)

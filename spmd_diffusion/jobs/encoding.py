@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -104,3 +105,29 @@ def read_record(data: bytes) -> dict[str, Any] | None:
     with Image.open(io.BytesIO(data)) as image:
         text = image.info.get(RECORD_KEY) if image.format == "PNG" else image.getexif().get(EXIF_IMAGE_DESCRIPTION)
     return json.loads(text) if text else None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a job's outputs become files: ``image_format`` (png, jpg, webp) and ``quality`` for
+    images, ``video_format`` (mp4, webp, gif) for a video pipeline's frame lists. Shared by the
+    file and shard sinks, so the same item is the same bytes in either."""
+
+    image_format: str = "png"
+    quality: int | None = None
+    video_format: str = "webp"
+
+    def extension(self, item: Any) -> str:
+        from spmd_diffusion.jobs.video import is_video
+
+        return self.video_format if is_video(item) else self.image_format
+
+    def encode(self, item: Any, info: dict[str, Any] | None, fps: float | None = None) -> tuple[str, bytes]:
+        """(file extension, bytes) of one output item: an image, or a video at ``fps``."""
+        from spmd_diffusion.jobs.video import DEFAULT_FPS, encode_video, is_video
+
+        if is_video(item):
+            if info is not None:
+                info = {key: value for key, value in info.items() if key not in NOT_EMBEDDED}
+            return self.video_format, encode_video(item, self.video_format, fps or DEFAULT_FPS, self.quality, info)
+        return self.image_format, encode_image(item, self.image_format, self.quality, info)

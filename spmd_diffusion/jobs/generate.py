@@ -37,6 +37,7 @@ from spmd_diffusion.engine.batching import ChunkCounter, iter_chunks
 from spmd_diffusion.engine.seeding import derive_seed
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
+from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import write_atomic
 from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, fingerprint, is_done, read_manifest, shards_listed
 from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink, image_info
@@ -77,6 +78,9 @@ class GenerateOptions:
     fail_fast: bool = False
     image_format: str = "png"  # png, jpg, webp
     quality: int | None = None  # jpg/webp (default: encoding.DEFAULT_QUALITY)
+    video_format: str | None = None  # mp4, webp, gif (None: mp4 where imageio-ffmpeg is installed, else webp)
+    num_frames: int | None = None  # video pipelines
+    fps: float | None = None  # video files (default video.DEFAULT_FPS)
     output_format: str = "files"  # files, webdataset
     shard_size: int = 1000  # images per WebDataset shard
     prompt_column: str = "prompt"
@@ -88,6 +92,12 @@ class GenerateOptions:
         """A batch is the unit a replica takes and one pipeline call: ``batch_size`` prompts of
         ``images_per_prompt`` images each (it becomes ``OmniDiffusionConfig.max_batch_size``)."""
         return self.batch_size * self.images_per_prompt
+
+    @property
+    def encoding(self) -> Encoding:
+        from spmd_diffusion.jobs.video import default_video_format
+
+        return Encoding(self.image_format, self.quality, self.video_format or default_video_format())
 
     @property
     def columns(self) -> Columns:
@@ -107,6 +117,8 @@ def build_request(item: PromptItem, options: GenerateOptions, run_seed: int,
         "width": options.width,
         "strength": options.strength,
         "num_images_per_prompt": options.images_per_prompt,
+        "num_frames": options.num_frames,
+        "fps": options.fps,
     }
     settings.update(item.settings)
     resolve_input_paths(settings, Path(options.prompts_file).parent if options.prompts_file else Path.cwd())
@@ -197,7 +209,7 @@ def build_requests(
 def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionConfig, accepted: list[Any]) -> None:
     """An item with input images needs a pipeline that takes them: known before loading from
     the class name or model_index.json (a hub id's class is only known once loaded)."""
-    wanted = [name for name in (*IMAGE_FIELDS, "strength") if getattr(request, name) is not None]
+    wanted = [name for name in (*IMAGE_FIELDS, "strength", "num_frames") if getattr(request, name) is not None]
     if not wanted:
         return
     if not accepted:
@@ -208,6 +220,9 @@ def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionCon
         return
     name, arguments = accepted[0]
     refused = [field for field in wanted if field not in arguments]
+    if "num_frames" in refused:
+        raise ValueError(f"{name} takes no num_frames: it makes images; num_frames is for video pipelines "
+                         "(e.g. --model tiny-video, a WanPipeline)")
     if refused:
         raise ValueError(f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
                          "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)")
@@ -236,10 +251,22 @@ def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[
         settings["lora"] = [lora_identity(spec) for spec in parse_loras(config.lora)]
     if config.scheduler is not None:
         settings["scheduler"] = {"name": config.scheduler, "options": config.scheduler_options}
-    for name in ("vae_tiling", "vae_slicing", "attention_backend", "compile"):
+    for name in ("vae_tiling", "vae_slicing", "attention_backend", "compile", "cache"):
         if getattr(config, name):
             settings[name] = getattr(config, name)
+    if makes_video(config):
+        # The default format depends on what is installed: a resume elsewhere must not mix them.
+        settings["video"] = {"format": options.encoding.video_format, "quality": options.quality}
     return settings
+
+
+def makes_video(config: OmniDiffusionConfig) -> bool:
+    """Does the configured pipeline make videos (its ``__call__`` takes ``num_frames``)? False
+    when the class cannot be known before loading (a hub id)."""
+    from spmd_diffusion.models.loader import call_arguments
+
+    arguments = call_arguments(config.model, config.model_class_name)
+    return arguments is not None and "num_frames" in arguments[1]
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -374,6 +401,13 @@ def plan_generation(options: GenerateOptions, config: OmniDiffusionConfig) -> Ge
     input raises InputError."""
     if options.output_format not in OUTPUT_FORMATS:
         raise InputError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}")
+    if options.video_format is not None:
+        from spmd_diffusion.jobs.video import check_video_format
+
+        try:
+            check_video_format(options.video_format)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     output_dir = Path(options.output)
     check_output_dir(output_dir)
     source = open_source(options.prompts_file, options.prompts, options.columns)
@@ -477,9 +511,8 @@ class GenerateJob:
                      if r.request_id in self.in_flight}
         if self.shards:
             return ShardSink(str(self.plan.output_dir), self.plan.attempt, options.shard_size, counts, skip,
-                             options.image_format, options.quality, described)
-        return ImageFileSink(str(self.plan.output_dir), counts, skip, options.image_format, options.quality,
-                             described)
+                             options.encoding, described)
+        return ImageFileSink(str(self.plan.output_dir), counts, skip, options.encoding, described)
 
     previous_run: dict[str, Any] | None = None
 
@@ -686,7 +719,9 @@ class GenerateJob:
             return path
         with tarfile.open(path) as tar:
             member = tar.extractfile(record["member"])
-            return io.BytesIO(member.read() if member is not None else b"")
+            data = io.BytesIO(member.read() if member is not None else b"")
+        data.name = record["member"]  # the contact sheet reads the format from the name
+        return data
 
     def _status(self, missing: list[tuple[str, int]], missing_count: int) -> str:
         """complete; stopped (--fail-fast); incomplete (images with no record at all: work was

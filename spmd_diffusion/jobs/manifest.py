@@ -43,6 +43,8 @@ def fingerprint(request: OmniDiffusionRequest, model: str, settings: dict[str, A
         **({"run": settings} if settings else {}),
         **({"inputs": input_basis(request)} if request.image is not None or request.strength is not None else {}),
         **({"lora": [lora_identity(spec) for spec in parse_loras(request.lora)]} if request.lora is not None else {}),
+        **({"video": {"frames": request.num_frames, "fps": request.fps}}
+           if request.num_frames is not None or request.fps is not None else {}),
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
-from spmd_diffusion.jobs.encoding import encode_image
+from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import write_atomic
 
 IMAGES_DIR = "images"
@@ -59,6 +59,8 @@ def image_info(request_id: str, index: int, described: dict[str, Any], output: D
         **_inputs(described, settings),
         "scheduler": settings.get("scheduler"),
         **({"lora": settings["lora"]} if settings.get("lora") else {}),
+        **({"cache": settings["cache"]} if settings.get("cache") else {}),
+        **{name: settings[name] for name in ("num_frames", "fps") if settings.get(name) is not None},
         "model": described.get("model"),
         "fingerprint": described.get("fingerprint"),
         "meta": described.get("meta", {}),
@@ -79,16 +81,15 @@ class ImageFileSink:
 
     ``counts`` gives each request's number of images (it names the files); ``skip`` lists the
     ``(id, index)`` images a previous run already finished (a batch is redone whole, but the
-    files it already has are not touched again). ``image_format`` is png, jpg or webp
-    (``quality`` for the last two); ``described[id]`` (prompt, model, ... see
-    :func:`image_info`) is written into each file's metadata when given.
+    files it already has are not touched again). ``encoding`` says the file formats (images
+    and videos); ``described[id]`` (prompt, model, ... see :func:`image_info`) is written
+    into each file's metadata when given.
     """
 
     output_dir: str
     counts: dict[str, int]
     skip: frozenset[tuple[str, int]] = frozenset()
-    image_format: str = "png"
-    quality: int | None = None
+    encoding: Encoding = Encoding()
     described: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def write(self, output: DiffusionOutput) -> DiffusionOutput:
@@ -116,9 +117,9 @@ class ImageFileSink:
         for index, image in enumerate(images):
             if (request_id, index) in self.skip:
                 continue
-            relative = Path(IMAGES_DIR) / image_name(request_id, index, count, self.image_format)
             info = image_info(request_id, index, described, output, position) if described is not None else None
-            data = encode_image(image, self.image_format, self.quality, info)
+            extension, data = self.encoding.encode(image, info, output.metadata[position].get("fps"))
+            relative = Path(IMAGES_DIR) / image_name(request_id, index, count, extension)
             write_atomic(Path(self.output_dir) / relative, data)
             records.append({"index": index, "path": str(relative), "sha256": hashlib.sha256(data).hexdigest(),
                             "bytes": len(data), "written_by": output.rank})

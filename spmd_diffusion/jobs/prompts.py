@@ -34,6 +34,8 @@ SETTING_KEYS = {
     "mask_image": "mask_image",
     "strength": "strength",
     "lora": "lora",
+    "num_frames": "num_frames",
+    "fps": "fps",
 }
 KNOWN_KEYS = {"id", "prompt", *SETTING_KEYS}
 
@@ -129,11 +131,11 @@ def _read_jsonl(path: Path) -> Iterator[PromptItem]:
 def _numbers(record: dict[str, str]) -> dict[str, Any]:
     """CSV cells are text: turn the numeric settings into numbers (or leave them to fail)."""
     converted: dict[str, Any] = dict(record)
-    for key in ("seed", "steps", "height", "width"):
+    for key in ("seed", "steps", "height", "width", "num_frames"):
         value = converted.get(key)
         if value not in (None, "") and re.fullmatch(r"-?\d{1,30}", value.strip()):
             converted[key] = int(value)
-    for key in ("guidance", "strength"):
+    for key in ("guidance", "strength", "fps"):
         if converted.get(key) not in (None, ""):
             try:
                 converted[key] = float(converted[key])

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
-from spmd_diffusion.jobs.encoding import encode_image
+from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import FILE_MODE, fsync_directory
 from spmd_diffusion.jobs.outputs import image_info, image_name
 
@@ -150,7 +150,7 @@ def close_open_shards(_worker: Any, output_dir: str, attempt: int) -> dict[str, 
 @dataclass(frozen=True)
 class ShardSink:
     """Writes the images of one batch into this leader's WebDataset shards (see the module
-    docstring); ``counts``, ``skip``, ``image_format``, ``quality`` and ``described`` as for
+    docstring); ``counts``, ``skip``, ``encoding`` and ``described`` as for
     :class:`~spmd_diffusion.jobs.outputs.ImageFileSink`."""
 
     output_dir: str
@@ -158,8 +158,7 @@ class ShardSink:
     shard_size: int
     counts: dict[str, int]
     skip: frozenset[tuple[str, int]] = frozenset()
-    image_format: str = "png"
-    quality: int | None = None
+    encoding: Encoding = Encoding()
     described: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def write(self, output: DiffusionOutput) -> DiffusionOutput:
@@ -193,8 +192,8 @@ class ShardSink:
             if (request_id, index) in self.skip:
                 continue
             info = image_info(request_id, index, described, output, position)
-            data = encode_image(image, self.image_format, self.quality, info)
-            record = writer.add(shard_key(request_id, index, count), self.image_format, data, info)
+            extension, data = self.encoding.encode(image, info, output.metadata[position].get("fps"))
+            record = writer.add(shard_key(request_id, index, count), extension, data, info)
             records.append({**record, "written_by": output.rank})
         return records
 

@@ -18,7 +18,7 @@ from typing import Any
 from spmd_diffusion import envs
 from spmd_diffusion.models.tiny import TINY_MODEL_VERSION, build_in_subprocess, make_tiny_model
 
-TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit"}
+TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit", "tiny-video": "video"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -113,7 +113,20 @@ def pipeline_class(class_name: str | None) -> Any:
     return cls
 
 
-TINY_PIPELINES = {"tiny-unet": "StableDiffusionPipeline", "tiny-dit": "PixArtAlphaPipeline"}
+TINY_PIPELINES = {"tiny-unet": "StableDiffusionPipeline", "tiny-dit": "PixArtAlphaPipeline",
+                  "tiny-video": "WanPipeline"}
+
+
+def model_call_defaults(model: str) -> dict[str, Any]:
+    """Call defaults a model directory carries for the tool (``call_defaults`` in a tiny
+    model's ``tiny_model.json``): the tiny video model's own defaults are 81 frames of
+    480x832, sized for the real Wan and hours of CPU for the tiny one."""
+    directory = cache_root() / f"{model}-v{TINY_MODEL_VERSION}" if model in TINY_MODELS else Path(model).expanduser()
+    try:
+        defaults = json.loads((directory / "tiny_model.json").read_text()).get("call_defaults", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return defaults if isinstance(defaults, dict) else {}
 
 
 def declared_pipeline_class(model: str, class_name: str | None) -> str | None:

@@ -44,6 +44,12 @@ def check_model_options(config: Any) -> None:
         check_lora_source(spec.source)
     if config.attention_backend is not None:
         check_attention_backend(config.attention_backend)
+    if config.cache is not None:
+        from spmd_diffusion.models.loader import declared_pipeline_class
+        from spmd_diffusion.models.step_cache import check_cache_for_pipeline, parse_cache
+
+        check_cache_for_pipeline(parse_cache(config.cache), declared_pipeline_class(config.model,
+                                                                                    config.model_class_name))
     if config.offload is not None:
         import torch
 

@@ -8,6 +8,8 @@ fixed seed, so every rank and every machine builds bit-identical models.
 - ``unet``: Stable Diffusion 1.x layout (CLIP text encoder, UNet2DConditionModel with
   cross-attention and GEGLU feed-forward, 4-level VAE, so sizes are multiples of 8).
 - ``dit``: PixArt-alpha layout (T5 encoder, PixArtTransformer2DModel, same VAE).
+- ``video``: Wan 2.1 text-to-video layout (T5 encoder, WanTransformer3DModel, the causal 3-D
+  AutoencoderKLWan: 8x spatial and 4x temporal compression, so frame counts are 4k + 1).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ARCHES = ("unet", "dit")
+ARCHES = ("unet", "dit", "video")
 TINY_MODEL_VERSION = 1
 VOCAB_SIZE = 1000
 HIDDEN = 32
@@ -134,14 +136,13 @@ def build_tiny_unet_pipeline(workdir: Path):
     )
 
 
-def build_tiny_dit_pipeline(workdir: Path):
-    """PixArt-alpha layout: T5 encoder and a transformer denoiser (patch 2, 4 heads)."""
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+def _tiny_t5(tokenizer, umt5: bool = False):
+    """T5 encoder (PixArt); ``umt5``: its UMT5 variant, the class Wan's pipeline declares."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    tokenizer = _tiny_tokenizer(workdir)
-    text_encoder = T5EncoderModel(
-        T5Config(
+    model, config = (UMT5EncoderModel, UMT5Config) if umt5 else (T5EncoderModel, T5Config)
+    return model(
+        config(
             d_model=HIDDEN,
             d_ff=64,
             d_kv=8,
@@ -153,6 +154,14 @@ def build_tiny_dit_pipeline(workdir: Path):
             decoder_start_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def build_tiny_dit_pipeline(workdir: Path):
+    """PixArt-alpha layout: T5 encoder and a transformer denoiser (patch 2, 4 heads)."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    tokenizer = _tiny_tokenizer(workdir)
+    text_encoder = _tiny_t5(tokenizer)
     transformer = PixArtTransformer2DModel(
         sample_size=8,
         num_layers=2,
@@ -174,7 +183,41 @@ def build_tiny_dit_pipeline(workdir: Path):
     )
 
 
-BUILDERS = {"unet": build_tiny_unet_pipeline, "dit": build_tiny_dit_pipeline}
+CALL_DEFAULTS = {"video": {"height": 64, "width": 64, "num_frames": 9}}
+
+
+def build_tiny_video_pipeline(workdir: Path):
+    """Wan 2.1 text-to-video layout: T5 encoder, a 2-block WanTransformer3DModel (patch
+    1x2x2, 4 heads, RMS qk-norm), the 3-D causal Wan VAE, flow-matching Euler scheduler."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer = _tiny_tokenizer(workdir)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=16,
+        out_channels=16,
+        text_dim=HIDDEN,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_t5(tokenizer, umt5=True),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+
+
+BUILDERS = {"unet": build_tiny_unet_pipeline, "dit": build_tiny_dit_pipeline, "video": build_tiny_video_pipeline}
 
 
 def check_saved_weights(pipeline, directory: Path) -> None:
@@ -221,7 +264,8 @@ def make_tiny_model(directory: str | os.PathLike, arch: str = "unet", seed: int 
         pipeline.save_pretrained(str(staging / "model"), safe_serialization=True)
         check_saved_weights(pipeline, staging / "model")
         (staging / "model" / "tiny_model.json").write_text(
-            json.dumps({"arch": arch, "seed": seed, "version": TINY_MODEL_VERSION})
+            json.dumps({"arch": arch, "seed": seed, "version": TINY_MODEL_VERSION,
+                        **({"call_defaults": CALL_DEFAULTS[arch]} if arch in CALL_DEFAULTS else {})})
         )
         if target.exists():
             shutil.rmtree(target)

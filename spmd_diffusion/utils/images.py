@@ -1,7 +1,8 @@
 """JSON-safe encoding of generated images.
 
 PIL images travel as base64 PNG (lossless and compact); float arrays (``output_type="np"``)
-travel as base64 raw bytes with dtype and shape, so a round trip is bit-exact either way.
+travel as base64 raw bytes with dtype and shape, so a round trip is bit-exact either way. A
+video pipeline's output item is a video: a list of frames, each encoded as an image.
 """
 
 from __future__ import annotations
@@ -29,7 +30,24 @@ def image_png_bytes(image: ImageLike) -> bytes:
     return png_bytes(image)
 
 
+def as_frames(video: Any) -> list[Image.Image]:
+    """A video as PIL frames: from a (frames, H, W, C) float array in [0, 1] (diffusers' "np"
+    output), a list of arrays, or a list of PIL images."""
+    frames = []
+    for frame in video:
+        if isinstance(frame, Image.Image):
+            frames.append(frame)
+            continue
+        array = np.asarray(frame)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+        frames.append(Image.fromarray(array[..., :3]))
+    return frames
+
+
 def encode_image(image: ImageLike) -> dict[str, Any]:
+    if isinstance(image, (list, tuple)):
+        return {"format": "frames", "frames": [encode_image(frame) for frame in image]}
     if isinstance(image, Image.Image):
         return {"format": "png", "data": base64.b64encode(png_bytes(image)).decode("ascii")}
     if isinstance(image, np.ndarray):
@@ -45,6 +63,8 @@ def encode_image(image: ImageLike) -> dict[str, Any]:
 
 def decode_image(data: dict[str, Any]) -> ImageLike:
     kind = data.get("format")
+    if kind == "frames":
+        return [decode_image(frame) for frame in data["frames"]]
     raw = base64.b64decode(data["data"])
     if kind == "png":
         image = Image.open(io.BytesIO(raw))

@@ -6,6 +6,7 @@ seeding, error isolation, sleep/wake) is identical under ``uni``, ``mp``, MPI an
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
 from spmd_diffusion.models import load_pipeline
+from spmd_diffusion.models.loader import model_call_defaults
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
 from spmd_diffusion.request import OmniDiffusionRequest
 
@@ -91,11 +93,19 @@ class DiffusionWorker:
         self.adapters.activate(parse_loras(config.lora))  # loaded before placing: they move with the weights
         self.pipeline = place_pipeline(pipeline, config, self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
+        self.call_defaults = model_call_defaults(config.model)
         if self.parallel is not None:
             from spmd_diffusion.parallel import parallelize_pipeline
 
             report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
             logger.info("%s", report.summary())
+        self.step_cache = None
+        if config.cache is not None:
+            from spmd_diffusion.models.step_cache import enable_step_cache
+
+            # After TP sharding (the hooks wrap the sharded blocks) and before compile.
+            self.step_cache = enable_step_cache(self.pipeline, config.cache, guidance_split=config.cfg_parallel)
+            self.model_report.update(self.step_cache.report())
         if config.batch_invariant:
             from spmd_diffusion.worker.batch_invariance import make_batch_invariant
 
@@ -114,12 +124,16 @@ class DiffusionWorker:
 
     # -- generation ------------------------------------------------------------------------
     def _default(self, name: str) -> Any:
+        if name in self.call_defaults:
+            return self.call_defaults[name]
         param = self._call_params.get(name)
         if param is None or param.default is inspect.Parameter.empty:
             return None
         return param.default
 
     def _default_size(self) -> int | None:
+        if "height" in self.call_defaults:
+            return self.call_defaults["height"]
         sample = getattr(getattr(self.denoiser, "config", None), "sample_size", None)
         scale = getattr(self.pipeline, "vae_scale_factor", None)
         if isinstance(sample, int) and isinstance(scale, int):
@@ -134,7 +148,9 @@ class DiffusionWorker:
             return fallback if value is None else value
 
         default = self._default_size()
-        width, height = size if size is not None else (pick(request.width, default), pick(request.height, default))
+        default_width = self.call_defaults.get("width", default)
+        width, height = size if size is not None else (pick(request.width, default_width),
+                                                       pick(request.height, default))
         settings = {
             "num_inference_steps": pick(request.num_inference_steps, self._default("num_inference_steps")),
             "guidance_scale": pick(request.guidance_scale, self._default("guidance_scale")),
@@ -143,7 +159,14 @@ class DiffusionWorker:
         }
         if request.image is not None:
             settings["strength"] = pick(request.strength, self._default("strength"))
+        if self.makes_video:
+            settings["num_frames"] = pick(request.num_frames, self._default("num_frames"))
         return settings
+
+    @property
+    def makes_video(self) -> bool:
+        """A video pipeline: it takes ``num_frames`` and returns ``frames``."""
+        return self._accepts("num_frames")
 
     def _loras(self, request: OmniDiffusionRequest) -> list[Any]:
         """The adapters a request runs with: its own set, else the run's."""
@@ -157,6 +180,12 @@ class DiffusionWorker:
         class, the benchmarks' stand-in) has None."""
         scheduler = getattr(self.pipeline, "scheduler", None)
         facts: dict[str, Any] = {"scheduler": None if scheduler is None else type(scheduler).__name__}
+        if self.od_config.cache is not None:
+            facts["cache"] = self.od_config.cache
+        if self.makes_video:
+            from spmd_diffusion.jobs.video import DEFAULT_FPS
+
+            facts["fps"] = request.fps or DEFAULT_FPS  # the file's frame rate, not a pipeline argument
         loras = self._loras(request)
         if loras:
             facts["lora"] = [{"source": spec.source, "scale": spec.scale} for spec in loras]
@@ -235,7 +264,9 @@ class DiffusionWorker:
         negatives = [requests[job.request_pos].negative_prompt for job in jobs]
         if any(negatives):
             kwargs["negative_prompt"] = [negative or "" for negative in negatives]
-        kwargs["num_images_per_prompt"] = 1
+        # One output per prompt entry (the batch lists a prompt once per image it wants).
+        count = "num_videos_per_prompt" if self._accepts("num_videos_per_prompt") else "num_images_per_prompt"
+        kwargs[count] = 1
         # A CPU generator per image: reproducible across devices and batch positions.
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
         if "use_resolution_binning" in self._call_params:
@@ -265,10 +296,17 @@ class DiffusionWorker:
         import numpy as np
         import torch
 
+        from spmd_diffusion.utils.images import as_frames
+
         self.adapters.activate(self._loras(requests[jobs[0].request_pos]))  # one set per batch (batch_key)
-        with torch.inference_mode():
-            result = self.pipeline(**self._pipeline_kwargs(requests, jobs, step_callback, size))
-        images = result.images if hasattr(result, "images") else result[0]
+        kwargs = self._pipeline_kwargs(requests, jobs, step_callback, size)
+        cached = self.step_cache.call() if self.step_cache is not None else contextlib.nullcontext()
+        with torch.inference_mode(), cached:
+            result = self.pipeline(**kwargs)
+        if hasattr(result, "frames"):  # a video pipeline: one list of frames per prompt entry
+            images = [as_frames(video) for video in result.frames]
+        else:
+            images = result.images if hasattr(result, "images") else result[0]
         if isinstance(images, np.ndarray) or isinstance(images, torch.Tensor):
             images = [images[i] for i in range(images.shape[0])]
         if len(images) != len(jobs):

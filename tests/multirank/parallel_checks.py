@@ -337,3 +337,49 @@ def test_tp2_and_cfg2_together_match_single_rank(family, references, tp_cfg_mesh
         return ok, f"max difference {guided:.2e} guided, {unguided:.2e} unguided; calls {calls}"
 
     verdict_on_all_ranks(body)
+
+
+CACHES = ("first-block:0.2", "taylorseer:2", "pab", "faster")
+
+
+@pytest.fixture(scope="module")
+def cached_references(world) -> dict[tuple[str, bool], np.ndarray]:
+    """Single-rank images of the tiny DiT under each step cache, computed on every rank."""
+    from spmd_diffusion.models.step_cache import enable_step_cache
+
+    images = {}
+    for spec in CACHES:
+        for split in (False, True):
+            pipeline = load("tiny-dit")
+            cache = enable_step_cache(pipeline, spec, guidance_split=split)
+            with cache.call():
+                images[spec, split] = generate(pipeline, GUIDED)
+    return images
+
+
+@pytest.mark.parametrize("spec", CACHES)
+@pytest.mark.parametrize("mesh_name", ["tp_mesh", "cfg_mesh"])
+def test_step_cache_under_tp_or_cfg_matches_single_rank_cached(spec, mesh_name, cached_references, request):
+    """The hooks wrap the sharded blocks (TP) or see each rank's guidance half (CFG): the
+    images are the single-rank cached ones, twice in a row (hook state is reset per call), and
+    no rank skips a collective the other runs (first-block's skip decision is the same on
+    both TP ranks, since it reads all-reduced activations)."""
+    from spmd_diffusion.models.step_cache import enable_step_cache
+    from spmd_diffusion.parallel import parallelize_pipeline
+
+    layout, mesh = request.getfixturevalue(mesh_name)
+
+    def body():
+        pipeline = load("tiny-dit")
+        parallelize_pipeline(pipeline, layout, mesh)
+        split = mesh_name == "cfg_mesh"
+        cache = enable_step_cache(pipeline, spec, guidance_split=split)
+        runs = []
+        for _ in range(2):
+            with cache.call():
+                runs.append(generate(pipeline, GUIDED))
+        difference = max_difference(runs[0], cached_references[spec, split])
+        ok = difference <= TOLERANCE and np.array_equal(runs[0], runs[1]) and cache.modules > 0
+        return ok, f"max difference {difference:.2e}; hooked modules {cache.modules}"
+
+    verdict_on_all_ranks(body)

@@ -1,0 +1,171 @@
+"""Video files of a video pipeline's frames: MP4 (H.264), animated WebP or GIF, each carrying
+the item's record (prompt, seed, settings) as the image formats do.
+
+- ``mp4``: H.264 in yuv420p through the ``ffmpeg`` that ``imageio-ffmpeg`` bundles (the
+  ``video`` extra; an ``ffmpeg`` binary is not needed on the machine). The record goes in the
+  container's ``comment`` tag and the A1111 ``parameters`` text in ``description``. Written
+  with ffmpeg's bit-exact flags and one encoder thread, so the same frames give the same
+  bytes on every rank and machine (the resume check compares hashes).
+- ``webp``: animated WebP through Pillow (no extra package), EXIF and XMP as for images;
+  quality 100 is lossless (frames decode to exactly the pixels made: for datasets and checks).
+- ``gif``: animated GIF through Pillow (256 colours; for previews), the record as comment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageSequence
+
+VIDEO_FORMATS = ("mp4", "webp", "gif")
+DEFAULT_FPS = 16  # Wan's own examples export at 16 frames/s
+MP4_EXTRA = ("--video-format mp4 needs the video extra (pip install 'spmd-diffusion[video]': imageio-ffmpeg, "
+             "which bundles an ffmpeg with libx264); webp and gif need nothing")
+
+
+def mp4_available() -> bool:
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
+def default_video_format() -> str:
+    """MP4 where the encoder is installed, else animated WebP (Pillow only)."""
+    return "mp4" if mp4_available() else "webp"
+
+
+def check_video_format(video_format: str) -> None:
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"video format must be one of {', '.join(VIDEO_FORMATS)}, not {video_format!r}")
+    if video_format == "mp4" and not mp4_available():
+        raise ValueError(MP4_EXTRA)
+
+
+def is_video(item: Any) -> bool:
+    """A pipeline output item that is a video: a list of frames or a (frames, H, W, C) array."""
+    return isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4)
+
+
+def frame_arrays(video: Any) -> list[np.ndarray]:
+    """uint8 H x W x 3 arrays of a list of PIL frames or float [0, 1] / uint8 arrays."""
+    frames = []
+    for frame in video:
+        if isinstance(frame, Image.Image):
+            frames.append(np.asarray(frame.convert("RGB")))
+        else:
+            array = np.asarray(frame)
+            if array.dtype != np.uint8:
+                array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+            frames.append(array[..., :3])
+    if not frames:
+        raise ValueError("a video needs at least one frame")
+    return frames
+
+
+def _frame_ms(fps: float) -> int:
+    return max(1, round(1000 / fps))
+
+
+def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, quality: int | None = None,
+                 info: dict[str, Any] | None = None) -> bytes:
+    """The file bytes of ``video`` (frames) in ``video_format``, carrying ``info`` when given."""
+    from spmd_diffusion.jobs.encoding import DEFAULT_QUALITY, _exif, _xmp, parameters_text
+
+    check_video_format(video_format)
+    frames = frame_arrays(video)
+    quality = quality if quality is not None else DEFAULT_QUALITY["webp"]
+    if video_format == "mp4":
+        return _encode_mp4(frames, fps, quality, info, parameters_text(info) if info else None)
+    pictures = [Image.fromarray(frame) for frame in frames]
+    buffer = io.BytesIO()
+    options: dict[str, Any] = {"save_all": True, "append_images": pictures[1:], "duration": _frame_ms(fps), "loop": 0}
+    if video_format == "webp":
+        options.update(quality=quality, lossless=quality == 100)
+        if info is not None:
+            options.update(exif=_exif(info), xmp=_xmp(info))
+        pictures[0].save(buffer, format="WEBP", **options)
+    else:
+        if info is not None:
+            options["comment"] = json.dumps(info, sort_keys=True, default=repr).encode()
+        pictures[0].save(buffer, format="GIF", **options)
+    return buffer.getvalue()
+
+
+def _encode_mp4(frames: list[np.ndarray], fps: float, quality: int, info: dict[str, Any] | None,
+                parameters: str | None) -> bytes:
+    import imageio_ffmpeg
+
+    height, width = frames[0].shape[:2]
+    tags: list[str] = []
+    if info is not None:
+        tags = ["-metadata", f"comment={json.dumps(info, sort_keys=True, default=repr)}",
+                "-metadata", f"description={parameters}"]
+    with tempfile.TemporaryDirectory(prefix="spmd-video-") as directory:
+        path = str(Path(directory) / "video.mp4")
+        writer = imageio_ffmpeg.write_frames(
+            path, (width, height), fps=fps, codec="libx264", quality=max(1.0, quality / 10),
+            macro_block_size=2,  # yuv420p needs even sides; sizes are multiples of 8 anyway
+            ffmpeg_log_level="error",
+            output_params=[*tags, "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact",
+                           "-map_metadata", "-1"])
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        return Path(path).read_bytes()
+
+
+def read_frames(data: bytes, video_format: str) -> list[Image.Image]:
+    """The frames of an encoded video (for the contact sheet and for checks)."""
+    if video_format == "mp4":
+        import imageio_ffmpeg
+
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+            handle.write(data)
+            handle.flush()
+            reader = imageio_ffmpeg.read_frames(handle.name)
+            meta = next(reader)
+            width, height = meta["size"]
+            return [Image.frombytes("RGB", (width, height), frame) for frame in reader]
+    with Image.open(io.BytesIO(data)) as video:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(video)]
+
+
+def read_video_record(data: bytes, video_format: str) -> dict[str, Any] | None:
+    """The JSON record a video file carries, else None."""
+    if video_format == "mp4":
+        import imageio_ffmpeg
+
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+            handle.write(data)
+            handle.flush()
+            done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", handle.name,
+                                   "-f", "ffmetadata", "-"], capture_output=True, text=True, check=True)
+        for line in done.stdout.splitlines():
+            if line.startswith("comment="):
+                return json.loads(line[len("comment="):].replace("\\=", "=").replace("\\;", ";")
+                                  .replace("\\#", "#").replace("\\\\", "\\"))
+        return None
+    with Image.open(io.BytesIO(data)) as video:
+        if video.format == "GIF":
+            text = video.info.get("comment")
+        else:
+            from spmd_diffusion.jobs.encoding import EXIF_IMAGE_DESCRIPTION
+
+            text = video.getexif().get(EXIF_IMAGE_DESCRIPTION)
+    return json.loads(text) if text else None
+
+
+def frame_strip(frames: list[Image.Image], count: int = 4) -> Image.Image:
+    """``count`` frames spread over the video, side by side: a video's tile in the contact sheet."""
+    picks = [frames[round(k * (len(frames) - 1) / max(1, count - 1))] for k in range(min(count, len(frames)))]
+    width, height = picks[0].size
+    strip = Image.new("RGB", (width * len(picks), height), "white")
+    for position, frame in enumerate(picks):
+        strip.paste(frame.convert("RGB"), (position * width, 0))
+    return strip
