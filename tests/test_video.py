@@ -157,3 +157,58 @@ def test_generate_writes_a_decodable_video_per_item_with_manifest_lines(tiny_vid
         main([*args[:-1], "webp"])
     assert exited.value.code == 0, capsys.readouterr().err
     assert (output / "images" / "tree.webp").exists()
+
+
+@pytest.mark.slow
+def test_http_native_route_returns_frames_and_the_images_api_refuses_a_video_model(tiny_video):
+    import urllib.error
+    import urllib.request
+
+    from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
+    from spmd_diffusion.entrypoints.server import GENERATE_PATH, serve
+    from spmd_diffusion.utils.images import decode_image
+
+    engine = AsyncDiffusionEngine(OmniDiffusionConfig(model="tiny-video", executor_class="uni"), max_wait_s=0.02)
+    http = serve(engine, "127.0.0.1", 0, api_key="k", model_name="tiny-video").start()
+    base = http.url
+
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        status, body = post(GENERATE_PATH, {"requests": [{"prompt": "a wave", "seed": 1, "num_inference_steps": 2,
+                                                          "num_frames": 5}]})
+        assert status == 200, body
+        frames = decode_image(body["images"][0][0])
+        assert len(frames) == 5 and frames[0].size == (64, 64)
+        status, body = post("/v1/images/generations", {"prompt": "a wave"})
+        assert status == 400 and "makes videos" in body["error"]["message"]
+    finally:
+        http.shutdown()
+        http.server_close()
+        engine.close_sync()
+
+
+@pytest.mark.slow
+def test_webdataset_shards_hold_the_videos(tiny_video, tmp_path, capsys):
+    import tarfile
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a river", "id": "river", "num_frames": 5}\n')
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--model", "tiny-video", "--prompts", str(prompts), "--output", str(output),
+              "--steps", "2", "--video-format", "gif", "--output-format", "webdataset"])
+    assert exited.value.code == 0, capsys.readouterr().err
+    (shard,) = (output / "shards").glob("*.tar")
+    with tarfile.open(shard) as tar:
+        assert sorted(tar.getnames()) == ["river.gif", "river.json"]
+        clip = tar.extractfile("river.gif").read()
+        record = json.loads(tar.extractfile("river.json").read())
+    assert len(video.read_frames(clip, "gif")) == 5 and record["num_frames"] == 5

@@ -44,6 +44,7 @@ from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
 from spmd_diffusion.errors import ExecutorClosedError
 from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.utils.image_inputs import IMAGE_FIELDS
+from spmd_diffusion.models.loader import makes_video
 from spmd_diffusion.utils.images import image_png_bytes
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ def build_app(
 
     app = FastAPI(title="spmd_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
     started = time.time()
+    config = getattr(engine, "od_config", None)
+    video_model = config is not None and makes_video(config.model, config.model_class_name)
     metrics = metrics or PrometheusHooks()
     from prometheus_client import Counter
 
@@ -245,6 +248,9 @@ def build_app(
         if body.model not in (None, model_name):
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            code="model_not_found", param="model")
+        if video_model:
+            raise ApiError(400, f"{model_name!r} makes videos, which the images API cannot return: use "
+                                f"POST {GENERATE_PATH}, whose images are lists of frames", param="model")
         if body.response_format == "url":
             raise ApiError(400, "response_format url is not supported: images are returned as b64_json",
                            param="response_format")

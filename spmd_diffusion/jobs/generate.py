@@ -254,19 +254,13 @@ def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[
     for name in ("vae_tiling", "vae_slicing", "attention_backend", "compile", "cache"):
         if getattr(config, name):
             settings[name] = getattr(config, name)
-    if makes_video(config):
+    from spmd_diffusion.models.loader import makes_video
+
+    if makes_video(config.model, config.model_class_name):
         # The default format depends on what is installed: a resume elsewhere must not mix them.
         settings["video"] = {"format": options.encoding.video_format, "quality": options.quality}
     return settings
 
-
-def makes_video(config: OmniDiffusionConfig) -> bool:
-    """Does the configured pipeline make videos (its ``__call__`` takes ``num_frames``)? False
-    when the class cannot be known before loading (a hub id)."""
-    from spmd_diffusion.models.loader import call_arguments
-
-    arguments = call_arguments(config.model, config.model_class_name)
-    return arguments is not None and "num_frames" in arguments[1]
 
 
 def check_output_dir(output_dir: Path) -> None:

@@ -158,6 +158,13 @@ def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] |
     return name, {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
 
+def makes_video(model: str, class_name: str | None) -> bool:
+    """Does the pipeline make videos (its ``__call__`` takes ``num_frames``)? False when its
+    class cannot be known before loading (a hub id)."""
+    arguments = call_arguments(model, class_name)
+    return arguments is not None and "num_frames" in arguments[1]
+
+
 def _dtype_argument() -> str:
     """Newer diffusers renamed ``torch_dtype`` to ``dtype`` and warn on the old name."""
     try:
