@@ -14,10 +14,14 @@ echo "== single-process tests (they launch real 2-rank jobs, a Ray cluster, Slur
 # Two pytest workers, a test file each at a time: most tests start processes (mpiexec,
 # torchrun, Ray, Slurm) and wait on them, so two files overlap even on two cores. Measured
 # on the 2-vCPU VM: 509 tests in 17 min, then 1 min for the two multi-rank runs.
-timeout 1500 python -m pytest -q -n 2 --dist loadfile "$@"
+timeout 1500 python -m pytest -q -n 2 --dist loadfile --ignore=tests/multirank --durations=15 "$@"
 
 echo "== multi-rank tests: mpiexec -n 2 (pytest-mpi)"
 timeout 600 mpiexec -n 2 python -m pytest -q -p no:cacheprovider --with-mpi tests/multirank
 
 echo "== multi-rank tests: torchrun --nproc-per-node 2"
 timeout 600 torchrun --nproc-per-node 2 -m pytest -q -p no:cacheprovider tests/multirank
+
+echo "== multi-rank tests: torchrun --nproc-per-node 4 (tp 2 x dp 2, cfg 2 x dp 2, tp 2 x cfg 2)"
+timeout 600 torchrun --nproc-per-node 4 -m pytest -q -p no:cacheprovider tests/multirank/test_parallel_torchrun.py \
+    -k "tp2_matches_single_rank or cfg_parallel_matches_single_rank or tp2_and_cfg2"

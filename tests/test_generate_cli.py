@@ -30,6 +30,18 @@ def generate(launcher: str, *args: str, timeout: float = 180, **popen) -> subpro
                           timeout=timeout, env=env, **popen)
 
 
+def generate_here(*args: str) -> int:
+    """The no-launcher job inside this test process (uni executor: the worker runs here), for
+    references: the same code path as a ``none`` run less a process start and model load."""
+    from spmd_diffusion.entrypoints.cli import main
+
+    try:
+        main(["generate", *args, "--executor", "uni"])
+    except SystemExit as exited:
+        return exited.code
+    return 0
+
+
 def manifest(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "manifest.jsonl").read_text().splitlines()]
 

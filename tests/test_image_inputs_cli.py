@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_generate_cli import generate, images, manifest
+from test_generate_cli import generate, generate_here, images, manifest
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
@@ -45,13 +45,12 @@ def prompt_dir(tmp_path_factory):
 @pytest.mark.parametrize("kind", list(PIPELINES))
 def test_same_pixels_under_mpiexec_and_no_launcher(prompt_dir, tmp_path, kind):
     prompts = prompt_dir / f"{kind}.jsonl"
-    outputs = {}
-    for launcher in ("none", "mpiexec"):
-        output = tmp_path / f"out-{launcher}"
-        done = generate(launcher, "--prompts", str(prompts), "--output", str(output), "--model", "tiny-unet",
-                        "--model-class-name", PIPELINES[kind], "--steps", "2", "--batch-size", "2", timeout=240)
-        assert done.returncode == 0, done.stderr[-4000:]
-        outputs[launcher] = output
+    args = ["--prompts", str(prompts), "--model", "tiny-unet", "--model-class-name", PIPELINES[kind],
+            "--steps", "2", "--batch-size", "2"]
+    outputs = {launcher: tmp_path / f"out-{launcher}" for launcher in ("none", "mpiexec")}
+    assert generate_here(*args, "--output", str(outputs["none"])) == 0
+    done = generate("mpiexec", *args, "--output", str(outputs["mpiexec"]), timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
     assert images(outputs["none"]) == images(outputs["mpiexec"])
     lines = {line["id"]: line for line in manifest(outputs["mpiexec"])}
     assert {line["rank"] for line in lines.values()} == {0, 1}, "both replicas did work"

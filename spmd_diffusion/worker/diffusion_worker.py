@@ -131,14 +131,13 @@ class DiffusionWorker:
             return None
         return param.default
 
-    def _default_size(self) -> int | None:
-        if "height" in self.call_defaults:
-            return self.call_defaults["height"]
+    def _default_size(self) -> tuple[int | None, int | None]:
+        """(width, height) when a request sets none: the model's call defaults, else the
+        denoiser's sample size in pixels, else None (the pipeline's own)."""
         sample = getattr(getattr(self.denoiser, "config", None), "sample_size", None)
         scale = getattr(self.pipeline, "vae_scale_factor", None)
-        if isinstance(sample, int) and isinstance(scale, int):
-            return sample * scale
-        return None
+        side = sample * scale if isinstance(sample, int) and isinstance(scale, int) else None
+        return self.call_defaults.get("width", side), self.call_defaults.get("height", side)
 
     def effective_settings(self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None) -> dict[str, Any]:
         """The settings a request really runs with: its own, else the pipeline's defaults.
@@ -147,10 +146,9 @@ class DiffusionWorker:
         def pick(value: Any, fallback: Any) -> Any:
             return fallback if value is None else value
 
-        default = self._default_size()
-        default_width = self.call_defaults.get("width", default)
+        default_width, default_height = self._default_size()
         width, height = size if size is not None else (pick(request.width, default_width),
-                                                       pick(request.height, default))
+                                                       pick(request.height, default_height))
         settings = {
             "num_inference_steps": pick(request.num_inference_steps, self._default("num_inference_steps")),
             "guidance_scale": pick(request.guidance_scale, self._default("guidance_scale")),
@@ -199,8 +197,8 @@ class DiffusionWorker:
         if request.image is None:
             return None
         if self._accepts("height") and self._accepts("width"):
-            default = self._default_size()
-            return (request.width or default, request.height or default)
+            default_width, default_height = self._default_size()
+            return (request.width or default_width, request.height or default_height)
         processor = getattr(self.pipeline, "image_processor", None)
         if processor is None or not self._accepts("image"):
             return None  # the pipeline call refuses the image with its own message
