@@ -22,7 +22,8 @@ def _weights_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("arch, pipeline_name", [("unet", "StableDiffusionPipeline"), ("dit", "PixArtAlphaPipeline")])
+@pytest.mark.parametrize("arch, pipeline_name", [("unet", "StableDiffusionPipeline"), ("dit", "PixArtAlphaPipeline"),
+                                                 ("video", "WanPipeline")])
 def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipeline_name):
     import torch
 
@@ -33,6 +34,9 @@ def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipel
     pipeline = load_pipeline(str(tmp_path / arch), None, torch.float32)
     assert type(pipeline).__name__ == pipeline_name
     assert load_pipeline(str(tmp_path / arch), pipeline_name, torch.float32).__class__.__name__ == pipeline_name
+    marker = json.loads((tmp_path / arch / "tiny_model.json").read_text())
+    # only the video model needs defaults of its own (Wan's are 81 frames of 480x832)
+    assert marker.get("call_defaults") == ({"height": 64, "width": 64, "num_frames": 9} if arch == "video" else None)
 
 
 def test_builds_are_bit_identical(tmp_path, tiny_unet):

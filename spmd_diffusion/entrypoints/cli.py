@@ -211,8 +211,8 @@ def spmd_command(
 
 @cli.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(["unet", "dit"]), default="unet", show_default=True,
-              help="unet: Stable Diffusion 1.x layout; dit: PixArt-alpha layout.")
+@click.option("--arch", type=click.Choice(["unet", "dit", "video"]), default="unet", show_default=True,
+              help="unet: Stable Diffusion 1.x layout; dit: PixArt-alpha layout; video: Wan 2.1 layout.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
 def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
     """Build a tiny random-weight pipeline into DIRECTORY (loadable with from_pretrained)."""

@@ -18,7 +18,7 @@ Hooks are applied through the functions ``diffusers.hooks.apply_*``, not
 ``model.enable_cache``, because denoisers without diffusers' ``CacheMixin``
 (``PixArtTransformer2DModel``) take the hooks as well.
 
-Kinds and what VALUE means (each a cache of diffusers 0.36+):
+Kinds and what VALUE means (hooks of the installed diffusers; 0.42 has all four):
 
 =============  ===================================================  ===========
 kind           VALUE                                                default
