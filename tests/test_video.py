@@ -124,6 +124,9 @@ def test_the_tiny_video_model_makes_videos_of_the_asked_frame_count(video_worker
     assert output.metadata[0]["num_frames"] == 9 and output.metadata[0]["fps"] == 16
     assert output.metadata[1]["num_frames"] == 5 and output.metadata[1]["fps"] == 8
     assert type(video_worker.pipeline).__name__ == "WanPipeline"
+    rounded = video_worker.generate([OmniDiffusionRequest(prompt="a wave", seed=1, num_inference_steps=2,
+                                                          num_frames=6, request_id="c")])
+    assert len(rounded.images[0][0]) == 5 and rounded.metadata[0]["num_frames"] == 5  # Wan makes 4k + 1
     again = video_worker.generate(requests[:1])
     assert [np.asarray(f).tolist() for f in again.images[0][0]] == [np.asarray(f).tolist() for f in first]
 

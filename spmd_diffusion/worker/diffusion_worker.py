@@ -166,6 +166,13 @@ class DiffusionWorker:
         """A video pipeline: it takes ``num_frames`` and returns ``frames``."""
         return self._accepts("num_frames")
 
+    def _made_frames(self, videos: dict[int, Any]) -> dict[str, int]:
+        """The frame count a request's videos came out with: a pipeline may round the one asked
+        for (Wan makes 4k + 1 frames: 6 asked give 5), and the manifest must say what was made."""
+        if not self.makes_video or not videos:
+            return {}
+        return {"num_frames": len(next(iter(videos.values())))}
+
     def _loras(self, request: OmniDiffusionRequest) -> list[Any]:
         """The adapters a request runs with: its own set, else the run's."""
         from spmd_diffusion.models.lora import parse_loras
@@ -404,7 +411,7 @@ class DiffusionWorker:
             seeds=[request.image_seeds() for request in requests],
             metadata=[
                 {**self.effective_settings(request, sizes[i] or None), **self.model_facts(request),
-                 "seconds": round(seconds[i], 6), "rank": self.rank}
+                 **self._made_frames(images[i]), "seconds": round(seconds[i], 6), "rank": self.rank}
                 for i, request in enumerate(requests)
             ],
             timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds,
