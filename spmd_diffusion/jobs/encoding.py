@@ -127,7 +127,7 @@ class Encoding:
         from spmd_diffusion.jobs.video import DEFAULT_FPS, encode_video, is_video
 
         if is_video(item):
-            if info is not None:
-                info = {key: value for key, value in info.items() if key not in NOT_EMBEDDED}
-            return self.video_format, encode_video(item, self.video_format, fps or DEFAULT_FPS, self.quality, info)
-        return self.image_format, encode_image(item, self.image_format, self.quality, info)
+            data = encode_video(item, self.video_format, fps or DEFAULT_FPS, self.quality, info)
+        else:
+            data = encode_image(item, self.image_format, self.quality, info)
+        return self.extension(item), data

@@ -262,7 +262,6 @@ def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[
     return settings
 
 
-
 def check_output_dir(output_dir: Path) -> None:
     """Refuse an output directory the job could not write, before any model loads."""
     if output_dir.exists() and not output_dir.is_dir():

@@ -13,11 +13,13 @@ the item's record (prompt, seed, settings) as the image formats do.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +75,13 @@ def _frame_ms(fps: float) -> int:
 
 def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, quality: int | None = None,
                  info: dict[str, Any] | None = None) -> bytes:
-    """The file bytes of ``video`` (frames) in ``video_format``, carrying ``info`` when given."""
-    from spmd_diffusion.jobs.encoding import DEFAULT_QUALITY, _exif, _xmp, parameters_text
+    """The file bytes of ``video`` (frames) in ``video_format``, carrying ``info`` when given
+    (less what images leave out too: ``encoding.NOT_EMBEDDED``)."""
+    from spmd_diffusion.jobs.encoding import DEFAULT_QUALITY, NOT_EMBEDDED, _exif, _xmp, parameters_text
 
     check_video_format(video_format)
+    if info is not None:
+        info = {key: value for key, value in info.items() if key not in NOT_EMBEDDED}
     frames = frame_arrays(video)
     quality = quality if quality is not None else DEFAULT_QUALITY["webp"]
     if video_format == "mp4":
@@ -120,15 +125,22 @@ def _encode_mp4(frames: list[np.ndarray], fps: float, quality: int, info: dict[s
         return Path(path).read_bytes()
 
 
+@contextlib.contextmanager
+def _mp4_file(data: bytes) -> Iterator[str]:
+    """``data`` as a temporary .mp4 file (ffmpeg reads files), removed afterwards."""
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+        handle.write(data)
+        handle.flush()
+        yield handle.name
+
+
 def read_frames(data: bytes, video_format: str) -> list[Image.Image]:
     """The frames of an encoded video (for the contact sheet and for checks)."""
     if video_format == "mp4":
         import imageio_ffmpeg
 
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
-            handle.write(data)
-            handle.flush()
-            reader = imageio_ffmpeg.read_frames(handle.name)
+        with _mp4_file(data) as path:
+            reader = imageio_ffmpeg.read_frames(path)
             meta = next(reader)
             width, height = meta["size"]
             return [Image.frombytes("RGB", (width, height), frame) for frame in reader]
@@ -141,10 +153,8 @@ def read_video_record(data: bytes, video_format: str) -> dict[str, Any] | None:
     if video_format == "mp4":
         import imageio_ffmpeg
 
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
-            handle.write(data)
-            handle.flush()
-            done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", handle.name,
+        with _mp4_file(data) as path:
+            done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path,
                                    "-f", "ffmetadata", "-"], capture_output=True, text=True, check=True)
         for line in done.stdout.splitlines():
             if line.startswith("comment="):

@@ -121,9 +121,9 @@ def model_call_defaults(model: str) -> dict[str, Any]:
     """Call defaults a model directory carries for the tool (``call_defaults`` in a tiny
     model's ``tiny_model.json``): the tiny video model's own defaults are 81 frames of
     480x832, sized for the real Wan and hours of CPU for the tiny one."""
-    directory = cache_root() / f"{model}-v{TINY_MODEL_VERSION}" if model in TINY_MODELS else Path(model).expanduser()
     try:
-        defaults = json.loads((directory / "tiny_model.json").read_text()).get("call_defaults", {})
+        marker = Path(resolve_model_path(model)) / "tiny_model.json"
+        defaults = json.loads(marker.read_text()).get("call_defaults", {})
     except (OSError, ValueError, AttributeError):
         return {}
     return defaults if isinstance(defaults, dict) else {}

@@ -3,11 +3,11 @@
 Consecutive denoising steps compute nearly the same block outputs; a step cache reuses
 (or extrapolates) them instead of recomputing. The hooks are diffusers' own
 (``diffusers.hooks``); this module picks the config for a kind, applies it to the
-denoiser, and supplies the two things diffusers leaves to the pipeline:
+denoiser, and supplies what diffusers leaves to the pipeline:
 
 - a *cache context*. diffusers keys hook state by ``model.cache_context(name)``, which only
   some pipelines set (Wan, Flux, ...); PixArt and the UNet pipelines set none and every
-  hook fails with "No cache context is set". :func:`cache_call` wraps each pipeline call in
+  hook fails with "No cache context is set". :meth:`StepCache.call` wraps each pipeline call in
   one context (a pipeline that sets its own, per guidance branch, overrides it inside) and
   resets the hook state afterwards, so no state leaks from one batch into the next, even
   when a call fails;
