@@ -9,6 +9,8 @@
 set -euo pipefail
 # shellcheck disable=SC1091
 source "$(dirname "$0")/setup.sh"
+SUITE_START=$SECONDS
+trap 'echo "== test suite: $(( (SECONDS - SUITE_START) / 60 )) min $(( (SECONDS - SUITE_START) % 60 )) s (exit $?)"' EXIT
 
 echo "== single-process tests (they launch real 2-rank jobs, a Ray cluster, Slurm and two-node jobs too)"
 # Two pytest workers, a test file each at a time: most tests start processes (mpiexec,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from helpers import same_pixels, small_requests
@@ -130,6 +129,4 @@ def test_close_refuses_what_waits(tiny_unet):
         with pytest.raises(Exception, match="closed"):
             await engine.generate(small_requests(1)[0])
 
-    start = time.monotonic()
-    asyncio.run(run())
-    assert time.monotonic() - start < 30
+    asyncio.run(run())  # returns: close does not wait on anything (pytest-timeout catches a hang)

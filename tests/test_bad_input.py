@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -214,10 +213,8 @@ def test_bad_input_releases_every_rank(tmp_path, launcher):
         "mpiexec": [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")],
         "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"],
     }[launcher]
-    start = time.monotonic()
     done = subprocess.run([*command, "generate", "--prompts", str(garbage), "--output", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert time.monotonic() - start < 30
     expected = 2 if launcher == "mpiexec" else 1  # torchrun reports any failing rank as 1
     assert done.returncode == expected, done.stderr[-3000:]
     assert done.stderr.count("not UTF-8 text") == 1, done.stderr[-3000:]

@@ -11,10 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from gates import JobGate
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 pa = pytest.importorskip("pyarrow")
@@ -134,27 +134,21 @@ def test_resume_after_a_kill_in_the_middle_of_a_shard(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(12)))
     uni = [str(BIN / "omni-diffuse")]
-    args = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "20", "--height", "32", "--width", "32",
+    args = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "4", "--height", "32", "--width", "32",
             "--executor", "uni", "--output-format", "webdataset", "--shard-size", "4"]
     output = tmp_path / "killed"
+    gate = JobGate(tmp_path / "gate", after=6)  # held after one whole shard and half of the next
     job = subprocess.Popen([*uni, "generate", *args, "--output", str(output)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stderr=subprocess.DEVNULL, env=gate.env({**os.environ, "OMP_NUM_THREADS": "1"}),
                            start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # one shard complete, the next one half-written
-            path = output / "manifest.jsonl"
-            if path.exists() and path.read_text().count("\n") >= 4 and list((output / "shards").glob("*.part")):
-                break
-            time.sleep(0.02)
+        gate.wait_held(job)
+    finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=30)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
     first = manifest(output)
     partial = list((output / "shards").glob("*.part"))
-    assert 4 <= len(first) < 12 and len(first) % 4 == 0, "the kill must land mid-run, after whole shards"
+    assert len(first) == 4, "the kill lands after one whole shard"
     assert partial, "a shard was half-written when the job died"
 
     resumed = generate(uni, *args, "--output", str(output), timeout=240)

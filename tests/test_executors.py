@@ -96,16 +96,25 @@ def test_sleep_wake_through_the_executor(mp_engine):
     assert same_pixels(before, mp_engine.generate(requests))
 
 
-def test_timeout_fails_the_call_and_the_executor(tiny_unet):
+def test_timeout_fails_the_call_and_the_executor(tiny_unet, tmp_path):
+    """The call waits for a file the test writes only afterwards: it can end only by timing out."""
+    released = tmp_path / "released"
+
+    def held(worker, path=str(released)):
+        import os
+        import time
+
+        while not os.path.exists(path):
+            time.sleep(0.02)
+
     engine = DiffusionEngine(OmniDiffusionConfig(executor_class="uni"))
     try:
-        start = time.monotonic()
         with pytest.raises(ExecutorTimeoutError, match="did not finish within 0.5 s on rank"):
-            engine.collective_rpc(lambda worker: time.sleep(3), timeout=0.5)
-        assert time.monotonic() - start < 2.5
+            engine.collective_rpc(held, timeout=0.5)
         with pytest.raises(ExecutorClosedError):
             engine.collective_rpc("check_health")
     finally:
+        released.touch()
         engine.close()
 
 

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from gates import JobGate
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
@@ -90,12 +90,11 @@ def test_outputs_and_manifest(runs):
 
 
 def test_a_finished_job_has_nothing_to_do_and_loads_nothing(runs, prompt_file):
-    start = time.monotonic()
     again = generate("mpiexec", "--prompts", str(prompt_file), "--output", str(runs["mpiexec"]), "--batch-size", "2",
                      "--model", "tiny-unet", *COMMON, timeout=60)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("nothing to do: all 6 image(s)") == 1
-    assert "loaded" not in again.stderr and time.monotonic() - start < 30
+    assert "loaded" not in again.stderr
 
 
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
@@ -120,25 +119,23 @@ def test_same_png_bytes_under_every_launcher(runs):
 def test_resume_after_a_kill_finishes_only_what_is_missing(tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(12)))
-    args = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "25", "--height", "64", "--width", "64",
+    args = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "4", "--height", "64", "--width", "64",
             "--executor", "uni"]
     reference = tmp_path / "reference"
     assert generate("none", *args, "--output", str(reference)).returncode == 0
 
     output = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    gate = JobGate(tmp_path / "gate", after=2)  # the engine holds after two images: the kill lands mid-run
     job = subprocess.Popen([*LAUNCH["none"], "generate", *args, "--output", str(output)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        path = output / "manifest.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=gate.env({**os.environ, "OMP_NUM_THREADS": "1"}), start_new_session=True)
+    try:
+        gate.wait_held(job)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
     first = manifest(output)
-    assert 2 <= len(first) < 12, "the kill must land mid-run"
+    assert len(first) == 2, "the kill lands while the engine holds after two images"
     assert not list((output / "images").glob(".*")) or all(p.suffix == ".part" for p in (output / "images").glob(".*"))
 
     resumed = generate("none", *args, "--output", str(output))
@@ -190,13 +187,11 @@ def test_bad_input_exits_2_with_one_message_before_loading(tmp_path, args, messa
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
     (tmp_path / "empty.txt").write_text("\n")
     args = [a.format(bad_jsonl=tmp_path / "bad.jsonl", empty=tmp_path / "empty.txt") for a in args]
-    start = time.monotonic()
     done = generate("mpiexec", *args, "--output", str(tmp_path / "out"), timeout=60)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.count(message) == 1, done.stderr[-3000:]
     assert "loaded" not in done.stderr
     assert not (tmp_path / "out").exists()
-    assert time.monotonic() - start < 30
 
 
 @pytest.mark.parametrize(

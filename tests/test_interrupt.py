@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from gates import JobGate
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
@@ -20,7 +20,7 @@ LAUNCH = {  # (the command before "generate", options after it)
     "mpiexec": ([str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")], []),
     "none": ([str(BIN / "omni-diffuse")], ["--num-gpus", "2"]),
 }
-ARGS = ["--steps", "40", "--height", "64", "--width", "64", "--batch-size", "2"]
+ARGS = ["--steps", "4", "--height", "64", "--width", "64", "--batch-size", "2"]
 
 
 # Ctrl-C where it is typed (a job started without a launcher, mp workers), SIGTERM where
@@ -34,16 +34,12 @@ def test_a_signal_ends_the_job_with_one_line(tmp_path, launcher, sent, code, why
     prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
     output = tmp_path / "out"
     command, extra = LAUNCH[launcher]
+    gate = JobGate(tmp_path / "gate", after=1)  # the engine holds after one batch: the signal lands mid-run
     job = subprocess.Popen([*command, "generate", "--prompts", str(prompts), "--output", str(output), *ARGS, *extra],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env=gate.env({**os.environ, "OMP_NUM_THREADS": "1"}))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            manifest = output / "manifest.jsonl"
-            if manifest.exists() and manifest.read_text().strip():
-                break
-            time.sleep(0.1)
+        gate.wait_held(job)
         os.killpg(job.pid, sent)  # what the terminal (Ctrl-C) or Slurm (SIGTERM) does
         _, stderr = job.communicate(timeout=60)
     finally:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gates import JobGate
 from helpers import max_pixel_difference, same_pixels, small_requests
 from test_generate_cli import generate_here
 
@@ -139,25 +140,27 @@ def test_generate_killed_actor_exits_naming_the_rank_then_resume_completes(ray_a
 
     output = tmp_path / "ray"
     command = [str(BIN / "omni-diffuse"), *args, "--executor", "ray", "--num-gpus", "2", "--output", str(output)]
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    gate = JobGate(tmp_path / "gate", after=2)  # the engine holds after two images: the kill lands mid-run
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=gate.env(env))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 150
-    manifest = output / "manifest.jsonl"
-    while time.monotonic() < deadline and not (manifest.exists() and len(manifest.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    pids = _actor_pids(list(lines))
-    assert set(pids) == {0, 1}, "".join(lines)[-3000:]
+    try:
+        gate.wait_held(job)
+        pids = _actor_pids(list(lines))
+        assert set(pids) == {0, 1}, "".join(lines)[-3000:]
+        os.kill(pids[1], signal.SIGKILL)
+    finally:
+        gate.release()
     killed_at = time.monotonic()
-    os.kill(pids[1], signal.SIGKILL)
     code = job.wait(timeout=60)
     reader.join(10)
-    assert time.monotonic() - killed_at < 10
+    assert time.monotonic() - killed_at < 10  # the death is noticed, not waited out
     text = "".join(lines)
     assert code != 0 and "worker rank 1 died" in text, text[-3000:]
+    manifest = output / "manifest.jsonl"
     made = len(manifest.read_text().splitlines())
-    assert 2 <= made < 10, "the kill must land mid-run"
+    assert 2 <= made < 10, "the kill lands mid-run"
     assert json.loads((output / "run.json").read_text())["status"] == "failed"
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)

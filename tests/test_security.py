@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from gates import JobGate
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
@@ -62,10 +63,12 @@ def rank_processes(launcher: subprocess.Popen, count: int, deadline: float) -> l
 
 
 MPI_BASELINE = """
-import time, psutil
+import os, sys, time
 from mpi4py import MPI
-MPI.COMM_WORLD.Barrier()
-time.sleep(3)
+MPI.COMM_WORLD.Barrier()  # MPI is up on every rank: its listeners exist
+open(f"{sys.argv[1]}.ready{MPI.COMM_WORLD.rank}", "w").close()
+while not os.path.exists(sys.argv[1]):  # until the test has counted them
+    time.sleep(0.05)
 MPI.COMM_WORLD.Barrier()
 """
 
@@ -73,14 +76,19 @@ MPI.COMM_WORLD.Barrier()
 @pytest.fixture(scope="module")
 def mpi_listeners_per_rank(tmp_path_factory) -> int:
     """How many non-loopback listeners MPI itself gives a rank (a bare mpi4py program)."""
-    script = tmp_path_factory.mktemp("baseline") / "baseline.py"
+    folder = tmp_path_factory.mktemp("baseline")
+    script, counted = folder / "baseline.py", folder / "counted"
     script.write_text(MPI_BASELINE)
-    job = subprocess.Popen([str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script)], env=env())
+    job = subprocess.Popen([str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script), str(counted)], env=env())
     try:
-        time.sleep(1.5)
-        ranks = rank_processes(job, 2, time.monotonic() + 30)
+        deadline = time.monotonic() + 60
+        while not all((folder / f"counted.ready{rank}").exists() for rank in (0, 1)):
+            assert time.monotonic() < deadline and job.poll() is None, "the baseline MPI program did not start"
+            time.sleep(0.05)
+        ranks = rank_processes(job, 2, deadline)
         counts = [len(beyond_loopback(own_listeners(rank))) for rank in ranks]
     finally:
+        counted.touch()
         assert job.wait(timeout=60) == 0
     return max(counts)
 
@@ -92,24 +100,27 @@ def test_one_node_job_listens_on_loopback_only_and_runs_no_planted_pickle(tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(12)))
     output = tmp_path / "out"
+    gate = JobGate(tmp_path / "gate", after=1)  # held once the ranks have loaded, joined their groups, made images
     job = subprocess.Popen(
         [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), "generate", "--prompts", str(prompts),
          "--output", str(output), "--steps", "4", "--height", "64", "--width", "64", "--batch-size", "2", *flags],
-        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=gate.env(env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (output / "manifest.jsonl").exists():
-            time.sleep(0.1)  # the ranks have loaded (and joined their groups) once images arrive
-        ranks = rank_processes(job, 2, deadline)
+        gate.wait_held(job)
+        ranks = rank_processes(job, 2, time.monotonic() + 60)
         listeners = {rank.pid: own_listeners(rank) for rank in ranks}
         for pid, found in listeners.items():
             extra = beyond_loopback(found)
             assert len(extra) <= mpi_listeners_per_rank, f"rank pid {pid} listens beyond loopback: {extra}"
         ports = {port for found in listeners.values() for _, port in found}
         with ThreadPoolExecutor(max_workers=max(1, len(ports))) as pool:  # each silent peer costs its 2 s timeout
-            list(pool.map(lambda port: _plant(port, payload), ports))
-        log, _ = job.communicate(timeout=180)
+            list(pool.map(lambda port: _plant_raw(port, payload), ports))  # all land while the job is held
+            stores = [pool.submit(_plant_in_store, port, payload) for port in ports]
+            gate.release()  # a TCPStore client can wait on a live silent peer until the job ends
+            log, _ = job.communicate(timeout=180)
+            for store in stores:
+                store.result(timeout=60)
     finally:
         if job.poll() is None:
             job.kill()
@@ -131,15 +142,18 @@ class _Payload:
         return (open, (self.path, "w"))
 
 
-def _plant(port: int, payload: bytes) -> None:
-    """Send the payload the ways a stranger would: raw, length-prefixed, and as a TCPStore
-    ``set`` of the key names an old build read results from."""
+def _plant_raw(port: int, payload: bytes) -> None:
+    """Send the payload the ways a stranger would: raw and length-prefixed."""
     for data in (payload, len(payload).to_bytes(8, "little") + payload):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
                 connection.sendall(data)
         except OSError:
             pass
+
+
+def _plant_in_store(port: int, payload: bytes) -> None:
+    """The payload as a TCPStore ``set`` of the key names an old build read results from."""
     try:
         from torch.distributed import TCPStore
 

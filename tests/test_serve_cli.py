@@ -91,11 +91,10 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subproc
 
 def test_serve_refuses_to_listen_beyond_loopback_without_a_key_before_loading():
     env = {key: value for key, value in os.environ.items() if key != "SPMD_DIFFUSION_API_KEY"}
-    start = time.monotonic()
     done = subprocess.run([str(BIN / "omni-diffuse"), "serve", "--host", "0.0.0.0", "--model", "tiny-unet"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2 and "listening on 0.0.0.0 needs an API key" in done.stderr
-    assert time.monotonic() - start < 30 and "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr and "loaded" not in done.stderr
 
 
 def test_serve_refuses_a_busy_port_and_a_bad_schedule_before_loading():

@@ -19,6 +19,7 @@ from PIL import Image
 from spmd_diffusion import OmniDiffusionConfig
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.server import ServerLimits, check_listen_address, parse_size, serve
+from gates import DenoiserGate, SlowDenoiser
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
@@ -154,16 +155,23 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
         assert "over 1048576 bytes" in json.loads(response.read())["error"]["message"]
 
 
-def test_health_answers_within_a_second_while_a_batch_runs(server):
-    long = {"requests": [{"prompt": "long", "request_id": "long-health", "seed": 1, "num_inference_steps": 80,
+MACHINE_SPEEDS = pytest.mark.parametrize("step_delay", [0.0, 0.3], ids=["fast-machine", "slow-machine"])
+
+
+@MACHINE_SPEEDS
+def test_health_answers_while_a_batch_runs(server, step_delay):
+    """The batch is held inside the denoiser until health has answered: that it answers at
+    all proves it does not wait behind a running batch, on any machine (the slow machine:
+    every denoiser call takes ``step_delay`` longer)."""
+    long = {"requests": [{"prompt": "long", "request_id": "long-health", "seed": 1, "num_inference_steps": 2,
                           "height": 64, "width": 64}]}
-    worker = threading.Thread(target=call, args=(server.url + "/v1/diffusion/generate", long))
-    worker.start()
-    time.sleep(0.5)
-    assert server.async_engine.running == 1
-    start = time.monotonic()
-    assert call(server.url + "/health", key=None, timeout=5) == (200, {"status": "ok"})
-    assert time.monotonic() - start < 1.0
+    with SlowDenoiser(server.async_engine.engine, step_delay), DenoiserGate(server.async_engine.engine) as gate:
+        worker = threading.Thread(target=call, args=(server.url + "/v1/diffusion/generate", long))
+        worker.start()
+        gate.wait_entered()
+        assert server.async_engine.running == 1
+        assert call(server.url + "/health", key=None, timeout=30) == (200, {"status": "ok"})
+        assert server.async_engine.running == 1 and worker.is_alive()
     worker.join(timeout=120)
 
 
@@ -184,24 +192,47 @@ def test_twenty_concurrent_clients_all_get_their_images(server):
         assert len(answer["images"][0]) == 1
 
 
-def test_a_client_that_disconnects_cancels_what_has_not_started(server):
+@MACHINE_SPEEDS
+def test_a_client_that_disconnects_cancels_what_has_not_started(server, step_delay):
+    """The first batch is held in the denoiser while the client goes away: what was queued
+    behind it is dropped, the held batch finishes once released; on a fast and a slow
+    machine alike."""
     engine = server.async_engine
     before = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"]
-    body = json.dumps(native(8, steps=100, prefix="gone-")).encode()
+    cancelled_before = sample(call(server.url + "/metrics", key=None)[1], 'spmd_diffusion_requests_total{outcome="cancelled"}')
+    body = json.dumps(native(8, steps=2, prefix="gone-")).encode()
     host, port = server.socket.getsockname()[:2]
-    with socket.create_connection((host, port), timeout=10) as connection:
-        connection.sendall(b"POST /v1/diffusion/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(1.0)  # the first batch (4 of 8, ~3 s) is running
-    deadline = time.monotonic() + 60
-    while (engine.queued or engine.running) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert engine.queued == 0 and engine.running == 0
+    with SlowDenoiser(engine.engine, step_delay), DenoiserGate(engine.engine) as gate:
+        with socket.create_connection((host, port), timeout=10) as connection:
+            connection.sendall(b"POST /v1/diffusion/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            gate.wait_entered()
+            started = engine.running
+            assert 1 <= started <= 4 and engine.queued == 8 - started
+        wait_for(lambda: engine.queued == 0, "the queued requests were not cancelled")
+        assert engine.running == started  # the held batch is still running
+    wait_for(lambda: engine.running == 0, "the held batch did not finish")
     made = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"] - before
-    assert 1 <= made <= 4  # the started batch finished; the other four were dropped
+    assert made == started  # the started batch finished; the others were dropped
     status, text = call(server.url + "/metrics", key=None)
     assert "spmd_diffusion_requests_waiting 0.0" in text.splitlines()  # the dropped ones left the gauge
-    assert 'spmd_diffusion_requests_total{outcome="cancelled"} 4.0' in text.splitlines()
+    assert sample(text, 'spmd_diffusion_requests_total{outcome="cancelled"}') - cancelled_before == 8 - started
+
+
+def wait_for(condition, message: str, timeout: float = 60.0) -> None:
+    """Until ``condition()`` holds (a state, not a duration)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.02)
+
+
+def sample(metrics_text: str, name: str) -> float:
+    """One sample's value in Prometheus text output (0 when absent)."""
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_prometheus_output_parses_and_counts_what_was_made(server):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,13 @@ LAUNCHERS = {
 }
 
 
-def run_job(launcher: str, mode: str, limit: float = 90) -> tuple[int, str, float]:
+def run_job(launcher: str, mode: str, limit: float = 300) -> tuple[int, str]:
+    """A job that hangs stalls for an hour: the limit (start-up included, any machine) fails it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.monotonic()
     done = subprocess.run(
         [*LAUNCHERS[launcher], mode], capture_output=True, text=True, timeout=limit, env=env
     )
-    return done.returncode, done.stdout + done.stderr, time.monotonic() - start
+    return done.returncode, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
@@ -40,10 +39,9 @@ def run_job(launcher: str, mode: str, limit: float = 90) -> tuple[int, str, floa
     ],
 )
 def test_failure_ends_the_job(launcher, mode, expected):
-    code, output, seconds = run_job(launcher, mode)
+    code, output = run_job(launcher, mode)
     assert "ready" in output, output[-3000:]
     assert code != 0, output[-3000:]
-    assert seconds < 60, f"took {seconds:.0f} s"
     if expected:
         assert expected in output, output[-3000:]
     if mode == "fatal":

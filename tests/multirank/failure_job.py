@@ -30,7 +30,7 @@ def exit_on_rank_1(worker) -> None:
 
 def stall_on_rank_1(worker) -> None:
     if worker.rank == 1:
-        time.sleep(120)
+        time.sleep(3600)  # far beyond the test's limit: only the call's timeout can end it
 
 
 def main(mode: str) -> None:
@@ -46,7 +46,7 @@ def main(mode: str) -> None:
             engine.collective_rpc(stall_on_rank_1, timeout=2)
         elif mode == "rank0-error":
             raise RuntimeError("rank 0 found a bug")
-        time.sleep(120)  # never reached in a correct build: the job must already be over
+        time.sleep(3600)  # never reached in a correct build: the job must already be over
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""Installs the test gate of ``tests/gates.py`` (JobGate) in a job's processes: on the
+processes that run the engine, ``ReplicaScheduler.drive`` hands out no further batch once
+``$SPMD_TEST_GATE_AFTER`` batches have been delivered, until ``$SPMD_TEST_GATE_DIR/release``
+exists. Inert unless ``SPMD_TEST_GATE_DIR`` is set; nothing is imported before the engine's
+own module is."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+TARGET = "spmd_diffusion.engine.scheduler"
+HOLD_LIMIT_S = 300.0
+
+
+def _hold(directory: Path) -> None:
+    (directory / "held").touch()
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not (directory / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class _GatedSource:
+    """A work source that stops handing out work after ``after`` deliveries until released."""
+
+    def __init__(self, inner, directory: Path, after: int) -> None:
+        self._inner, self._directory, self._after, self._delivered = inner, directory, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def take(self, now):
+        if self._delivered >= self._after and not (self._directory / "release").exists():
+            _hold(self._directory)
+        return self._inner.take(now)
+
+    def finished(self, work, output):
+        verdict = self._inner.finished(work, output)
+        self._delivered += 1
+        return verdict
+
+
+def _patch(module) -> None:
+    directory, after = Path(os.environ["SPMD_TEST_GATE_DIR"]), int(os.environ.get("SPMD_TEST_GATE_AFTER", "1"))
+    original = module.ReplicaScheduler.drive
+
+    def drive(self, source, timeout=None):
+        return original(self, _GatedSource(source, directory, after), timeout)
+
+    module.ReplicaScheduler.drive = drive
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("SPMD_TEST_GATE_DIR"):
+    sys.meta_path.insert(0, _PatchOnImport())
