@@ -22,10 +22,16 @@ def _weights_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("arch, pipeline_name", [("unet", "StableDiffusionPipeline"), ("dit", "PixArtAlphaPipeline"),
-                                                 ("video", "WanPipeline")])
+FAMILIES = [("unet", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline"), ("dit", "PixArtAlphaPipeline"),
+            ("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline"), ("qwen-image", "QwenImagePipeline"),
+            ("sana", "SanaPipeline"), ("video", "WanPipeline"), ("ltx", "LTXPipeline")]
+
+
+@pytest.mark.parametrize("arch, pipeline_name", FAMILIES, ids=[arch for arch, _ in FAMILIES])
 def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipeline_name):
     import torch
+
+    from spmd_diffusion.models.tiny import CALL_DEFAULTS
 
     result = CliRunner().invoke(cli, ["make-tiny-model", str(tmp_path / arch), "--arch", arch])
     assert result.exit_code == 0, result.output
@@ -35,8 +41,9 @@ def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipel
     assert type(pipeline).__name__ == pipeline_name
     assert load_pipeline(str(tmp_path / arch), pipeline_name, torch.float32).__class__.__name__ == pipeline_name
     marker = json.loads((tmp_path / arch / "tiny_model.json").read_text())
-    # only the video model needs defaults of its own (Wan's are 81 frames of 480x832)
-    assert marker.get("call_defaults") == ({"height": 64, "width": 64, "num_frames": 9} if arch == "video" else None)
+    # the families whose own defaults are 1024x1024 images, long videos or long prompts carry small ones
+    assert marker.get("call_defaults") == CALL_DEFAULTS.get(arch)
+    assert arch in ("unet", "sdxl", "dit") or marker["call_defaults"]["height"] == 64
 
 
 def test_builds_are_bit_identical(tmp_path, tiny_unet):

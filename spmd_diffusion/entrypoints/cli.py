@@ -25,6 +25,7 @@ from spmd_diffusion import __version__
 from spmd_diffusion.data import DEFAULT_MODEL, DTYPES, OmniDiffusionConfig
 from spmd_diffusion.errors import Terminated, interrupt_exit_code
 from spmd_diffusion.distributed.launcher import detect_launcher
+from spmd_diffusion.models.tiny.families import BUILDERS as TINY_BUILDERS
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -211,8 +212,9 @@ def spmd_command(
 
 @cli.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(["unet", "dit", "video"]), default="unet", show_default=True,
-              help="unet: Stable Diffusion 1.x layout; dit: PixArt-alpha layout; video: Wan 2.1 layout.")
+@click.option("--arch", type=click.Choice(list(TINY_BUILDERS)), default="unet", show_default=True,
+              help="The family: unet (SD 1.x), sdxl, dit (PixArt-alpha), sd3 (SD3.5), flux (FLUX.1-dev), "
+                   "qwen-image, sana, video (Wan 2.1), ltx (LTX-Video).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
 def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
     """Build a tiny random-weight pipeline into DIRECTORY (loadable with from_pretrained)."""

@@ -18,7 +18,8 @@ from typing import Any
 from spmd_diffusion import envs
 from spmd_diffusion.models.tiny import TINY_MODEL_VERSION, build_in_subprocess, make_tiny_model
 
-TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit", "tiny-video": "video"}
+TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit", "tiny-video": "video", "tiny-flux": "flux", "tiny-sd3": "sd3",
+               "tiny-sdxl": "sdxl", "tiny-qwen-image": "qwen-image", "tiny-sana": "sana", "tiny-ltx": "ltx"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -285,6 +285,9 @@ class DiffusionWorker:
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = on_step_end
+        for name, value in self.call_defaults.items():  # e.g. a tiny model's short prompt length
+            if name not in kwargs and name not in first.extra and self._accepts(name):
+                kwargs[name] = value
         kwargs.update(first.extra)
         refused = sorted(name for name in kwargs if not self._accepts(name))
         if refused:
