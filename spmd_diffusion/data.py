@@ -61,6 +61,8 @@ class OmniDiffusionConfig:
     num_gpus: int = 1
     tensor_parallel_size: int = 1
     cfg_parallel: bool = False
+    ulysses_degree: int = 1
+    ring_degree: int = 1
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -103,7 +105,8 @@ class OmniDiffusionConfig:
         if not isinstance(self.executor_config, dict):
             raise ValueError(f"executor_config must be a dict, got {type(self.executor_config).__name__}")
         _check_int("num_gpus", self.num_gpus, 1)
-        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        for name in ("tensor_parallel_size", "ulysses_degree", "ring_degree"):
+            _check_int(name, getattr(self, name), 1)
         for name in ("cfg_parallel", "batch_invariant", "vae_tiling", "vae_slicing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -197,15 +200,16 @@ class OmniDiffusionConfig:
 
     @property
     def replica_size(self) -> int:
-        """Ranks that work on one image together: tensor-parallel x cfg-parallel."""
-        return self.tensor_parallel_size * (2 if self.cfg_parallel else 1)
+        """Ranks that work on one image together: tensor x cfg x sequence (ulysses x ring) parallel."""
+        return self.tensor_parallel_size * (2 if self.cfg_parallel else 1) * self.ulysses_degree * self.ring_degree
 
     def parallel_layout(self, world_size: int) -> ParallelLayout:
         """How ``world_size`` ranks (or workers) split into replicas under this config; a clear
-        ``ValueError`` when tp x cfg does not divide them."""
+        ``ValueError`` when tp x cfg x sp does not divide them."""
         from spmd_diffusion.parallel.mesh import ParallelLayout
 
-        return ParallelLayout(world_size, tp=self.tensor_parallel_size, cfg=2 if self.cfg_parallel else 1)
+        return ParallelLayout(world_size, tp=self.tensor_parallel_size, cfg=2 if self.cfg_parallel else 1,
+                              ulysses=self.ulysses_degree, ring=self.ring_degree)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; a class in ``executor_class`` becomes its dotted path."""

@@ -52,7 +52,7 @@ def test_dtype_aliases_and_replica_size():
 def test_parallel_layout_splits_the_world_or_names_what_does_not_divide():
     config = OmniDiffusionConfig(tensor_parallel_size=2, cfg_parallel=True)
     layout = config.parallel_layout(8)
-    assert layout.shape == (2, 2, 2) and layout.leader_ranks() == [0, 4]
+    assert layout.shape == (2, 2, 1, 1, 2) and layout.leader_ranks() == [0, 4]
     with pytest.raises(ValueError, match=r"world_size=6 is not divisible by tp\*cfg=4 \(tp=2, cfg=2\)"):
         config.parallel_layout(6)
 

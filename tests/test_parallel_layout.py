@@ -1,4 +1,5 @@
-"""ParallelLayout: world = dp x cfg x tp, rank coordinates, replicas and their leaders."""
+"""ParallelLayout: world = dp x cfg x sp x tp (sp = ring x ulysses), rank coordinates, replicas and
+their leaders. Shapes and coordinates are in mesh order (dp, cfg, ring, ulysses, tp)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,29 @@ from spmd_diffusion.parallel import ParallelLayout, build_device_mesh, is_replic
 
 def test_dp_is_what_tp_and_cfg_leave():
     layout = ParallelLayout(8, tp=2, cfg=2)
-    assert (layout.dp, layout.shape, layout.replica_size) == (2, (2, 2, 2), 4)
+    assert (layout.dp, layout.shape, layout.replica_size) == (2, (2, 2, 1, 1, 2), 4)
     assert ParallelLayout(3).dp == 3
-    assert ParallelLayout(4, tp=4).shape == (1, 1, 4)
+    assert ParallelLayout(4, tp=4).shape == (1, 1, 1, 1, 4)
 
 
 def test_ranks_are_tp_fastest():
     layout = ParallelLayout(8, tp=2, cfg=2)
-    assert [layout.coordinates(rank) for rank in range(4)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
-    assert layout.coordinates(5) == (1, 0, 1)
+    assert [layout.coordinates(rank) for rank in range(4)] == [(0, 0, 0, 0, 0), (0, 0, 0, 0, 1), (0, 1, 0, 0, 0), (0, 1, 0, 0, 1)]
+    assert layout.coordinates(5) == (1, 0, 0, 0, 1)
     assert [replica_index(layout, rank) for rank in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert [rank for rank in range(8) if is_replica_leader(layout, rank)] == [0, 4]
     assert layout.leader_ranks() == [0, 4]
     assert layout.replica_ranks(1) == [4, 5, 6, 7]
+
+
+def test_sequence_parallel_ranks_sit_between_cfg_and_tp():
+    layout = ParallelLayout(16, tp=2, cfg=2, ulysses=2, ring=2)
+    assert (layout.dp, layout.sp, layout.replica_size, layout.shape) == (1, 4, 16, (1, 2, 2, 2, 2))
+    assert layout.coordinates(1) == (0, 0, 0, 0, 1) and layout.coordinates(2) == (0, 0, 0, 1, 0)
+    assert layout.coordinates(4) == (0, 0, 1, 0, 0) and layout.coordinates(8) == (0, 1, 0, 0, 0)
+    assert ParallelLayout(8, ulysses=2, cfg=2).leader_ranks() == [0, 4]
+    assert ParallelLayout(4, ring=2).describe() == {"world_size": 4, "dp": 2, "cfg": 1, "sp": 2, "ulysses": 1,
+                                                    "ring": 2, "tp": 1}
 
 
 def test_every_rank_a_leader_without_tp_or_cfg():
@@ -39,6 +50,9 @@ def test_every_rank_a_leader_without_tp_or_cfg():
         ({"world_size": 4, "tp": 0}, r"tp must be a positive integer, got 0"),
         ({"world_size": 0}, r"world_size must be a positive integer, got 0"),
         ({"world_size": 2, "tp": 1.5}, r"tp must be a positive integer"),
+        ({"world_size": 6, "ulysses": 4}, r"not divisible by tp\*cfg\*ulysses=4 \(tp=1, cfg=1, ulysses=4\)"),
+        ({"world_size": 4, "ulysses": 2, "ring": 3}, r"tp\*cfg\*ulysses\*ring=6"),
+        ({"world_size": 4, "ring": 0}, r"ring must be a positive integer, got 0"),
     ],
 )
 def test_invalid_layouts_name_the_field(kwargs, field):

@@ -98,7 +98,14 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parallel_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--tp and --cfg-parallel: the replica layout of the commands that generate."""
+    """--tp, --ulysses, --ring and --cfg-parallel: the replica layout of the commands that
+    generate (ranks per replica = tp x ulysses x ring x (2 with --cfg-parallel))."""
+    command = click.option("--ring", "ring_degree", type=click.IntRange(min=1), default=1, show_default=True,
+                           help="Sequence-parallel ranks per replica passing key/value chunks around a ring "
+                                "(ring attention); composes with --ulysses.")(command)
+    command = click.option("--ulysses", "ulysses_degree", type=click.IntRange(min=1), default=1, show_default=True,
+                           help="Sequence-parallel ranks per replica splitting an image's tokens, attention heads "
+                                "exchanged by all-to-all (Ulysses); must divide the heads.")(command)
     command = click.option("--cfg-parallel", is_flag=True, help="Run the two guidance branches on two ranks.")(command)
     return click.option("--tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
                         help="Tensor-parallel ranks per replica (must divide the ranks).")(command)
@@ -369,6 +376,8 @@ def job_layout(engine: Any) -> dict[str, Any]:
         "replicas": layout.dp,
         "tensor_parallel_size": layout.tp,
         "cfg_parallel": layout.cfg == 2,
+        "ulysses_degree": layout.ulysses,
+        "ring_degree": layout.ring,
     }
 
 
@@ -378,8 +387,11 @@ def check_world_layout(config: OmniDiffusionConfig) -> None:
 
     world = resolve_executor_class(config.executor_class).planned_world_size(config)
     if world is not None and world % config.replica_size:
+        flags = [f"--{flag} {value}" for flag, value in (("tp", config.tensor_parallel_size),
+                                                         ("ulysses", config.ulysses_degree),
+                                                         ("ring", config.ring_degree)) if value > 1]
         raise click.UsageError(
-            f"--tp {config.tensor_parallel_size}{' with --cfg-parallel' if config.cfg_parallel else ''} "
+            f"{' x '.join(flags + ['--cfg-parallel'] * config.cfg_parallel)} "
             f"needs a multiple of {config.replica_size} ranks; this job has {world}"
         )
     if config.replica_size > 1 and config.device != "cpu":

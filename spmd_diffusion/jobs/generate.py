@@ -466,6 +466,7 @@ class GenerateJob:
         self.layout = layout
         self.stats = JobStats()
         self.settings = run_settings(plan.options, plan.config)
+        self.parallel: dict[str, Any] | None = None  # run.json's "parallel": what each parallel flag did
         self.compile_seconds: float | None = None  # with --compile: the slowest rank's compile time
         self.done_by_id: dict[str, set[int]] = {}
         for request_id, index in plan.done:
@@ -535,6 +536,8 @@ class GenerateJob:
                 **({"shards_written": stats.shards_written} if self.shards else {}),
             },
         }
+        if self.parallel is not None:
+            record["parallel"] = self.parallel
         if error is not None:
             record["error"] = error
         if self.previous_run is not None:
@@ -691,9 +694,13 @@ class GenerateJob:
         seconds = time.time() - started
         if self.shards:
             self._write_shard_index()
-        if plan.config.compile:
+        if plan.config.compile or plan.config.replica_size > 1:
+            from spmd_diffusion.parallel import merge_parallel_stats  # torch: only where a replica has ranks
+
             stats = engine.collective_rpc("get_cache_stats")
-            self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
+            self.parallel = merge_parallel_stats(stats)
+            if plan.config.compile:
+                self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
             write_contact_sheet(plan.output_dir / "contact_sheet.png",
                                 [(label, self._sheet_image(record)) for label, record in self.stats.sheet])
@@ -743,6 +750,7 @@ class GenerateJob:
                      ("images/s excluding compile", f"{made / steady:.2f}" if steady > 0 else "-")]
         rows += [
             ("layout", f"{self.layout.get('replicas', 1)} replica(s) x {self.layout.get('replica_size', 1)} rank(s)"),
+            *(parallel_rows(self.parallel) if self.parallel is not None else []),
         ]
         if self.shards:
             rows.append(("shards written", stats.shards_written))
@@ -752,6 +760,12 @@ class GenerateJob:
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value}" for name, value in rows]
         print("summary\n" + "\n".join(lines) + f"\n  output: {self.plan.output_dir}", file=sys.stderr)
+
+
+def parallel_rows(merged: dict[str, Any]) -> list[tuple[str, str]]:
+    from spmd_diffusion.parallel import parallel_summary
+
+    return parallel_summary(merged)
 
 
 def previous_run(path: Path) -> dict[str, Any] | None:

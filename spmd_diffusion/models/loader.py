@@ -17,9 +17,9 @@ from typing import Any
 
 from spmd_diffusion import envs
 from spmd_diffusion.models.tiny import TINY_MODEL_VERSION, build_in_subprocess, make_tiny_model
+from spmd_diffusion.models.tiny.families import PIPELINES
 
-TINY_MODELS = {"tiny-unet": "unet", "tiny-dit": "dit", "tiny-video": "video", "tiny-flux": "flux", "tiny-sd3": "sd3",
-               "tiny-sdxl": "sdxl", "tiny-qwen-image": "qwen-image", "tiny-sana": "sana", "tiny-ltx": "ltx"}
+TINY_MODELS = {f"tiny-{arch}": arch for arch in PIPELINES}  # tiny-unet, tiny-flux, ...
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -114,8 +114,7 @@ def pipeline_class(class_name: str | None) -> Any:
     return cls
 
 
-TINY_PIPELINES = {"tiny-unet": "StableDiffusionPipeline", "tiny-dit": "PixArtAlphaPipeline",
-                  "tiny-video": "WanPipeline"}
+TINY_PIPELINES = {name: PIPELINES[arch] for name, arch in TINY_MODELS.items()}
 
 
 def model_call_defaults(model: str) -> dict[str, Any]:
@@ -142,6 +141,23 @@ def declared_pipeline_class(model: str, class_name: str | None) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return name if isinstance(name, str) else None
+
+
+def denoiser_config(model: str) -> tuple[str, dict[str, Any]] | None:
+    """(class name, config) of the pipeline's denoiser (``transformer``, else ``unet``), read
+    from its config.json without loading any weight; None for a hub id. A tiny model is
+    built first if it is missing (every rank would need it a moment later anyway)."""
+    if not (model in TINY_MODELS or Path(model).expanduser().is_dir()):
+        return None
+    directory = Path(resolve_model_path(model))
+    for component in ("transformer", "unet"):
+        try:
+            config = json.loads((directory / component / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+            return config["_class_name"], config
+    return None
 
 
 def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] | None:

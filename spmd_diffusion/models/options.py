@@ -50,6 +50,8 @@ def check_model_options(config: Any) -> None:
 
         check_cache_for_pipeline(parse_cache(config.cache), declared_pipeline_class(config.model,
                                                                                     config.model_class_name))
+    if config.ulysses_degree * config.ring_degree > 1:
+        check_sequence_parallel(config)
     if config.offload is not None:
         import torch
 
@@ -57,6 +59,28 @@ def check_model_options(config: Any) -> None:
             # diffusers refuses too ("requires accelerator, but not found"), but only after loading.
             raise ValueError(f"--offload {config.offload} moves models between the CPU and a GPU, and this machine "
                              "has none: on a CPU the whole pipeline already lives in host memory, run without it")
+
+
+def check_sequence_parallel(config: Any) -> None:
+    """--ulysses/--ring on this model: a denoiser with a sequence-parallel plan, whose heads
+    divide by tp x ulysses (read from its config.json; a hub id is checked when it loads)."""
+    from spmd_diffusion.models.loader import denoiser_config
+    from spmd_diffusion.parallel.sequence_parallel import refusal
+
+    found = denoiser_config(config.model)
+    if found is None:
+        return
+    name, denoiser = found
+    flags = " ".join(f"--{flag} {value}" for flag, value in (("ulysses", config.ulysses_degree),
+                                                            ("ring", config.ring_degree)) if value > 1)
+    problem = refusal(name, denoiser, config.ulysses_degree, config.ring_degree)
+    heads = denoiser.get("num_attention_heads")
+    if problem is None and config.tensor_parallel_size > 1 and isinstance(heads, int) \
+            and heads % (config.tensor_parallel_size * config.ulysses_degree):
+        problem = (f"--tp {config.tensor_parallel_size} x --ulysses {config.ulysses_degree} split attention heads, "
+                   f"and {name} has {heads} heads")
+    if problem is not None:
+        raise ValueError(f"{flags}: {problem}")
 
 
 def denoiser_of(pipeline: Any) -> tuple[str, Any] | tuple[None, None]:

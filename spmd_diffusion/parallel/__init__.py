@@ -1,14 +1,14 @@
-"""Tensor-parallel and CFG-parallel denoising for diffusers pipelines.
+"""Tensor-, sequence- and CFG-parallel denoising for diffusers pipelines.
 
-The world splits as dp x cfg x tp (see :mod:`.mesh`): ``dp`` independent replicas, each of
-``cfg`` x ``tp`` ranks that make the same images together. Call contract for the worker,
-on every rank, in this order::
+The world splits as dp x cfg x sp x tp (see :mod:`.mesh`; sp = ring x ulysses): ``dp``
+independent replicas, each of ``cfg`` x ``sp`` x ``tp`` ranks that make the same images
+together. Call contract for the worker, on every rank, in this order::
 
     from spmd_diffusion.parallel import ParallelLayout, build_device_mesh, parallelize_pipeline
 
     # once per job, after torch.distributed.init_process_group (gloo on CPU, nccl or
     # "cpu:gloo,cuda:nccl" on GPU) and, on GPU, torch.cuda.set_device(local_rank):
-    layout = ParallelLayout(world_size, tp=config.tensor_parallel_size, cfg=2 if config.cfg_parallel else 1)
+    layout = config.parallel_layout(world_size)
     mesh = build_device_mesh(layout, device.type)          # collective: every rank calls it
 
     # after pipeline = load_pipeline(...).to(device)  (weights on their final device):
@@ -18,7 +18,7 @@ Every rank must have loaded the same weights: each shards its own copy, nothing 
 
 Then every rank of one replica (``layout.replica_ranks(layout.replica_index(rank))``) must
 make the same pipeline calls with the same arguments (prompts, seeds, sizes, steps): the
-denoiser runs collectives over the tp and cfg groups inside every step. Every rank of the
+denoiser runs collectives over the tp, sp and cfg groups inside every step. Every rank of the
 replica ends with the same images; only the leader (``layout.is_replica_leader(rank)``)
 needs to report them. The engine schedules work per replica, not per rank.
 
@@ -48,6 +48,7 @@ from spmd_diffusion.parallel.mesh import (
     is_replica_leader,
     replica_index,
 )
+from spmd_diffusion.parallel.sequence_parallel import SPReport, enable_sequence_parallel
 from spmd_diffusion.parallel.tensor_parallel import (
     TPReport,
     apply_tensor_parallel,
@@ -64,6 +65,7 @@ __all__ = [
     "CFGParallel",
     "ParallelLayout",
     "ParallelReport",
+    "SPReport",
     "TPReport",
     "apply_tensor_parallel",
     "build_device_mesh",
@@ -72,10 +74,13 @@ __all__ = [
     "denoiser_of",
     "disable_cfg_parallel",
     "enable_cfg_parallel",
+    "enable_sequence_parallel",
     "gated_row_order",
     "is_replica_leader",
     "parallelize_pipeline",
+    "merge_parallel_stats",
     "param_bytes",
+    "parallel_summary",
     "replica_index",
 ]
 
@@ -88,15 +93,68 @@ class ParallelReport:
     denoiser: str  # "unet" or "transformer"
     tp: TPReport | None
     cfg: CFGParallel | None
+    sp: SPReport | None = None
 
     def summary(self) -> str:
         layout = self.layout
-        lines = [f"parallel layout dp={layout.dp} cfg={layout.cfg} tp={layout.tp} (pipeline.{self.denoiser})"]
+        lines = [f"parallel layout dp={layout.dp} cfg={layout.cfg} ring={layout.ring} ulysses={layout.ulysses} "
+                 f"tp={layout.tp} (pipeline.{self.denoiser})"]
         if self.tp is not None:
             lines.append(self.tp.summary())
+        if self.sp is not None:
+            lines.append(self.sp.summary())
         if self.cfg is not None:
-            lines.append("cfg parallel: guided (doubled-batch) steps split over 2 ranks")
+            lines.append("cfg parallel: a guided step's two branches run on the two ranks of the pair")
         return "\n".join(lines)
+
+    def describe(self) -> dict[str, Any]:
+        """run.json's ``"parallel"`` for this rank: what each mode did (so far)."""
+        data: dict[str, Any] = {"layout": self.layout.describe(), "denoiser": self.denoiser}
+        if self.tp is not None:
+            data["tp"] = self.tp.describe()
+        if self.cfg is not None:
+            data["cfg"] = {"split_calls": self.cfg.split_calls, "whole_calls": self.cfg.whole_calls}
+        if self.sp is not None:
+            data["sp"] = self.sp.describe()
+        return data
+
+
+def merge_parallel_stats(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """run.json's ``"parallel"`` from every rank's ``get_cache_stats()``: the layout, the TP
+    plan (the same on every rank), and the CFG and sequence-parallel call counts of the
+    replica leaders summed (every rank of a replica makes the same calls)."""
+    reports = [rank["parallel"] for rank in ranks if isinstance(rank, dict) and rank.get("parallel")]
+    if not reports:
+        return None
+    layout = ParallelLayout(**{k: reports[0]["layout"][k] for k in ("world_size", "tp", "cfg", "ulysses", "ring")})
+    leaders = [rank["parallel"] for rank in ranks if rank.get("parallel") and layout.is_replica_leader(rank["rank"])]
+    merged = {key: value for key, value in reports[0].items() if key in ("layout", "denoiser", "tp")}
+    if "cfg" in reports[0]:
+        merged["cfg"] = {name: sum(report["cfg"][name] for report in leaders) for name in ("split_calls", "whole_calls")}
+    if "sp" in reports[0]:
+        merged["sp"] = dict(reports[0]["sp"])
+        merged["sp"]["sequence_parallel_attention_calls"] = sum(
+            report["sp"]["sequence_parallel_attention_calls"] for report in leaders)
+    return merged
+
+
+def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows for a job's summary: what each parallel flag did."""
+    rows = []
+    if "tp" in merged:
+        tp = merged["tp"]
+        rows.append(("tensor parallel", f"tp={tp['degree']}: {len(tp['sharded']['attention'])} attention + "
+                     f"{len(tp['sharded']['feedforward'])} feed-forward sharded, {len(tp['replicated'])} replicated, "
+                     f"{tp['param_fraction']:.2f}x denoiser parameters per rank"))
+    if "sp" in merged:
+        sp = merged["sp"]
+        rows.append(("sequence parallel", f"ulysses={sp['ulysses']} ring={sp['ring']}: "
+                     f"{sp['sequence_parallel_attention_calls']} attention calls over the whole sequence"))
+    if "cfg" in merged:
+        cfg = merged["cfg"]
+        rows.append(("cfg parallel", f"{cfg['split_calls']} guided denoiser calls split over the pair, "
+                     f"{cfg['whole_calls']} whole"))
+    return rows
 
 
 def denoiser_of(pipeline: Any) -> tuple[str, Any]:
@@ -109,11 +167,13 @@ def denoiser_of(pipeline: Any) -> tuple[str, Any]:
 
 
 def parallelize_pipeline(pipeline: Any, layout: ParallelLayout, mesh: DeviceMesh) -> ParallelReport:
-    """Apply tensor parallelism (tp > 1) and CFG parallelism (cfg == 2) to the pipeline's
-    denoiser, in place. ``mesh`` comes from :func:`build_device_mesh` (layout); call it
-    after ``pipeline.to(device)``, on every rank. A dp-only layout changes nothing."""
+    """Apply tensor parallelism (tp > 1), sequence parallelism (ring x ulysses > 1) and CFG
+    parallelism (cfg == 2) to the pipeline's denoiser, in place, in that order (the CFG split
+    of the batch wraps everything). ``mesh`` comes from :func:`build_device_mesh` (layout);
+    call it after ``pipeline.to(device)``, on every rank. A dp-only layout changes nothing."""
     check_mesh(layout, mesh)
     name, denoiser = denoiser_of(pipeline)
     tp_report = apply_tensor_parallel(denoiser, mesh["tp"]) if layout.tp > 1 else None
+    sp_report = enable_sequence_parallel(denoiser, mesh, layout.ulysses, layout.ring) if layout.sp > 1 else None
     cfg = enable_cfg_parallel(denoiser, mesh["cfg"]) if layout.cfg == 2 else None
-    return ParallelReport(layout=layout, denoiser=name, tp=tp_report, cfg=cfg)
+    return ParallelReport(layout=layout, denoiser=name, tp=tp_report, cfg=cfg, sp=sp_report)

@@ -1,9 +1,12 @@
-"""The parallel layout of a job: world = dp x cfg x tp, and the device mesh built from it.
+"""The parallel layout of a job: world = dp x cfg x sp x tp (sp = ring x ulysses), and the
+device mesh built from it.
 
-Ranks are numbered tp-fastest: rank = (dp_index * cfg + cfg_index) * tp + tp_index. So the
-ranks of one tensor-parallel group are neighbours (the same node, NVLink, for any sensible
-launch), and one data-parallel replica (the cfg x tp ranks that make one image together)
-is a contiguous block of ranks.
+Ranks are numbered tp-fastest, then ulysses, ring, cfg, dp:
+rank = (((dp_index * cfg + cfg_index) * ring + ring_index) * ulysses + ulysses_index) * tp + tp_index.
+So the ranks of one tensor-parallel group are neighbours (the same node, NVLink, for any
+sensible launch), the Ulysses all-to-all runs between near neighbours next, and one
+data-parallel replica (the cfg x sp x tp ranks that make one image together) is a contiguous
+block of ranks.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-MESH_DIM_NAMES = ("dp", "cfg", "tp")
+MESH_DIM_NAMES = ("dp", "cfg", "ring", "ulysses", "tp")
 CFG_SIZES = (1, 2)
 
 
@@ -26,56 +29,78 @@ def _positive_int(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How ``world_size`` ranks split into replicas (dp), guidance branches (cfg) and shards (tp)."""
+    """How ``world_size`` ranks split into replicas (dp), guidance branches (cfg), sequence
+    shards (ring x ulysses) and tensor shards (tp)."""
 
     world_size: int
     tp: int = 1
     cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
     dp: int = field(init=False)
 
     def __post_init__(self) -> None:
         _positive_int("world_size", self.world_size)
-        _positive_int("tp", self.tp)
+        for name in ("tp", "ulysses", "ring"):
+            _positive_int(name, getattr(self, name))
         if self.cfg not in CFG_SIZES or isinstance(self.cfg, bool):
             raise ValueError(f"cfg must be 1 (off) or 2 (guidance branches on two ranks), got {self.cfg!r}")
-        per_replica = self.tp * self.cfg
+        per_replica = self.replica_size
         if self.world_size % per_replica:
             raise ValueError(
-                f"world_size={self.world_size} is not divisible by tp*cfg={per_replica} "
-                f"(tp={self.tp}, cfg={self.cfg}): every data-parallel replica needs tp*cfg ranks"
+                f"world_size={self.world_size} is not divisible by {self._product_text()}={per_replica} "
+                f"({self._factors_text()}): every data-parallel replica needs {per_replica} ranks"
             )
         object.__setattr__(self, "dp", self.world_size // per_replica)
 
+    def _product_text(self) -> str:
+        sp = "*ulysses" * (self.ulysses > 1) + "*ring" * (self.ring > 1)
+        return f"tp*cfg{sp}"
+
+    def _factors_text(self) -> str:
+        text = f"tp={self.tp}, cfg={self.cfg}"
+        if self.ulysses > 1:
+            text += f", ulysses={self.ulysses}"
+        if self.ring > 1:
+            text += f", ring={self.ring}"
+        return text
+
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def sp(self) -> int:
+        """Sequence-parallel degree: ranks that share one image's tokens (ring x ulysses)."""
+        return self.ring * self.ulysses
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
         """The mesh shape, in ``MESH_DIM_NAMES`` order."""
-        return (self.dp, self.cfg, self.tp)
+        return (self.dp, self.cfg, self.ring, self.ulysses, self.tp)
 
     @property
     def replica_size(self) -> int:
-        """Ranks that cooperate on one image: cfg x tp."""
-        return self.cfg * self.tp
+        """Ranks that cooperate on one image: cfg x sp x tp."""
+        return self.cfg * self.sp * self.tp
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the world of {self.world_size} ranks")
 
-    def coordinates(self, rank: int) -> tuple[int, int, int]:
-        """(dp index, cfg index, tp index) of a global rank."""
+    def coordinates(self, rank: int) -> tuple[int, int, int, int, int]:
+        """(dp, cfg, ring, ulysses, tp) index of a global rank."""
         self._check_rank(rank)
-        replica, within = divmod(rank, self.replica_size)
-        cfg_index, tp_index = divmod(within, self.tp)
-        return (replica, cfg_index, tp_index)
+        indices = []
+        for size in reversed(self.shape):
+            rank, index = divmod(rank, size)
+            indices.append(index)
+        return tuple(reversed(indices))  # type: ignore[return-value]
 
     def replica_index(self, rank: int) -> int:
         """Which data-parallel replica a rank serves: the engine schedules work per replica."""
         return self.coordinates(rank)[0]
 
     def is_replica_leader(self, rank: int) -> bool:
-        """tp rank 0 and cfg rank 0: the one rank of a replica that reports its images
-        (every rank of a replica ends with the same images; one answer is enough)."""
-        _, cfg_index, tp_index = self.coordinates(rank)
-        return cfg_index == 0 and tp_index == 0
+        """The first rank of its replica: the one rank that reports its images (every rank
+        of a replica ends with the same images; one answer is enough)."""
+        return rank % self.replica_size == 0 and 0 <= rank < self.world_size
 
     def replica_ranks(self, replica: int) -> list[int]:
         """The global ranks of one replica, leader first."""
@@ -87,6 +112,11 @@ class ParallelLayout:
     def leader_ranks(self) -> list[int]:
         """The leader of every replica, in replica order."""
         return [replica * self.replica_size for replica in range(self.dp)]
+
+    def describe(self) -> dict[str, int]:
+        """The layout as run.json's ``"parallel"."layout"`` gives it."""
+        return {"world_size": self.world_size, "dp": self.dp, "cfg": self.cfg, "sp": self.sp,
+                "ulysses": self.ulysses, "ring": self.ring, "tp": self.tp}
 
 
 def replica_index(layout: ParallelLayout, rank: int) -> int:
@@ -100,7 +130,7 @@ def is_replica_leader(layout: ParallelLayout, rank: int) -> bool:
 
 
 def build_device_mesh(layout: ParallelLayout, device_type: str) -> DeviceMesh:
-    """The ("dp", "cfg", "tp") mesh of ``layout``; build it once per job.
+    """The ("dp", "cfg", "ring", "ulysses", "tp") mesh of ``layout``; build it once per job.
 
     It is a collective over the whole world (it creates the process group of every mesh
     dimension), so every rank must call it, in the same order relative to other collectives.

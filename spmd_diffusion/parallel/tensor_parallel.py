@@ -91,6 +91,12 @@ class TPReport:
     def param_ratio(self) -> float:
         return self.param_bytes_after / self.param_bytes_before if self.param_bytes_before else 1.0
 
+    def describe(self) -> dict[str, Any]:
+        """run.json's ``"parallel"."tp"``: what was sharded, what stayed whole and why."""
+        return {"degree": self.tp, "sharded": {"attention": self.attention, "feedforward": self.feedforward},
+                "replicated": [{"module": path, "why": why} for path, why in self.skipped.items()],
+                "param_fraction": round(self.param_ratio, 4)}
+
     def summary(self) -> str:
         mib = 2**20
         text = (

@@ -94,11 +94,12 @@ class DiffusionWorker:
         self.pipeline = place_pipeline(pipeline, config, self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
         self.call_defaults = model_call_defaults(config.model)
+        self.parallel_report = None
         if self.parallel is not None:
             from spmd_diffusion.parallel import parallelize_pipeline
 
-            report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
-            logger.info("%s", report.summary())
+            self.parallel_report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
+            logger.info("%s", self.parallel_report.summary())
         self.step_cache = None
         if config.cache is not None:
             from spmd_diffusion.models.step_cache import enable_step_cache
@@ -485,6 +486,8 @@ class DiffusionWorker:
             "requests_failed": self.requests_failed,
             **getattr(self, "model_report", {}),
         }
+        if getattr(self, "parallel_report", None) is not None:
+            stats["parallel"] = self.parallel_report.describe()
         if self.od_config.compile:
             from spmd_diffusion.models.options import compile_seconds
 

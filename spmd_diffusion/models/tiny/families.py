@@ -216,6 +216,17 @@ def build_ltx(workdir: Path):
                        tokenizer=t5, transformer=transformer)
 
 
+PIPELINES = {  # the pipeline class each family saves (model_index.json's _class_name)
+    "unet": "StableDiffusionPipeline",
+    "dit": "PixArtAlphaPipeline",
+    "video": "WanPipeline",
+    "flux": "FluxPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "qwen-image": "QwenImagePipeline",
+    "sana": "SanaPipeline",
+    "ltx": "LTXPipeline",
+}
 BUILDERS = {
     "unet": build_unet,
     "dit": build_dit,
