@@ -24,6 +24,9 @@ import torch
 from spmd_diffusion.distributed.launcher import MPI, TORCHRUN, detect_launcher
 
 FAMILIES = ("tiny-unet", "tiny-dit")
+# Every family the multi-rank checks load (sequence_checks too): built before the group forms.
+BUILT_FAMILIES = ("tiny-unet", "tiny-dit", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-sana", "tiny-video",
+                  "tiny-ltx")
 PROMPTS = ["a red cube on a table", "a blue sphere"]
 SEEDS = [11, 12]
 GUIDED, UNGUIDED = 4.5, 1.0
@@ -76,7 +79,7 @@ def world(launch_kind) -> tuple[int, int]:
     # Build the tiny models before joining the group: once torch.distributed is up,
     # transformers' save_pretrained writes weights on global rank 0 only, so a model built
     # by another rank would be saved without its text encoder weights.
-    for family in FAMILIES:
+    for family in BUILT_FAMILIES:
         ensure_tiny_model(family)
     init_world(launch_kind)
     size = dist.get_world_size()

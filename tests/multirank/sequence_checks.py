@@ -1,0 +1,113 @@
+"""Sequence parallel (Ulysses, ring, USP) on every transformer family, alone and composed with
+tensor, CFG and data parallel, against each family's single-rank images (shared by the
+torchrun and MPI modules, which import everything from here).
+
+One launch runs every family under every layout its world size allows: 2 ranks give
+ulysses=2 and ring=2; 4 ranks add ulysses=2 x ring=2, sp=2 x tp=2, sp=2 x cfg=2 and
+sp=2 x dp=2. Each rank computes the references itself before any layout is applied;
+verdicts are gathered over all ranks before any assert (see parallel_checks).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from parallel_checks import max_difference, verdict_on_all_ranks, world  # noqa: F401 - world is a fixture
+
+from spmd_diffusion.models.tiny import CALL_DEFAULTS
+
+SP_FAMILIES = ("tiny-dit", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-sana", "tiny-video", "tiny-ltx")
+# Families whose guidance doubles the batch (CFG parallel splits it) or calls the denoiser per
+# branch (Qwen-Image with a negative prompt, Wan): every one but guidance-distilled Flux.
+GUIDED_FAMILIES = tuple(family for family in SP_FAMILIES if family != "tiny-flux")
+SP_TOLERANCE = 1e-3  # max abs difference on [0, 1] pixels
+SP_STEPS = 3
+# ParallelLayout arguments; a world larger than the replica makes the rest data parallel
+# (4 ranks: ulysses2 and ring2 run as 2 replicas of 2).
+LAYOUTS = {
+    "ulysses2": {"ulysses": 2},
+    "ring2": {"ring": 2},
+    "ulysses2-ring2": {"ulysses": 2, "ring": 2},
+    "ulysses2-tp2": {"ulysses": 2, "tp": 2},
+    "ring2-cfg2": {"ring": 2, "cfg": 2},
+}
+
+
+def load_family(family: str) -> Any:
+    from spmd_diffusion.models import ensure_tiny_model, load_pipeline
+
+    return load_pipeline(str(ensure_tiny_model(family)), None, torch.float32)
+
+
+def sp_generate(pipeline: Any, family: str) -> np.ndarray:
+    """Two prompts (different lengths: masked text in Qwen-Image), fixed seeds, guided where
+    the family guides, 64x64 (9 frames for videos), float pixels in [0, 1]."""
+    params = inspect.signature(pipeline.__call__).parameters
+    kwargs: dict[str, Any] = {**CALL_DEFAULTS.get(family.removeprefix("tiny-"), {}), "height": 64, "width": 64}
+    kwargs.update({name: False for name in ("use_resolution_binning", "clean_caption") if name in params})
+    if family in GUIDED_FAMILIES:
+        kwargs["negative_prompt"] = ["blurry", "a dull grey picture"]
+        kwargs["guidance_scale"] = 4.5
+        if "true_cfg_scale" in params:
+            kwargs["true_cfg_scale"] = 4.0
+    with torch.inference_mode():
+        result = pipeline(prompt=["a red cube on a table", "a blue sphere over the sea"],
+                          generator=[torch.Generator("cpu").manual_seed(seed) for seed in (21, 22)],
+                          num_inference_steps=SP_STEPS, output_type="np", **kwargs)
+    images = result.frames if hasattr(result, "frames") else result.images
+    return np.asarray(images, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def sp_references(world) -> dict[str, np.ndarray]:
+    return {family: sp_generate(load_family(family), family) for family in SP_FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def sp_meshes(world) -> dict[str, Any]:
+    """Every layout this world size allows, its mesh built once (a collective)."""
+    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
+
+    meshes = {}
+    for name, kwargs in LAYOUTS.items():
+        try:
+            layout = ParallelLayout(world[1], **kwargs)
+        except ValueError:  # needs more ranks than this launch has
+            continue
+        meshes[name] = (layout, build_device_mesh(layout, "cpu"))
+    return meshes
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("family", SP_FAMILIES)
+def test_sequence_parallel_matches_single_rank(family, layout_name, sp_references, sp_meshes):
+    from spmd_diffusion.parallel import parallelize_pipeline
+
+    if layout_name not in sp_meshes:
+        pytest.skip(f"{layout_name} needs more ranks (torchrun --nproc-per-node 4)")
+    layout, mesh = sp_meshes[layout_name]
+    if layout.cfg == 2 and family not in GUIDED_FAMILIES:
+        pytest.skip(f"{family} has no classifier-free guidance")
+
+    def body():
+        pipeline = load_family(family)
+        report = parallelize_pipeline(pipeline, layout, mesh)
+        difference = max_difference(sp_generate(pipeline, family), sp_references[family])
+        calls = report.sp.counter.calls
+        ok = difference <= SP_TOLERANCE and calls > 0 and report.sp.attention_modules > 0
+        return ok, f"max difference {difference:.2e}; {calls} sequence-parallel attention calls; {report.summary()}"
+
+    verdict_on_all_ranks(body)
+
+
+def test_a_unet_is_refused_naming_the_reason(world):
+    from spmd_diffusion.parallel.sequence_parallel import refusal
+
+    assert "UNet" in refusal("UNet2DConditionModel", {}, 2, 1)
+    assert "4 heads" in refusal("FluxTransformer2DModel", {"num_attention_heads": 4}, 3, 1)
+    assert refusal("SanaTransformer2DModel", {"num_attention_heads": 3}, 2, 1) is None  # linear attention
+    assert "no sequence-parallel plan" in refusal("HunyuanDiT2DModel", {}, 1, 2)
