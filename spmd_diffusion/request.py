@@ -20,7 +20,7 @@ MAX_SEED = 2**63 - 1
 RESERVED_EXTRA = frozenset({
     "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
     "num_images_per_prompt", "generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
-    "image", "mask_image", "strength", "num_frames", "num_videos_per_prompt",
+    "image", "mask_image", "strength", "num_frames", "num_videos_per_prompt", "true_cfg_scale",
 })
 MAX_FPS = 240
 
@@ -71,6 +71,10 @@ class OmniDiffusionRequest:
     ``PATH_OR_ID[:scale]``) is the request's own set of LoRA adapters (``[]``: none); None
     means the engine's (``OmniDiffusionConfig.lora``).
 
+    ``true_cfg_scale`` is the "true CFG" scale of the pipelines that guide with one denoiser call
+    per branch and a negative prompt (Qwen-Image, Flux), whose ``guidance_scale`` is something
+    else (a guidance embedding) or nothing.
+
     ``num_frames`` (video pipelines; None: the pipeline's default) is the frame count of each
     video, and ``fps`` the frame rate its file is written at (None: 16); a video pipeline's
     "images" are then videos, each a list of frames.
@@ -92,6 +96,7 @@ class OmniDiffusionRequest:
     lora: list[str] | None = None
     num_frames: int | None = None
     fps: float | None = None
+    true_cfg_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -103,12 +108,15 @@ class OmniDiffusionRequest:
         steps = self.num_inference_steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if self.guidance_scale is not None:
-            if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
-                raise ValueError(f"guidance_scale must be a number, got {self.guidance_scale!r}")
-            if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-                raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
-            self.guidance_scale = float(self.guidance_scale)
+        for name in ("guidance_scale", "true_cfg_scale"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+            setattr(self, name, float(value))
         check_size("height", self.height)
         check_size("width", self.width)
         check_seed(self.seed)
@@ -178,7 +186,7 @@ class OmniDiffusionRequest:
         inputs = (self.image is not None, self.mask_image is not None, self.strength)
         lora = None if self.lora is None else tuple(self.lora)  # one adapter set per pipeline call
         return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra, inputs, lora,
-                self.num_frames)
+                self.num_frames, self.true_cfg_scale)
 
     def image_seeds(self) -> list[int]:
         """The seed of each of this request's images: ``seed``, ``seed + 1``, ...

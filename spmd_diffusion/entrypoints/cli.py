@@ -432,6 +432,9 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's).")
 @click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite_number,
               help="Guidance scale (default: the pipeline's).")
+@click.option("--true-cfg-scale", type=click.FloatRange(min=0), default=None, callback=finite_number,
+              help="True classifier-free guidance scale of Qwen-Image and Flux pipelines, applied with a "
+                   "negative prompt (default: the pipeline's).")
 @click.option("--height", type=int, default=None, help="Image height, a multiple of 8 (default: the model's).")
 @click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
 @click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
@@ -469,7 +472,8 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @fatal_errors
 def generate(config_file: str | None, prompts_file: str | None, prompt_column: str, id_column: str | None,
              split: str | None, prompts: tuple[str, ...], output: str,
-             steps: int | None, guidance: float | None, height: int | None, width: int | None,
+             steps: int | None, guidance: float | None, true_cfg_scale: float | None, height: int | None,
+             width: int | None,
              negative_prompt: str | None, strength: float | None, images_per_prompt: int, image_format: str,
              quality: int | None, num_frames: int | None, fps: float | None, video_format: str | None,
              output_format: str, shard_size: int, tensor_parallel_size: int,
@@ -487,6 +491,7 @@ def generate(config_file: str | None, prompts_file: str | None, prompt_column: s
     batch_size = model_values.pop("max_batch_size")
     options = GenerateOptions(
         output=output, prompts_file=prompts_file, prompts=prompts, steps=steps, guidance=guidance,
+        true_cfg_scale=true_cfg_scale,
         height=height, width=width, negative_prompt=negative_prompt, strength=strength,
         images_per_prompt=images_per_prompt,
         batch_size=batch_size, resume=resume, fail_fast=fail_fast, image_format=image_format, quality=quality,

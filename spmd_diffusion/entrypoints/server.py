@@ -5,7 +5,7 @@ concurrent requests are batched dynamically and spread over every replica:
 
 - ``POST /v1/images/generations``: OpenAI's images API (``prompt``, ``n``, ``size`` "WxH",
   ``response_format`` ``b64_json``, ``model``; extensions ``negative_prompt``,
-  ``num_inference_steps``, ``guidance_scale``, ``seed``). The ``openai`` client's
+  ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale``, ``seed``). The ``openai`` client's
   ``client.images.generate(...)`` works against it.
 - ``GET /v1/models``: the one model served.
 - ``POST /v1/diffusion/generate``: ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
@@ -141,6 +141,7 @@ def build_app(
         negative_prompt: str | None = Field(None, max_length=limits.max_prompt_chars)
         num_inference_steps: int | None = Field(None, ge=1)
         guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+        true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
         seed: int | None = Field(None, ge=0)
 
     def check_key(request: Request) -> None:
@@ -258,7 +259,8 @@ def build_app(
         try:
             item = OmniDiffusionRequest(prompt=body.prompt, negative_prompt=body.negative_prompt,
                                         num_inference_steps=body.num_inference_steps,
-                                        guidance_scale=body.guidance_scale, height=height, width=width,
+                                        guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale,
+                                        height=height, width=width,
                                         seed=body.seed, num_images_per_prompt=body.n)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None

@@ -68,6 +68,7 @@ class GenerateOptions:
     prompts: tuple[str, ...] = ()
     steps: int | None = None
     guidance: float | None = None
+    true_cfg_scale: float | None = None  # Qwen-Image, Flux: true CFG with a negative prompt
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
@@ -119,6 +120,7 @@ def build_request(item: PromptItem, options: GenerateOptions, run_seed: int,
         "num_images_per_prompt": options.images_per_prompt,
         "num_frames": options.num_frames,
         "fps": options.fps,
+        "true_cfg_scale": options.true_cfg_scale,
     }
     settings.update(item.settings)
     resolve_input_paths(settings, Path(options.prompts_file).parent if options.prompts_file else Path.cwd())
@@ -209,7 +211,8 @@ def build_requests(
 def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionConfig, accepted: list[Any]) -> None:
     """An item with input images needs a pipeline that takes them: known before loading from
     the class name or model_index.json (a hub id's class is only known once loaded)."""
-    wanted = [name for name in (*IMAGE_FIELDS, "strength", "num_frames") if getattr(request, name) is not None]
+    wanted = [name for name in (*IMAGE_FIELDS, "strength", "num_frames", "true_cfg_scale")
+              if getattr(request, name) is not None]
     if not wanted:
         return
     if not accepted:
@@ -223,9 +226,43 @@ def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionCon
     if "num_frames" in refused:
         raise ValueError(f"{name} takes no num_frames: it makes images; num_frames is for video pipelines "
                          "(e.g. --model tiny-video, a WanPipeline)")
+    if "true_cfg_scale" in refused:
+        raise ValueError(f"{name} takes no true_cfg_scale: it guides with guidance_scale (true CFG is for "
+                         "Qwen-Image and Flux pipelines)")
     if refused:
         raise ValueError(f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
                          "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)")
+
+
+class GuidanceCheck:
+    """``--cfg-parallel`` pays only where an item runs classifier-free guidance: with a pipeline
+    whose way of guiding is known (see :mod:`spmd_diffusion.models.guidance`) and no guided
+    item, the job is refused before loading (a rank of every pair would idle)."""
+
+    def __init__(self, config: OmniDiffusionConfig) -> None:
+        self.rule = self.pipeline = None
+        self.guided = False
+        if not config.cfg_parallel:
+            return
+        from spmd_diffusion.models.guidance import guidance_of
+        from spmd_diffusion.models.loader import call_defaults, declared_pipeline_class, denoiser_config
+
+        self.pipeline = declared_pipeline_class(config.model, config.model_class_name)
+        found = denoiser_config(config.model) if self.pipeline else None
+        self.rule = guidance_of(self.pipeline, found[1] if found else None)
+        self.defaults = call_defaults(config.model, self.pipeline) if self.rule else {}
+
+    def add(self, request: OmniDiffusionRequest) -> None:
+        if self.rule is None or self.guided:
+            return
+        settings = {name: getattr(request, name) if getattr(request, name) is not None else self.defaults.get(name)
+                    for name in ("guidance_scale", "true_cfg_scale")}
+        self.guided = self.rule.guided({**settings, "negative_prompt": request.negative_prompt})
+
+    def check(self) -> None:
+        if self.rule is not None and not self.guided:
+            raise InputError(f"--cfg-parallel: no item runs classifier-free guidance, so one rank of every pair "
+                             f"would idle ({self.rule.describe(self.pipeline)}); drop --cfg-parallel or guide")
 
 
 def input_fields(request: OmniDiffusionRequest) -> dict[str, Any]:
@@ -354,6 +391,7 @@ def _plan_fresh(plan: GeneratePlan, ids: IdCheck) -> None:
     2-vCPU VM)."""
     build = RequestBuilder(plan.options, plan.config.seed, plan.config)
     counter = ChunkCounter(plan.options.images_per_batch)
+    guidance = GuidanceCheck(plan.config)
     shared_key: tuple[Any, ...] | None = None
     for item in plan.source:
         request = build.shape_of(item)
@@ -362,12 +400,14 @@ def _plan_fresh(plan: GeneratePlan, ids: IdCheck) -> None:
             key = shared_key
         else:
             key = request.batch_key()
+        guidance.add(request)
         ids.add(item.id)
         plan.items += 1
         plan.images_total += request.num_images_per_prompt
         counter.add(key, request.num_images_per_prompt)
     plan.batches_to_run = counter.chunks
     plan.images_to_make = plan.images_total
+    guidance.check()
 
 
 def _plan_resume(plan: GeneratePlan, latest: dict[tuple[str, int], Any], ids: IdCheck) -> None:
@@ -375,8 +415,10 @@ def _plan_resume(plan: GeneratePlan, latest: dict[tuple[str, int], Any], ids: Id
     runs again when any of its images is not done."""
     settings = run_settings(plan.options, plan.config)
     sizes: dict[str, int | None] = {}
+    guidance = GuidanceCheck(plan.config)
     for chunk in plan.chunks():
         for item, request in chunk:
+            guidance.add(request)
             ids.add(item.id)
             plan.items += 1
             plan.images_total += request.num_images_per_prompt
@@ -387,6 +429,7 @@ def _plan_resume(plan: GeneratePlan, latest: dict[tuple[str, int], Any], ids: Id
         if missing:
             plan.batches_to_run += 1
             plan.images_to_make += missing
+    guidance.check()
 
 
 def plan_generation(options: GenerateOptions, config: OmniDiffusionConfig) -> GeneratePlan:
@@ -482,6 +525,7 @@ class GenerateJob:
         """What each of the request's image records says about it (see ``image_info``)."""
         return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
                 "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+                "true_cfg_scale": request.true_cfg_scale,
                 "height": request.height, "width": request.width, "model": self.plan.config.model,
                 "fingerprint": fingerprint(request, self.plan.config.model, self.settings), "meta": item.meta,
                 **input_fields(request)}

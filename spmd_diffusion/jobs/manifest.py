@@ -45,6 +45,7 @@ def fingerprint(request: OmniDiffusionRequest, model: str, settings: dict[str, A
         **({"lora": [lora_identity(spec) for spec in parse_loras(request.lora)]} if request.lora is not None else {}),
         **({"video": {"frames": request.num_frames, "fps": request.fps}}
            if request.num_frames is not None or request.fps is not None else {}),
+        **({"true_cfg": request.true_cfg_scale} if request.true_cfg_scale is not None else {}),
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 

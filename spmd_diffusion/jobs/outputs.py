@@ -54,6 +54,7 @@ def image_info(request_id: str, index: int, described: dict[str, Any], output: D
         "seed": seed,
         "num_inference_steps": settings.get("num_inference_steps", described.get("num_inference_steps")),
         "guidance_scale": settings.get("guidance_scale", described.get("guidance_scale")),
+        **({"true_cfg_scale": settings["true_cfg_scale"]} if "true_cfg_scale" in settings else {}),
         "height": settings.get("height", described.get("height")),
         "width": settings.get("width", described.get("width")),
         **_inputs(described, settings),

@@ -28,6 +28,7 @@ SETTING_KEYS = {
     "seed": "seed",
     "steps": "num_inference_steps",
     "guidance": "guidance_scale",
+    "true_cfg_scale": "true_cfg_scale",
     "height": "height",
     "width": "width",
     "image": "image",
@@ -135,7 +136,7 @@ def _numbers(record: dict[str, str]) -> dict[str, Any]:
         value = converted.get(key)
         if value not in (None, "") and re.fullmatch(r"-?\d{1,30}", value.strip()):
             converted[key] = int(value)
-    for key in ("guidance", "strength", "fps"):
+    for key in ("guidance", "true_cfg_scale", "strength", "fps"):
         if converted.get(key) not in (None, ""):
             try:
                 converted[key] = float(converted[key])

@@ -175,6 +175,21 @@ def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] |
     return name, {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
 
+def call_defaults(model: str, pipeline: str | None) -> dict[str, Any]:
+    """The defaults a call of ``pipeline`` (a diffusers class name) runs with where a request
+    sets nothing: the model's own call defaults, else the ``__call__`` signature's."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline or "", None)
+    defaults: dict[str, Any] = {}
+    if cls is not None and callable(getattr(cls, "__call__", None)):
+        defaults = {p.name: p.default for p in inspect.signature(cls.__call__).parameters.values()
+                    if p.default is not inspect.Parameter.empty}
+    return {**defaults, **model_call_defaults(model)}
+
+
 def makes_video(model: str, class_name: str | None) -> bool:
     """Does the pipeline make videos (its ``__call__`` takes ``num_frames``)? False when its
     class cannot be known before loading (a hub id)."""

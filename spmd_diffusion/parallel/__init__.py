@@ -104,7 +104,8 @@ class ParallelReport:
         if self.sp is not None:
             lines.append(self.sp.summary())
         if self.cfg is not None:
-            lines.append("cfg parallel: a guided step's two branches run on the two ranks of the pair")
+            lines.append("cfg parallel on the pair: guided calls split (doubled batches halved, branch calls paired); "
+                         "what ran is counted in run.json")
         return "\n".join(lines)
 
     def describe(self) -> dict[str, Any]:

@@ -94,6 +94,9 @@ class DiffusionWorker:
         self.pipeline = place_pipeline(pipeline, config, self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
         self.call_defaults = model_call_defaults(config.model)
+        from spmd_diffusion.models.guidance import guidance_of
+
+        self.guidance = guidance_of(type(pipeline).__name__, dict(getattr(self.denoiser, "config", {}) or {}))
         self.parallel_report = None
         if self.parallel is not None:
             from spmd_diffusion.parallel import parallelize_pipeline
@@ -156,10 +159,21 @@ class DiffusionWorker:
             "height": height,
             "width": width,
         }
+        if self._accepts("true_cfg_scale") or request.true_cfg_scale is not None:  # refused below if not taken
+            settings["true_cfg_scale"] = pick(request.true_cfg_scale, self._default("true_cfg_scale"))
         if request.image is not None:
             settings["strength"] = pick(request.strength, self._default("strength"))
         if self.makes_video:
             settings["num_frames"] = pick(request.num_frames, self._default("num_frames"))
+        return settings
+
+    def recorded_settings(self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The settings an image's record gives: those it ran with, and of the guidance values
+        only those the pipeline used (Qwen-Image ignores guidance_scale; true CFG needs a
+        negative prompt): None for a value it ignored."""
+        settings = self.effective_settings(request, size)
+        if self.guidance is not None:
+            settings.update(self.guidance.used({**settings, "negative_prompt": request.negative_prompt}))
         return settings
 
     @property
@@ -310,6 +324,8 @@ class DiffusionWorker:
         self.adapters.activate(self._loras(requests[jobs[0].request_pos]))  # one set per batch (batch_key)
         kwargs = self._pipeline_kwargs(requests, jobs, step_callback, size)
         cached = self.step_cache.call() if self.step_cache is not None else contextlib.nullcontext()
+        if self.parallel_report is not None and self.parallel_report.cfg is not None:
+            self.parallel_report.cfg.reset()  # branch pairing is learned per call: new prompts
         with torch.inference_mode(), cached:
             result = self.pipeline(**kwargs)
         if hasattr(result, "frames"):  # a video pipeline: one list of frames per prompt entry
@@ -414,7 +430,7 @@ class DiffusionWorker:
             errors=errors,
             seeds=[request.image_seeds() for request in requests],
             metadata=[
-                {**self.effective_settings(request, sizes[i] or None), **self.model_facts(request),
+                {**self.recorded_settings(request, sizes[i] or None), **self.model_facts(request),
                  **self._made_frames(images[i]), "seconds": round(seconds[i], 6), "rank": self.rank}
                 for i, request in enumerate(requests)
             ],

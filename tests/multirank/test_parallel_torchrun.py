@@ -8,7 +8,7 @@ With ``--nproc-per-node 4`` the same checks run with dp=2 and tp=2 and cfg=2 als
 import pytest
 from parallel_checks import *  # noqa: F403 - the shared checks are this module's tests
 from parallel_checks import HARD_TIMEOUT
-from sequence_checks import *  # noqa: F403 - sequence-parallel checks, on every family
+from family_checks import *  # noqa: F403 - sequence and CFG parallel on every family
 
 from spmd_diffusion.distributed.launcher import TORCHRUN, detect_launcher
 

@@ -71,14 +71,30 @@ def gemma_tokenizer(max_length: int = 4096):
     return GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+# Qwen-Image drops the first 34 tokens of its prompt template (the system prompt, in the real
+# Qwen2 tokenizer); the tiny tokenizer knows the template's words, so it drops exactly those too.
+QWEN_TEMPLATE_WORDS = (
+    "system", "\n", "Describe", " the", " image", " by", " detailing", " the", " color", ",", " shape", ",",
+    " size", ",", " texture", ",", " quantity", ",", " text", ",", " spatial", " relationships", " of", " the",
+    " objects", " and", " background", ":", "\n", "user", "\n", "assistant",
+)
+
+
 def qwen2_tokenizer(max_length: int = 1024):
-    """Qwen2's byte-level BPE with its chat special tokens (Qwen-Image's prompt template)."""
+    """Qwen2's byte-level BPE with its chat special tokens, and the words of Qwen-Image's
+    prompt template as whole tokens (34 tokens up to the user's text, as in the real one)."""
     from transformers import Qwen2Tokenizer
 
-    vocab = {c: index for index, c in enumerate(bytes_to_unicode().values())}
-    merges = [("\u0120", "a"), ("t", "h"), ("o", "f")]
-    for first, second in merges:
-        vocab.setdefault(first + second, len(vocab))
+    alphabet = bytes_to_unicode()
+    vocab = {c: index for index, c in enumerate(alphabet.values())}
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(QWEN_TEMPLATE_WORDS):  # each word: its byte characters merged left to right
+        encoded = "".join(alphabet[b] for b in word.encode())
+        for end in range(2, len(encoded) + 1):
+            merge = (encoded[: end - 1], encoded[end - 1])
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(encoded[:end], len(vocab))
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         vocab[special] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)

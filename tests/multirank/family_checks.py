@@ -1,6 +1,7 @@
 """Sequence parallel (Ulysses, ring, USP) on every transformer family, alone and composed with
-tensor, CFG and data parallel, against each family's single-rank images (shared by the
-torchrun and MPI modules, which import everything from here).
+tensor, CFG and data parallel, and CFG parallel on every guided family (doubled batches and
+one call per branch), against each family's single-rank images (shared by the torchrun and
+MPI modules, which import everything from here).
 
 One launch runs every family under every layout its world size allows: 2 ranks give
 ulysses=2 and ring=2; 4 ranks add ulysses=2 x ring=2, sp=2 x tp=2, sp=2 x cfg=2 and
@@ -24,6 +25,7 @@ SP_FAMILIES = ("tiny-dit", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-san
 # Families whose guidance doubles the batch (CFG parallel splits it) or calls the denoiser per
 # branch (Qwen-Image with a negative prompt, Wan): every one but guidance-distilled Flux.
 GUIDED_FAMILIES = tuple(family for family in SP_FAMILIES if family != "tiny-flux")
+BRANCH_FAMILIES = ("tiny-qwen-image", "tiny-video")  # one denoiser call per guidance branch
 SP_TOLERANCE = 1e-3  # max abs difference on [0, 1] pixels
 SP_STEPS = 3
 # ParallelLayout arguments; a world larger than the replica makes the rest data parallel
@@ -111,3 +113,31 @@ def test_a_unet_is_refused_naming_the_reason(world):
     assert "4 heads" in refusal("FluxTransformer2DModel", {"num_attention_heads": 4}, 3, 1)
     assert refusal("SanaTransformer2DModel", {"num_attention_heads": 3}, 2, 1) is None  # linear attention
     assert "no sequence-parallel plan" in refusal("HunyuanDiT2DModel", {}, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def cfg_pair_mesh(world):
+    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
+
+    layout = ParallelLayout(world[1], cfg=2)
+    return layout, build_device_mesh(layout, "cpu")
+
+
+@pytest.mark.parametrize("family", GUIDED_FAMILIES)
+def test_cfg_parallel_splits_every_guided_family(family, sp_references, cfg_pair_mesh):
+    """Doubled batches are halved on every step; branch calls run whole on the first step
+    (the pairing is learned there) and paired on every other: 2 x (steps - 1) split calls."""
+    from spmd_diffusion.parallel import parallelize_pipeline
+
+    layout, mesh = cfg_pair_mesh
+
+    def body():
+        pipeline = load_family(family)
+        report = parallelize_pipeline(pipeline, layout, mesh)
+        difference = max_difference(sp_generate(pipeline, family), sp_references[family])
+        calls = (report.cfg.split_calls, report.cfg.whole_calls)
+        expected = (2 * (SP_STEPS - 1), 2) if family in BRANCH_FAMILIES else (SP_STEPS, 0)
+        return difference <= SP_TOLERANCE and calls == expected, \
+            f"max difference {difference:.2e}; (split, whole) calls {calls}, expected {expected}"
+
+    verdict_on_all_ranks(body)
