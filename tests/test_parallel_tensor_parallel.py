@@ -142,6 +142,88 @@ def test_layouts_that_cannot_be_split_by_heads_stay_replicated():
     assert "unknown projection 'to_gate'" in plan.skipped["gated"]
 
 
+def tiny_flux_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def test_the_derived_plan_equals_diffusers_own_tp_plan_where_a_model_has_one():
+    """Flux's _tp_plan (double and single-stream blocks, PackedRowwiseParallel proj_out): the
+    plan the tool derives from the module tree shards exactly the same Linears the same way."""
+    model = tiny_flux_transformer()
+    own, derived = build_tp_plan(model, 2), build_tp_plan(model, 2, use_model_plan=False)
+    assert (own.source, derived.source) == ("model", "derived")
+    assert own.styles == derived.styles and own.packed == derived.packed
+    assert sorted(own.attention) == sorted(derived.attention) and len(own.attention) == 4  # 2 double + 2 single
+    assert own.packed == {f"single_transformer_blocks.{i}.proj_out": [32, 128] for i in range(2)}
+    assert own.skipped == {} and "single_transformer_blocks.0.proj_mlp" in own.feedforward
+    assert "single_transformer_blocks.0.norm.linear" in own.modulation  # adaLN modulation, outputs gathered
+    assert "transformer_blocks.1.norm1_context.linear" in own.modulation
+
+
+def test_packed_columns_give_each_rank_its_attention_and_mlp_blocks():
+    """proj_out reads cat([attention (8), mlp (16)]), both column-sharded over 2 ranks: the
+    permuted columns split evenly are [attention half r; mlp half r], and the ranks' partial
+    products sum to the unsharded output."""
+    from spmd_diffusion.parallel.tensor_parallel import packed_column_order
+
+    order = packed_column_order([8, 16], 2)
+    assert order.tolist() == [*range(0, 4), *range(8, 16), *range(4, 8), *range(16, 24)]
+    torch.manual_seed(0)
+    out, attention, mlp = nn.Linear(24, 6), torch.randn(3, 8), torch.randn(3, 16)
+    with torch.no_grad():
+        expected = out(torch.cat([attention, mlp], dim=-1))
+        weight = out.weight[:, order]
+        total = out.bias.clone()
+        for rank in range(2):
+            local = torch.cat([attention.chunk(2, -1)[rank], mlp.chunk(2, -1)[rank]], dim=-1)
+            total = total + F.linear(local, weight.chunk(2, dim=1)[rank])
+    assert torch.allclose(total, expected, atol=1e-5)
+
+
+def test_qk_norm_across_heads_is_sharded_when_it_is_an_rms_norm(tiny_video):
+    from spmd_diffusion.models import load_pipeline
+
+    plan = build_tp_plan(load_pipeline(tiny_video, None, torch.float32).transformer, 2)
+    assert plan.skipped == {} and len(plan.attention) == 4  # Wan: self- and cross-attention of 2 blocks
+    assert sorted(plan.norms) == sorted(f"blocks.{b}.attn{a}.norm_{qk}" for b in (0, 1) for a in (1, 2)
+                                        for qk in "qk")
+    assert set(plan.norms.values()) == {32}  # 4 heads x 8
+
+
+def test_sana_glumbconv_is_sharded():
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8,
+                                   num_layers=2, num_cross_attention_heads=4, cross_attention_head_dim=8,
+                                   cross_attention_dim=32, caption_channels=32, sample_size=8)
+    plan = build_tp_plan(model, 2)
+    assert plan.convs == ["transformer_blocks.0.ff", "transformer_blocks.1.ff"] and plan.skipped == {}
+    assert set(plan.convs) <= set(plan.feedforward) and len(plan.attention) == 4
+
+
+def test_sharded_rms_norm_equals_the_whole_one():
+    """Each rank's part of an RMSNorm over all heads, scaled by the all-reduced sum of
+    squares (summed here by hand), is the whole norm's output block."""
+    from spmd_diffusion.parallel.tp_layers import ShardedRMSNorm
+
+    torch.manual_seed(0)
+    norm = nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(2, 3, 16)
+    shards = [ShardedRMSNorm(norm, 16, rank, 2, group=None) for rank in range(2)]
+    squares = sum(part.pow(2).sum(-1, keepdim=True) for part in x.chunk(2, -1))
+    with torch.no_grad():
+        parts = [(piece * torch.rsqrt(squares / 16 + 1e-6)) * shard.weight
+                 for piece, shard in zip(x.chunk(2, -1), shards)]
+        assert torch.allclose(torch.cat(parts, -1), norm(x), atol=1e-5)
+
+
 # -- gated feed-forward arithmetic, simulated over tp "ranks" --------------------------------
 def test_gated_row_order_pairs_each_hidden_block_with_its_gate_block():
     assert gated_row_order(4, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]

@@ -145,7 +145,8 @@ def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
     if "tp" in merged:
         tp = merged["tp"]
         rows.append(("tensor parallel", f"tp={tp['degree']}: {len(tp['sharded']['attention'])} attention + "
-                     f"{len(tp['sharded']['feedforward'])} feed-forward sharded, {len(tp['replicated'])} replicated, "
+                     f"{len(tp['sharded']['feedforward'])} feed-forward, {len(tp['sharded']['modulation'])} "
+                     f"modulation sharded ({tp['plan']} plan), {len(tp['replicated'])} replicated, "
                      f"{tp['param_fraction']:.2f}x denoiser parameters per rank"))
     if "sp" in merged:
         sp = merged["sp"]

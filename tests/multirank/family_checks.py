@@ -22,9 +22,10 @@ from parallel_checks import max_difference, verdict_on_all_ranks, world  # noqa:
 from spmd_diffusion.models.tiny import CALL_DEFAULTS
 
 SP_FAMILIES = ("tiny-dit", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-sana", "tiny-video", "tiny-ltx")
+ALL_FAMILIES = ("tiny-unet", "tiny-sdxl", *SP_FAMILIES)
 # Families whose guidance doubles the batch (CFG parallel splits it) or calls the denoiser per
 # branch (Qwen-Image with a negative prompt, Wan): every one but guidance-distilled Flux.
-GUIDED_FAMILIES = tuple(family for family in SP_FAMILIES if family != "tiny-flux")
+GUIDED_FAMILIES = tuple(family for family in ALL_FAMILIES if family != "tiny-flux")
 BRANCH_FAMILIES = ("tiny-qwen-image", "tiny-video")  # one denoiser call per guidance branch
 SP_TOLERANCE = 1e-3  # max abs difference on [0, 1] pixels
 SP_STEPS = 3
@@ -66,7 +67,7 @@ def sp_generate(pipeline: Any, family: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sp_references(world) -> dict[str, np.ndarray]:
-    return {family: sp_generate(load_family(family), family) for family in SP_FAMILIES}
+    return {family: sp_generate(load_family(family), family) for family in ALL_FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,34 @@ def cfg_pair_mesh(world):
     return layout, build_device_mesh(layout, "cpu")
 
 
+@pytest.fixture(scope="module")
+def tp_pair_mesh(world):
+    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
+
+    layout = ParallelLayout(world[1], tp=2)
+    return layout, build_device_mesh(layout, "cpu")
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_tensor_parallel_shards_every_block_of_every_family(family, sp_references, tp_pair_mesh):
+    """Every attention (joint, single-stream, qk-norm across heads), feed-forward (GEGLU,
+    GLUMBConv) and adaLN modulation sharded; nothing left replicated among them."""
+    from spmd_diffusion.parallel import parallelize_pipeline
+
+    layout, mesh = tp_pair_mesh
+
+    def body():
+        pipeline = load_family(family)
+        report = parallelize_pipeline(pipeline, layout, mesh)
+        difference = max_difference(sp_generate(pipeline, family), sp_references[family])
+        unet = family in ("tiny-unet", "tiny-sdxl")
+        ok = (difference <= SP_TOLERANCE and not report.tp.skipped and report.tp.attention and report.tp.feedforward
+              and report.tp.param_ratio < (0.95 if unet else 0.7))
+        return ok, f"max difference {difference:.2e}; {report.tp.summary()}"
+
+    verdict_on_all_ranks(body)
+
+
 @pytest.mark.parametrize("family", GUIDED_FAMILIES)
 def test_cfg_parallel_splits_every_guided_family(family, sp_references, cfg_pair_mesh):
     """Doubled batches are halved on every step; branch calls run whole on the first step
@@ -139,5 +168,31 @@ def test_cfg_parallel_splits_every_guided_family(family, sp_references, cfg_pair
         expected = (2 * (SP_STEPS - 1), 2) if family in BRANCH_FAMILIES else (SP_STEPS, 0)
         return difference <= SP_TOLERANCE and calls == expected, \
             f"max difference {difference:.2e}; (split, whole) calls {calls}, expected {expected}"
+
+    verdict_on_all_ranks(body)
+
+
+@pytest.fixture(scope="module")
+def tp_cfg_pair_mesh(world):
+    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
+
+    if world[1] % 4:
+        pytest.skip("tp=2 with cfg=2 needs a multiple of 4 ranks (torchrun --nproc-per-node 4)")
+    layout = ParallelLayout(world[1], tp=2, cfg=2)
+    return layout, build_device_mesh(layout, "cpu")
+
+
+@pytest.mark.parametrize("family", GUIDED_FAMILIES)
+def test_tp2_with_cfg2_on_every_guided_family(family, sp_references, tp_cfg_pair_mesh):
+    from spmd_diffusion.parallel import parallelize_pipeline
+
+    layout, mesh = tp_cfg_pair_mesh
+
+    def body():
+        pipeline = load_family(family)
+        report = parallelize_pipeline(pipeline, layout, mesh)
+        difference = max_difference(sp_generate(pipeline, family), sp_references[family])
+        ok = difference <= SP_TOLERANCE and report.cfg.split_calls > 0 and not report.tp.skipped
+        return ok, f"max difference {difference:.2e}; cfg calls {report.cfg.split_calls}/{report.cfg.whole_calls}"
 
     verdict_on_all_ranks(body)
