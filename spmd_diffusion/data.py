@@ -63,6 +63,7 @@ class OmniDiffusionConfig:
     cfg_parallel: bool = False
     ulysses_degree: int = 1
     ring_degree: int = 1
+    vae_parallel: bool = False
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -107,7 +108,7 @@ class OmniDiffusionConfig:
         _check_int("num_gpus", self.num_gpus, 1)
         for name in ("tensor_parallel_size", "ulysses_degree", "ring_degree"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("cfg_parallel", "batch_invariant", "vae_tiling", "vae_slicing", "compile"):
+        for name in ("cfg_parallel", "batch_invariant", "vae_tiling", "vae_slicing", "compile", "vae_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -156,6 +157,13 @@ class OmniDiffusionConfig:
         if self.offload is not None and (self.replica_size > 1 or self.device == "cpu"):
             raise ValueError("offload moves whole models between the CPU and one accelerator: it needs a GPU and "
                              "works without tensor/CFG parallelism")
+        if self.vae_parallel and self.replica_size == 1:
+            raise ValueError("vae_parallel splits a decode over the ranks of a replica, and a replica here is one "
+                             "rank: add --tp, --ulysses, --ring or --cfg-parallel (more data-parallel ranks already "
+                             "decode other images)")
+        if self.vae_parallel and (self.vae_tiling or self.vae_slicing):
+            raise ValueError("vae_parallel decodes whole bands of the image: it replaces vae_tiling/vae_slicing, "
+                             "use one or the other")
         if self.attention_backend is not None and (not isinstance(self.attention_backend, str)
                                                    or not self.attention_backend):
             raise ValueError(f"attention_backend must be a backend name, got {self.attention_backend!r}")

@@ -33,9 +33,9 @@ def pixels(output: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("launcher, model, flags", [
-    ("mpiexec", "tiny-sd3", ["--ulysses", "2"]),
+    ("mpiexec", "tiny-sd3", ["--ulysses", "2", "--vae-parallel"]),
     ("torchrun", "tiny-qwen-image", ["--ring", "2"]),
-], ids=["mpiexec-sd3-ulysses2", "torchrun-qwen-image-ring2"])
+], ids=["mpiexec-sd3-ulysses2-vae-parallel", "torchrun-qwen-image-ring2"])
 def test_sequence_parallel_job_gives_the_single_rank_images(tmp_path, launcher, model, flags):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(item) + "\n" for item in PROMPTS))
@@ -50,8 +50,11 @@ def test_sequence_parallel_job_gives_the_single_rank_images(tmp_path, launcher, 
     assert worst <= 2, f"{worst}/255 off the single-rank images"
     run = json.loads((tmp_path / "sp" / "run.json").read_text())
     sp = run["parallel"]["sp"]
-    degree = dict(zip(flags[::2], map(int, flags[1::2])))
+    degree = {flag: int(value) for flag, value in zip(flags, flags[1:]) if flag in ("--ulysses", "--ring")}
     assert (sp["ulysses"], sp["ring"]) == (degree.get("--ulysses", 1), degree.get("--ring", 1))
+    if "--vae-parallel" in flags:  # every batch's decode split over the two ranks
+        assert run["parallel"]["vae"]["split_decodes"] == 2 and run["parallel"]["vae"]["whole_decodes"] == 0
+        assert "vae parallel" in done.stderr
     assert run["parallel"]["layout"]["sp"] == 2 and run["layout"]["replica_size"] == 2
     assert sp["sequence_parallel_attention_calls"] > 0 and sp["attention_modules"] > 0
     assert "sequence parallel" in done.stderr and "attention calls over the whole sequence" in done.stderr

@@ -106,6 +106,9 @@ def parallel_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option("--ulysses", "ulysses_degree", type=click.IntRange(min=1), default=1, show_default=True,
                            help="Sequence-parallel ranks per replica splitting an image's tokens, attention heads "
                                 "exchanged by all-to-all (Ulysses); must divide the heads.")(command)
+    command = click.option("--vae-parallel", is_flag=True,
+                           help="Split each image's VAE decode into bands of rows over the replica's ranks "
+                                "(halo rows exchanged: the whole decode's pixels, a fraction of its memory).")(command)
     command = click.option("--cfg-parallel", is_flag=True, help="Run the two guidance branches on two ranks.")(command)
     return click.option("--tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
                         help="Tensor-parallel ranks per replica (must divide the ranks).")(command)

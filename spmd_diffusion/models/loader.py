@@ -143,14 +143,14 @@ def declared_pipeline_class(model: str, class_name: str | None) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def denoiser_config(model: str) -> tuple[str, dict[str, Any]] | None:
-    """(class name, config) of the pipeline's denoiser (``transformer``, else ``unet``), read
-    from its config.json without loading any weight; None for a hub id. A tiny model is
-    built first if it is missing (every rank would need it a moment later anyway)."""
+def component_config(model: str, *components: str) -> tuple[str, dict[str, Any]] | None:
+    """(class name, config) of the first of ``components`` the pipeline has, read from its
+    config.json without loading any weight; None for a hub id. A tiny model is built first if
+    it is missing (every rank would need it a moment later anyway)."""
     if not (model in TINY_MODELS or Path(model).expanduser().is_dir()):
         return None
     directory = Path(resolve_model_path(model))
-    for component in ("transformer", "unet"):
+    for component in components:
         try:
             config = json.loads((directory / component / "config.json").read_text())
         except (OSError, ValueError):
@@ -158,6 +158,11 @@ def denoiser_config(model: str) -> tuple[str, dict[str, Any]] | None:
         if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
             return config["_class_name"], config
     return None
+
+
+def denoiser_config(model: str) -> tuple[str, dict[str, Any]] | None:
+    """(class name, config) of the pipeline's denoiser (``transformer``, else ``unet``)."""
+    return component_config(model, "transformer", "unet")
 
 
 def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] | None:

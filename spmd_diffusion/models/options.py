@@ -52,6 +52,8 @@ def check_model_options(config: Any) -> None:
                                                                                     config.model_class_name))
     if config.ulysses_degree * config.ring_degree > 1:
         check_sequence_parallel(config)
+    if config.vae_parallel:
+        check_vae_parallel(config)
     if config.offload is not None:
         import torch
 
@@ -81,6 +83,17 @@ def check_sequence_parallel(config: Any) -> None:
                    f"and {name} has {heads} heads")
     if problem is not None:
         raise ValueError(f"{flags}: {problem}")
+
+
+def check_vae_parallel(config: Any) -> None:
+    """--vae-parallel on this model's VAE (its class read from vae/config.json)."""
+    from spmd_diffusion.models.loader import component_config
+    from spmd_diffusion.parallel.vae_parallel import vae_refusal
+
+    found = component_config(config.model, "vae")
+    problem = vae_refusal(found[0] if found else None)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def denoiser_of(pipeline: Any) -> tuple[str, Any] | tuple[None, None]:

@@ -49,6 +49,7 @@ from spmd_diffusion.parallel.mesh import (
     replica_index,
 )
 from spmd_diffusion.parallel.sequence_parallel import SPReport, enable_sequence_parallel
+from spmd_diffusion.parallel.vae_parallel import VAEReport, enable_vae_parallel
 from spmd_diffusion.parallel.tensor_parallel import (
     TPReport,
     apply_tensor_parallel,
@@ -94,6 +95,7 @@ class ParallelReport:
     tp: TPReport | None
     cfg: CFGParallel | None
     sp: SPReport | None = None
+    vae: VAEReport | None = None
 
     def summary(self) -> str:
         layout = self.layout
@@ -103,6 +105,8 @@ class ParallelReport:
             lines.append(self.tp.summary())
         if self.sp is not None:
             lines.append(self.sp.summary())
+        if self.vae is not None:
+            lines.append(self.vae.summary())
         if self.cfg is not None:
             lines.append("cfg parallel on the pair: guided calls split (doubled batches halved, branch calls paired); "
                          "what ran is counted in run.json")
@@ -117,6 +121,8 @@ class ParallelReport:
             data["cfg"] = {"split_calls": self.cfg.split_calls, "whole_calls": self.cfg.whole_calls}
         if self.sp is not None:
             data["sp"] = self.sp.describe()
+        if self.vae is not None:
+            data["vae"] = self.vae.describe()
         return data
 
 
@@ -132,6 +138,10 @@ def merge_parallel_stats(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
     merged = {key: value for key, value in reports[0].items() if key in ("layout", "denoiser", "tp")}
     if "cfg" in reports[0]:
         merged["cfg"] = {name: sum(report["cfg"][name] for report in leaders) for name in ("split_calls", "whole_calls")}
+    if "vae" in reports[0]:
+        merged["vae"] = dict(reports[0]["vae"])
+        for name in ("split_decodes", "whole_decodes"):
+            merged["vae"][name] = sum(report["vae"][name] for report in leaders)
     if "sp" in reports[0]:
         merged["sp"] = dict(reports[0]["sp"])
         merged["sp"]["sequence_parallel_attention_calls"] = sum(
@@ -152,6 +162,10 @@ def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
         sp = merged["sp"]
         rows.append(("sequence parallel", f"ulysses={sp['ulysses']} ring={sp['ring']}: "
                      f"{sp['sequence_parallel_attention_calls']} attention calls over the whole sequence"))
+    if "vae" in merged:
+        vae = merged["vae"]
+        rows.append(("vae parallel", f"{vae['split_decodes']} decodes split over {vae['ranks']} ranks, "
+                     f"{vae['whole_decodes']} whole"))
     if "cfg" in merged:
         cfg = merged["cfg"]
         rows.append(("cfg parallel", f"{cfg['split_calls']} guided denoiser calls split over the pair, "
@@ -168,14 +182,20 @@ def denoiser_of(pipeline: Any) -> tuple[str, Any]:
     raise ValueError(f"{type(pipeline).__name__} has neither a transformer nor a unet to parallelize")
 
 
-def parallelize_pipeline(pipeline: Any, layout: ParallelLayout, mesh: DeviceMesh) -> ParallelReport:
+def parallelize_pipeline(pipeline: Any, layout: ParallelLayout, mesh: DeviceMesh,
+                         vae_parallel: bool = False) -> ParallelReport:
     """Apply tensor parallelism (tp > 1), sequence parallelism (ring x ulysses > 1) and CFG
     parallelism (cfg == 2) to the pipeline's denoiser, in place, in that order (the CFG split
-    of the batch wraps everything). ``mesh`` comes from :func:`build_device_mesh` (layout);
-    call it after ``pipeline.to(device)``, on every rank. A dp-only layout changes nothing."""
+    of the batch wraps everything), and with ``vae_parallel`` split the VAE's decodes over
+    the replica. ``mesh`` comes from :func:`build_device_mesh` (layout); call it after
+    ``pipeline.to(device)``, on every rank. A dp-only layout changes nothing."""
     check_mesh(layout, mesh)
     name, denoiser = denoiser_of(pipeline)
     tp_report = apply_tensor_parallel(denoiser, mesh["tp"]) if layout.tp > 1 else None
     sp_report = enable_sequence_parallel(denoiser, mesh, layout.ulysses, layout.ring) if layout.sp > 1 else None
     cfg = enable_cfg_parallel(denoiser, mesh["cfg"]) if layout.cfg == 2 else None
-    return ParallelReport(layout=layout, denoiser=name, tp=tp_report, cfg=cfg, sp=sp_report)
+    vae = None
+    if vae_parallel and layout.replica_size > 1:
+        replica = mesh["cfg", "ring", "ulysses", "tp"]._flatten("replica")
+        vae = enable_vae_parallel(pipeline.vae, replica.get_group(), replica.get_local_rank(), replica.size())
+    return ParallelReport(layout=layout, denoiser=name, tp=tp_report, cfg=cfg, sp=sp_report, vae=vae)

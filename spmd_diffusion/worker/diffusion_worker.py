@@ -101,7 +101,8 @@ class DiffusionWorker:
         if self.parallel is not None:
             from spmd_diffusion.parallel import parallelize_pipeline
 
-            self.parallel_report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh)
+            self.parallel_report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh,
+                                                        vae_parallel=config.vae_parallel)
             logger.info("%s", self.parallel_report.summary())
         self.step_cache = None
         if config.cache is not None:

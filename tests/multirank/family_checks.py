@@ -196,3 +196,26 @@ def test_tp2_with_cfg2_on_every_guided_family(family, sp_references, tp_cfg_pair
         return ok, f"max difference {difference:.2e}; cfg calls {report.cfg.split_calls}/{report.cfg.whole_calls}"
 
     verdict_on_all_ranks(body)
+
+
+KL_VAE_FAMILIES = ("tiny-unet", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-flux")  # the 2-D KL autoencoder
+
+
+@pytest.mark.parametrize("family", KL_VAE_FAMILIES)
+def test_vae_parallel_decode_matches_single_rank(family, sp_references, tp_pair_mesh):
+    """Each rank decodes a band of rows (halo rows, synced group norms, gathered attention):
+    the pixels are the whole decode's."""
+    from spmd_diffusion.parallel import parallelize_pipeline
+
+    layout, mesh = tp_pair_mesh
+
+    def body():
+        pipeline = load_family(family)
+        report = parallelize_pipeline(pipeline, layout, mesh, vae_parallel=True)
+        difference = max_difference(sp_generate(pipeline, family), sp_references[family])
+        vae = report.vae.describe()
+        ok = difference <= SP_TOLERANCE and vae["split_decodes"] == 1 and vae["whole_decodes"] == 0 \
+            and vae["halo_convs"] > 0 and vae["synced_group_norms"] > 0
+        return ok, f"max difference {difference:.2e}; {vae}"
+
+    verdict_on_all_ranks(body)
