@@ -6,6 +6,7 @@ the tool supplies, and the cache in the manifest and the resume fingerprint.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,3 +156,39 @@ def test_every_kind_runs_on_the_video_model(tiny_video):
         worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-video", dtype="float32", cache=spec))
         first, second = frames(worker.generate(request)), frames(worker.generate(request))
         assert 0 < np.abs(first - plain).max() < 0.1 and np.array_equal(first, second), spec
+
+
+FAMILY_MODELS = ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-sana", "tiny-ltx")
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_every_kind_on_every_family_runs_or_is_refused_before_loading(model, tmp_path, capsys):
+    """Each cache kind either makes images through the worker (the same twice: state is
+    reset) or is refused by the CLI before any model loads, naming why: never a failure
+    after loading. (tiny-unet, tiny-dit and tiny-video are covered above.)"""
+    from spmd_diffusion.models.loader import denoiser_config
+    from spmd_diffusion.models.step_cache import UNET_KINDS, UNSUPPORTED
+    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
+
+    denoiser = denoiser_config(model)[0]
+    request = [OmniDiffusionRequest(prompt="a wave", negative_prompt="blur", seed=1, num_inference_steps=STEPS,
+                                    request_id="c")]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n")
+    ran = []
+    for kind in ("first-block", "taylorseer", "pab", "faster"):
+        refused = (denoiser, kind) in UNSUPPORTED or (denoiser.startswith("UNet") and kind not in UNET_KINDS)
+        if refused:
+            capsys.readouterr()  # earlier workers' logs
+            with pytest.raises(SystemExit) as exited:
+                main(["generate", "--model", model, "--prompts", str(prompts), "--output", str(tmp_path / kind),
+                      "--cache", kind])
+            err = capsys.readouterr().err
+            assert exited.value.code == 2 and f"cache {kind}" in err and not re.search(r"loaded \w+ on", err), err
+            continue
+        worker = DiffusionWorker(OmniDiffusionConfig(model=model, dtype="float32", cache=kind))
+        first, second = worker.generate(request), worker.generate(request)
+        assert first.ok and second.ok, (kind, first.errors)
+        assert np.array_equal(np.asarray(first.images[0][0]), np.asarray(second.images[0][0])), kind
+        ran.append(kind)
+    assert "pab" in ran  # every family takes pyramid attention broadcast

@@ -45,11 +45,13 @@ def check_model_options(config: Any) -> None:
     if config.attention_backend is not None:
         check_attention_backend(config.attention_backend)
     if config.cache is not None:
-        from spmd_diffusion.models.loader import declared_pipeline_class
+        from spmd_diffusion.models.loader import declared_pipeline_class, denoiser_config
         from spmd_diffusion.models.step_cache import check_cache_for_pipeline, parse_cache
 
+        denoiser = denoiser_config(config.model)
         check_cache_for_pipeline(parse_cache(config.cache), declared_pipeline_class(config.model,
-                                                                                    config.model_class_name))
+                                                                                    config.model_class_name),
+                                 denoiser[0] if denoiser else None)
     if config.ulysses_degree * config.ring_degree > 1:
         check_sequence_parallel(config)
     if config.vae_parallel:

@@ -193,15 +193,34 @@ class StepCache:
 
 
 UNET_KINDS = ("pab",)
+# (denoiser class, kind) -> why diffusers' hooks cannot run there: found by running every kind
+# on every embedded family (tests/test_step_cache.py keeps the table honest).
+UNSUPPORTED = {
+    ("SD3Transformer2DModel", "first-block"): "SD3's last block returns no text stream (context_pre_only), which "
+                                              "diffusers' first-block cache subtracts",
+    ("SanaTransformer2DModel", "first-block"): "diffusers' first-block cache has no block registry for Sana's blocks",
+    ("SD3Transformer2DModel", "faster"): "diffusers' FasterCache splits SD3's guidance batch by the wrong size",
+    ("FluxTransformer2DModel", "faster"): "diffusers' FasterCache finds no guidance batch in Flux's calls",
+    ("QwenImageTransformer2DModel", "faster"): "diffusers' FasterCache finds no guidance batch in Qwen-Image's "
+                                               "calls (one per branch)",
+    ("LTXVideoTransformer3DModel", "faster"): "diffusers' FasterCache's attention hook does not fit LTX's "
+                                              "full-width attention layout",
+}
 
 
-def check_cache_for_pipeline(spec: CacheSpec, class_name: str | None) -> None:
+def check_cache_for_pipeline(spec: CacheSpec, class_name: str | None, denoiser_class: str | None = None) -> None:
     """Before loading: the block caches need a transformer denoiser. A UNet pipeline's
     transformer blocks sit deep inside its down/up blocks, where first-block cache and
     TaylorSeer find nothing to wrap and FasterCache splits the scalar timestep; only
-    pyramid attention broadcast, which wraps attention layers wherever they are, runs."""
+    pyramid attention broadcast, which wraps attention layers wherever they are, runs. Some
+    kinds fail on some transformers (:data:`UNSUPPORTED`), refused here naming the reason."""
     import diffusers
 
+    why = UNSUPPORTED.get((denoiser_class or "", spec.kind))
+    if why is not None:
+        runs = [kind for kind in CACHE_KINDS if (denoiser_class, kind) not in UNSUPPORTED]
+        raise ValueError(f"cache {spec.kind} cannot run on {denoiser_class}: {why}; it takes --cache "
+                         f"{' / '.join(runs)}")
     cls = getattr(diffusers, class_name, None) if class_name else None
     if cls is None or spec.kind in UNET_KINDS:
         return
@@ -219,5 +238,5 @@ def enable_step_cache(pipeline: Any, text: str, guidance_split: bool = False) ->
     if denoiser is None:
         raise ValueError(f"cache: {type(pipeline).__name__} has no unet or transformer to cache")
     spec = parse_cache(text)
-    check_cache_for_pipeline(spec, type(pipeline).__name__)
+    check_cache_for_pipeline(spec, type(pipeline).__name__, type(denoiser).__name__)
     return StepCache(spec, pipeline, denoiser, guidance_split)
