@@ -216,13 +216,14 @@ class Checker:
                     starts[f"a_{model}_{variant}"] = functools.partial(
                         self.start_generate, "a", f"a_{model}_{variant}", ranks, args, "a_gen")
         if "c" in parts:
-            part = self.results["parts"].setdefault("c", {"title": "--tp 2 / --cfg-parallel on one GPU, and on CPU"})
+            part = self.results["parts"].setdefault("c", {"title": "parallel flags (--tp 2, --cfg-parallel, --ulysses 2, "
+                                                                   "--ring 2, --vae-parallel) on one GPU, and on CPU"})
             # The first items of part d's list (same ids, seeds, steps, size, batch): part d's
-            # one-rank CPU images are the reference for the CPU runs here.
+            # one-rank CPU images are the reference for the tiny-unet CPU runs here.
             prompts = write_items(self.work / "c" / "items.jsonl", s["c_items"], "a scaling test picture", 9000)
-            common = ["--model", "tiny-unet", "--prompts", str(prompts), "--steps", str(s["d_steps"]),
-                      "--height", str(s["d_size"]), "--width", str(s["d_size"]), "--batch-size", "4", "--no-resume"]
-            for label, flags in (("tp2", ["--tp", "2"]), ("cfg_parallel", ["--cfg-parallel"])):
+            for label, model, flags in PARALLEL_CASES:
+                common = ["--model", model, "--prompts", str(prompts), "--steps", str(s["d_steps"]),
+                          "--height", str(s["d_size"]), "--width", str(s["d_size"]), "--batch-size", "4", "--no-resume"]
                 if gpu:
                     starts[f"c_{label}_gpu"] = functools.partial(
                         self.start_generate, "c", f"c_{label}_gpu", 2,
@@ -264,13 +265,14 @@ class Checker:
         if "c" in parts:
             part = self.results["parts"]["c"]
             part["cases"] = {}
-            for label in ("tp2", "cfg_parallel"):
+            for label, model, _ in PARALLEL_CASES:
                 if gpu:
                     part["cases"][f"{label}_gpu"] = classify_refusal(started[f"c_{label}_gpu"], self.logs)
                 else:
                     part["cases"][f"{label}_gpu"] = {"status": "skipped", "reason": "no CUDA device on this machine"}
                 part["cases"][f"{label}_cpu"] = brief(started[f"c_{label}_cpu"])
-                part["cases"][f"{label}_cpu"]["output"] = started[f"c_{label}_cpu"].get("output")
+                if model == "tiny-unet":  # part d's one-rank images are tiny-unet's
+                    part["cases"][f"{label}_cpu"]["output"] = started[f"c_{label}_cpu"].get("output")
         if "b" in parts:
             self.b_build_ok = started["b_build"].get("rc") == 0
 
@@ -391,6 +393,16 @@ class Checker:
 
 
 START = time.time()
+# Part c: (label, model, flags) of 2-rank jobs; on one GPU each must be refused (one GPU per
+# rank), on the CPU each must run (the tiny-unet ones are compared with part d's one rank).
+PARALLEL_CASES = (
+    ("tp2", "tiny-unet", ["--tp", "2"]),
+    ("cfg_parallel", "tiny-unet", ["--cfg-parallel"]),
+    ("ulysses2", "tiny-flux", ["--ulysses", "2"]),
+    ("ring2", "tiny-sd3", ["--ring", "2"]),
+    ("qwen_cfg_parallel", "tiny-qwen-image", ["--cfg-parallel", "--negative-prompt", "blurry"]),
+    ("vae_parallel", "tiny-dit", ["--tp", "2", "--vae-parallel"]),
+)
 
 
 def kill_session(process: subprocess.Popen) -> None:
@@ -739,7 +751,7 @@ def main() -> int:
             traceback.print_exc()
     checker.save(probe)
     failed = [s["name"] for s in checker.steps if s.get("status") not in ("ok", "skipped")]
-    expected_fail = {"c_tp2_gpu", "c_cfg_parallel_gpu"}  # refusals are the expected outcome there
+    expected_fail = {f"c_{label}_gpu" for label, _, _ in PARALLEL_CASES}  # refusals are the expected outcome there
     return 1 if [name for name in failed if name not in expected_fail] else 0
 
 

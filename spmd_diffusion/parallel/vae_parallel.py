@@ -6,9 +6,10 @@ latent, as xDiT's DistVAE and vLLM-Omni's patch-parallel decode do, and the band
 gathered at the end. What crosses a band's edge is exchanged so the result is the whole
 decode's, not a blend of tiles:
 
-- every 3x3 convolution first receives its neighbours' edge rows (a halo of ``padding``
-  rows, zeros at the image's edges) and drops the rows it computed from them;
-- every GroupNorm takes its mean and variance over the whole image (sums all-reduced);
+- every 3x3 convolution recomputes its band's first and last rows from its neighbours' edge
+  rows (a halo of ``padding`` rows, zeros at the image's edges);
+- every GroupNorm takes its mean and variance over the whole image (per-band statistics
+  combined across the ranks);
 - the mid-block's self-attention lets each band's queries see every band's keys and values
   (all-gathered).
 
@@ -72,30 +73,51 @@ class VAEReport:
                 f"rows, {self.norms} group norms and {self.attentions} attentions over the whole image")
 
 
-def halo(tensor: torch.Tensor, rows: int, state: VAEState) -> torch.Tensor:
-    """(B, C, h, W) band -> the band with ``rows`` neighbour rows above and below."""
+def neighbour_rows(tensor: torch.Tensor, rows: int, state: VAEState) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``rows`` rows just above and below this rank's band (None at the image's edges)."""
     edges = torch.cat([tensor[:, :, :rows], tensor[:, :, -rows:]], dim=2).contiguous()
     gathered = all_gather(edges, 0, state.group).chunk(state.size)
-    zeros = torch.zeros_like(tensor[:, :, :rows])
-    above = gathered[state.rank - 1][:, :, rows:] if state.rank > 0 else zeros
-    below = gathered[state.rank + 1][:, :, :rows] if state.rank + 1 < state.size else zeros
-    return torch.cat([above, tensor, below], dim=2)
+    above = gathered[state.rank - 1][:, :, rows:] if state.rank > 0 else None
+    below = gathered[state.rank + 1][:, :, :rows] if state.rank + 1 < state.size else None
+    return above, below
+
+
+def halo_conv(conv: nn.Conv2d, band: torch.Tensor, state: VAEState) -> torch.Tensor:
+    """A stride-1 'same' convolution of a band as if the whole image were there: the band is
+    convolved as it is (zero rows beyond it), then its first and last ``padding`` output rows
+    are recomputed from slabs that include the neighbours' rows. No copy of the band."""
+    rows = conv.padding[0]
+    out = conv._conv_forward(band, conv.weight, conv.bias)
+    above, below = neighbour_rows(band, rows, state)
+    side = (0, conv.padding[1])
+    if above is not None:
+        slab = torch.cat([above, band[:, :, :2 * rows]], dim=2)
+        out[:, :, :rows] = F.conv2d(slab, conv.weight, conv.bias, 1, side, conv.dilation, conv.groups)
+    if below is not None:
+        slab = torch.cat([band[:, :, -2 * rows:], below], dim=2)
+        out[:, :, -rows:] = F.conv2d(slab, conv.weight, conv.bias, 1, side, conv.dilation, conv.groups)
+    return out
 
 
 def synced_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, state: VAEState) -> torch.Tensor:
-    """GroupNorm with statistics over every band (sums all-reduced in float64)."""
+    """GroupNorm with statistics over every band: each band's per-group mean and variance
+    (fp32, no copy of the band) combined across ranks in float64 (Chan's formula), then one
+    fused normalisation (``F.batch_norm`` over batch x group channels) and the affine in place."""
     batch, channels = hidden.shape[:2]
-    grouped = hidden.reshape(batch, norm.num_groups, -1).to(torch.float64)
-    stats = torch.stack([grouped.sum(-1), grouped.pow(2).sum(-1),
-                         torch.full_like(grouped[..., 0], grouped.shape[-1])], dim=0)
-    stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", state.group))
-    mean = stats[0] / stats[2]
-    var = stats[1] / stats[2] - mean.pow(2)
-    normed = (grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-    normed = normed.to(hidden.dtype).reshape(hidden.shape)
+    grouped = hidden.reshape(batch * norm.num_groups, -1)
+    var, mean = torch.var_mean(grouped, dim=1, correction=0)
+    count = torch.full_like(mean, grouped.shape[1])
+    local = torch.stack([mean, var, count]).to(torch.float64)
+    parts = all_gather(local.unsqueeze(0), 0, state.group)  # (ranks, 3, B*G)
+    means, variances, counts = parts[:, 0], parts[:, 1], parts[:, 2]
+    total = counts.sum(0)
+    global_mean = (means * counts).sum(0) / total
+    global_var = ((variances + (means - global_mean).pow(2)) * counts).sum(0) / total
+    normed = F.batch_norm(grouped.unsqueeze(0), global_mean.to(hidden.dtype), global_var.to(hidden.dtype),
+                          training=False, eps=norm.eps).reshape(hidden.shape)
     if norm.affine:
         shape = (1, channels) + (1,) * (hidden.dim() - 2)
-        normed = normed * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+        normed.mul_(norm.weight.reshape(shape)).add_(norm.bias.reshape(shape))
     return normed
 
 
@@ -133,7 +155,8 @@ def _hooks(state: VAEState) -> tuple[type, type, type]:
         _is_stateful = False
 
         def pre_forward(self, module: Any, latent: torch.Tensor, *args: Any, **kwargs: Any):
-            state.active = latent.dim() == 4 and latent.shape[2] % state.size == 0 and latent.shape[2] >= state.size
+            rows = latent.shape[2] if latent.dim() == 4 else 0
+            state.active = rows % state.size == 0 and rows // state.size >= 2  # a 3x3 halo needs 2 own rows
             if state.active:
                 latent = latent.chunk(state.size, dim=2)[state.rank].contiguous()
                 state.split_decodes += 1
@@ -150,14 +173,10 @@ def _hooks(state: VAEState) -> tuple[type, type, type]:
     class HaloHook(ModelHook):
         _is_stateful = False
 
-        def pre_forward(self, module: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any):
-            if state.active:
-                hidden = halo(hidden, module.padding[0], state)
-            return (hidden, *args), kwargs
-
-        def post_forward(self, module: Any, output: torch.Tensor) -> torch.Tensor:
-            rows = module.padding[0]
-            return output[:, :, rows:-rows] if state.active else output
+        def new_forward(self, module: Any, hidden: torch.Tensor) -> torch.Tensor:
+            if not state.active:
+                return module._conv_forward(hidden, module.weight, module.bias)
+            return halo_conv(module, hidden, state)
 
     class SyncedNormHook(ModelHook):
         _is_stateful = False
