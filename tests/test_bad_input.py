@@ -108,6 +108,13 @@ CASES = [
                                                       "--num-gpus", "2"], "this pipeline's VAE is AutoencoderDC"),
     ("vae parallel with tiling", "p.txt", b"x\n", ["--vae-parallel", "--vae-tiling", "--tp", "2", "--num-gpus", "2"],
      "vae_parallel decodes whole bands of the image: it replaces vae_tiling/vae_slicing"),
+    ("image tokens not splitting over ulysses", "p.jsonl", b'{"prompt": "x", "height": 80, "width": 80}\n',
+     ["--model", "tiny-flux", "--ulysses", "2", "--num-gpus", "2"],
+     "p.jsonl:1: a 80x80 image is 5x5 = 25 tokens, which do not split evenly over 2 sequence-parallel ranks"),
+    ("token rows not splitting over ring on sana", "p.txt", b"x\n",
+     ["--model", "tiny-sana", "--ring", "2", "--height", "72", "--num-gpus", "2"],
+     "is 9 rows of tokens, which do not split evenly over 2 sequence-parallel ranks; use a height that is a "
+     "multiple of 16"),
     ("unknown executor", "p.txt", b"x\n", ["--executor", "nope"], "unknown executor_class 'nope'"),
     ("missing model dir", "p.txt", b"x\n", ["--model", "/no/such/model"], "does not exist or is not a directory"),
     ("unknown model name", "p.txt", b"x\n", ["--model", "not a model"], "unknown model 'not a model'"),

@@ -132,6 +132,7 @@ def build_request(item: PromptItem, options: GenerateOptions, run_seed: int,
         if config is not None:
             config.check_limits(request)
             check_pipeline_takes(request, config, [] if accepted is None else accepted)
+            check_sequence_split(request, config)
         return request
     except ValueError as exc:
         raise InputError(f"{item.where or f'item {item.id!r} (line {item.line})'}: {exc}") from None
@@ -232,6 +233,23 @@ def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionCon
     if refused:
         raise ValueError(f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
                          "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)")
+
+
+def check_sequence_split(request: OmniDiffusionRequest, config: OmniDiffusionConfig) -> None:
+    """Under --ulysses/--ring, an item's image tokens must split evenly over the sequence
+    ranks (known before loading from the VAE's and denoiser's configs; a hub id is not)."""
+    ranks = config.ulysses_degree * config.ring_degree
+    if ranks == 1:
+        return
+    from spmd_diffusion.models.geometry import default_size, token_grid
+
+    grid = token_grid(config.model)
+    default_height, default_width = default_size(config.model)
+    height, width = request.height or default_height, request.width or default_width
+    if grid is not None and height and width:
+        problem = grid.problem(height, width, ranks)
+        if problem is not None:
+            raise ValueError(problem)
 
 
 class GuidanceCheck:
