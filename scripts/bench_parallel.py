@@ -17,8 +17,9 @@ leave the resident set at once).
   (conditional, unconditional, as Qwen-Image's true CFG makes them): alone vs the CFG pair
   (branch pairing: the first step whole, then one branch per rank).
 - ``tp``: the Flux-shaped transformer at ``--tp 2``: step time and denoiser parameters per rank.
-- ``vae``: the SD VAE (block widths 128..512, random weights) decoding a 384 px image: alone
-  vs ``--vae-parallel`` over 2 ranks, time and peak memory per rank.
+- ``vae``: the SD VAE (block widths 128..512, random weights) decoding a 384 px image, and
+  Wan 2.1's VAE (base width 96) decoding 9 frames of 192 px: alone vs ``--vae-parallel``
+  over 2 ranks, time and peak memory per rank.
 
 Run (2 ranks, hard timeout)::
 
@@ -240,19 +241,30 @@ def bench_tp(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
     return results
 
 
+def wan_vae() -> torch.nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                            temperal_downsample=[False, True, True]).eval()
+
+
 def bench_vae(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
-    whole, split = sd_vae(), sd_vae()
     group = dist.new_group(list(range(world)))
-    enable_vae_parallel(split, group, rank, world)
-    latent = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(1))
-    return measure({"alone": (lambda: whole.decode(latent), rank == 0),
-                    "vae parallel 2": (lambda: split.decode(latent), True)}, args.rounds)
+    results = {}
+    for name, build, latent in (("sd (384 px image)", sd_vae, torch.randn(1, 4, 48, 48)),
+                                ("wan (9 frames of 192 px)", wan_vae, torch.randn(1, 16, 3, 24, 24))):
+        whole, split = build(), build()
+        enable_vae_parallel(split, group, rank, world)
+        results[name] = measure({"alone": (lambda m=whole, z=latent: m.decode(z), rank == 0),
+                                 "vae parallel 2": (lambda m=split, z=latent: m.decode(z), True)}, args.rounds)
+    return results
 
 
 def table(mode: str, results: dict[str, Any]) -> str:
     lines = [f"### {mode}", "", "| model | variant | median s | min s | speed-up vs alone | peak MiB per rank |",
              "|---|---|---|---|---|---|"]
-    groups = results if mode == "sp" else {mode: results}
+    groups = results if mode in ("sp", "vae") else {mode: results}
     for model, variants in groups.items():
         base = variants["alone"]["median_s"]
         for name, row in variants.items():

@@ -100,10 +100,11 @@ CASES = [
      "true_cfg_scale must be a finite number >= 0"),
     ("vae parallel without a replica", "p.txt", b"x\n", ["--vae-parallel", "--num-gpus", "2"],
      "vae_parallel splits a decode over the ranks of a replica, and a replica here is one rank"),
-    ("vae parallel on a video vae", "p.txt", b"x\n", ["--model", "tiny-video", "--vae-parallel", "--ulysses", "2",
-                                                     "--num-gpus", "2"],
-     "--vae-parallel splits the 2-D KL autoencoder's decode (AutoencoderKL: SD, SDXL, PixArt, SD3, Flux); this "
-     "pipeline's VAE is AutoencoderKLWan"),
+    ("vae parallel on ltx's video vae", "p.txt", b"x\n", ["--model", "tiny-ltx", "--vae-parallel", "--ulysses", "2",
+                                                         "--num-gpus", "2"],
+     "--vae-parallel splits the decode of the KL autoencoder (SD, SDXL, PixArt, SD3, Flux) and of the causal 3-D VAE "
+     "of Wan and Qwen-Image (AutoencoderKL, AutoencoderKLWan, AutoencoderKLQwenImage); this pipeline's VAE is "
+     "AutoencoderKLLTXVideo"),
     ("vae parallel on sana's dc-ae", "p.txt", b"x\n", ["--model", "tiny-sana", "--vae-parallel", "--tp", "2",
                                                       "--num-gpus", "2"], "this pipeline's VAE is AutoencoderDC"),
     ("vae parallel with tiling", "p.txt", b"x\n", ["--vae-parallel", "--vae-tiling", "--tp", "2", "--num-gpus", "2"],

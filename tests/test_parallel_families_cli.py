@@ -53,7 +53,7 @@ def test_sequence_parallel_job_gives_the_single_rank_images(tmp_path, launcher, 
     degree = {flag: int(value) for flag, value in zip(flags, flags[1:]) if flag in ("--ulysses", "--ring")}
     assert (sp["ulysses"], sp["ring"]) == (degree.get("--ulysses", 1), degree.get("--ring", 1))
     if "--vae-parallel" in flags:  # every batch's decode split over the two ranks
-        assert run["parallel"]["vae"]["split_decodes"] == 2 and run["parallel"]["vae"]["whole_decodes"] == 0
+        assert run["parallel"]["vae"]["split_decoder_calls"] == 2 and run["parallel"]["vae"]["whole_decoder_calls"] == 0
         assert "vae parallel" in done.stderr
     assert run["parallel"]["layout"]["sp"] == 2 and run["layout"]["replica_size"] == 2
     assert sp["sequence_parallel_attention_calls"] > 0 and sp["attention_modules"] > 0

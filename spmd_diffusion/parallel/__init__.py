@@ -140,7 +140,7 @@ def merge_parallel_stats(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
         merged["cfg"] = {name: sum(report["cfg"][name] for report in leaders) for name in ("split_calls", "whole_calls")}
     if "vae" in reports[0]:
         merged["vae"] = dict(reports[0]["vae"])
-        for name in ("split_decodes", "whole_decodes"):
+        for name in ("split_decoder_calls", "whole_decoder_calls"):
             merged["vae"][name] = sum(report["vae"][name] for report in leaders)
     if "sp" in reports[0]:
         merged["sp"] = dict(reports[0]["sp"])
@@ -164,8 +164,8 @@ def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{sp['sequence_parallel_attention_calls']} attention calls over the whole sequence"))
     if "vae" in merged:
         vae = merged["vae"]
-        rows.append(("vae parallel", f"{vae['split_decodes']} decodes split over {vae['ranks']} ranks, "
-                     f"{vae['whole_decodes']} whole"))
+        rows.append(("vae parallel", f"{vae['split_decoder_calls']} decoder calls split over {vae['ranks']} ranks "
+                     f"(a video's: one per latent frame), {vae['whole_decoder_calls']} whole"))
     if "cfg" in merged:
         cfg = merged["cfg"]
         rows.append(("cfg parallel", f"{cfg['split_calls']} guided denoiser calls split over the pair, "

@@ -14,8 +14,12 @@ decode's, not a blend of tiles:
   (all-gathered).
 
 Upsampling (nearest) and 1x1 convolutions need nothing. Supported: the 2-D KL autoencoder of
-SD 1.x/XL, PixArt, SD3 and Flux. The 3-D causal video VAEs (Wan, Qwen-Image, LTX) and Sana's
-DC-AE are refused before loading. A latent whose rows do not split evenly decodes whole.
+SD 1.x/XL, PixArt, SD3 and Flux, and the causal 3-D VAE of Wan and Qwen-Image, which decodes a
+video frame by frame with a cache of each convolution's last input frames: its causal
+convolutions take the neighbours' rows of the cached and the new frames alike, its RMS norms
+are per position (nothing to share) and its per-frame attention gathers keys and values.
+LTX's video VAE and Sana's DC-AE are refused before loading. A latent whose rows do not
+split evenly (at least two per rank) decodes whole.
 """
 
 from __future__ import annotations
@@ -30,30 +34,31 @@ from torch.distributed import _functional_collectives as funcol
 
 from spmd_diffusion.parallel.sp_attention import all_gather
 
-SUPPORTED = ("AutoencoderKL",)
+SUPPORTED = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLQwenImage")
 
 
 def vae_refusal(vae_class: str | None) -> str | None:
     """Why ``--vae-parallel`` cannot split this VAE's decode, or None."""
     if vae_class is None or vae_class in SUPPORTED:
         return None
-    return (f"--vae-parallel splits the 2-D KL autoencoder's decode ({', '.join(SUPPORTED)}: SD, SDXL, PixArt, "
-            f"SD3, Flux); this pipeline's VAE is {vae_class}")
+    return (f"--vae-parallel splits the decode of the KL autoencoder (SD, SDXL, PixArt, SD3, Flux) and of the "
+            f"causal 3-D VAE of Wan and Qwen-Image ({', '.join(SUPPORTED)}); this pipeline's VAE is {vae_class}")
 
 
 @dataclass
 class VAEState:
-    """Whether a split decode is running (the inner hooks act only then) and the counts."""
+    """Whether a split decode is running (the inner hooks act only then) and the counts of
+    decoder calls split or whole (an image decodes in one call, a video in one per latent frame)."""
 
     group: Any
     rank: int
     size: int
     active: bool = False
-    split_decodes: int = 0
-    whole_decodes: int = 0
+    split_decoder_calls: int = 0
+    whole_decoder_calls: int = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"ranks": self.size, "split_decodes": self.split_decodes, "whole_decodes": self.whole_decodes}
+        return {"ranks": self.size, "split_decoder_calls": self.split_decoder_calls, "whole_decoder_calls": self.whole_decoder_calls}
 
 
 @dataclass
@@ -73,13 +78,47 @@ class VAEReport:
                 f"rows, {self.norms} group norms and {self.attentions} attentions over the whole image")
 
 
-def neighbour_rows(tensor: torch.Tensor, rows: int, state: VAEState) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The ``rows`` rows just above and below this rank's band (None at the image's edges)."""
-    edges = torch.cat([tensor[:, :, :rows], tensor[:, :, -rows:]], dim=2).contiguous()
-    gathered = all_gather(edges, 0, state.group).chunk(state.size)
-    above = gathered[state.rank - 1][:, :, rows:] if state.rank > 0 else None
-    below = gathered[state.rank + 1][:, :, :rows] if state.rank + 1 < state.size else None
+def neighbour_rows(tensor: torch.Tensor, rows: int, state: VAEState,
+                   dim: int = 2) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``rows`` rows (along ``dim``) just above and below this rank's band (None at the
+    image's edges)."""
+    edges = torch.cat([tensor.narrow(dim, 0, rows), tensor.narrow(dim, tensor.shape[dim] - rows, rows)], dim=dim)
+    gathered = all_gather(edges.contiguous(), 0, state.group).chunk(state.size)
+    above = gathered[state.rank - 1].narrow(dim, rows, rows) if state.rank > 0 else None
+    below = gathered[state.rank + 1].narrow(dim, 0, rows) if state.rank + 1 < state.size else None
     return above, below
+
+
+def causal_conv(conv: nn.Conv3d, frames: torch.Tensor, cache: torch.Tensor | None, state: VAEState) -> torch.Tensor:
+    """A causal 3-D convolution of the Wan/Qwen-Image VAE (``_padding``: width, height, time
+    front/back; earlier frames from ``cache``) on a band of rows: the band's rows are padded
+    with the neighbours' rows of the cached and new frames instead of zeros."""
+    padding = list(conv._padding)
+    if cache is not None and padding[4] > 0:
+        frames = torch.cat([cache.to(frames.device), frames], dim=2)
+        padding[4] -= cache.shape[2]
+    rows = padding[2]
+    if state.active and rows:
+        above, below = neighbour_rows(frames, rows, state, dim=3)
+        zeros = torch.zeros_like(frames.narrow(3, 0, rows))
+        frames = torch.cat([zeros if above is None else above, frames, zeros if below is None else below], dim=3)
+        padding[2] = padding[3] = 0
+    return nn.Conv3d.forward(conv, F.pad(frames, padding))
+
+
+def frame_attention(block: nn.Module, x: torch.Tensor, state: VAEState) -> torch.Tensor:
+    """The Wan/Qwen-Image VAE's single-head attention over each frame's pixels, with every
+    band's keys and values."""
+    identity, (batch, channels, time, height, width) = x, x.shape
+    x = block.norm(x.permute(0, 2, 1, 3, 4).reshape(batch * time, channels, height, width))
+    qkv = block.to_qkv(x).reshape(batch * time, 1, channels * 3, -1).permute(0, 1, 3, 2).contiguous()
+    q, k, v = qkv.chunk(3, dim=-1)
+    if state.active:
+        k, v = all_gather(k.contiguous(), 2, state.group), all_gather(v.contiguous(), 2, state.group)
+    x = F.scaled_dot_product_attention(q, k, v).squeeze(1).permute(0, 2, 1).reshape(batch * time, channels, height,
+                                                                                    width)
+    x = block.proj(x).view(batch, time, channels, height, width).permute(0, 2, 1, 3, 4)
+    return x + identity
 
 
 def halo_conv(conv: nn.Conv2d, band: torch.Tensor, state: VAEState) -> torch.Tensor:
@@ -146,28 +185,29 @@ class GatheredAttentionProcessor:
         return out / attn.rescale_output_factor
 
 
-def _hooks(state: VAEState) -> tuple[type, type, type]:
+def _hooks(state: VAEState) -> tuple[type, ...]:
     from diffusers.hooks import ModelHook
 
     class SplitRowsHook(ModelHook):
-        """On the decoder: take this rank's band of the latent, gather the bands decoded."""
+        """On the decoder: take this rank's band of the latent's rows (the last but one
+        dimension: images and video frames alike), gather the bands decoded."""
 
         _is_stateful = False
 
         def pre_forward(self, module: Any, latent: torch.Tensor, *args: Any, **kwargs: Any):
-            rows = latent.shape[2] if latent.dim() == 4 else 0
+            rows = latent.shape[-2] if latent.dim() >= 4 else 0
             state.active = rows % state.size == 0 and rows // state.size >= 2  # a 3x3 halo needs 2 own rows
             if state.active:
-                latent = latent.chunk(state.size, dim=2)[state.rank].contiguous()
-                state.split_decodes += 1
+                latent = latent.chunk(state.size, dim=-2)[state.rank].contiguous()
+                state.split_decoder_calls += 1
             else:
-                state.whole_decodes += 1
+                state.whole_decoder_calls += 1
             return (latent, *args), kwargs
 
         def post_forward(self, module: Any, output: torch.Tensor) -> torch.Tensor:
             if state.active:
                 state.active = False
-                output = all_gather(output.movedim(2, 0), 0, state.group).movedim(0, 2).contiguous()
+                output = all_gather(output.movedim(-2, 0), 0, state.group).movedim(0, -2).contiguous()
             return output
 
     class HaloHook(ModelHook):
@@ -186,7 +226,19 @@ def _hooks(state: VAEState) -> tuple[type, type, type]:
                 return F.group_norm(hidden, module.num_groups, module.weight, module.bias, module.eps)
             return synced_group_norm(module, hidden, state)
 
-    return SplitRowsHook, HaloHook, SyncedNormHook
+    class CausalConvHook(ModelHook):
+        _is_stateful = False
+
+        def new_forward(self, module: Any, frames: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+            return causal_conv(module, frames, cache_x, state)
+
+    class FrameAttentionHook(ModelHook):
+        _is_stateful = False
+
+        def new_forward(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+            return frame_attention(module, x, state)
+
+    return SplitRowsHook, HaloHook, SyncedNormHook, CausalConvHook, FrameAttentionHook
 
 
 def enable_vae_parallel(vae: nn.Module, group: Any, rank: int, size: int) -> VAEReport:
@@ -199,20 +251,32 @@ def enable_vae_parallel(vae: nn.Module, group: Any, rank: int, size: int) -> VAE
         raise ValueError(problem)
     state = VAEState(group, rank, size)
     report = VAEReport(type(vae).__name__, state)
-    split, halo_hook, norm_hook = _hooks(state)
+    split, halo_hook, norm_hook, causal_hook, attention_hook = _hooks(state)
     decoder = vae.decoder
     for module in decoder.modules():
-        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+        registry = None
+        if type(module).__name__.endswith("CausalConv3d") and len(getattr(module, "_padding", ())) == 6:
+            if module.stride != (1, 1, 1):
+                raise ValueError(f"--vae-parallel: a decoder convolution with stride {module.stride} cannot take "
+                                 "halo rows")
+            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), causal_hook(), "spmd_vae_halo"
+            report.convs += 1
+        elif isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
             if module.stride[0] != 1 or module.padding[0] != module.kernel_size[0] // 2:
                 raise ValueError(f"--vae-parallel: a decoder convolution with stride {module.stride} and padding "
                                  f"{module.padding} cannot take halo rows")
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(halo_hook(), "spmd_vae_halo")
+            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), halo_hook(), "spmd_vae_halo"
             report.convs += 1
         elif isinstance(module, nn.GroupNorm):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(norm_hook(), "spmd_vae_norm")
+            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), norm_hook(), "spmd_vae_norm"
             report.norms += 1
+        elif type(module).__name__.endswith("AttentionBlock") and hasattr(module, "to_qkv"):
+            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), attention_hook(), "spmd_vae_attn"
+            report.attentions += 1
         elif hasattr(module, "set_processor") and hasattr(module, "to_q"):
             module.set_processor(GatheredAttentionProcessor(state))
             report.attentions += 1
+        if registry is not None:
+            registry.register_hook(hook, name)
     HookRegistry.check_if_exists_or_initialize(decoder).register_hook(split(), "spmd_vae_split")
     return report
