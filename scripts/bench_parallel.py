@@ -211,10 +211,10 @@ def bench_sp(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
         alone, ulysses, ring = build(), build(), build()
         enable_sequence_parallel(ulysses, build_device_mesh(ParallelLayout(world, ulysses=2), "cpu"), 2, 1)
         enable_sequence_parallel(ring, build_device_mesh(ParallelLayout(world, ring=2), "cpu"), 1, 2)
-        variants = {"alone": (lambda m=alone: m(**inputs), rank == 0),
-                    "alone on every rank": (lambda m=alone: m(**inputs), True),
-                    "ulysses 2": (lambda m=ulysses: m(**inputs), True),
-                    "ring 2": (lambda m=ring: m(**inputs), True)}
+        variants = {"alone": (lambda m=alone, i=inputs: m(**i), rank == 0),
+                    "alone on every rank": (lambda m=alone, i=inputs: m(**i), True),
+                    "ulysses 2": (lambda m=ulysses, i=inputs: m(**i), True),
+                    "ring 2": (lambda m=ring, i=inputs: m(**i), True)}
         results[name] = measure(variants, args.rounds)
     return results
 

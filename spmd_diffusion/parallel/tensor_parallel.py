@@ -51,12 +51,10 @@ holds DTensors, and the gated projections' rows are in the permuted order.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
@@ -394,7 +392,7 @@ def _plan_from_model(plan: TPPlan, denoiser: nn.Module, model_plan: dict[str, An
                 plan.styles[path] = kind
             elif kind == "PackedRowwiseParallel":
                 plan.styles[path] = ROWWISE
-                blocks = getattr(style, "blocks", None) or getattr(denoiser.get_submodule(path), "_tp_packed_row_blocks")
+                blocks = getattr(style, "blocks", None) or denoiser.get_submodule(path)._tp_packed_row_blocks
                 total = denoiser.get_submodule(path).in_features
                 plan.packed[path] = [total * block // sum(blocks) for block in blocks]
             else:
@@ -433,7 +431,7 @@ def packed_column_order(blocks: list[int], tp: int) -> torch.Tensor:
     starts = [sum(blocks[:i]) for i in range(len(blocks))]
     order = []
     for rank in range(tp):
-        for start, width in zip(starts, blocks):
+        for start, width in zip(starts, blocks, strict=True):
             if width % tp:
                 raise ValueError(f"packed block width {width} is not divisible by tp={tp}")
             part = width // tp

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
 
 from spmd_diffusion.parallel.sp_attention import all_gather
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from parallel_checks import max_difference, verdict_on_all_ranks, world  # noqa: F401 - world is a fixture
+from parallel_checks import max_difference, verdict_on_all_ranks  # the world fixture comes with parallel_checks
 
 from spmd_diffusion.models.tiny import CALL_DEFAULTS
 
