@@ -5,7 +5,7 @@
 # - installs the CPU build of torch where no NVIDIA GPU is present (a plain `torch`
 #   requirement could pull a multi-GB CUDA build),
 # - installs this package with its mpi (mpi4py + mpich), serve, datasets (pyarrow, datasets,
-#   webdataset), lora (peft), ray, video (imageio-ffmpeg) and test extras.
+#   webdataset), lora (peft), ray, video (imageio-ffmpeg), quant (torchao) and test extras.
 set -euo pipefail
 SPMD_DIFFUSION_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$SPMD_DIFFUSION_ROOT"
@@ -24,7 +24,7 @@ if ! python -c "import torch" 2>/dev/null; then
             || python -m pip install "torch>=2.4,<3" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-python -m pip install -q -e ".[mpi,serve,datasets,lora,ray,video,test]"
+python -m pip install -q -e ".[mpi,serve,datasets,lora,ray,video,quant,test]"
 
 export SPMD_DIFFUSION_CACHE="${SPMD_DIFFUSION_CACHE:-$SPMD_DIFFUSION_ROOT/.cache/spmd_diffusion}"
 export TOKENIZERS_PARALLELISM=false

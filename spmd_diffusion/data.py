@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "tiny-unet"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-OFFLOAD_MODES = ("model", "sequential")
+OFFLOAD_MODES = ("model", "sequential", "group")
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -90,6 +90,8 @@ class OmniDiffusionConfig:
     attention_backend: str | None = None
     compile: bool = False
     cache: str | None = None
+    quantize: str | None = None
+    quantize_components: list[str] = field(default_factory=lambda: ["denoiser"])
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -171,6 +173,28 @@ class OmniDiffusionConfig:
             from spmd_diffusion.models.step_cache import parse_cache
 
             self.cache = str(parse_cache(self.cache))  # normalised: the kind's default value made explicit
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        """Shapes only; the kind's package and whether this machine runs it are checked by
+        ``spmd_diffusion.models.options.check_model_options``."""
+        if isinstance(self.quantize_components, (tuple, str)):
+            self.quantize_components = [self.quantize_components] if isinstance(self.quantize_components, str) \
+                else list(self.quantize_components)
+        if not isinstance(self.quantize_components, list) or not self.quantize_components or not all(
+                isinstance(name, str) and name for name in self.quantize_components):
+            raise ValueError(f"quantize_components must be a non-empty list of component names, "
+                             f"got {self.quantize_components!r}")
+        if self.quantize is None:
+            return
+        from spmd_diffusion.models.quantization import KINDS
+
+        if self.quantize not in KINDS:
+            raise ValueError(f"quantize must be one of {', '.join(KINDS)}, got {self.quantize!r}")
+        if self.tensor_parallel_size > 1:
+            raise ValueError("quantize with tensor parallelism: the sharded layers would be DTensors over quantized "
+                             "weights, which the quantization backends do not support; use --quantize with data, "
+                             "sequence or CFG parallelism")
 
     def check_limits(self, request: OmniDiffusionRequest) -> None:
         """Refuse a request past this config's limits (a typo such as height 100000 would

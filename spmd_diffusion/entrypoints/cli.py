@@ -39,7 +39,8 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options every model-loading command shares; they become an OmniDiffusionConfig."""
     options = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                     help="Pipeline directory, hub id, or an embedded tiny model: tiny-unet, tiny-dit, tiny-video."),
+                     help="Pipeline directory, hub id, or an embedded tiny model: tiny-unet, tiny-sdxl, tiny-dit, "
+                          "tiny-sd3, tiny-flux, tiny-qwen-image, tiny-sana, tiny-video, tiny-ltx."),
         click.option("--model-class-name", default=None,
                      help="diffusers pipeline class to load with (default: from model_index.json)."),
         click.option("--executor", "executor_class", default=None,
@@ -78,9 +79,18 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "pipeline's scheduler config."),
         click.option("--scheduler-option", "scheduler_option", multiple=True, metavar="KEY=VALUE",
                      help="Scheduler option (repeatable); VALUE is read as JSON, else as a string."),
-        click.option("--offload", type=click.Choice(["model", "sequential"]), default=None,
-                     help="diffusers CPU offload (needs a GPU): model (whole models, small slowdown) or "
-                          "sequential (layer by layer: least memory, slow)."),
+        click.option("--offload", type=click.Choice(["model", "sequential", "group"]), default=None,
+                     help="diffusers CPU offload (needs a GPU): model (whole models, small slowdown), group "
+                          "(groups of blocks, copies overlapped on a CUDA stream) or sequential (layer by layer: "
+                          "least memory, slow)."),
+        click.option("--quantize", default=None, metavar="KIND",
+                     help="Quantized weights through diffusers' quantization configs: int8wo, int8dq, int4wo, "
+                          "float8wo, float8dq (torchao), bnb-nf4, bnb-int8 (bitsandbytes); a kind this machine "
+                          "cannot run is refused before loading."),
+        click.option("--quantize-components", default="denoiser", show_default=True, metavar="NAMES",
+                     callback=lambda ctx, param, value: [name.strip() for name in value.split(",") if name.strip()],
+                     help="Comma-separated pipeline components to quantize (denoiser: the transformer or unet; "
+                          "e.g. denoiser,text_encoder_2)."),
         click.option("--vae-tiling", is_flag=True, help="Decode the VAE in tiles (large images, less memory)."),
         click.option("--vae-slicing", is_flag=True, help="Decode the VAE one image at a time (less memory)."),
         click.option("--attention-backend", default=None, metavar="NAME",

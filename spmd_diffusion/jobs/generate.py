@@ -304,9 +304,11 @@ def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[
                               "quality": options.quality if options.image_format != "png" else None}
     if config.lora:
         settings["lora"] = [lora_identity(spec) for spec in parse_loras(config.lora)]
+    if config.quantize is not None and config.quantize_components != ["denoiser"]:
+        settings["quantize_components"] = config.quantize_components
     if config.scheduler is not None:
         settings["scheduler"] = {"name": config.scheduler, "options": config.scheduler_options}
-    for name in ("vae_tiling", "vae_slicing", "attention_backend", "compile", "cache"):
+    for name in ("vae_tiling", "vae_slicing", "attention_backend", "compile", "cache", "quantize"):
         if getattr(config, name):
             settings[name] = getattr(config, name)
     from spmd_diffusion.models.loader import makes_video
@@ -528,6 +530,7 @@ class GenerateJob:
         self.stats = JobStats()
         self.settings = run_settings(plan.options, plan.config)
         self.parallel: dict[str, Any] | None = None  # run.json's "parallel": what each parallel flag did
+        self.memory: list[dict[str, Any]] = []  # run.json's "memory": each rank's weights, peak and levers
         self.compile_seconds: float | None = None  # with --compile: the slowest rank's compile time
         self.done_by_id: dict[str, set[int]] = {}
         for request_id, index in plan.done:
@@ -600,6 +603,8 @@ class GenerateJob:
         }
         if self.parallel is not None:
             record["parallel"] = self.parallel
+        if self.memory:
+            record["memory"] = self.memory
         if error is not None:
             record["error"] = error
         if self.previous_run is not None:
@@ -756,13 +761,14 @@ class GenerateJob:
         seconds = time.time() - started
         if self.shards:
             self._write_shard_index()
-        if plan.config.compile or plan.config.replica_size > 1:
+        stats = engine.collective_rpc("get_cache_stats")  # one call at the end: memory, parallel, compile
+        self.memory = [rank["memory"] for rank in stats if isinstance(rank, dict) and rank.get("memory")]
+        if plan.config.replica_size > 1:
             from spmd_diffusion.parallel import merge_parallel_stats  # torch: only where a replica has ranks
 
-            stats = engine.collective_rpc("get_cache_stats")
             self.parallel = merge_parallel_stats(stats)
-            if plan.config.compile:
-                self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
+        if plan.config.compile:
+            self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
             write_contact_sheet(plan.output_dir / "contact_sheet.png",
                                 [(label, self._sheet_image(record)) for label, record in self.stats.sheet])
@@ -813,6 +819,7 @@ class GenerateJob:
         rows += [
             ("layout", f"{self.layout.get('replicas', 1)} replica(s) x {self.layout.get('replica_size', 1)} rank(s)"),
             *(parallel_rows(self.parallel) if self.parallel is not None else []),
+            *memory_rows(self.memory),
         ]
         if self.shards:
             rows.append(("shards written", stats.shards_written))
@@ -822,6 +829,24 @@ class GenerateJob:
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value}" for name, value in rows]
         print("summary\n" + "\n".join(lines) + f"\n  output: {self.plan.output_dir}", file=sys.stderr)
+
+
+def memory_rows(memory: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Summary rows: each rank's peak memory and the denoiser's weights, and the levers on."""
+    if not memory:
+        return []
+    mib = 2**20
+
+    def peak(rank: dict[str, Any]) -> str:
+        if "peak_allocated_bytes" in rank:
+            return f"{rank['peak_allocated_bytes'] / mib:.0f} MiB allocated ({rank['peak_reserved_bytes'] / mib:.0f} reserved)"
+        return f"{rank['peak_rss_bytes'] / mib:.0f} MiB resident"
+
+    rows = [(f"memory rank {rank['rank']}", f"peak {peak(rank)}, denoiser weights "
+             f"{rank.get('denoiser_weight_bytes', 0) / mib:.1f} MiB") for rank in memory[:8]]
+    levers = memory[0].get("levers") or {}
+    rows.append(("memory levers", ", ".join(f"{name}={value}" for name, value in levers.items()) or "none"))
+    return rows
 
 
 def parallel_rows(merged: dict[str, Any]) -> list[tuple[str, str]]:

@@ -61,6 +61,7 @@ def image_info(request_id: str, index: int, described: dict[str, Any], output: D
         "scheduler": settings.get("scheduler"),
         **({"lora": settings["lora"]} if settings.get("lora") else {}),
         **({"cache": settings["cache"]} if settings.get("cache") else {}),
+        **({"quantize": settings["quantize"]} if settings.get("quantize") else {}),
         **{name: settings[name] for name in ("num_frames", "fps") if settings.get(name) is not None},
         "model": described.get("model"),
         "fingerprint": described.get("fingerprint"),

@@ -160,6 +160,19 @@ def component_config(model: str, *components: str) -> tuple[str, dict[str, Any]]
     return None
 
 
+def component_names(model: str) -> list[str] | None:
+    """The pipeline's components (model_index.json's keys that name a library and class);
+    None for a hub id."""
+    if not (model in TINY_MODELS or Path(model).expanduser().is_dir()):
+        return None
+    try:
+        index = json.loads((Path(resolve_model_path(model)) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+            and len(value) == 2 and value[0] is not None]
+
+
 def denoiser_config(model: str) -> tuple[str, dict[str, Any]] | None:
     """(class name, config) of the pipeline's denoiser (``transformer``, else ``unet``)."""
     return component_config(model, "transformer", "unet")
@@ -217,8 +230,10 @@ def load_pipeline(
     torch_dtype: Any,
     revision: str | None = None,
     variant: str | None = None,
+    quantization_config: Any = None,
 ) -> Any:
-    """Load with the real ``from_pretrained``; weights stay on the CPU until placed."""
+    """Load with the real ``from_pretrained``; weights stay on the CPU until placed
+    (``quantization_config``: diffusers' PipelineQuantizationConfig, applied as weights load)."""
     from diffusers.utils import logging as diffusers_logging
 
     cls = pipeline_class(class_name)
@@ -231,6 +246,8 @@ def load_pipeline(
         kwargs["revision"] = revision
     if variant:
         kwargs["variant"] = variant
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     pipeline = cls.from_pretrained(resolve_model_path(model), **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -56,6 +56,8 @@ def check_model_options(config: Any) -> None:
         check_sequence_parallel(config)
     if config.vae_parallel:
         check_vae_parallel(config)
+    if config.quantize is not None:
+        check_quantize(config)
     if config.offload is not None:
         import torch
 
@@ -85,6 +87,22 @@ def check_sequence_parallel(config: Any) -> None:
                    f"and {name} has {heads} heads")
     if problem is not None:
         raise ValueError(f"{flags}: {problem}")
+
+
+def check_quantize(config: Any) -> None:
+    """--quantize: its package installed, the components the pipeline's, and a probe of the
+    kind on the job's device (a kind this machine cannot run is refused with the reason)."""
+    import torch
+
+    from spmd_diffusion.models.loader import component_names
+    from spmd_diffusion.models.quantization import check_kind, probe, resolve_components
+
+    check_kind(config.quantize)
+    available = component_names(config.model)
+    if available is not None:
+        resolve_components(config.quantize_components, available)
+    wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    probe(config.quantize, "cuda" if wants_gpu else "cpu")
 
 
 def check_vae_parallel(config: Any) -> None:
@@ -153,6 +171,12 @@ def place_pipeline(pipeline: Any, config: Any, device: Any) -> Any:
         return pipeline
     if config.offload == "sequential":
         pipeline.enable_sequential_cpu_offload(device=device)
+        return pipeline
+    if config.offload == "group":
+        # Groups of blocks moved to the GPU just before they run, on a side CUDA stream so
+        # the copy of the next group overlaps the compute of this one.
+        pipeline.enable_group_offload(onload_device=device, offload_device="cpu", offload_type="block_level",
+                                      num_blocks_per_group=1, use_stream=True)
         return pipeline
     return pipeline.to(device)
 

@@ -87,6 +87,7 @@ class DiffusionWorker:
             self.torch_dtype,
             revision=config.revision,
             variant=config.variant,
+            quantization_config=self._quantization_config(),
         )
         self.model_report = apply_model_options(pipeline, config)
         self.adapters = LoraAdapters(pipeline)
@@ -119,6 +120,47 @@ class DiffusionWorker:
             compile_denoiser(self.pipeline)  # last: it compiles the layers as patched above
         self.load_seconds = time.perf_counter() - start
         logger.info("loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds)
+
+    def _quantization_config(self) -> Any:
+        """diffusers' PipelineQuantizationConfig for ``--quantize`` (None without it)."""
+        config = self.od_config
+        if config.quantize is None:
+            return None
+        from spmd_diffusion.models.loader import component_names
+        from spmd_diffusion.models.quantization import pipeline_config, resolve_components
+
+        available = component_names(config.model) or ["transformer", "unet", "vae", "text_encoder", "text_encoder_2",
+                                                      "text_encoder_3"]
+        components = resolve_components(config.quantize_components, available)
+        self.quantized_components = components
+        return pipeline_config(config.quantize, components)
+
+    def memory_report(self) -> dict[str, Any]:
+        """This rank's memory: the denoiser's weights as stored (quantized weights at their real
+        size, TP shards only), the peak it reached (CUDA: allocated and reserved; CPU: the
+        process's peak resident set) and which memory levers are on."""
+        import resource
+
+        import torch
+
+        from spmd_diffusion.models.quantization import storage_bytes
+
+        config = self.od_config
+        report: dict[str, Any] = {"rank": self.rank}
+        denoiser = self.denoiser if self.pipeline is not None else None
+        if denoiser is not None:
+            report["denoiser_weight_bytes"] = storage_bytes(denoiser)
+        if self.device.type == "cuda":
+            report["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            report["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        levers = {"quantize": config.quantize, "offload": config.offload, "vae_tiling": config.vae_tiling,
+                  "vae_slicing": config.vae_slicing, "vae_parallel": config.vae_parallel,
+                  "tensor_parallel": config.tensor_parallel_size if config.tensor_parallel_size > 1 else None}
+        report["levers"] = {name: value for name, value in levers.items() if value}
+        if config.quantize is not None:
+            report["quantized_components"] = getattr(self, "quantized_components", [])
+        return report
 
     @property
     def denoiser(self) -> Any:
@@ -203,6 +245,8 @@ class DiffusionWorker:
         facts: dict[str, Any] = {"scheduler": None if scheduler is None else type(scheduler).__name__}
         if self.od_config.cache is not None:
             facts["cache"] = self.od_config.cache
+        if self.od_config.quantize is not None:
+            facts["quantize"] = self.od_config.quantize
         if self.makes_video:
             from spmd_diffusion.jobs.video import DEFAULT_FPS
 
@@ -505,6 +549,7 @@ class DiffusionWorker:
         }
         if getattr(self, "parallel_report", None) is not None:
             stats["parallel"] = self.parallel_report.describe()
+        stats["memory"] = self.memory_report()
         if self.od_config.compile:
             from spmd_diffusion.models.options import compile_seconds
 
