@@ -28,4 +28,4 @@ timeout 600 torchrun --nproc-per-node 2 -m pytest -q -p no:cacheprovider tests/m
 echo "== multi-rank tests: torchrun --nproc-per-node 4 (every family: tp 2 x dp 2, cfg 2 x dp 2, tp 2 x cfg 2;"
 echo "   every DiT family: ulysses 2 x ring 2, sp 2 x tp 2, sp 2 x cfg 2, sp 2 x dp 2)"
 timeout 600 torchrun --nproc-per-node 4 -m pytest -q -p no:cacheprovider tests/multirank/test_parallel_torchrun.py \
-    -k "tp2_matches_single_rank or cfg_parallel_matches_single_rank or tp2_and_cfg2 or sequence_parallel or every_guided or every_block or tp2_with_cfg2 or vae_parallel"
+    -k "tp2_matches_single_rank or cfg_parallel_matches_single_rank or tp2_and_cfg2 or sequence_parallel or every_guided or every_block or tp2_with_cfg2 or vae_parallel or quantized"

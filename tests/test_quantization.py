@@ -109,3 +109,13 @@ def test_quantized_job_under_mpiexec_gives_the_no_launcher_pixels_and_reports_me
     assert "memory rank 1" in done.stderr and "quantize=int8wo" in done.stderr
     line = json.loads((tmp_path / "two" / "manifest.jsonl").read_text().splitlines()[0])
     assert line["quantize"] == "int8wo"
+
+
+def test_quantized_and_compiled_gives_the_eager_quantized_images(tiny_dit):
+    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
+
+    request = [OmniDiffusionRequest(prompt="a cat", seed=1, num_inference_steps=3, request_id="c")]
+    config = {"model": "tiny-dit", "dtype": "float32", "quantize": "int8wo"}
+    compiled = DiffusionWorker(OmniDiffusionConfig(**config, compile=True)).generate(request)
+    eager = DiffusionWorker(OmniDiffusionConfig(**config)).generate(request)
+    assert compiled.ok and np.array_equal(np.asarray(compiled.images[0][0]), np.asarray(eager.images[0][0]))

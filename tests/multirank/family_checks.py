@@ -239,3 +239,35 @@ def test_vae_parallel_over_a_four_rank_replica(family, sp_references, tp_cfg_pai
             f"max difference {difference:.2e}; {vae}"
 
     verdict_on_all_ranks(body)
+
+
+def load_quantized(family: str) -> Any:
+    from spmd_diffusion.models import ensure_tiny_model, load_pipeline
+    from spmd_diffusion.models.quantization import pipeline_config
+
+    return load_pipeline(str(ensure_tiny_model(family)), None, torch.float32,
+                         quantization_config=pipeline_config("int8wo", ["transformer"]))
+
+
+@pytest.mark.parametrize("layout_name", ["ulysses2", "ring2-cfg2", "cfg2"])
+def test_quantized_weights_compose_with_sequence_and_cfg_parallel(layout_name, world):
+    """Every rank quantizes its own copy as it loads: a layout of Qwen-Image with int8
+    weights gives the single rank's int8 images."""
+    pytest.importorskip("torchao")
+    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh, parallelize_pipeline
+
+    kwargs = {"cfg2": {"cfg": 2}, **LAYOUTS}[layout_name]
+    try:
+        layout = ParallelLayout(world[1], **kwargs)
+    except ValueError:
+        pytest.skip(f"{layout_name} needs more ranks")
+    mesh = build_device_mesh(layout, "cpu")
+
+    def body():
+        reference = sp_generate(load_quantized("tiny-qwen-image"), "tiny-qwen-image")
+        pipeline = load_quantized("tiny-qwen-image")
+        parallelize_pipeline(pipeline, layout, mesh)
+        difference = max_difference(sp_generate(pipeline, "tiny-qwen-image"), reference)
+        return difference <= SP_TOLERANCE, f"max difference {difference:.2e}"
+
+    verdict_on_all_ranks(body)
