@@ -39,6 +39,7 @@ from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
 from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import write_atomic
+from spmd_diffusion.jobs.lock import lock_output
 from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, fingerprint, is_done, read_manifest, shards_listed
 from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink, image_info
 from spmd_diffusion.jobs.prompts import PromptItem
@@ -379,6 +380,7 @@ class GeneratePlan:
     batches_to_run: int = 0
     done: set[tuple[str, int]] = field(default_factory=set)
     attempt: int = 0  # WebDataset shards: this run's attempt number (names its shards)
+    lock: Any = None  # the output directory's job lock (jobs.lock), held until the job ends
 
     def entries(self) -> Iterator[Entry]:
         build = RequestBuilder(self.options, self.config.seed, self.config)
@@ -478,6 +480,9 @@ def plan_generation(options: GenerateOptions, config: OmniDiffusionConfig) -> Ge
     if not plan.items:
         raise InputError(f"no prompts in {source.name}")
     ids.check(source)
+    if plan.batches_to_run:
+        # After the checks (bad input leaves no directory behind), before anything is written.
+        plan.lock = lock_output(output_dir)
     if options.output_format == "webdataset":
         plan.attempt = next_attempt(output_dir)
     return plan
