@@ -100,3 +100,25 @@ def test_stats_health_and_idempotent_shutdown(tiny_unet):
     worker.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         worker.check_health()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", ["shutdown", "sleep2"])
+def test_releasing_the_pipeline_frees_the_denoiser(tiny_dit, release):
+    """No reference survives: not the pipeline, the step cache's hooks, the adapters' pipeline,
+    or the denoiser itself (weakrefs are dead after a collection)."""
+    import gc
+    import weakref
+
+    worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-dit", dtype="float32", cache="pab"))
+    assert worker.generate(small_requests(1, num_inference_steps=2)).ok
+    refs = [weakref.ref(worker.denoiser), weakref.ref(worker.pipeline), weakref.ref(worker.pipeline.vae)]
+    if release == "shutdown":
+        worker.shutdown()
+    else:
+        worker.sleep(2)
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, True, True]
+    if release == "sleep2":
+        worker.wake_up()
+        assert worker.generate(small_requests(1, num_inference_steps=2)).ok

@@ -504,8 +504,7 @@ class DiffusionWorker:
         if level == 1 and self.sleep_level == 0:
             self.pipeline.to("cpu")
         elif level == 2 and self.sleep_level < 2:
-            self.pipeline = None
-            gc.collect()
+            self._release_pipeline()
         self.sleep_level = max(self.sleep_level, level)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -575,5 +574,14 @@ class DiffusionWorker:
         if self._closed:
             return
         self._closed = True
+        self._release_pipeline()
+
+    def _release_pipeline(self) -> None:
+        """Drop every reference this worker holds to the pipeline and its modules -- the
+        adapters, the step cache's hooks, the CFG wrapper and the parallel report that name the
+        denoiser -- so the weights are freed (a process that builds and shuts down engines
+        would otherwise keep one model per engine)."""
         self.pipeline = None
+        self.adapters = self.step_cache = self.parallel_report = None
+        self._call_params = {}
         gc.collect()
