@@ -40,6 +40,8 @@ CASES = [
     ("empty prompt", "p.jsonl", b'{"prompt": "   "}\n', [], "'prompt' is required"),
     ("prompt not a string", "p.jsonl", b'{"prompt": 5}\n', [], "'prompt' is required and must be a non-empty string"),
     ("bad id", "p.jsonl", b'{"prompt": "x", "id": "../../etc"}\n', [], "id '../../etc' must be 1-128 characters"),
+    ("empty id", "p.jsonl", b'{"prompt": "x", "id": ""}\n', [], "p.jsonl:1: id is empty"),
+    ("blank id", "p.jsonl", b'{"prompt": "x"}\n{"prompt": "y", "id": "  "}\n', [], "p.jsonl:2: id is empty"),
     ("duplicate id", "p.jsonl", b'{"prompt": "x", "id": "a"}\n{"prompt": "y", "id": "a"}\n', [],
      "id 'a' repeats line 1"),
     ("height not a multiple of 8", "p.jsonl", b'{"prompt": "x", "height": 60}\n', [],
@@ -163,6 +165,8 @@ IMAGE_CASES = [
     ("mask not an image", '{"prompt": "x", "image": "pics/a.png", "mask_image": "pics/notes.png"}', [],
      "p.jsonl:2: mask_image file '{dir}/pics/notes.png' is not an image"),
     ("mask without image", '{"prompt": "x", "mask_image": "pics/a.png"}', [], "p.jsonl:2: mask_image needs an image"),
+    ("mask of another size", '{"prompt": "x", "image": "pics/a.png", "mask_image": "pics/small.png"}', [],
+     "p.jsonl:2: mask_image is 16x16 and image is 32x32: an inpainting mask must have its image's size"),
     ("strength above 1", '{"prompt": "x", "image": "pics/a.png", "strength": 1.5}', [],
      "p.jsonl:2: strength must be a number in (0, 1], got 1.5"),
     ("strength zero", '{"prompt": "x", "image": "pics/a.png", "strength": 0}', [], "p.jsonl:2: strength must be a number in (0, 1]"),
@@ -182,6 +186,7 @@ def test_bad_image_inputs(tmp_path, capsys, name, line, extra, message):
 
     (tmp_path / "pics").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "pics" / "a.png")
+    Image.new("L", (16, 16)).save(tmp_path / "pics" / "small.png")
     (tmp_path / "pics" / "notes.png").write_text("just text")
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "fine", "image": "pics/a.png"}\n' + line + "\n")

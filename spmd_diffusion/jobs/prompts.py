@@ -58,7 +58,9 @@ def _item(record: dict[str, Any], line: int, where: str) -> PromptItem:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"{where}: 'prompt' is required and must be a non-empty string")
     raw_id = record.get("id")
-    item_id = str(raw_id).strip() if raw_id not in (None, "") else f"{line:0{ID_WIDTH}d}"
+    if isinstance(raw_id, str) and not raw_id.strip():
+        raise InputError(f"{where}: id is empty: give the item an id, or leave the key out for its line number")
+    item_id = str(raw_id).strip() if raw_id is not None else f"{line:0{ID_WIDTH}d}"
     if not ID_PATTERN.match(item_id):
         raise InputError(
             f"{where}: id {item_id!r} must be 1-128 characters of letters, digits, '.', '_' or '-' "
@@ -163,6 +165,8 @@ def _read_csv(path: Path) -> Iterator[PromptItem]:
             if EXTRA_CELLS in row:
                 raise InputError(f"{where}: {len(fieldnames) + len(row[EXTRA_CELLS])} cells, but the header "
                                  f"has {len(fieldnames)} columns")
+            if not (row.get("id") or "").strip():
+                row.pop("id", None)  # an empty id cell is no id: the item takes its line number
             yield _item(_numbers(row), number, where)
     except csv.Error as exc:
         raise InputError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None

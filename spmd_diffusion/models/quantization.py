@@ -42,12 +42,16 @@ DENOISER = "denoiser"  # the component name that stands for the pipeline's trans
 
 
 def check_kind(kind: str) -> None:
-    """A known kind whose package is installed (no import of the package yet)."""
+    """A known kind (no import of its package yet)."""
     if kind not in KINDS:
         raise ValueError(f"quantize {kind!r} is not one of {', '.join(KINDS)}")
+
+
+def check_package(kind: str) -> None:
+    """The kind's package is installed (found, not imported)."""
     package = KINDS[kind][0]
     if importlib.util.find_spec(package) is None:
-        install = "pip install 'spmd-diffusion[quant]'" if package == "torchao" else "pip install bitsandbytes (and a GPU)"
+        install = "pip install 'spmd-diffusion[quant]'" if package == "torchao" else "pip install bitsandbytes"
         raise ValueError(f"quantize {kind} needs the {package} package, which is not installed: {install}")
 
 
@@ -104,11 +108,13 @@ def probe(kind: str, device: str) -> None:
         if not device.startswith("cuda"):
             raise ValueError(f"quantize {kind} needs a GPU: diffusers' bitsandbytes quantizer runs on CUDA only "
                              "(on CPUs use int8wo or int8dq)")
+        check_package(kind)
         try:
             import bitsandbytes  # noqa: F401 - the backend imports and finds its CUDA library
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"quantize {kind} cannot run here: bitsandbytes failed to load ({exc})") from None
         return
+    check_package(kind)
     try:
         layer = torch.nn.Sequential(torch.nn.Linear(128, 256)).to(device)
         from torchao.quantization import quantize_

@@ -99,13 +99,18 @@ def image_size(name: str, value: ImageInput) -> tuple[int, int]:
 def check_image_inputs(request: Any, max_size: int | None = None) -> None:
     """Every input image of ``request`` exists, is an image and, when ``max_size`` is given,
     has no side above it (img2img's output is the input's size)."""
+    sizes = {}
     for name in IMAGE_FIELDS:
         value = getattr(request, name, None)
         if value is None:
             continue
-        width, height = image_size(name, value)
+        width, height = sizes[name] = image_size(name, value)
         if max_size is not None and max(width, height) > max_size:
             raise ValueError(f"{name} is {width}x{height}, above the limit of {max_size} (max_image_size)")
+    if len(sizes) == 2 and len(set(sizes.values())) == 2:  # diffusers would resize the mask silently
+        (iw, ih), (mw, mh) = sizes["image"], sizes["mask_image"]
+        raise ValueError(f"mask_image is {mw}x{mh} and image is {iw}x{ih}: an inpainting mask must have its "
+                         "image's size")
 
 
 def load_image_input(value: ImageInput, mode: str) -> Any:
