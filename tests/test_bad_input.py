@@ -288,3 +288,9 @@ def test_manifest_lines_are_strict_json(tmp_path):
     writer.append([{"id": "b", "seconds": 1.5}])
     writer.close()
     assert json.loads((tmp_path / "manifest.jsonl").read_text()) == {"id": "b", "seconds": 1.5}
+
+
+def test_neither_prompts_nor_prompt_names_both(tmp_path, capsys):
+    code, err = run_cli(["--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("nothing to generate: give --prompts FILE") == 1 and "--prompt TEXT" in err, err
+    assert not (tmp_path / "out").exists()

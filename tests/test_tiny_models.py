@@ -89,3 +89,18 @@ def test_building_inside_a_process_group_still_saves_every_weight(tmp_path, monk
         dist.destroy_process_group()
     assert list((directory / "text_encoder").glob("*.safetensors"))
     assert list((directory / "transformer").glob("*.safetensors"))
+
+
+def test_a_built_model_is_readable_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        CliRunner().invoke(cli, ["make-tiny-model", str(tmp_path / "m"), "--arch", "unet"])
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in [tmp_path / "m", *(tmp_path / "m").rglob("*")]}
+    assert modes["m"] == 0o755 and modes["m/unet/diffusion_pytorch_model.safetensors"] == 0o644, modes
+    assert all(mode in (0o644, 0o755) for mode in modes.values()), modes

@@ -775,8 +775,9 @@ class GenerateJob:
         if plan.config.compile:
             self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
+            ordered = sorted(self.stats.sheet, key=lambda entry: (entry[1]["id"], entry[1]["index"]))  # not arrival
             write_contact_sheet(plan.output_dir / "contact_sheet.png",
-                                [(label, self._sheet_image(record)) for label, record in self.stats.sheet])
+                                [(label, self._sheet_image(record)) for label, record in ordered])
         missing = sorted([(request_id, k) for request_id, flight in self.in_flight.items() for k in flight.expected]
                          + [(record["id"], record["index"]) for records in self.pending.values() for record in records])
         missing_count = plan.images_to_make - self.stats.images_ok - self.stats.images_failed

@@ -64,6 +64,9 @@ def open_source(prompts_file: str | None, prompts: tuple[str, ...] | list[str] =
     InputError (raised here, or on the first read)."""
     if prompts_file and prompts:
         raise InputError("give --prompts FILE or --prompt TEXT, not both")
+    if not prompts_file and not prompts:
+        raise InputError("nothing to generate: give --prompts FILE (txt, jsonl, csv, parquet, a datasets "
+                         "directory or hf:NAME) or --prompt TEXT (repeatable)")
     if not prompts_file:
         return ItemSource("--prompt", lambda: iter_items(None, prompts))
     if prompts_file.startswith(HUB_PREFIX):

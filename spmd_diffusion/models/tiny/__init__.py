@@ -42,6 +42,16 @@ CALL_DEFAULTS = {
 __all__ = ["ARCHES", "BUILDERS", "CALL_DEFAULTS", "TINY_MODEL_VERSION", "make_tiny_model", "write_tiny_clip_tokenizer"]
 
 
+def _apply_umask(directory: Path) -> None:
+    """Give the saved model the permissions the umask allows (safetensors writes its files
+    0600 and the staging directory is 0700): a cache shared by a team stays readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def check_saved_weights(pipeline, directory: Path) -> None:
     """Every network component must have written its weights. (transformers writes them on
     rank 0 only once torch.distributed is initialised: such a save must fail here, loudly,
@@ -89,6 +99,7 @@ def make_tiny_model(directory: str | os.PathLike, arch: str = "unet", seed: int 
             json.dumps({"arch": arch, "seed": seed, "version": TINY_MODEL_VERSION,
                         **({"call_defaults": CALL_DEFAULTS[arch]} if arch in CALL_DEFAULTS else {})})
         )
+        _apply_umask(staging / "model")
         if target.exists():
             shutil.rmtree(target)
         try:
