@@ -294,3 +294,32 @@ def test_neither_prompts_nor_prompt_names_both(tmp_path, capsys):
     code, err = run_cli(["--output", str(tmp_path / "out")], capsys)
     assert code == 2 and err.count("nothing to generate: give --prompts FILE") == 1 and "--prompt TEXT" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_load_time_failures_are_caught_before_loading(tmp_path, capsys, tiny_unet):
+    """A corrupt model index, a truncated weights file, a device this machine lacks, a pipeline
+    class diffusers does not have and an output under /proc: refused by rank 0, nothing loaded."""
+    import shutil
+
+    import torch
+
+    broken_index = tmp_path / "broken-index"
+    broken_index.mkdir()
+    (broken_index / "model_index.json").write_text("{not json")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_unet, truncated)
+    weights = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 3)
+    cases = [
+        (["--model", str(broken_index)], "model_index.json is not a readable JSON file"),
+        (["--model", str(truncated)], f"model file {weights} is damaged: truncated"),
+        (["--model-class-name", "BogusPipeline"], "model_class_name 'BogusPipeline' is not a diffusers pipeline class"),
+        (["--output", "/proc/spmd-diffusion-out"], "cannot create files in '/proc'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: this machine has no CUDA device"))
+    for extra, message in cases:
+        output = [] if "--output" in extra else ["--output", str(tmp_path / "out")]
+        code, err = run_cli(["--prompt", "x", *output, *extra], capsys)
+        assert code == 2 and err.count(message) == 1 and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import tarfile
+import tempfile
 import time
 from array import array
 from collections import Counter
@@ -334,6 +335,11 @@ def check_output_dir(output_dir: Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"--output {str(output_dir)!r} is not writable (checked {str(existing)!r})")
+    try:  # what the mode bits do not say (/proc, a read-only mount, a full quota): create a file
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise InputError(f"--output {str(output_dir)!r}: cannot create files in {str(existing)!r} "
+                         f"({exc.strerror or exc})") from None
 
 
 class IdCheck:

@@ -85,12 +85,45 @@ def check_model_reference(model: str) -> None:
             raise ValueError(
                 f"model directory {model!r} holds no model_index.json (not a diffusers pipeline)"
             )
+        check_model_files(path)
         return
     if not HUB_ID.match(model):
         names = ", ".join(TINY_MODELS)
         raise ValueError(
             f"unknown model {model!r}: give a local pipeline directory, a hub id (org/name) or one of {names}"
         )
+
+
+def check_model_files(directory: Path) -> None:
+    """A local pipeline's index parses and every safetensors file is whole (its header read:
+    the 8-byte length, the JSON, and the data it promises within the file's size), so a
+    corrupt or half-copied checkpoint is refused before every rank loads it."""
+    try:
+        index = json.loads((directory / "model_index.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{directory / 'model_index.json'} is not a readable JSON file ({exc})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{directory / 'model_index.json'} is not a JSON object")
+    for weights in sorted(directory.glob("*/*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem is not None:
+            raise ValueError(f"model file {weights} is damaged: {problem}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                return f"{size} bytes cannot hold the {length}-byte header it announces"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"its header does not parse ({exc})"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    needed = 8 + length + max(ends, default=0)
+    return f"truncated: {size} bytes, {needed} needed" if needed > size else None
 
 
 def resolve_model_path(model: str) -> str:
@@ -100,6 +133,12 @@ def resolve_model_path(model: str) -> str:
         return str(ensure_tiny_model(model))
     path = Path(model).expanduser()
     return str(path) if path.exists() else model
+
+
+def check_pipeline_class(class_name: str | None) -> None:
+    """``--model-class-name`` names a diffusers pipeline class (checked before loading)."""
+    if class_name is not None:
+        pipeline_class(class_name)
 
 
 def pipeline_class(class_name: str | None) -> Any:

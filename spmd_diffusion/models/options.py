@@ -38,6 +38,14 @@ def check_model_options(config: Any) -> None:
     from spmd_diffusion.models.lora import check_lora_source, parse_loras
     from spmd_diffusion.models.schedulers import check_scheduler
 
+    from spmd_diffusion.models.loader import check_pipeline_class
+
+    check_pipeline_class(config.model_class_name)
+    if config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {config.device}: this machine has no CUDA device (use --device cpu or auto)")
     if config.scheduler is not None:
         check_scheduler(config.scheduler, config.scheduler_options)
     for spec in parse_loras(config.lora):
