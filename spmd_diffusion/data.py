@@ -75,6 +75,7 @@ class OmniDiffusionConfig:
     rpc_timeout: float | None = 300.0
     generate_timeout: float | None = 3600.0
     startup_timeout: float | None = 900.0
+    batch_timeout: float | None = None
     max_image_size: int = 4096
     max_inference_steps: int = 1000
     max_images_per_prompt: int = 64
@@ -127,7 +128,7 @@ class OmniDiffusionConfig:
         for name in ("max_image_size", "max_inference_steps", "max_images_per_prompt"):
             _check_int(name, getattr(self, name), 1)
         _check_int("torch_num_threads", self.torch_num_threads, 1, allow_none=True)
-        for name in ("rpc_timeout", "generate_timeout", "startup_timeout"):
+        for name in ("rpc_timeout", "generate_timeout", "startup_timeout", "batch_timeout"):
             _check_timeout(name, getattr(self, name))
         if not isinstance(self.schedule, str) or not self.schedule:
             raise ValueError(f"schedule must be fifo, shape, cost or a dotted path, got {self.schedule!r}")

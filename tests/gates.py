@@ -84,6 +84,10 @@ class JobGate:
     def release(self) -> None:
         (self.directory / "release").touch()
 
+    def pid_of(self, rank: int) -> int:
+        """The pid of the process that runs rank ``rank``'s worker."""
+        return int((self.directory / f"rank-{rank}.pid").read_text())
+
 
 class SlowDenoiser:
     """Makes every denoiser call of an in-process (``uni``) engine take ``seconds`` longer: a

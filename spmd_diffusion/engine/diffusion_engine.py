@@ -12,6 +12,7 @@ from spmd_diffusion.distributed.protocol import RpcMethod
 from spmd_diffusion.engine.batching import chunk_requests
 from spmd_diffusion.engine.hooks import EngineHooks, HookList, load_hooks
 from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
+from spmd_diffusion.engine.watchdog import BatchWatchdog
 from spmd_diffusion.engine.scheduler import ReplicaScheduler
 from spmd_diffusion.engine.seeding import with_seed
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
@@ -46,7 +47,8 @@ class DiffusionEngine:
         check_executor_for_launch(executor_class)
         logger.info("executor: %s", executor_class.__name__)
         self.executor: DiffusionExecutor = executor_class(od_config)
-        self.scheduler = ReplicaScheduler(self.executor, self.policy, self.hooks)
+        watchdog = BatchWatchdog(od_config.batch_timeout, od_config.generate_timeout)
+        self.scheduler = ReplicaScheduler(self.executor, self.policy, self.hooks, watchdog)
 
     def prepare(self, requests: Sequence[OmniDiffusionRequest]) -> list[OmniDiffusionRequest]:
         """Check types, unique ids and the config's limits, and fix every seed here, on the

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.engine.hooks import BatchInfo, HookList
 from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
+from spmd_diffusion.engine.watchdog import BatchWatchdog
 from spmd_diffusion.errors import WorkerError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor, ReplicaCall
 from spmd_diffusion.request import OmniDiffusionRequest
@@ -187,11 +188,13 @@ class ReplicaScheduler:
     """Runs batches over every replica of ``executor``."""
 
     def __init__(
-        self, executor: DiffusionExecutor, policy: SchedulePolicy | str | None = None, hooks: HookList | None = None
+        self, executor: DiffusionExecutor, policy: SchedulePolicy | str | None = None, hooks: HookList | None = None,
+        watchdog: BatchWatchdog | None = None,
     ) -> None:
         self.executor = executor
         self.policy = resolve_policy(policy)
         self.hooks = hooks if hooks is not None else HookList()
+        self.watchdog = watchdog  # per-batch deadlines (a stuck replica ends the job), else ``timeout``
         self._batch_ids = 0
 
     def _output(self, call: ReplicaCall, batch: Batch) -> DiffusionOutput:
@@ -232,6 +235,8 @@ class ReplicaScheduler:
         self.drive(StreamSource(batches, self.policy, on_result, kwargs_for, self.hooks, window), timeout)
 
     def _start(self, replica: int, work: Work, timeout: float | None) -> tuple[ReplicaCall, Running]:
+        if self.watchdog is not None:
+            timeout = self.watchdog.timeout_for(replica, work.requests)
         call = self.executor.submit(replica, "generate", (work.requests,), work.kwargs, timeout)
         self._batch_ids += 1
         info = BatchInfo(self._batch_ids, replica, tuple(r.request_id for r in work.requests),
@@ -281,6 +286,9 @@ class ReplicaScheduler:
                     entry = running.pop(call)
                     free.append(call.replica)
                     output = self._output(call, entry.work.requests)
+                    if self.watchdog is not None:
+                        self.watchdog.observe(call.replica, entry.work.requests, output,
+                                              time.monotonic() - entry.info.started_at)
                     self._report(entry, output)
                     if consumer_error is not None:
                         continue

@@ -68,6 +68,10 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "(longest first), or a dotted path to your own policy class."),
         click.option("--startup-timeout", default=900.0, show_default=True, type=click.FloatRange(min=1),
                      help="Seconds every rank may take to load the model (and join its groups)."),
+        click.option("--batch-timeout", default=None, type=click.FloatRange(min=0.1), metavar="SECONDS",
+                     help="Seconds a batch may take once its replica has made one (a stuck rank then ends the "
+                          "job, exit 1, naming it). Default: 10x the slowest pace seen so far for the batch's "
+                          "images x steps, at least 120 s; a replica's first batch may take up to an hour."),
         click.option("--hook", "hooks", multiple=True, metavar="HOOK",
                      help="Monitoring hook (repeatable): prometheus, trace:FILE, an entry point of "
                           "spmd_diffusion.hooks, or a dotted path to a class."),

@@ -1,8 +1,9 @@
 """Installs the test gate of ``tests/gates.py`` (JobGate) in a job's processes: on the
 processes that run the engine, ``ReplicaScheduler.drive`` hands out no further batch once
 ``$SPMD_TEST_GATE_AFTER`` batches have been delivered, until ``$SPMD_TEST_GATE_DIR/release``
-exists. Inert unless ``SPMD_TEST_GATE_DIR`` is set; nothing is imported before the engine's
-own module is."""
+exists; and every worker writes ``rank-<rank>.pid`` there once it has loaded (so a test can
+stop or kill a given rank). Inert unless ``SPMD_TEST_GATE_DIR`` is set; nothing is imported
+before the project's own modules are."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-TARGET = "spmd_diffusion.engine.scheduler"
+SCHEDULER, WORKER = "spmd_diffusion.engine.scheduler", "spmd_diffusion.worker.diffusion_worker"
 HOLD_LIMIT_S = 300.0
 
 
@@ -44,7 +45,7 @@ class _GatedSource:
         return verdict
 
 
-def _patch(module) -> None:
+def _patch_scheduler(module) -> None:
     directory, after = Path(os.environ["SPMD_TEST_GATE_DIR"]), int(os.environ.get("SPMD_TEST_GATE_AFTER", "1"))
     original = module.ReplicaScheduler.drive
 
@@ -54,17 +55,36 @@ def _patch(module) -> None:
     module.ReplicaScheduler.drive = drive
 
 
+def _patch_worker(module) -> None:
+    directory = Path(os.environ["SPMD_TEST_GATE_DIR"])
+    original = module.DiffusionWorker.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        (directory / f"rank-{self.rank}.pid").write_text(str(os.getpid()))
+
+    module.DiffusionWorker.__init__ = __init__
+
+
+PATCHES = {SCHEDULER: _patch_scheduler, WORKER: _patch_worker}
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self) -> None:
+        self.pending = dict(PATCHES)
+
     def find_spec(self, name, path, target=None):
-        if name != TARGET:
+        patch = self.pending.pop(name, None)
+        if patch is None:
             return None
-        sys.meta_path.remove(self)
+        if not self.pending:
+            sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
-            _patch(module)
+            patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
