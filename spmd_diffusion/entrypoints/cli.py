@@ -7,6 +7,7 @@ interrupted (Ctrl-C); 143 terminated (SIGTERM, e.g. Slurm's time limit or scance
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -352,7 +353,10 @@ def info(**model_values: Any) -> int:
 
 
 def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """``--config FILE`` (JSON or TOML): option defaults, overridden by the command line."""
+    """``--config FILE`` (JSON or TOML): option defaults, overridden by the command line. Keys
+    are the command's flag names (``batch-size`` or ``batch_size``, ``tp``, ``max-steps``,
+    ``prompts``); each value must have its flag's type (no silent coercion: ``true`` is no
+    number, ``1.7`` no integer) and passes the flag's own checks (ranges, choices)."""
     if not value:
         return value
     path = Path(value)
@@ -363,16 +367,61 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | N
         raise click.BadParameter(f"cannot read {value}: {exc}") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value} must hold a table/object of option values")
-    known = {param.name for param in ctx.command.params}
+    flags = config_keys(ctx.command)
     defaults = {}
     for key, item in data.items():
-        name = key.replace("-", "_")
-        name = {"executor": "executor_class", "threads": "torch_num_threads", "prompt": "prompts"}.get(name, name)
-        if name not in known:
-            raise click.BadParameter(f"{value}: unknown option {key!r}")
-        defaults[name] = item
+        param = flags.get(key) or flags.get(key.replace("_", "-"))
+        if param is None:
+            raise click.BadParameter(f"{value}: unknown option {key!r} (keys are the flag names, e.g. batch-size)")
+        defaults[param.name] = config_value(ctx, param, item, f"{value}: {key}")
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def config_keys(command: click.Command) -> dict[str, click.Option]:
+    """Config-file key (a flag's name without its dashes) -> the option it sets."""
+    keys = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name != "config_file":
+            for flag in param.opts:
+                if flag.startswith("--"):
+                    keys[flag[2:]] = param
+    return keys
+
+
+def config_value(ctx: click.Context, param: click.Option, item: Any, where: str) -> Any:
+    """A config value checked against its option: the JSON/TOML type first (bool is no
+    number, a float no integer), then the option's own conversion and checks."""
+    if param.multiple:
+        items = [item] if isinstance(item, str) else item
+        if not isinstance(items, list) or not all(isinstance(entry, str) for entry in items):
+            raise click.BadParameter(f"{where} must be a string or a list of strings, got {json.dumps(item)}")
+        return [config_value(ctx, _single(param), entry, where) for entry in items]
+    kind = param.type
+    if param.is_flag:
+        expected, ok = "true or false", isinstance(item, bool)
+    elif isinstance(kind, (click.types.IntParamType, click.IntRange)):
+        expected, ok = "an integer", isinstance(item, int) and not isinstance(item, bool)
+    elif isinstance(kind, (click.types.FloatParamType, click.FloatRange)):
+        expected, ok = "a number", isinstance(item, (int, float)) and not isinstance(item, bool)
+    else:
+        expected, ok = "a string", isinstance(item, str)
+    if not ok:
+        raise click.BadParameter(f"{where} must be {expected}, got {json.dumps(item, default=repr)}")
+    try:
+        converted = kind.convert(item, param, ctx)
+        if param.callback is not None and param.callback is not load_config_file:
+            converted = param.callback(ctx, param, converted)
+        return converted
+    except click.BadParameter as exc:
+        raise click.BadParameter(f"{where}: {exc.message}") from None
+
+
+def _single(param: click.Option) -> click.Option:
+    """A copy of a repeatable option that takes one value (to check each list entry)."""
+    single = copy.copy(param)
+    single.multiple = False
+    return single
 
 
 def finite_number(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
