@@ -49,3 +49,14 @@ def test_a_signal_ends_the_job_with_one_line(tmp_path, launcher, sent, code, why
     assert stderr.count(f"interrupted: the job {why}") == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert json.loads((output / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_only_a_batch_job_is_told_to_resume():
+    from spmd_diffusion.entrypoints.cli import interrupt_message
+    from spmd_diffusion.errors import Terminated
+
+    assert interrupt_message(["generate", "--prompt", "x"], KeyboardInterrupt()) == \
+        "interrupted: the job was stopped (Ctrl-C); run the same command again to resume"
+    assert interrupt_message(["-v", "serve", "--port", "1"], Terminated()) == "stopped: the server received SIGTERM"
+    assert interrupt_message(["worker"], Terminated()) == "stopped: the worker received SIGTERM"
+    assert "resume" not in interrupt_message(["info"], KeyboardInterrupt())

@@ -204,14 +204,24 @@ def main(args: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         exc = exc.__cause__ or exc if isinstance(exc, click.exceptions.Abort) else exc  # click wraps it
         if rank == 0:
-            why = "received SIGTERM" if isinstance(exc, Terminated) else "was stopped (Ctrl-C)"
-            click.echo(f"interrupted: the job {why}; run the same command again to resume", err=True)
+            click.echo(interrupt_message(args if args is not None else sys.argv[1:], exc), err=True)
         # The books are closed (run.json says "interrupted"); a worker thread may still be
         # inside torch, and tearing the interpreter down under it aborts the process.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(interrupt_exit_code(exc))
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def interrupt_message(args: list[str], exc: BaseException) -> str:
+    """The one line a signal ends a command with: only a batch job resumes."""
+    why = "received SIGTERM" if isinstance(exc, Terminated) else "was stopped (Ctrl-C)"
+    command = next((arg for arg in args if not arg.startswith("-")), "")
+    if command == "generate":
+        return f"interrupted: the job {why}; run the same command again to resume"
+    if command in ("serve", "worker"):
+        return f"stopped: the {'server' if command == 'serve' else 'worker'} {why}"
+    return f"interrupted: omni-diffuse {command} {why}".replace("  ", " ")
 
 
 def control_backend(executor_class: str | None) -> str | None:
