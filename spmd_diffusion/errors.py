@@ -6,6 +6,8 @@ exception type and the remote traceback text, so nobody has to read N log files.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 
@@ -101,6 +103,24 @@ class LaunchError(SpmdDiffusionError):
 class InputError(SpmdDiffusionError, ValueError):
     """Bad input (a prompt file, an option): reported once, by rank 0, with exit code 2,
     before any model is loaded."""
+
+
+class OutputWriteError(SpmdDiffusionError, OSError):
+    """An output file could not be written (a full disk, a quota, a lost mount): names the
+    file and its directory, which the OS error alone does not (``[Errno 28] No space left on
+    device``)."""
+
+    def __init__(self, path: str, errno_: int | None, reason: str) -> None:
+        self.path, self.errno_, self.reason = path, errno_, reason
+        SpmdDiffusionError.__init__(self, f"cannot write {path} (in {os.path.dirname(path) or '.'}): {reason}")
+        self.errno = errno_
+
+    @classmethod
+    def from_os_error(cls, path: object, exc: OSError) -> OutputWriteError:
+        return cls(str(path), exc.errno, exc.strerror or str(exc))
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.errno_, self.reason))
 
 
 class ConnectionLostError(WorkerDiedError):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from spmd_diffusion.errors import OutputWriteError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _read_umask() -> int:
@@ -30,8 +35,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     over ``path`` (rename is atomic) and sync the directory: readers see the old file or the
     new one, never part, and a crash after this returns keeps the new one. The file gets the
     mode ``open()`` would give (``mkstemp`` makes it private)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(path, exc) from None
     try:
         with os.fdopen(handle, "wb") as stream:
             os.fchmod(stream.fileno(), FILE_MODE)
@@ -39,10 +47,31 @@ def write_atomic(path: Path, data: bytes) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+        fsync_directory(path.parent)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputWriteError.from_os_error(path, exc) from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+
+
+def write_state(path: Path, data: bytes) -> None:
+    """:func:`write_atomic`, and on a full disk a rewrite in place: the old file's blocks are
+    freed by the truncation first, so a job's last word (run.json: failed) still fits where
+    a second copy would not."""
+    try:
+        write_atomic(path, data)
+    except OutputWriteError as exc:
+        if exc.errno not in NO_SPACE or not path.exists():
+            raise
+        try:
+            with open(path, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except OSError:
+            raise exc from None
 
 
 class AppendLog:
@@ -54,6 +83,7 @@ class AppendLog:
     """
 
     def __init__(self, path: Path, truncate: bool = False) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
         self.fd = os.open(path, flags, 0o666)  # the umask applies, as for any file
@@ -70,9 +100,12 @@ class AppendLog:
     def write(self, text: str) -> None:
         data = text.encode("utf-8")
         written = 0
-        while written < len(data):
-            written += os.write(self.fd, data[written:])
-        os.fsync(self.fd)
+        try:
+            while written < len(data):
+                written += os.write(self.fd, data[written:])
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputWriteError.from_os_error(self.path, exc) from None
 
     def close(self) -> None:
         if self.fd >= 0:

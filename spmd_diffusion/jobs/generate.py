@@ -36,10 +36,10 @@ from spmd_diffusion import __version__
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.engine.batching import ChunkCounter, iter_chunks
 from spmd_diffusion.engine.seeding import derive_seed
-from spmd_diffusion.errors import InputError
+from spmd_diffusion.errors import InputError, OutputWriteError
 from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
 from spmd_diffusion.jobs.encoding import Encoding
-from spmd_diffusion.jobs.files import write_atomic
+from spmd_diffusion.jobs.files import write_atomic, write_state
 from spmd_diffusion.jobs.lock import lock_output
 from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, fingerprint, is_done, read_manifest, shards_listed
 from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink, image_info
@@ -632,7 +632,7 @@ class GenerateJob:
                 record["compile_seconds"] = round(self.compile_seconds, 3)
                 steady = seconds - self.compile_seconds
                 record["images_per_second_excluding_compile"] = round(made / steady, 4) if steady > 0 else None
-        write_atomic(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode())
+        write_state(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode())
 
     def _record(self, flight: InFlight, index: int, output: DiffusionOutput, position: int,
                 files: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -771,7 +771,11 @@ class GenerateJob:
             writer.close()
         seconds = time.time() - started
         if self.shards:
-            self._write_shard_index()
+            try:
+                self._write_shard_index()
+            except OutputWriteError as exc:  # the books cannot be closed: the job stops here
+                self._write_run_json("failed", started, seconds, error=str(exc))
+                raise
         stats = engine.collective_rpc("get_cache_stats")  # one call at the end: memory, parallel, compile
         self.memory = [rank["memory"] for rank in stats if isinstance(rank, dict) and rank.get("memory")]
         if plan.config.replica_size > 1:
@@ -782,8 +786,11 @@ class GenerateJob:
             self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
             ordered = sorted(self.stats.sheet, key=lambda entry: (entry[1]["id"], entry[1]["index"]))  # not arrival
-            write_contact_sheet(plan.output_dir / "contact_sheet.png",
-                                [(label, self._sheet_image(record)) for label, record in ordered])
+            try:
+                write_contact_sheet(plan.output_dir / "contact_sheet.png",
+                                    [(label, self._sheet_image(record)) for label, record in ordered])
+            except OutputWriteError as exc:  # a convenience: the images and their records are what counts
+                logger.warning("no contact sheet: %s", exc)
         missing = sorted([(request_id, k) for request_id, flight in self.in_flight.items() for k in flight.expected]
                          + [(record["id"], record["index"]) for records in self.pending.values() for record in records])
         missing_count = plan.images_to_make - self.stats.images_ok - self.stats.images_failed
