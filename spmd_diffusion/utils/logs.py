@@ -12,6 +12,13 @@ import sys
 from spmd_diffusion import envs
 
 FORMAT = "[rank %(rank)s] %(asctime)s %(levelname)s %(name)s: %(message)s"
+# Import-time warnings printed by every rank of every job about nothing the job uses:
+# torchao's prebuilt CUDA kernels that cannot load on this machine, torch's notice about the
+# enums torchao registers, diffusers' note that it cannot import torchao's tensor types for old
+# checkpoints, transformers' fallback to PIL image processors without torchvision (the
+# pipelines' feature extractors). Errors still show; -v shows everything.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+                 "transformers.utils.import_utils")
 
 
 class _RankFilter(logging.Filter):
@@ -38,3 +45,6 @@ def setup_logging(rank: int, level: str | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    if level.upper() != "DEBUG":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
