@@ -32,7 +32,10 @@ def prompt_dir(tmp_path_factory):
     lines = [{"prompt": f"a painting {index}", "image": f"pics/in{index}.png", "mask_image": f"pics/mask{index}.png"}
              for index in range(3)]
     lines[2]["strength"] = 0.5
-    lines.append({"prompt": "the first input again", "image": "pics/in0.png", "mask_image": "pics/mask1.png",
+    other_mask = np.zeros((64, 64), dtype=np.uint8)
+    other_mask[:, :32] = 255  # another mask of the first input's size (a mask must match its image)
+    Image.fromarray(other_mask).save(root / "pics" / "mask-again.png")
+    lines.append({"prompt": "the first input again", "image": "pics/in0.png", "mask_image": "pics/mask-again.png",
                   "id": "again"})
     (root / "inpaint.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     # the img2img pipeline takes no mask: the same items without one

@@ -33,6 +33,7 @@ TAG_REPLY = 77
 TAG_LARGE = 78
 LARGE_BYTES = 1 << 30
 REAP_AFTER = 64
+ABORT_FLUSH_S = 0.5  # time the launcher gets to forward the last lines before MPI_Abort
 LARGE_MARKER = b"\x00spmd-diffusion-large\x00"
 
 
@@ -150,6 +151,10 @@ class MPIControl(ControlPlane):
             self.pkl5.send(obj, dest=0, tag=TAG_LARGE)
 
     def abort(self, code: int) -> None:
+        """End every rank. MPICH's launcher forwards each rank's output asynchronously and
+        drops what it has not forwarded when the abort kills the job: the line that says why
+        (written just before) was lost now and then, so the forwarding gets a moment first."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_FLUSH_S)
         self.MPI.COMM_WORLD.Abort(code)
