@@ -23,6 +23,13 @@ RESERVED_EXTRA = frozenset({
     "image", "mask_image", "strength", "num_frames", "num_videos_per_prompt", "true_cfg_scale",
 })
 MAX_FPS = 240
+# The longest prompt (and negative prompt), in characters, from every entry point: CLI, prompt
+# files, datasets, HTTP and the Python API. The widest text encoder the tool runs reads 1024
+# tokens (Qwen-Image; T5 reads 512, CLIP 77), about 4-6 K characters of English, so 8192
+# leaves room and refuses the accidental megabyte (a file's whole text in one cell). It also
+# keeps an image's metadata within what JPEG can carry: both texts as EXIF UTF-16 stay under
+# the 64 KB segment (16 K characters each would not).
+MAX_PROMPT_CHARS = 8192
 
 
 # What a pipeline may return that is still an image (latents, tensors, ... are not).
@@ -42,6 +49,12 @@ def check_size(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < 8 or value % 8:
         raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+def check_prompt_length(name: str, text: str | None) -> None:
+    """A prompt of at most :data:`MAX_PROMPT_CHARS` characters, or a ValueError saying so."""
+    if text is not None and len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(text)} characters; the most is {MAX_PROMPT_CHARS}")
 
 
 def check_seed(value: int | None) -> None:
@@ -105,6 +118,8 @@ class OmniDiffusionRequest:
             raise ValueError(
                 f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
             )
+        check_prompt_length("prompt", self.prompt)
+        check_prompt_length("negative_prompt", self.negative_prompt)
         steps = self.num_inference_steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")

@@ -55,6 +55,14 @@ CASES = [
     ("negative guidance", "p.jsonl", b'{"prompt": "x", "guidance": -1}\n', [], "guidance_scale must be a finite number >= 0"),
     ("seed too large", "p.jsonl", b'{"prompt": "x", "seed": 18446744073709551616}\n', [], "seed must be in [0, 2**63 - 1]"),
     ("negative seed", "p.jsonl", b'{"prompt": "x", "seed": -5}\n', [], "seed must be in [0, 2**63 - 1]"),
+    ("prompt past the length cap", "p.txt", b"ok\n" + b"x" * 8193 + b"\n", [],
+     "p.txt:2: prompt is 8193 characters; the most is 8192"),
+    ("jsonl prompt past the length cap", "p.jsonl", b'{"prompt": "' + "\u00e9".encode() * 8193 + b'"}\n', [],
+     "p.jsonl:1: prompt is 8193 characters; the most is 8192"),
+    ("negative prompt past the length cap", "p.jsonl", b'{"prompt": "x", "negative_prompt": "' + b"n" * 9000 + b'"}\n',
+     [], "p.jsonl:1: negative_prompt is 9000 characters; the most is 8192"),
+    ("--negative-prompt past the length cap", "p.txt", b"x\n", ["--negative-prompt", "n" * 8193],
+     "p.txt:1: negative_prompt is 8193 characters"),
     ("csv without prompt column", "p.csv", b"text,seed\nhello,1\n", [], "needs a header row with a 'prompt' column"),
     ("csv extra cells", "p.csv", b"prompt,seed\nhello,1,surplus\n", [], "p.csv:2: 3 cells, but the header has 2 columns"),
     ("csv bad seed", "p.csv", b"prompt,seed\nhello,abc\n", [], "seed must be an integer"),
@@ -288,6 +296,11 @@ def test_manifest_lines_are_strict_json(tmp_path):
     writer.append([{"id": "b", "seconds": 1.5}])
     writer.close()
     assert json.loads((tmp_path / "manifest.jsonl").read_text()) == {"id": "b", "seconds": 1.5}
+
+
+def test_a_prompt_flag_past_the_length_cap_is_refused(tmp_path, capsys):
+    code, err = run_cli(["--prompt", "fine", "--prompt", "x" * 8193, "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("--prompt #2: prompt is 8193 characters; the most is 8192") == 1, err
 
 
 def test_neither_prompts_nor_prompt_names_both(tmp_path, capsys):

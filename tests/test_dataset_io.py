@@ -186,7 +186,29 @@ def test_images_carry_prompt_seed_and_settings(image_format):
         else:
             comment = image.getexif().get_ifd(0x8769)[0x9286]
             assert comment.startswith(b"UNICODE\x00") and "Seed: 5" in comment[8:].decode("utf-16-be")
-            assert b"<rdf:li xml:lang=\"x-default\">a c\xc3\xa4t &lt;&amp;&gt; \"q\"</rdf:li>" in image.info["xmp"]
+            assert comment[8:].decode("utf-16-be").startswith("a cät <&> \"q\"\nNegative prompt: blur\nSteps: 2")
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpg", "webp"])
+def test_an_image_holds_its_prompt_once_and_the_longest_prompt_fits(image_format):
+    """The texts live in ``parameters`` only (the record takes them back by length): a long
+    prompt no longer triples the file, and the longest non-Latin prompt and negative prompt
+    still fit JPEG's 64 KB EXIF segment (16 K characters in the XMP copy did not)."""
+    from PIL import Image
+
+    from spmd_diffusion.jobs.encoding import encode_image, read_record
+    from spmd_diffusion.request import MAX_PROMPT_CHARS
+
+    marker = "zq" * 50
+    info = dict(INFO, prompt=marker + "x\nNegative prompt: not the negative", negative_prompt="")
+    data = encode_image(Image.new("RGB", (16, 16)), image_format, 80, info)
+    assert read_record(data) == info
+    encoded = marker.encode("utf-16-be") if image_format != "png" else marker.encode()
+    assert data.count(encoded) == 1, "the prompt is stored once"
+    longest = dict(INFO, prompt="猫" * MAX_PROMPT_CHARS, negative_prompt="犬" * MAX_PROMPT_CHARS)
+    data = encode_image(Image.new("RGB", (16, 16)), image_format, 80, longest)
+    assert read_record(data) == longest
+    assert len(data) < 3 * MAX_PROMPT_CHARS * 2 + 4096  # both texts once (2-3 bytes a character) and the pixels
 
 
 def test_shard_sink_writes_complete_shards_a_reader_can_read(tmp_path):

@@ -130,6 +130,11 @@ BAD_BODIES = [
     ("openai: infinite guidance", "/v1/images/generations",
      b'{"prompt": "x", "guidance_scale": Infinity}', 400, "guidance_scale"),
     ("openai: prompt too long", "/v1/images/generations", {"prompt": "x" * 20000}, 400, "prompt"),
+    ("openai: prompt one past the cap", "/v1/images/generations", {"prompt": "x" * 8193}, 400,
+     "prompt: String should have at most 8192 characters"),
+    ("native: negative prompt past the cap", "/v1/diffusion/generate",
+     {"requests": [{"prompt": "x", "negative_prompt": "n" * 8193}]}, 400,
+     "negative_prompt is 8193 characters; the most is 8192"),
     ("openai: empty body", "/v1/images/generations", b"", 400, "Field required"),
     ("no such route", "/v1/other", {"prompt": "x"}, 404, "Not Found"),
 ]

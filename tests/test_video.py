@@ -35,6 +35,15 @@ def test_each_format_decodes_to_its_frames_and_carries_the_record(video_format):
         assert all(np.array_equal(np.asarray(frame), want) for frame, want in zip(frames, expected))
 
 
+@pytest.mark.parametrize("video_format", video.VIDEO_FORMATS)
+def test_a_video_holds_its_texts_once(video_format):
+    record = dict(RECORD, negative_prompt="blur = ; # \\ it\nand more", prompt="zqzqzq " + RECORD["prompt"])
+    data = video.encode_video(FRAMES, video_format, fps=8, info=record)
+    assert video.read_video_record(data, video_format) == record
+    stored = "zqzqzq".encode("utf-16-be") if video_format == "webp" else b"zqzqzq"
+    assert data.count(stored) == 1
+
+
 def test_webp_and_gif_frame_duration_follows_fps():
     for video_format in ("webp", "gif"):
         with Image.open(io.BytesIO(video.encode_video(FRAMES, video_format, fps=10))) as clip:

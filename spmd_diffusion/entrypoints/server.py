@@ -42,7 +42,7 @@ from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
 from spmd_diffusion.errors import ExecutorClosedError
-from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.request import MAX_PROMPT_CHARS, OmniDiffusionRequest
 from spmd_diffusion.utils.image_inputs import IMAGE_FIELDS
 from spmd_diffusion.models.loader import makes_video
 from spmd_diffusion.utils.images import image_png_bytes
@@ -61,7 +61,7 @@ class ServerLimits:
     max_body_bytes: int = 64 << 20
     max_requests_per_call: int = 256
     max_queued_requests: int = 4096
-    max_prompt_chars: int = 16384
+    max_prompt_chars: int = MAX_PROMPT_CHARS
 
 
 class ApiError(Exception):

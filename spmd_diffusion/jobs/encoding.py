@@ -1,11 +1,16 @@
 """Image files that say how they were made: PNG, JPEG or WebP with the prompt, seed and
-settings inside, in the places image viewers and tools already read.
+settings inside, in the places image viewers and tools already read, the prompt once.
 
-- PNG: text chunks (iTXt, UTF-8): ``parameters`` in the AUTOMATIC1111 layout that most
-  Stable Diffusion tools parse, ``prompt``, and ``spmd_diffusion`` holding the image's JSON record.
-- JPEG and WebP: EXIF ``ImageDescription`` (the JSON record, ASCII-escaped as EXIF asks),
-  EXIF ``UserComment`` (``parameters``, UTF-16 as EXIF's UNICODE code), and an XMP packet
-  with ``dc:description`` (the prompt) and the record.
+- ``parameters``: the AUTOMATIC1111 text most Stable Diffusion tools parse (prompt, negative
+  prompt, settings line). PNG: an iTXt chunk (UTF-8); JPEG and WebP: EXIF ``UserComment``
+  (UTF-16, EXIF's UNICODE code).
+- The image's JSON record (seed, settings, id, model...) without the two texts, which it
+  takes from ``parameters`` by their lengths (:func:`read_record` puts them back). PNG: the
+  ``spmd_diffusion`` iTXt chunk; JPEG and WebP: EXIF ``ImageDescription``.
+
+The texts were once stored three times (``parameters``, a ``prompt`` chunk or an XMP
+description, and the record): a long prompt tripled the file, and a JPEG with 16 K
+characters of non-Latin prompt overflowed its 64 KB XMP segment and failed to write.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import io
 import json
 from dataclasses import dataclass
 from typing import Any
-from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image
@@ -26,10 +30,14 @@ EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_SOFTWARE = 0x0131
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
+EXIF_UNICODE = b"UNICODE\x00"
 RECORD_KEY = "spmd_diffusion"
 # Left out of the embedded record: the resume fingerprint covers the output format too, and
 # the same image must be the same bytes whether it lands in a file or in a shard.
 NOT_EMBEDDED = ("fingerprint",)
+TEXTS = ("prompt", "negative_prompt")  # stored in ``parameters`` only
+TEXT_LENGTHS = "parameters_text_lengths"  # the record's key for where they are
+NEGATIVE_LABEL = "\nNegative prompt: "
 
 
 def parameters_text(info: dict[str, Any]) -> str:
@@ -45,25 +53,44 @@ def parameters_text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _xmp(info: dict[str, Any]) -> bytes:
-    record = escape(json.dumps(info, sort_keys=True, default=repr), {'"': "&quot;"})
-    return (
-        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
-        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-        '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
-        f'xmlns:sd="urn:spmd-diffusion:1.0" sd:record="{record}">'
-        f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{escape(str(info.get("prompt") or ""))}'
-        '</rdf:li></rdf:Alt></dc:description></rdf:Description></rdf:RDF></x:xmpmeta>'
-        '<?xpacket end="w"?>'
-    ).encode("utf-8")
+def split_texts(info: dict[str, Any]) -> tuple[str, str]:
+    """(``parameters`` text, the record's JSON without the texts but with their lengths)."""
+    record = {key: value for key, value in info.items() if key not in TEXTS}
+    record[TEXT_LENGTHS] = {key: len(str(info[key])) for key in TEXTS if info.get(key) is not None}
+    return parameters_text(info), json.dumps(record, sort_keys=True, default=repr)
 
 
-def _exif(info: dict[str, Any]) -> Image.Exif:
+def join_texts(record_json: str | None, parameters: str | None) -> dict[str, Any] | None:
+    """The full record: the embedded one with its texts taken back out of ``parameters``
+    (records written before the texts moved out carry them already)."""
+    if not record_json:
+        return None
+    record = json.loads(record_json)
+    lengths = record.pop(TEXT_LENGTHS, None)
+    if lengths is None or parameters is None:
+        return record
+    if "prompt" in lengths:
+        record["prompt"] = parameters[:lengths["prompt"]]
+    if "negative_prompt" in lengths:  # right after the prompt, behind its label, when not empty
+        start = lengths.get("prompt", 0) + len(NEGATIVE_LABEL)
+        record["negative_prompt"] = parameters[start:start + lengths["negative_prompt"]]
+    return record
+
+
+def _exif(parameters: str, record_json: str) -> Image.Exif:
     exif = Image.Exif()
-    exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(info, sort_keys=True, default=repr)  # ensure_ascii: EXIF is ASCII
+    exif[EXIF_IMAGE_DESCRIPTION] = record_json  # ASCII (json's default escapes), as EXIF asks
     exif[EXIF_SOFTWARE] = RECORD_KEY
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\x00" + parameters_text(info).encode("utf-16-be")
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = EXIF_UNICODE + parameters.encode("utf-16-be")
     return exif
+
+
+def exif_parameters(exif: Image.Exif) -> str | None:
+    """The ``parameters`` text of an EXIF ``UserComment`` written by :func:`_exif`."""
+    comment = exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+    if isinstance(comment, bytes) and comment.startswith(EXIF_UNICODE):
+        return comment[len(EXIF_UNICODE):].decode("utf-16-be")
+    return comment if isinstance(comment, str) else None
 
 
 def as_pil(image: Any) -> Image.Image:
@@ -84,16 +111,16 @@ def encode_image(image: Any, image_format: str = "png", quality: int | None = No
     if image_format == "png":
         kwargs: dict[str, Any] = {}
         if info is not None:
+            parameters, record_json = split_texts(info)
             text = PngInfo()
-            text.add_itxt("parameters", parameters_text(info))
-            text.add_itxt("prompt", str(info.get("prompt") or ""))
-            text.add_itxt(RECORD_KEY, json.dumps(info, sort_keys=True, default=repr))
+            text.add_itxt("parameters", parameters)
+            text.add_itxt(RECORD_KEY, record_json)
             kwargs["pnginfo"] = text
         pil.save(buffer, format="PNG", **kwargs)
     elif image_format in ("jpg", "webp"):
         kwargs = {"quality": quality if quality is not None else DEFAULT_QUALITY[image_format]}
         if info is not None:
-            kwargs.update(exif=_exif(info), xmp=_xmp(info))
+            kwargs["exif"] = _exif(*split_texts(info))
         pil.convert("RGB").save(buffer, format=FORMATS[image_format], **kwargs)
     else:
         raise ValueError(f"image format must be one of {', '.join(FORMATS)}, not {image_format!r}")
@@ -101,10 +128,12 @@ def encode_image(image: Any, image_format: str = "png", quality: int | None = No
 
 
 def read_record(data: bytes) -> dict[str, Any] | None:
-    """The JSON record an encoded image carries (PNG text chunk or EXIF), else None."""
+    """The JSON record an encoded image carries (PNG text chunks or EXIF), else None."""
     with Image.open(io.BytesIO(data)) as image:
-        text = image.info.get(RECORD_KEY) if image.format == "PNG" else image.getexif().get(EXIF_IMAGE_DESCRIPTION)
-    return json.loads(text) if text else None
+        if image.format == "PNG":
+            return join_texts(image.info.get(RECORD_KEY), image.info.get("parameters"))
+        exif = image.getexif()
+        return join_texts(exif.get(EXIF_IMAGE_DESCRIPTION), exif_parameters(exif))
 
 
 @dataclass(frozen=True)

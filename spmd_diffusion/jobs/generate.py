@@ -47,7 +47,7 @@ from spmd_diffusion.jobs.prompts import PromptItem
 from spmd_diffusion.jobs.shards import (EVENTS_KEY, SHARDS_DIR, ShardSink, close_open_shards, next_attempt,
                                         remove_unlisted_shards)
 from spmd_diffusion.jobs.sources import Columns, ItemSource, open_source
-from spmd_diffusion.request import OmniDiffusionRequest, check_seed
+from spmd_diffusion.request import OmniDiffusionRequest, check_prompt_length, check_seed
 from spmd_diffusion.models.lora import is_local, lora_identity, parse_lora, parse_loras
 from spmd_diffusion.utils.image_inputs import DATA_URI, IMAGE_FIELDS, URL
 
@@ -167,16 +167,26 @@ class RequestBuilder:
         if item.settings:
             return build_request(item, self.options, self.run_seed, self.config, self.accepted)
         self._template(item)
+        check_item_prompt(item)
         return self.shared
 
     def __call__(self, item: PromptItem) -> OmniDiffusionRequest:
         if item.settings:
             return build_request(item, self.options, self.run_seed, self.config, self.accepted)
         fields = self._template(item)
+        check_item_prompt(item)
         request = OmniDiffusionRequest.__new__(OmniDiffusionRequest)
         vars(request).update(fields, prompt=item.prompt, request_id=item.id,
                              seed=derive_seed(self.run_seed, item.id), extra={})
         return request
+
+
+def check_item_prompt(item: PromptItem) -> None:
+    """The prompt-length check of a request, for the items that share the run-wide one."""
+    try:
+        check_prompt_length("prompt", item.prompt)
+    except ValueError as exc:
+        raise InputError(f"{item.where or f'item {item.id!r} (line {item.line})'}: {exc}") from None
 
 
 def resolve_input_paths(settings: dict[str, Any], base: Path) -> None:

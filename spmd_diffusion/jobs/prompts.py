@@ -117,7 +117,7 @@ def parse_json_line(text: str, where: str) -> Any:
 def _read_txt(path: Path) -> Iterator[PromptItem]:
     for number, text in text_lines(path):
         if text.strip():
-            yield PromptItem(f"{number:0{ID_WIDTH}d}", text.strip(), number)
+            yield PromptItem(f"{number:0{ID_WIDTH}d}", text.strip(), number, where=f"{path}:{number}")
 
 
 def _read_jsonl(path: Path) -> Iterator[PromptItem]:
@@ -188,7 +188,8 @@ def iter_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = 
         if reader is None:
             raise InputError(f"prompt file {prompts_file!r}: use .txt, .jsonl or .csv")
         return reader(path)
-    return (PromptItem(f"{n:0{ID_WIDTH}d}", text, n) for n, text in enumerate(prompts, start=1) if text.strip())
+    return (PromptItem(f"{n:0{ID_WIDTH}d}", text, n, where=f"--prompt #{n}")
+            for n, text in enumerate(prompts, start=1) if text.strip())
 
 
 def check_unique(items: Iterable[PromptItem], source: str) -> list[PromptItem]:

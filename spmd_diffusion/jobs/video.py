@@ -1,12 +1,13 @@
 """Video files of a video pipeline's frames: MP4 (H.264), animated WebP or GIF, each carrying
-the item's record (prompt, seed, settings) as the image formats do.
+the item's record (prompt, seed, settings) as the image formats do, the prompt once.
 
 - ``mp4``: H.264 in yuv420p through the ``ffmpeg`` that ``imageio-ffmpeg`` bundles (the
   ``video`` extra; an ``ffmpeg`` binary is not needed on the machine). The record goes in the
-  container's ``comment`` tag and the A1111 ``parameters`` text in ``description``. Written
+  container's ``comment`` tag (without the texts) and the A1111 ``parameters`` text in
+  ``description``. Written
   with ffmpeg's bit-exact flags and one encoder thread, so the same frames give the same
   bytes on every rank and machine (the resume check compares hashes).
-- ``webp``: animated WebP through Pillow (no extra package), EXIF and XMP as for images;
+- ``webp``: animated WebP through Pillow (no extra package), EXIF as for images;
   quality 100 is lossless (frames decode to exactly the pixels made: for datasets and checks).
 - ``gif``: animated GIF through Pillow (256 colours; for previews), the record as comment.
 """
@@ -77,7 +78,7 @@ def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, qualit
                  info: dict[str, Any] | None = None) -> bytes:
     """The file bytes of ``video`` (frames) in ``video_format``, carrying ``info`` when given
     (less what images leave out too: ``encoding.NOT_EMBEDDED``)."""
-    from spmd_diffusion.jobs.encoding import DEFAULT_QUALITY, NOT_EMBEDDED, _exif, _xmp, parameters_text
+    from spmd_diffusion.jobs.encoding import DEFAULT_QUALITY, NOT_EMBEDDED, _exif, split_texts
 
     check_video_format(video_format)
     if info is not None:
@@ -85,14 +86,14 @@ def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, qualit
     frames = frame_arrays(video)
     quality = quality if quality is not None else DEFAULT_QUALITY["webp"]
     if video_format == "mp4":
-        return _encode_mp4(frames, fps, quality, info, parameters_text(info) if info else None)
+        return _encode_mp4(frames, fps, quality, split_texts(info) if info is not None else None)
     pictures = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
     options: dict[str, Any] = {"save_all": True, "append_images": pictures[1:], "duration": _frame_ms(fps), "loop": 0}
     if video_format == "webp":
         options.update(quality=quality, lossless=quality == 100)
         if info is not None:
-            options.update(exif=_exif(info), xmp=_xmp(info))
+            options["exif"] = _exif(*split_texts(info))
         pictures[0].save(buffer, format="WEBP", **options)
     else:
         if info is not None:
@@ -101,15 +102,14 @@ def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, qualit
     return buffer.getvalue()
 
 
-def _encode_mp4(frames: list[np.ndarray], fps: float, quality: int, info: dict[str, Any] | None,
-                parameters: str | None) -> bytes:
+def _encode_mp4(frames: list[np.ndarray], fps: float, quality: int, texts: tuple[str, str] | None) -> bytes:
     import imageio_ffmpeg
 
     height, width = frames[0].shape[:2]
     tags: list[str] = []
-    if info is not None:
-        tags = ["-metadata", f"comment={json.dumps(info, sort_keys=True, default=repr)}",
-                "-metadata", f"description={parameters}"]
+    if texts is not None:
+        parameters, record_json = texts
+        tags = ["-metadata", f"comment={record_json}", "-metadata", f"description={parameters}"]
     with tempfile.TemporaryDirectory(prefix="spmd-video-") as directory:
         path = str(Path(directory) / "video.mp4")
         writer = imageio_ffmpeg.write_frames(
@@ -148,27 +148,47 @@ def read_frames(data: bytes, video_format: str) -> list[Image.Image]:
         return [frame.convert("RGB") for frame in ImageSequence.Iterator(video)]
 
 
+def ffmetadata_tags(text: str) -> dict[str, str]:
+    """The tags of ffmpeg's ``ffmetadata`` output: ``key=value`` lines where a backslash
+    escapes the next character (``=``, ``;``, ``#``, a backslash or a newline inside a value)."""
+    tags: dict[str, str] = {}
+    key: str | None = None
+    part: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            part.append(next(chars, ""))
+        elif char == "=" and key is None:
+            key, part = "".join(part), []
+        elif char == "\n":
+            if key is not None and key[:1] not in (";", "#", "["):
+                tags[key] = "".join(part)
+            key, part = None, []
+        else:
+            part.append(char)
+    if key is not None:
+        tags[key] = "".join(part)
+    return tags
+
+
 def read_video_record(data: bytes, video_format: str) -> dict[str, Any] | None:
-    """The JSON record a video file carries, else None."""
+    """The JSON record a video file carries (its texts put back from ``parameters``), else None."""
+    from spmd_diffusion.jobs.encoding import EXIF_IMAGE_DESCRIPTION, exif_parameters, join_texts
+
     if video_format == "mp4":
         import imageio_ffmpeg
 
         with _mp4_file(data) as path:
             done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path,
                                    "-f", "ffmetadata", "-"], capture_output=True, text=True, check=True)
-        for line in done.stdout.splitlines():
-            if line.startswith("comment="):
-                return json.loads(line[len("comment="):].replace("\\=", "=").replace("\\;", ";")
-                                  .replace("\\#", "#").replace("\\\\", "\\"))
-        return None
+        tags = ffmetadata_tags(done.stdout)
+        return join_texts(tags.get("comment"), tags.get("description"))
     with Image.open(io.BytesIO(data)) as video:
         if video.format == "GIF":
             text = video.info.get("comment")
-        else:
-            from spmd_diffusion.jobs.encoding import EXIF_IMAGE_DESCRIPTION
-
-            text = video.getexif().get(EXIF_IMAGE_DESCRIPTION)
-    return json.loads(text) if text else None
+            return json.loads(text) if text else None
+        exif = video.getexif()
+        return join_texts(exif.get(EXIF_IMAGE_DESCRIPTION), exif_parameters(exif))
 
 
 def frame_strip(frames: list[Image.Image], count: int = 4) -> Image.Image:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from spmd_diffusion import envs
 
@@ -19,6 +21,34 @@ FORMAT = "[rank %(rank)s] %(asctime)s %(levelname)s %(name)s: %(message)s"
 # pipelines' feature extractors). Errors still show; -v shows everything.
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
                  "transformers.utils.import_utils")
+
+
+# Libraries whose log lines may quote a whole prompt (diffusers' "The following part of your
+# input was truncated because CLIP can only handle sequences up to 77 tokens: ..." quotes all
+# of it, every batch, on every rank): their lines are cut to this many characters.
+QUOTING_LIBRARIES = ("diffusers", "transformers")
+MAX_LIBRARY_LINE = 400
+
+
+def _clipped_records(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if record.name.split(".", 1)[0] in QUOTING_LIBRARIES:
+            message = record.getMessage()
+            if len(message) > MAX_LIBRARY_LINE:
+                record.msg, record.args = (f"{message[:MAX_LIBRARY_LINE]}... "
+                                           f"({len(message) - MAX_LIBRARY_LINE} characters more)"), None
+        return record
+
+    make_record._spmd_diffusion = True  # type: ignore[attr-defined]
+    return make_record
+
+
+def clip_library_lines() -> None:
+    """Cut long log lines of :data:`QUOTING_LIBRARIES` (idempotent)."""
+    current = logging.getLogRecordFactory()
+    if not getattr(current, "_spmd_diffusion", False):
+        logging.setLogRecordFactory(_clipped_records(current))
 
 
 class _RankFilter(logging.Filter):
@@ -45,6 +75,7 @@ def setup_logging(rank: int, level: str | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    clip_library_lines()
     if level.upper() != "DEBUG":
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
