@@ -95,10 +95,18 @@ def set_default(name: str, value: str, env: MutableMapping[str, str] | None = No
     target.setdefault(name, value)
 
 
+# What a one-node job binds to loopback, unless the user set it: gloo and NCCL (which
+# otherwise bind the address the host name resolves to), and MPI's network layers, read at
+# MPI_Init (pip's MPICH 5 runs UCX by default and libfabric with MPIR_CVAR_CH4_NETMOD=ofi;
+# each otherwise listens on the machine's LAN address on every rank, even for a one-node
+# job). Within a node MPI's messages go through shared memory anyway.
+LOOPBACK_INTERFACES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "FI_TCP_IFACE",
+                       "FI_SOCKETS_IFACE")
+
+
 def keep_on_loopback(one_node: bool) -> None:
-    """One-node jobs: gloo and NCCL bind the loopback interface unless told otherwise, so
-    nothing of the job listens on the network (gloo otherwise binds the address the host
-    name resolves to)."""
+    """One-node jobs: every socket of the job's own libraries on the loopback interface
+    (:data:`LOOPBACK_INTERFACES`), so nothing of the job listens on the network."""
     if one_node:
-        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        for name in LOOPBACK_INTERFACES:
             set_default(name, "lo")

@@ -1,5 +1,9 @@
 """A stopped rank (SIGSTOP: alive, silent) ends the job within its batch deadline, naming the
-rank, under every launcher; run.json says failed and a rerun resumes as after a kill."""
+rank, under every launcher; run.json says failed and a rerun resumes as after a kill.
+
+The same launch checks, while the job is held mid-run, that a one-node job's ranks listen on
+loopback only (MPI's UCX/libfabric layers, gloo): the sockets the launcher itself opens
+(mpiexec's control port, torchrun's agent store) are the launcher's, listed in the README."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from gates import JobGate
+from sockets import is_loopback, own_listening_sockets
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -37,6 +42,11 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path, launcher):
     stopped = None
     try:
         gate.wait_held(job)
+        ranks = {gate.pid_of(0), gate.pid_of(1)}
+        listening = own_listening_sockets(ranks)
+        assert all(is_loopback(address) for address, _port in listening), listening
+        if launcher != "none":  # gloo's pairs (and MPI's UCX listeners): there is something to check
+            assert listening, "no listening socket of the ranks found"
         stopped = gate.pid_of(1)
         os.kill(stopped, signal.SIGSTOP)
         gate.release()

@@ -24,6 +24,7 @@ import time
 from collections.abc import Collection
 from typing import Any
 
+from spmd_diffusion import envs
 from spmd_diffusion.distributed.control.base import Backoff, ControlPlane
 from spmd_diffusion.distributed.launcher import LaunchInfo
 from spmd_diffusion.errors import LaunchError
@@ -68,6 +69,7 @@ class MPIControl(ControlPlane):
     kind = "mpi"
 
     def __init__(self, launch: LaunchInfo) -> None:
+        envs.keep_on_loopback(launch.local_world_size == launch.world_size)  # read by MPI_Init
         MPI = import_mpi()
         self.MPI = MPI
         world = MPI.COMM_WORLD
