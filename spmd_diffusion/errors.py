@@ -7,6 +7,7 @@ exception type and the remote traceback text, so nobody has to read N log files.
 from __future__ import annotations
 
 import os
+import re
 
 from dataclasses import dataclass
 
@@ -59,6 +60,11 @@ class WorkerError(SpmdDiffusionError):
     @property
     def exc_types(self) -> list[str]:
         return [f.exc_type for f in self.failures]
+
+    @property
+    def rank_lost(self) -> bool:
+        """A rank's peer died under it (see :func:`peer_lost`)."""
+        return "ConnectionLostError" in self.exc_types
 
     def __reduce__(self):  # keep it picklable with its structured fields
         return (type(self), (self.method, self.failures))
@@ -123,15 +129,39 @@ class OutputWriteError(SpmdDiffusionError, OSError):
         return (type(self), (self.path, self.errno_, self.reason))
 
 
+def gloo_brief(exc: BaseException) -> str:
+    """gloo's error without its source path and boilerplate: ``[.../pair.cc:553] Connection
+    closed by peer [127.0.0.1]:16011. This is typically caused by...`` becomes ``Connection
+    closed by peer [127.0.0.1]:16011``."""
+    text = str(exc).strip()
+    text = re.sub(r"^\[[^\]]*\.(?:cc|h|cpp):\d+\]\s*", "", text)
+    first = re.split(r"\.\s", text, maxsplit=1)[0]
+    return first.rstrip(".") or type(exc).__name__
+
+
+# What gloo (and torch's c10d) say when the peer of a collective or message is gone.
+PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Read error [")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A communication failure because another rank died (not a bug in the request): the
+    worker fails the call instead of the request, so the job ends rather than record the
+    item as failed."""
+    if type(exc).__name__ in ("DistNetworkError", "DistBackendError"):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in PEER_LOST_TEXT)
+
+
 class ConnectionLostError(WorkerDiedError):
     """The launcher's channel to the other ranks broke (one of them died, or closed it)."""
 
-    def __init__(self, detail: str) -> None:
-        SpmdDiffusionError.__init__(self, f"lost the connection to the other ranks: {detail}")
-        self.rank, self.exitcode, self.method, self.detail = None, None, None, detail
+    def __init__(self, detail: str, rank: int | None = None) -> None:
+        who = f"rank {rank}" if rank is not None else "a rank"
+        SpmdDiffusionError.__init__(self, f"lost the connection to {who} ({detail}): it crashed or was killed")
+        self.rank, self.exitcode, self.method, self.detail = rank, None, None, detail
 
     def __reduce__(self):
-        return (type(self), (self.detail,))
+        return (type(self), (self.detail, self.rank))
 
 
 class Terminated(KeyboardInterrupt):

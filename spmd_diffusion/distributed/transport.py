@@ -25,7 +25,7 @@ from typing import Any
 from spmd_diffusion.distributed.control.base import Backoff, ControlPlane
 from spmd_diffusion.distributed.local_worker import LocalWorker
 from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest, reply_from_wire, request_to_wire
-from spmd_diffusion.errors import ConnectionLostError, WorkerDiedError
+from spmd_diffusion.errors import ConnectionLostError, WorkerDiedError, gloo_brief
 
 
 class Transport(ABC):
@@ -169,5 +169,5 @@ def _reply(item: Any) -> RpcReply:
     """An item of a shared inbox: a local reply, a remote one (a plain tuple), or the error
     that ended the control plane's reply thread."""
     if isinstance(item, BaseException):
-        raise ConnectionLostError(str(item)) from item
+        raise ConnectionLostError(gloo_brief(item)) from item
     return reply_from_wire(item)

@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 a fatal fault; 2 bad input or usage, reported before any model is
 loaded; 3 (``generate``) the job finished but some items failed (see the manifest); 130
-interrupted (Ctrl-C); 143 terminated (SIGTERM, e.g. Slurm's time limit or scancel).
+interrupted (Ctrl-C); 143 terminated (SIGTERM, e.g. Slurm's time limit or scancel). The
+launcher may put its own in their place (README, "Errors"): torchrun 1; mpiexec the number
+of the signal that killed a rank (9), or 137 when mpiexec itself is killed.
 """
 
 from __future__ import annotations
@@ -157,8 +159,12 @@ def build_config(**values: Any) -> OmniDiffusionConfig:
 
 
 def fatal_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """One clear line (and exit 1) for an expected failure; tracebacks only with -v."""
-    from spmd_diffusion.errors import SpmdDiffusionError, WorkerError
+    """One clear line (and exit 1) for an expected failure; tracebacks only with -v.
+
+    When a rank of a launched job is gone, the process leaves at once after that line:
+    tearing down torch's process group over a dead peer aborts in C++ ("terminate called
+    without an active exception", SIGABRT, seen under torchrun about one run in two)."""
+    from spmd_diffusion.errors import SpmdDiffusionError, WorkerDiedError, WorkerError
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -167,6 +173,11 @@ def fatal_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except (SpmdDiffusionError, OSError) as exc:
             logger.debug("fatal: %s", exc)  # with -v: every rank's traceback
             click.echo(f"error: {exc.brief() if isinstance(exc, WorkerError) else exc}", err=True)
+            lost = isinstance(exc, WorkerDiedError) or (isinstance(exc, WorkerError) and exc.rank_lost)
+            if lost and detect_launcher().is_distributed:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(EXIT_FATAL)
             sys.exit(EXIT_FATAL)
 
     return wrapper
@@ -558,8 +569,15 @@ def generate(config_file: str | None, prompts_file: str | None, prompt_column: s
     """Generate images for many prompts: the batch job, under mpirun, srun, torchrun or none.
 
     Writes OUTPUT/images/<id>[_k].png (or WebDataset shards OUTPUT/shards/*.tar),
-    OUTPUT/manifest.jsonl (a line per image), OUTPUT/run.json and OUTPUT/contact_sheet.png. Exit codes: 0 all images made; 3 some items failed (their
-    manifest lines say why); 2 bad input (nothing loaded); 1 a fatal fault.
+    OUTPUT/manifest.jsonl (a line per image), OUTPUT/run.json and OUTPUT/contact_sheet.png.
+
+    \b
+    Exit codes: 0 all images made; 3 some items failed (their manifest lines say why);
+    2 bad input (nothing loaded); 1 a fatal fault (a lost or stuck rank is named);
+    130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Launchers' own codes: torchrun
+    turns any failure into 1; under mpiexec a rank killed by a signal gives that signal's
+    number (9: SIGKILL, out-of-memory kills included) and mpiexec killed gives 137.
+    The same command resumes in every case.
     """
     from spmd_diffusion.errors import InputError
     from spmd_diffusion.jobs.generate import GenerateJob, GenerateOptions, plan_generation

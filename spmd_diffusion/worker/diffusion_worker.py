@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spmd_diffusion.errors import ConnectionLostError, gloo_brief, peer_lost
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
 from spmd_diffusion.models import load_pipeline
@@ -453,6 +454,8 @@ class DiffusionWorker:
                 produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback),
                                            sizes[jobs[0].request_pos])
             except Exception as exc:  # noqa: BLE001 - isolate the failing request
+                if peer_lost(exc):  # a rank of this replica died: the job ends, the item is not at fault
+                    raise ConnectionLostError(gloo_brief(exc)) from exc
                 positions = sorted({job.request_pos for job in jobs})
                 if len(positions) > 1:
                     # Rerun each request alone, so one bad request does not sink the rest.

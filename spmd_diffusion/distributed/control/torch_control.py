@@ -39,7 +39,7 @@ from spmd_diffusion.distributed.control.base import (
 )
 from spmd_diffusion.distributed import netif
 from spmd_diffusion.distributed.launcher import SLURM, TORCHRUN, LaunchInfo, first_slurm_host
-from spmd_diffusion.errors import ConnectionLostError, LaunchError
+from spmd_diffusion.errors import ConnectionLostError, LaunchError, gloo_brief
 
 IDLE_TIMEOUT = datetime.timedelta(days=30)
 TAG_REQUEST, TAG_REQUEST_REST, TAG_REPLY, TAG_REPLY_REST = 0, 1, 2, 3
@@ -139,7 +139,10 @@ class TorchControl(ControlPlane):
                 self._receiver = threading.Thread(target=self._receive_replies, name="spmd-diffusion-replies",
                                                   daemon=True)
                 self._receiver.start()
-            works = [self.dist.isend(tensor, dst=rank, group=self.group, tag=tag) for tensor, tag in parts]
+            try:
+                works = [self.dist.isend(tensor, dst=rank, group=self.group, tag=tag) for tensor, tag in parts]
+            except RuntimeError as exc:  # gloo: the pair to ``rank`` is closed (it died)
+                raise ConnectionLostError(gloo_brief(exc), rank) from exc
             self._sending.setdefault(rank, deque()).append((works, parts))
 
     def _retire_oldest_send(self, rank: int) -> None:
@@ -178,8 +181,8 @@ class TorchControl(ControlPlane):
                 item = self._replies.get_nowait()
             except queue.Empty:
                 return arrived
-            if isinstance(item, Exception):
-                raise ConnectionLostError(str(item)) from item
+            if isinstance(item, Exception):  # gloo does not say which rank: with two, it is the other
+                raise ConnectionLostError(gloo_brief(item), 1 if self.size == 2 else None) from item
             arrived.append(item)
 
     def flush(self, timeout: float) -> bool:
