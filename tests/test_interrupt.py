@@ -48,6 +48,7 @@ def test_a_signal_ends_the_job_with_one_line(tmp_path, launcher, sent, code, why
     assert job.returncode == code, stderr[-3000:]
     assert stderr.count(f"interrupted: the job {why}") == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
+    assert "leaked semaphore" not in stderr and "did not stop in time" not in stderr, stderr[-3000:]
     assert json.loads((output / "run.json").read_text())["status"] == "interrupted"
 
 

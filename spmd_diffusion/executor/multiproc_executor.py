@@ -134,8 +134,9 @@ class MultiProcDiffusionExecutor(RpcExecutor):
             process.join(max(0.0, deadline - time.monotonic()))
         for process in processes:
             if process.is_alive():
-                log = logger.info if hurry else logger.warning
-                log("worker %s did not stop in time; terminating", process.name)
+                if not self.interrupted:  # Ctrl-C: the user asked for it, no news
+                    log = logger.info if hurry else logger.warning
+                    log("worker %s did not stop in time; terminating", process.name)
                 process.terminate()
                 process.join(2.0)
             if process.is_alive():

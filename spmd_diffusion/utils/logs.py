@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,18 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def thread_lock_for_progress_bars() -> None:
+    """tqdm's bars (ours and diffusers') share a thread lock instead of the multiprocessing
+    semaphore tqdm makes by default: a process that leaves with ``os._exit`` (Ctrl-C, a lost
+    rank) left that semaphore to multiprocessing's resource tracker, which then printed
+    "There appear to be 2 leaked semaphore objects". No bar is shared across processes."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def setup_logging(rank: int, level: str | None = None) -> None:
     """Configure the ``spmd_diffusion`` logger for this rank (idempotent)."""
     level = level or envs.log_level() or ("INFO" if rank == 0 else "WARNING")
@@ -76,6 +89,7 @@ def setup_logging(rank: int, level: str | None = None) -> None:
     logger.setLevel(level.upper())
     logger.propagate = False
     clip_library_lines()
+    thread_lock_for_progress_bars()
     if level.upper() != "DEBUG":
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
