@@ -29,6 +29,7 @@ from spmd_diffusion.data import DEFAULT_MODEL, DTYPES, OmniDiffusionConfig
 from spmd_diffusion.errors import Terminated, interrupt_exit_code
 from spmd_diffusion.distributed.launcher import detect_launcher
 from spmd_diffusion.models.tiny.families import BUILDERS as TINY_BUILDERS
+from spmd_diffusion.request_settings import FLAG_SETTINGS, Setting
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -111,6 +112,26 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         command = option(command)
+    return command
+
+
+def setting_option(setting: Setting) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``generate`` flag of a request setting: its run-wide value (items may override it)."""
+    kind: Any = click.STRING
+    if setting.kind == "int" and (setting.minimum is not None or setting.maximum is not None):
+        kind = click.IntRange(min=setting.minimum, max=setting.maximum)
+    elif setting.kind == "int":
+        kind = click.INT
+    elif setting.kind == "float":
+        kind = click.FloatRange(setting.minimum, setting.maximum, min_open=setting.open_minimum)
+    return click.option(setting.flag, type=kind, default=None, help=setting.help,
+                        callback=finite_number if setting.kind == "float" else None)
+
+
+def request_setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every request setting that has a ``generate`` flag (``request_settings.FLAG_SETTINGS``)."""
+    for setting in reversed(FLAG_SETTINGS):
+        command = setting_option(setting)(command)
     return command
 
 
@@ -516,27 +537,12 @@ def check_gpus_for_parallel(config: OmniDiffusionConfig, world: int | None) -> N
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Output directory: images/, manifest.jsonl, run.json, contact_sheet.png.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's).")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None, callback=finite_number,
-              help="Guidance scale (default: the pipeline's).")
-@click.option("--true-cfg-scale", type=click.FloatRange(min=0), default=None, callback=finite_number,
-              help="True classifier-free guidance scale of Qwen-Image and Flux pipelines, applied with a "
-                   "negative prompt (default: the pipeline's).")
-@click.option("--height", type=int, default=None, help="Image height, a multiple of 8 (default: the model's).")
-@click.option("--width", type=int, default=None, help="Image width, a multiple of 8 (default: the model's).")
-@click.option("--negative-prompt", default=None, help="Negative prompt for items without their own.")
-@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Image-to-image/inpainting strength in (0, 1] for items without their own "
-                   "(their 'image'/'mask_image' columns: paths relative to the prompt file).")
+@request_setting_options
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--image-format", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
               help="Image files; each carries its prompt, seed and settings (PNG text, EXIF/XMP).")
 @click.option("--quality", type=click.IntRange(1, 100), default=None,
               help="jpg/webp/mp4 quality (default 90); 100 makes webp videos lossless.")
-@click.option("--num-frames", type=click.IntRange(min=1), default=None,
-              help="Video pipelines: frames per video (default: the model's; Wan takes 4k+1).")
-@click.option("--fps", type=click.FloatRange(0, 240, min_open=True), default=None,
-              help="Video pipelines: frame rate of the video files (default 16).")
 @click.option("--video-format", type=click.Choice(["mp4", "webp", "gif"]), default=None,
               help="Video files: mp4 (H.264; needs the video extra, imageio-ffmpeg), webp or gif (animated, "
                    "Pillow). Default: mp4 where imageio-ffmpeg is installed, else webp.")

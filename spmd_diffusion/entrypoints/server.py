@@ -43,6 +43,7 @@ from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
 from spmd_diffusion.errors import ExecutorClosedError
 from spmd_diffusion.request import MAX_PROMPT_CHARS, OmniDiffusionRequest
+from spmd_diffusion.request_settings import HTTP_SETTINGS
 from spmd_diffusion.utils.image_inputs import IMAGE_FIELDS
 from spmd_diffusion.models.loader import makes_video
 from spmd_diffusion.utils.images import image_png_bytes
@@ -62,6 +63,27 @@ class ServerLimits:
     max_requests_per_call: int = 256
     max_queued_requests: int = 4096
     max_prompt_chars: int = MAX_PROMPT_CHARS
+
+
+def images_request_model(base: type, limits: ServerLimits) -> type:
+    """``base`` with a field per HTTP setting, typed and bounded as the declaration says (texts
+    also within the server's prompt limit)."""
+    from pydantic import Field, create_model
+
+    types = {"int": int, "float": float, "text": str}
+    fields: dict[str, Any] = {}
+    for setting in HTTP_SETTINGS:
+        bounds: dict[str, Any] = {}
+        if setting.minimum is not None:
+            bounds["gt" if setting.open_minimum else "ge"] = setting.minimum
+        if setting.maximum is not None:
+            bounds["le"] = setting.maximum
+        if setting.kind == "float":
+            bounds["allow_inf_nan"] = False
+        if setting.max_length is not None:
+            bounds["max_length"] = min(setting.max_length, limits.max_prompt_chars)
+        fields[setting.http] = (types[setting.kind] | None, Field(None, description=setting.help, **bounds))
+    return create_model("ImagesRequest", __base__=base, **fields)
 
 
 class ApiError(Exception):
@@ -126,8 +148,9 @@ def build_app(
     http_requests = Counter("spmd_diffusion_http_requests", "HTTP requests by route and status",
                             ["route", "status"], registry=metrics.registry)
 
-    class ImagesRequest(BaseModel):
-        """OpenAI's ``images.generate`` body, plus the diffusers settings as extensions."""
+    class OpenAIImagesRequest(BaseModel):
+        """OpenAI's ``images.generate`` body; :func:`images_request_model` adds the diffusers
+        settings (``request_settings.HTTP_SETTINGS``) as extensions."""
 
         model_config = ConfigDict(extra="forbid")
         prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
@@ -138,11 +161,8 @@ def build_app(
         quality: str | None = None  # accepted for compatibility; a diffusers pipeline has no such knob
         style: str | None = None
         user: str | None = None
-        negative_prompt: str | None = Field(None, max_length=limits.max_prompt_chars)
-        num_inference_steps: int | None = Field(None, ge=1)
-        guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-        true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-        seed: int | None = Field(None, ge=0)
+
+    ImagesRequest = images_request_model(OpenAIImagesRequest, limits)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -257,11 +277,9 @@ def build_app(
                            param="response_format")
         height, width = parse_size(body.size)
         try:
-            item = OmniDiffusionRequest(prompt=body.prompt, negative_prompt=body.negative_prompt,
-                                        num_inference_steps=body.num_inference_steps,
-                                        guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale,
-                                        height=height, width=width,
-                                        seed=body.seed, num_images_per_prompt=body.n)
+            settings = {setting.field: getattr(body, setting.http) for setting in HTTP_SETTINGS}
+            item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width, num_images_per_prompt=body.n,
+                                        **settings)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         prepared([item])

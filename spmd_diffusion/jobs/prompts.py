@@ -19,25 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.errors import InputError
+from spmd_diffusion.request_settings import BY_KEY, FILE_KEYS
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ID_WIDTH = 6  # fixed: an item's id must not change when the file grows
-# File keys and the request fields they set.
-SETTING_KEYS = {
-    "negative_prompt": "negative_prompt",
-    "seed": "seed",
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "true_cfg_scale": "true_cfg_scale",
-    "height": "height",
-    "width": "width",
-    "image": "image",
-    "mask_image": "mask_image",
-    "strength": "strength",
-    "lora": "lora",
-    "num_frames": "num_frames",
-    "fps": "fps",
-}
+# File keys and the request fields they set (declared once, in request_settings).
+SETTING_KEYS = FILE_KEYS
 KNOWN_KEYS = {"id", "prompt", *SETTING_KEYS}
 
 
@@ -134,14 +121,15 @@ def _read_jsonl(path: Path) -> Iterator[PromptItem]:
 def _numbers(record: dict[str, str]) -> dict[str, Any]:
     """CSV cells are text: turn the numeric settings into numbers (or leave them to fail)."""
     converted: dict[str, Any] = dict(record)
-    for key in ("seed", "steps", "height", "width", "num_frames"):
+    for key, setting in BY_KEY.items():
         value = converted.get(key)
-        if value not in (None, "") and re.fullmatch(r"-?\d{1,30}", value.strip()):
+        if value in (None, "") or not setting.number:
+            continue
+        if setting.kind == "int" and re.fullmatch(r"-?\d{1,30}", value.strip()):
             converted[key] = int(value)
-    for key in ("guidance", "true_cfg_scale", "strength", "fps"):
-        if converted.get(key) not in (None, ""):
+        elif setting.kind == "float":
             try:
-                converted[key] = float(converted[key])
+                converted[key] = float(value)
             except ValueError:
                 pass
     return converted

@@ -17,10 +17,12 @@ from typing import Any
 
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.prompts import SETTING_KEYS, PromptItem, _item
+from spmd_diffusion.request_settings import BY_KEY
 from spmd_diffusion.jobs.sources import Columns, ItemSource
 
 BATCH_ROWS = 4096
-INTEGER_SETTINGS = ("seed", "steps", "height", "width")
+# The column types a setting's kind may come in (a float setting may be an integer column).
+COLUMN_KINDS = {"int": ("integer",), "float": ("integer", "number"), "text": ("text",), "path": ("text",)}
 
 
 def _kind(arrow_type: Any) -> str:
@@ -62,8 +64,7 @@ def plan_columns(schema: Any, columns: Columns, where: str) -> dict[str, str]:
         mapping[id_column] = "id"
     for key in SETTING_KEYS:
         if key in kinds and key not in mapping:
-            allowed = ("text",) if key == "negative_prompt" else ("integer",) if key in INTEGER_SETTINGS \
-                else ("integer", "number")
+            allowed = COLUMN_KINDS[BY_KEY[key].kind]
             if kinds[key] not in (*allowed, "null"):
                 raise InputError(f"{where}: column {key!r} holds {schema.field(key).type}, but {key} must be "
                                  f"{' or '.join(allowed)}")
