@@ -317,3 +317,18 @@ def test_a_stream_is_read_as_replicas_free_up_and_sinks_write_on_rank_0(tmp_path
     shards = sorted(str(path) for path in (tmp_path / "shards").glob("*.tar"))
     assert len(shards) == 4
     assert [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)] == [f"i{i}" for i in range(200)]
+
+
+def test_table_columns_take_each_settings_declared_kind(tmp_path):
+    """Path settings (image, mask_image, lora) are text columns, num_frames an integer one."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from spmd_diffusion.jobs.generate import Columns
+    from spmd_diffusion.jobs.sources.tables import plan_columns
+
+    write_parquet(tmp_path / "p.parquet", {"prompt": ["a"], "image": ["x.png"], "lora": ["a.safetensors:0.5"],
+                                           "num_frames": [5], "fps": [8]})
+    mapping = plan_columns(pq.read_schema(tmp_path / "p.parquet"), Columns("prompt", None, None), "p.parquet")
+    assert {"image", "lora", "num_frames", "fps"} <= set(mapping)
+    write_parquet(tmp_path / "q.parquet", {"prompt": ["a"], "num_frames": [5.5]})
+    with pytest.raises(InputError, match="column 'num_frames' holds double, but num_frames must be integer"):
+        plan_columns(pq.read_schema(tmp_path / "q.parquet"), Columns("prompt", None, None), "q.parquet")
