@@ -387,3 +387,32 @@ def test_step_cache_under_tp_or_cfg_matches_single_rank_cached(spec, mesh_name, 
         return ok, f"max difference {difference:.2e}; hooked modules {cache.modules}"
 
     verdict_on_all_ranks(body)
+
+
+@pytest.mark.parametrize("degrees", [{"tp": 2}, {"cfg": 2}, {"ulysses": 2}], ids=["tp2", "cfg2", "ulysses2"])
+def test_a_parallelized_pipeline_is_freed_once_dropped(degrees, world):
+    """Nothing outside the pipeline keeps it alive after TP/CFG/SP and a step cache: no
+    global registry of wrappers, processors or hooks (what DiffusionWorker.shutdown and
+    sleep(2) rely on to free the weights; weakrefs are dead after a collection)."""
+    import gc
+    import weakref
+
+    from spmd_diffusion.models.step_cache import enable_step_cache
+    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh, parallelize_pipeline
+
+    layout = ParallelLayout(world[1], **degrees)
+    mesh = build_device_mesh(layout, "cpu")
+
+    def body():
+        pipeline = load("tiny-dit")
+        report = parallelize_pipeline(pipeline, layout, mesh)
+        cache = enable_step_cache(pipeline, "pab", guidance_split="cfg" in degrees)
+        with cache.call():
+            generate(pipeline, GUIDED)
+        refs = [weakref.ref(pipeline), weakref.ref(pipeline.transformer), weakref.ref(pipeline.vae)]
+        del pipeline, report, cache
+        gc.collect()
+        alive = [ref() is not None for ref in refs]
+        return not any(alive), f"alive after release (pipeline, transformer, vae): {alive}"
+
+    verdict_on_all_ranks(body)
