@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -70,7 +71,11 @@ def test_serve_under_mpiexec_uses_both_replicas_and_answers_the_openai_client():
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        with pytest.raises(urllib.error.HTTPError) as refused:  # behind the key, like every route but /health
+            urllib.request.urlopen(url + "/metrics", timeout=10)
+        assert refused.value.code == 401
+        metrics_call = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer k"})
+        with urllib.request.urlopen(metrics_call, timeout=10) as response:
             metrics = response.read().decode()
         busy = [line for line in metrics.splitlines() if line.startswith("spmd_diffusion_replica_busy_seconds_total")]
         assert {line.split('"')[1] for line in busy} == {"0", "1"}, busy

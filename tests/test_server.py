@@ -71,10 +71,10 @@ def test_the_openai_client_gets_two_decodable_images(server):
     assert [model.id for model in client.models.list().data] == ["tiny-unet"]
 
 
-def test_the_token_is_required_on_every_v1_route_but_not_on_health(server):
+def test_the_token_is_required_on_every_route_but_health(server):
     for key in (None, "wrong"):
         for path, body in (("/v1/models", None), ("/v1/images/generations", {"prompt": "x"}),
-                           ("/v1/diffusion/generate", native(1))):
+                           ("/v1/diffusion/generate", native(1)), ("/metrics", None)):
             status, answer = call(server.url + path, body, key=key)
             assert status == 401 and answer["error"]["code"] == "invalid_api_key", (path, key, answer)
     with pytest.raises(openai.AuthenticationError):
@@ -204,7 +204,7 @@ def test_a_client_that_disconnects_cancels_what_has_not_started(server, step_del
     machine alike."""
     engine = server.async_engine
     before = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"]
-    cancelled_before = sample(call(server.url + "/metrics", key=None)[1], 'spmd_diffusion_requests_total{outcome="cancelled"}')
+    cancelled_before = sample(call(server.url + "/metrics")[1], 'spmd_diffusion_requests_total{outcome="cancelled"}')
     body = json.dumps(native(8, steps=2, prefix="gone-")).encode()
     host, port = server.socket.getsockname()[:2]
     with SlowDenoiser(engine.engine, step_delay), DenoiserGate(engine.engine) as gate:
@@ -219,7 +219,7 @@ def test_a_client_that_disconnects_cancels_what_has_not_started(server, step_del
     wait_for(lambda: engine.running == 0, "the held batch did not finish")
     made = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"] - before
     assert made == started  # the started batch finished; the others were dropped
-    status, text = call(server.url + "/metrics", key=None)
+    status, text = call(server.url + "/metrics")
     assert "spmd_diffusion_requests_waiting 0.0" in text.splitlines()  # the dropped ones left the gauge
     assert sample(text, 'spmd_diffusion_requests_total{outcome="cancelled"}') - cancelled_before == 8 - started
 
@@ -245,7 +245,7 @@ def test_prometheus_output_parses_and_counts_what_was_made(server):
 
     status, answer = call(server.url + "/v1/diffusion/generate", native(3, prefix="prom-"))
     assert status == 200
-    status, text = call(server.url + "/metrics", key=None)
+    status, text = call(server.url + "/metrics")
     families = {family.name: family for family in text_string_to_metric_families(text)}
     for name in ("spmd_diffusion_queue_seconds", "spmd_diffusion_request_latency_seconds",
                  "spmd_diffusion_batch_images", "spmd_diffusion_step_seconds", "spmd_diffusion_images",

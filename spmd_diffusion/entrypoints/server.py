@@ -14,10 +14,12 @@ concurrent requests are batched dynamically and spread over every replica:
   ``data:image/...;base64,`` URI; a file path is refused (the server reads no files), and
   so is a per-request ``lora`` (adapters are the server's, ``--lora``).
 - ``GET /health``: answers from the engine's own state, never waiting for it (200 ok, 503
-  when the engine failed or is closing). ``GET /metrics``: Prometheus text.
+  with the reason when the engine failed, is closing or was shut down). ``GET /metrics``:
+  Prometheus text.
 
-With an API key (``--api-key`` or ``$SPMD_DIFFUSION_API_KEY``) every ``/v1`` route needs
-``Authorization: Bearer <key>``; a server bound beyond loopback refuses to start without one.
+With an API key (``--api-key`` or ``$SPMD_DIFFUSION_API_KEY``) every route but ``/health``
+needs ``Authorization: Bearer <key>`` (``/metrics`` too: request counts and queue depths are
+the operator's business); a server bound beyond loopback refuses to start without one.
 Every client mistake is a 4xx and every failure a JSON body in OpenAI's error shape
 (``{"error": {"message", "type", "param", "code"}}``). A client that disconnects cancels
 its requests that have not started. Bodies are capped, and so are requests per call and
@@ -124,6 +126,20 @@ def png_base64(image: Any) -> str:
     return base64.b64encode(image_png_bytes(image)).decode("ascii")
 
 
+def unable_to_serve(engine: AsyncDiffusionEngine) -> str | None:
+    """Why the engine cannot take a request now (None: it can), from its own state only:
+    a health probe never waits behind a running batch."""
+    if engine.failure is not None:
+        return f"the engine failed: {engine.failure}"
+    if engine.closing:
+        return "the engine is closing"
+    if engine.engine.executor.is_closed:
+        return "the engine is shut down"
+    if getattr(engine.engine.executor, "is_failed", False):
+        return "the executor failed"
+    return None
+
+
 def build_app(
     engine: AsyncDiffusionEngine,
     model_name: str,
@@ -214,10 +230,24 @@ def build_app(
             raise ApiError(503, f"the server is full ({engine.queued} requests waiting); retry later",
                            "server_error", code="overloaded")
 
+    accepted: list[Any] = []  # the pipeline's call arguments, looked up once
+
     def prepared(requests: list[OmniDiffusionRequest]) -> None:
-        """Every request checked (limits, duplicate ids) before any is queued."""
+        """Every request checked before any is queued: limits, duplicate ids, and what the
+        CLI checks before loading (inputs the pipeline takes or needs, extra arguments it
+        names, a sequence split that divides), so a mistake is a 400, not an error in a 200."""
+        from spmd_diffusion.jobs.generate import check_pipeline_takes, check_sequence_split
+
+        config = engine.engine.od_config
         try:
             engine.engine.prepare(requests)
+            for position, item in enumerate(requests):
+                try:
+                    check_pipeline_takes(item, config, accepted)
+                    check_sequence_split(item, config)
+                except ValueError as exc:
+                    where = f"requests[{position}]: " if len(requests) > 1 else ""
+                    raise ValueError(f"{where}{exc}") from None
         except (TypeError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -246,14 +276,12 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.failure is not None:
-            return Response(json.dumps({"status": "error", "error": str(engine.failure)}), 503,
-                            media_type="application/json")
-        if engine.closing:
-            return Response(json.dumps({"status": "error", "error": "closing"}), 503, media_type="application/json")
+        problem = unable_to_serve(engine)
+        if problem is not None:
+            return Response(json.dumps({"status": "error", "error": problem}), 503, media_type="application/json")
         return Response(json.dumps({"status": "ok"}), media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(check_key)])
     async def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 

@@ -222,12 +222,10 @@ def build_requests(
 
 
 def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionConfig, accepted: list[Any]) -> None:
-    """An item with input images needs a pipeline that takes them: known before loading from
-    the class name or model_index.json (a hub id's class is only known once loaded)."""
-    wanted = [name for name in (*IMAGE_FIELDS, "strength", "num_frames", "true_cfg_scale")
-              if getattr(request, name) is not None]
-    if not wanted:
-        return
+    """An item's inputs and the pipeline's call agree: input images only for a pipeline that
+    takes them, and always for one that needs them; ``extra`` arguments the call names.
+    Known before loading from the class name or model_index.json (a hub id's class is only
+    known once loaded). The server runs the same check on every request before queueing it."""
     if not accepted:
         from spmd_diffusion.models.loader import call_arguments
 
@@ -235,6 +233,15 @@ def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionCon
     if accepted[0] is None:
         return
     name, arguments = accepted[0]
+    missing = [field for field in required_inputs(name) if getattr(request, field) is None]
+    if missing:
+        raise ValueError(f"{name} needs {' and '.join(missing)}: it edits an input image "
+                         "(a text-to-image pipeline needs none)")
+    unknown = sorted(set(request.extra) - arguments)
+    if unknown:
+        raise ValueError(f"{name} takes no argument {', '.join(map(repr, unknown))} (extra)")
+    wanted = [name for name in (*IMAGE_FIELDS, "strength", "num_frames", "true_cfg_scale")
+              if getattr(request, name) is not None]
     refused = [field for field in wanted if field not in arguments]
     if "num_frames" in refused:
         raise ValueError(f"{name} takes no num_frames: it makes images; num_frames is for video pipelines "
@@ -245,6 +252,16 @@ def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionCon
     if refused:
         raise ValueError(f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
                          "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)")
+
+
+def required_inputs(pipeline: str) -> tuple[str, ...]:
+    """The inputs a pipeline class cannot run without, by diffusers' naming (its ``__call__``
+    defaults them to None and fails inside: "Input is in incorrect format")."""
+    if "Inpaint" in pipeline:
+        return ("image", "mask_image")
+    if any(part in pipeline for part in ("Img2Img", "ImageToImage", "Image2Image")):
+        return ("image",)
+    return ()
 
 
 def check_sequence_split(request: OmniDiffusionRequest, config: OmniDiffusionConfig) -> None:

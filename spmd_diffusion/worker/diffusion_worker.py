@@ -258,17 +258,17 @@ class DiffusionWorker:
         return facts
 
     def _output_size(self, request: OmniDiffusionRequest) -> tuple[int, int] | None:
-        """(width, height) of a request with an input image: its own size where the pipeline
-        takes height/width (diffusers resizes the input to it), else the input image's size
-        rounded as diffusers rounds it (or the request's size: the input is resized to it).
-        Reads the image's header only."""
+        """(width, height) of a request with an input image: the request's size where it sets
+        one (the input is resized to it), else the input image's size rounded down as diffusers
+        rounds it -- for inpainting too, whose pipeline would otherwise make the model's default
+        size from a differently sized input. Reads the image's header only."""
         if request.image is None:
             return None
-        if self._accepts("height") and self._accepts("width"):
-            default_width, default_height = self._default_size()
-            return (request.width or default_width, request.height or default_height)
         processor = getattr(self.pipeline, "image_processor", None)
         if processor is None or not self._accepts("image"):
+            if self._accepts("height") and self._accepts("width"):
+                default_width, default_height = self._default_size()
+                return (request.width or default_width, request.height or default_height)
             return None  # the pipeline call refuses the image with its own message
         from spmd_diffusion.utils.image_inputs import image_size
 
