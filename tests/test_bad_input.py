@@ -183,6 +183,11 @@ IMAGE_CASES = [
      "p.jsonl:1: image is 32x32, above the limit of 16"),
     ("mask for an img2img pipeline", '{"prompt": "x", "image": "pics/a.png", "mask_image": "pics/a.png"}',
      ["--model-class-name", "StableDiffusionImg2ImgPipeline"], "p.jsonl:2: StableDiffusionImg2ImgPipeline takes no mask_image"),
+    ("inpainting item without a mask", '{"prompt": "x", "image": "pics/a.png"}',
+     ["--model-class-name", "StableDiffusionInpaintPipeline"],
+     "p.jsonl:1: StableDiffusionInpaintPipeline needs mask_image: it edits an input image"),
+    ("img2img item without an image", '{"prompt": "x"}', ["--model-class-name", "StableDiffusionImg2ImgPipeline"],
+     "p.jsonl:2: StableDiffusionImg2ImgPipeline needs image"),
 ]
 
 
