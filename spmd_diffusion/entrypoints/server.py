@@ -28,76 +28,36 @@ the queue (503 when full, so a flood cannot grow the server's memory without bou
 
 
 import asyncio
-import base64
-import hmac
 import json
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
-from spmd_diffusion.errors import ExecutorClosedError
-from spmd_diffusion.request import MAX_PROMPT_CHARS, OmniDiffusionRequest
-from spmd_diffusion.request_settings import HTTP_SETTINGS
+from spmd_diffusion.entrypoints.http.errors import ApiError, parse_size, png_base64
+from spmd_diffusion.entrypoints.http.state import (
+    ServerLimits,
+    ServingState,
+    images_request_model,
+    settings_of,
+    unable_to_serve,
+)
+from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.utils.image_inputs import IMAGE_FIELDS
-from spmd_diffusion.models.loader import makes_video
-from spmd_diffusion.utils.images import image_png_bytes
+
+__all__ = ["ApiError", "DiffusionServer", "ServerLimits", "build_app", "check_listen_address",
+           "images_request_model", "parse_size", "serve"]
 
 logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/v1/diffusion/generate"
 LISTEN_BACKLOG = 2048  # 5 (http.server's default) reset 2-3 of 20 concurrent clients here
-DISCONNECT_POLL_S = 0.25
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one client may ask of the server."""
-
-    max_body_bytes: int = 64 << 20
-    max_requests_per_call: int = 256
-    max_queued_requests: int = 4096
-    max_prompt_chars: int = MAX_PROMPT_CHARS
-
-
-def images_request_model(base: type, limits: ServerLimits) -> type:
-    """``base`` with a field per HTTP setting, typed and bounded as the declaration says (texts
-    also within the server's prompt limit)."""
-    from pydantic import Field, create_model
-
-    types = {"int": int, "float": float, "text": str}
-    fields: dict[str, Any] = {}
-    for setting in HTTP_SETTINGS:
-        bounds: dict[str, Any] = {}
-        if setting.minimum is not None:
-            bounds["gt" if setting.open_minimum else "ge"] = setting.minimum
-        if setting.maximum is not None:
-            bounds["le"] = setting.maximum
-        if setting.kind == "float":
-            bounds["allow_inf_nan"] = False
-        if setting.max_length is not None:
-            bounds["max_length"] = min(setting.max_length, limits.max_prompt_chars)
-        fields[setting.http] = (types[setting.kind] | None, Field(None, description=setting.help, **bounds))
-    return create_model("ImagesRequest", __base__=base, **fields)
-
-
-class ApiError(Exception):
-    """A failure with its HTTP status, in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.code, self.param = status, message, error_type, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
 def merge_outputs(outputs: list[DiffusionOutput]) -> DiffusionOutput:
@@ -110,34 +70,6 @@ def merge_outputs(outputs: list[DiffusionOutput]) -> DiffusionOutput:
         merged.seeds += output.seeds
         merged.metadata += output.metadata
     return merged
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """OpenAI's ``size`` ("WxH") as (height, width); None or "auto": the model's default."""
-    if size is None or size == "auto":
-        return None, None
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise ApiError(400, f"size must look like 512x512 (width x height), got {size!r}", param="size")
-    return int(height), int(width)
-
-
-def png_base64(image: Any) -> str:
-    return base64.b64encode(image_png_bytes(image)).decode("ascii")
-
-
-def unable_to_serve(engine: AsyncDiffusionEngine) -> str | None:
-    """Why the engine cannot take a request now (None: it can), from its own state only:
-    a health probe never waits behind a running batch."""
-    if engine.failure is not None:
-        return f"the engine failed: {engine.failure}"
-    if engine.closing:
-        return "the engine is closing"
-    if engine.engine.executor.is_closed:
-        return "the engine is shut down"
-    if getattr(engine.engine.executor, "is_failed", False):
-        return "the executor failed"
-    return None
 
 
 def build_app(
@@ -155,9 +87,9 @@ def build_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="spmd_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
+    state = ServingState(engine, model_name, api_key, limits)
+    check_key = state.check_key
     started = time.time()
-    config = getattr(engine, "od_config", None)
-    video_model = config is not None and makes_video(config.model, config.model_class_name)
     metrics = metrics or PrometheusHooks()
     from prometheus_client import Counter
 
@@ -179,14 +111,6 @@ def build_app(
         user: str | None = None
 
     ImagesRequest = images_request_model(OpenAIImagesRequest, limits)
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     def error_response(error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
@@ -223,57 +147,6 @@ def build_app(
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"request body is not JSON: {exc}") from None
 
-    def check_room(count: int) -> None:
-        if engine.failure is not None:
-            raise ApiError(503, f"the engine failed: {engine.failure}", "server_error")
-        if engine.queued + count > limits.max_queued_requests:
-            raise ApiError(503, f"the server is full ({engine.queued} requests waiting); retry later",
-                           "server_error", code="overloaded")
-
-    accepted: list[Any] = []  # the pipeline's call arguments, looked up once
-
-    def prepared(requests: list[OmniDiffusionRequest]) -> None:
-        """Every request checked before any is queued: limits, duplicate ids, and what the
-        CLI checks before loading (inputs the pipeline takes or needs, extra arguments it
-        names, a sequence split that divides), so a mistake is a 400, not an error in a 200."""
-        from spmd_diffusion.jobs.generate import check_pipeline_takes, check_sequence_split
-
-        config = engine.engine.od_config
-        try:
-            engine.engine.prepare(requests)
-            for position, item in enumerate(requests):
-                try:
-                    check_pipeline_takes(item, config, accepted)
-                    check_sequence_split(item, config)
-                except ValueError as exc:
-                    where = f"requests[{position}]: " if len(requests) > 1 else ""
-                    raise ValueError(f"{where}{exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise ApiError(400, str(exc)) from None
-
-    async def run_all(request: Request, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
-        """Every request's output; a client that goes away cancels what has not started."""
-        check_room(len(requests))
-        tasks = [asyncio.ensure_future(engine.generate(item)) for item in requests]
-        everything = asyncio.gather(*tasks)
-        try:
-            while True:
-                done, _ = await asyncio.wait({everything}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return everything.result()
-                if await request.is_disconnected():
-                    logger.info("client went away: cancelling %d request(s)", len(tasks))
-                    everything.cancel()
-                    raise ApiError(499, "client closed the request")
-        except ValueError as exc:  # e.g. a request id already running
-            raise ApiError(400, str(exc)) from None
-        except ExecutorClosedError as exc:
-            raise ApiError(503, str(exc), "server_error") from None
-        finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-
     @app.get("/health")
     async def health() -> Response:
         problem = unable_to_serve(engine)
@@ -294,10 +167,8 @@ def build_app(
 
     @app.post("/v1/images/generations", dependencies=[Depends(check_key)])
     async def images_generations(body: ImagesRequest, request: Request) -> dict[str, Any]:
-        if body.model not in (None, model_name):
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                           code="model_not_found", param="model")
-        if video_model:
+        state.check_model(body.model)
+        if state.video_model:
             raise ApiError(400, f"{model_name!r} makes videos, which the images API cannot return: use "
                                 f"POST {GENERATE_PATH}, whose images are lists of frames", param="model")
         if body.response_format == "url":
@@ -305,13 +176,12 @@ def build_app(
                            param="response_format")
         height, width = parse_size(body.size)
         try:
-            settings = {setting.field: getattr(body, setting.http) for setting in HTTP_SETTINGS}
             item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width, num_images_per_prompt=body.n,
-                                        **settings)
+                                        **settings_of(body))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        prepared([item])
-        (output,) = await run_all(request, [item])
+        state.prepared([item])
+        (output,) = await state.run_all(request, [item])
         if output.errors[0] is not None:
             raise ApiError(500, output.errors[0], "server_error")
         encoded = await asyncio.to_thread(lambda: [png_base64(image) for image in output.images[0]])
@@ -344,8 +214,8 @@ def build_app(
                 # A client must not make the server read its files or download from the hub.
                 raise ApiError(400, f"requests[{position}]: lora is set when the server starts (--lora), "
                                "not per request", param="lora")
-        prepared(requests)
-        merged = merge_outputs(await run_all(request, requests))
+        state.prepared(requests)
+        merged = merge_outputs(await state.run_all(request, requests))
         text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))
         return Response(text, media_type="application/json")
 
