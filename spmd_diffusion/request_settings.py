@@ -66,7 +66,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("strength", "strength", "float",
             "Image-to-image/inpainting strength in (0, 1] for items without their own (their 'image'/"
             "'mask_image' columns: paths relative to the prompt file).",
-            flag="--strength", minimum=0, maximum=1, open_minimum=True),
+            flag="--strength", http="strength", minimum=0, maximum=1, open_minimum=True),
     Setting("lora", "lora", "path", "The item's LoRA adapters (PATH_OR_ID[:scale], one or a list)."),
     Setting("num_frames", "num_frames", "int", "Video pipelines: frames per video (default: the model's; "
             "Wan takes 4k+1).", flag="--num-frames", minimum=1),

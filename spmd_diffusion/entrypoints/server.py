@@ -7,6 +7,9 @@ concurrent requests are batched dynamically and spread over every replica:
   ``response_format`` ``b64_json``, ``model``; extensions ``negative_prompt``,
   ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale``, ``seed``). The ``openai`` client's
   ``client.images.generate(...)`` works against it.
+- ``POST /v1/images/edits``: OpenAI's multipart edit route (``image`` files, ``mask``,
+  ``prompt``, ``n``, ``size`` and the same extensions plus ``strength``), served by an
+  image-to-image or inpainting pipeline (:mod:`.http.edits`); ``client.images.edit(...)`` works.
 - ``GET /v1/models``: the one model served.
 - ``POST /v1/diffusion/generate``: ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
   -> ``DiffusionOutput.to_dict()`` (what :class:`HTTPDiffusionExecutor` speaks). Input
@@ -186,6 +189,10 @@ def build_app(
             raise ApiError(500, output.errors[0], "server_error")
         encoded = await asyncio.to_thread(lambda: [png_base64(image) for image in output.images[0]])
         return {"created": int(time.time()), "data": [{"b64_json": data} for data in encoded]}
+
+    from spmd_diffusion.entrypoints.http.edits import edits_router
+
+    app.include_router(edits_router(state))
 
     @app.post(GENERATE_PATH, dependencies=[Depends(check_key)])
     async def native_generate(request: Request) -> Response:

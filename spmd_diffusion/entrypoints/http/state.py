@@ -112,6 +112,21 @@ class ServingState:
             raise ApiError(503, f"the server is full ({engine.queued} requests waiting); retry later",
                            "server_error", code="overloaded")
 
+    def pipeline_call(self) -> tuple[str, set[str]] | None:
+        """The loaded pipeline's class name and call arguments (None: not known before loading)."""
+        if not self._accepted:
+            from spmd_diffusion.models.loader import call_arguments
+
+            config = self.engine.engine.od_config
+            self._accepted.append(call_arguments(config.model, config.model_class_name))
+        return self._accepted[0]
+
+    def needs_mask(self) -> bool:
+        from spmd_diffusion.jobs.generate import required_inputs
+
+        call = self.pipeline_call()
+        return call is not None and "mask_image" in required_inputs(call[0])
+
     def prepared(self, requests: list[OmniDiffusionRequest]) -> None:
         """Every request checked before any is queued: limits, duplicate ids, and what the
         CLI checks before loading (inputs the pipeline takes or needs, extra arguments it
@@ -123,6 +138,7 @@ class ServingState:
             self.engine.engine.prepare(requests)
             for position, item in enumerate(requests):
                 try:
+                    self.pipeline_call()
                     check_pipeline_takes(item, config, self._accepted)
                     check_sequence_split(item, config)
                 except ValueError as exc:
