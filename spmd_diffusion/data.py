@@ -7,7 +7,7 @@ with a message naming the field, before any process is spawned or any model is l
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spmd_diffusion.request import MAX_SEED, OmniDiffusionRequest
 from spmd_diffusion.utils.images import ImageLike, decode_image, encode_image
@@ -348,3 +348,12 @@ class DiffusionOutput:
         kwargs["images"] = [[decode_image(im) for im in per_request] for per_request in data.get("images", [])]
         return cls(**kwargs)
 
+
+class StepNote(NamedTuple):
+    """A running batch's progress: ``step`` of ``steps`` done in the pipeline call making
+    ``request_ids``. The replica leader sends it as an extra reply before the batch's answer
+    (where the engine asked for progress; see ``worker/step_watch.py``)."""
+
+    request_ids: tuple[str, ...]
+    step: int
+    steps: int

@@ -175,3 +175,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 def interrupt_exit_code(exc: BaseException) -> int:
     return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+# The error text of a request that was cancelled while it ran starts with this (the engine
+# counts it as cancelled, not failed).
+CANCELLED = "cancelled"

@@ -105,3 +105,35 @@ class SlowDenoiser:
     def __exit__(self, *exc_info: Any) -> None:
         if self.handle is not None:
             self.handle.remove()
+
+
+class HoldForSignal:
+    """The replica leader of a batch with progress on waits after step ``at_step`` until the
+    engine's signal (a cancellation) has arrived: in this process as a context manager, or in
+    a job's processes through ``env()`` (see gate_site/sitecustomize.py)."""
+
+    def __init__(self, at_step: int = 1) -> None:
+        self.at_step = at_step
+        self.original: Any = None
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GATE_SITE), env.get("PYTHONPATH")]))
+        env["SPMD_TEST_HOLD_FOR_SIGNAL_AT"] = str(self.at_step)
+        return env
+
+    def __enter__(self) -> HoldForSignal:
+        import importlib.util
+
+        from spmd_diffusion.worker import step_watch
+
+        spec = importlib.util.spec_from_file_location("gate_site_patches", GATE_SITE / "sitecustomize.py")
+        patches = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(patches)
+        self.original = patches.hold_for_signal(step_watch, self.at_step)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        from spmd_diffusion.worker import step_watch
+
+        step_watch.StepWatch.watch = self.original

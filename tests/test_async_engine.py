@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+from gates import HoldForSignal
 from helpers import same_pixels, small_requests
 
 from spmd_diffusion import OmniDiffusionConfig, OmniDiffusionRequest
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine, Waiting
+from spmd_diffusion.engine.hooks import EngineHooks
 from spmd_diffusion.engine.policies import ShapePolicy
 
 
@@ -77,15 +80,19 @@ def test_a_cancelled_request_that_has_not_started_is_dropped(uni_engine):
         long = OmniDiffusionRequest(prompt="long", request_id="long", seed=1, num_inference_steps=60, height=64,
                                     width=64)
         before = (await uni_engine.collective_rpc("get_cache_stats"))[0]["images_generated"]
-        first = asyncio.create_task(uni_engine.generate(long))
-        await asyncio.sleep(0.3)  # the long batch has started on the only replica
+        events = uni_engine.generate_events(long)
+        while (await events.__anext__())["event"] != "started":
+            pass  # the long batch holds the only replica from here on
         waiting_task = asyncio.create_task(uni_engine.generate(small_requests(1)[0]))
-        await asyncio.sleep(0.05)
+        while uni_engine.queued == 0:
+            await asyncio.sleep(0.01)
         waiting_task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting_task
-        assert (await first).ok
-        await asyncio.sleep(0.2)
+        assert uni_engine.queued == 0
+        async for event in events:
+            last = event
+        assert last["event"] == "done" and last["output"].ok
         after = (await uni_engine.collective_rpc("get_cache_stats"))[0]["images_generated"]
         return before, after
 
@@ -93,20 +100,78 @@ def test_a_cancelled_request_that_has_not_started_is_dropped(uni_engine):
     assert after == before + 1  # the long request's image, never the cancelled one
 
 
-@pytest.mark.slow
-def test_a_started_request_that_is_cancelled_finishes_and_the_engine_goes_on(uni_engine):
+def stop_after_first_step(engine: AsyncDiffusionEngine, request: OmniDiffusionRequest) -> list[dict]:
+    """Follow ``request`` until its first step event, then leave (which cancels it)."""
     async def run():
-        request = OmniDiffusionRequest(prompt="x", request_id="started", seed=3, num_inference_steps=40, height=64,
-                                       width=64)
-        task = asyncio.create_task(uni_engine.generate(request))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        (after,) = await asyncio.gather(uni_engine.generate(small_requests(1)[0]))
-        return after
+        seen = []
+        async for event in engine.generate_events(request):
+            seen.append(event)
+            if event["event"] == "step":
+                break
+        return seen
 
-    assert asyncio.run(run()).ok
+    return asyncio.run(run())
+
+
+class Steps(EngineHooks):
+    """Counts denoising steps and cancellations, as the scheduler reports them."""
+
+    def __init__(self) -> None:
+        self.steps, self.cancelled = 0, []
+
+    def denoising_step(self, batch, step, seconds):
+        self.steps += 1
+
+    def request_cancelled(self, request_id, latency_s):
+        self.cancelled.append(request_id)
+
+
+@pytest.mark.slow
+def test_a_started_request_that_is_cancelled_stops_between_steps_and_the_engine_goes_on(tiny_unet):
+    steps = Steps()
+    engine = AsyncDiffusionEngine(OmniDiffusionConfig(executor_class="uni"), 0.0, hooks=[steps])
+    try:
+        request = OmniDiffusionRequest(prompt="x", request_id="started", seed=3, num_inference_steps=40,
+                                       height=64, width=64)
+        with HoldForSignal(at_step=2):
+            seen = stop_after_first_step(engine, request)
+            wait_until(lambda: steps.cancelled == ["started"])
+        assert [event["event"] for event in seen] == ["queued", "started", "step"]
+        assert seen[-1]["step"] == 1 and seen[-1]["steps"] == 40
+        assert steps.steps == 2 and engine.signals_sent == 1  # 2 of 40 steps ran
+        assert asyncio.run(engine.generate(small_requests(1)[0])).ok
+    finally:
+        engine.close_sync()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [1, 2], ids=["mp", "mp-tp2"])
+def test_spawned_workers_stop_a_cancelled_request_between_steps(tiny_unet, monkeypatch, tp):
+    """The same over the mp executor's pipes (and under tp=2, both ranks of the replica leave
+    the loop at the same step)."""
+    for name, value in HoldForSignal(at_step=2).env().items():
+        if name in ("PYTHONPATH", "SPMD_TEST_HOLD_FOR_SIGNAL_AT"):
+            monkeypatch.setenv(name, value)  # inherited by the spawned workers
+    steps = Steps()
+    config = OmniDiffusionConfig(executor_class="mp", num_gpus=tp, tensor_parallel_size=tp)
+    engine = AsyncDiffusionEngine(config, 0.0, hooks=[steps])
+    try:
+        request = OmniDiffusionRequest(prompt="x", request_id="spawned", seed=3, num_inference_steps=40,
+                                       height=32, width=32)
+        seen = stop_after_first_step(engine, request)
+        wait_until(lambda: steps.cancelled == ["spawned"])
+        assert seen[-1]["event"] == "step" and steps.steps == 2
+        assert asyncio.run(engine.generate(small_requests(1, num_inference_steps=2)[0])).ok
+    finally:
+        engine.close_sync()
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true"
+        time.sleep(0.01)
 
 
 @pytest.mark.slow

@@ -128,3 +128,74 @@ def test_generate_writes_a_trace_and_serves_metrics(tmp_path):
     kinds = [event["event"] for event in events]
     assert kinds.count("request_queued") == 2 and kinds.count("request_done") == 2
     assert kinds.index("batch_started") < kinds.index("batch_finished") < kinds.index("request_done")
+
+
+def metric(url: str, name: str) -> float:
+    request = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer k"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def leave_after_first_step(url: str, request_id: str, size: int) -> list[dict]:
+    """Stream one 50-step request, read until its first step event, then go away."""
+    import requests
+    import sseclient
+
+    body = {"requests": [{"prompt": "a cat", "request_id": request_id, "seed": 1, "num_inference_steps": 50,
+                          "height": size, "width": size}], "stream": True}
+    seen = []
+    with requests.post(url + "/v1/diffusion/generate", json=body, stream=True, timeout=120,
+                       headers={"Authorization": "Bearer k"}) as response:
+        assert response.status_code == 200, response.text
+        for event in sseclient.SSEClient(response).events():
+            seen.append(json.loads(event.data))
+            if seen[-1]["event"] == "step":
+                break
+    return seen
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout, replicas", [([], 2), (["--tp", "2"], 1)], ids=["dp2", "tp2"])
+def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(layout, replicas):
+    """Each replica (rank 1's over MPI under dp2; a replica of both ranks under tp2, whose ranks
+    must leave the loop at the same step) streams step events, and stops a request whose
+    client left at the next step boundary: its leader is held after step 2 until the
+    cancellation arrives, so exactly 2 of 50 steps run, on any machine."""
+    from gates import HoldForSignal
+
+    port = free_port()
+    env = HoldForSignal(at_step=2).env({**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_API_KEY": "k"})
+    process = subprocess.Popen(
+        [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), "serve", "--model", "tiny-unet",
+         "--port", str(port), "--batch-size", "1", *layout],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(process, url)
+        seen: dict[int, list[dict]] = {}
+        threads = [threading.Thread(target=lambda index=index: seen.__setitem__(
+            index, leave_after_first_step(url, f"leave-{index}", 32 + 8 * index))) for index in range(replicas)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        started = {events[1]["replica"] for events in seen.values()}
+        assert started == set(range(replicas)), seen  # under dp2 each replica ran one
+        deadline = time.monotonic() + 120
+        while metric(url, 'spmd_diffusion_requests_total{outcome="cancelled"}') < replicas:
+            assert time.monotonic() < deadline, "the requests were not stopped"
+            time.sleep(0.1)
+        assert metric(url, "spmd_diffusion_step_seconds_count") == 2 * replicas  # 2 of 50 steps each
+        assert metric(url, "spmd_diffusion_images_total") == 0
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k")
+        assert len(client.images.generate(prompt="after", n=1, size="32x32",
+                                          extra_body={"num_inference_steps": 2}).data) == 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -19,7 +19,7 @@ from PIL import Image
 from spmd_diffusion import OmniDiffusionConfig
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.server import ServerLimits, check_listen_address, parse_size, serve
-from gates import DenoiserGate, SlowDenoiser
+from gates import DenoiserGate, HoldForSignal, SlowDenoiser
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
@@ -198,14 +198,18 @@ def test_twenty_concurrent_clients_all_get_their_images(server):
 
 
 @MACHINE_SPEEDS
-def test_a_client_that_disconnects_cancels_what_has_not_started(server, step_delay):
+def test_a_client_that_disconnects_cancels_its_requests_started_or_not(server, step_delay):
     """The first batch is held in the denoiser while the client goes away: what was queued
-    behind it is dropped, the held batch finishes once released; on a fast and a slow
-    machine alike."""
+    behind it is dropped, and the held batch, told while held, stops at its first step
+    boundary once released -- 1 of its 20 steps run, no image made, the replica free again;
+    on a fast and a slow machine alike."""
     engine = server.async_engine
     before = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"]
-    cancelled_before = sample(call(server.url + "/metrics")[1], 'spmd_diffusion_requests_total{outcome="cancelled"}')
-    body = json.dumps(native(8, steps=2, prefix="gone-")).encode()
+    metrics_before = call(server.url + "/metrics")[1]
+    cancelled_before = sample(metrics_before, 'spmd_diffusion_requests_total{outcome="cancelled"}')
+    steps_before = sample(metrics_before, "spmd_diffusion_step_seconds_count")
+    signals_before = engine.signals_sent
+    body = json.dumps(native(8, steps=20, prefix="gone-")).encode()
     host, port = server.socket.getsockname()[:2]
     with SlowDenoiser(engine.engine, step_delay), DenoiserGate(engine.engine) as gate:
         with socket.create_connection((host, port), timeout=10) as connection:
@@ -214,14 +218,68 @@ def test_a_client_that_disconnects_cancels_what_has_not_started(server, step_del
             gate.wait_entered()
             started = engine.running
             assert 1 <= started <= 4 and engine.queued == 8 - started
-        wait_for(lambda: engine.queued == 0, "the queued requests were not cancelled")
+        wait_for(lambda: engine.queued == 0 and engine.signals_sent - signals_before == started,
+                 "the requests were not cancelled")
         assert engine.running == started  # the held batch is still running
-    wait_for(lambda: engine.running == 0, "the held batch did not finish")
+    wait_for(lambda: engine.running == 0, "the held batch did not stop")
     made = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"] - before
-    assert made == started  # the started batch finished; the others were dropped
+    assert made == 0  # the started batch stopped; the others were dropped
     status, text = call(server.url + "/metrics")
     assert "spmd_diffusion_requests_waiting 0.0" in text.splitlines()  # the dropped ones left the gauge
-    assert sample(text, 'spmd_diffusion_requests_total{outcome="cancelled"}') - cancelled_before == 8 - started
+    assert sample(text, 'spmd_diffusion_requests_total{outcome="cancelled"}') - cancelled_before == 8
+    assert sample(text, "spmd_diffusion_step_seconds_count") - steps_before == 1  # of 20
+    # the replica serves the next request
+    assert call(server.url + "/v1/diffusion/generate", native(1, prefix="after-gone-"))[0] == 200
+
+
+def stream(url: str, body: dict, key: str | None = KEY):
+    """The server-sent events of a streamed native call, read with an SSE client, as they come."""
+    import requests
+    import sseclient
+
+    response = requests.post(url + "/v1/diffusion/generate", json={**body, "stream": True}, stream=True,
+                             headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return response, sseclient.SSEClient(response)
+
+
+def test_a_streamed_call_reports_queued_started_steps_and_done(server):
+    response, client = stream(server.url, native(2, steps=6, prefix="sse-"))
+    events = [event.data for event in client.events()]
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(data) for data in events[:-1]]
+    for request_id in ("sse-0", "sse-1"):
+        mine = [event for event in parsed if event["request_id"] == request_id]
+        kinds = [event["event"] for event in mine]
+        assert kinds[0] == "queued" and kinds[1] == "started" and kinds[-1] == "done", kinds
+        steps = [(event["step"], event["steps"]) for event in mine if event["event"] == "step"]
+        assert steps and steps[-1] == (6, 6) and steps == sorted(steps), steps  # the last step always told
+        output = mine[-1]["output"]
+        assert output["request_ids"] == [request_id] and output["errors"] == [None] and len(output["images"][0]) == 1
+
+
+def test_a_client_that_leaves_a_stream_stops_its_running_request_between_steps(server):
+    """The client reads until the first step event and goes away; the replica leader is held
+    after step 2 until the cancellation reaches it (so a fast machine cannot finish first):
+    the batch then stops at that boundary, 2 of 50 steps run, and the replica serves again."""
+    engine = server.async_engine
+    metrics_before = call(server.url + "/metrics")[1]
+    steps_before = sample(metrics_before, "spmd_diffusion_step_seconds_count")
+    cancelled_before = sample(metrics_before, 'spmd_diffusion_requests_total{outcome="cancelled"}')
+    images_before = engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"]
+    with HoldForSignal(at_step=2):
+        response, client = stream(server.url, native(1, steps=50, prefix="leave-"))
+        for event in client.events():
+            if json.loads(event.data)["event"] == "step":
+                break
+        response.close()
+        wait_for(lambda: engine.running == 0, "the running request was not stopped")
+    text = call(server.url + "/metrics")[1]
+    assert sample(text, "spmd_diffusion_step_seconds_count") - steps_before == 2  # of 50
+    assert sample(text, 'spmd_diffusion_requests_total{outcome="cancelled"}') - cancelled_before == 1
+    assert engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"] == images_before
+    assert call(server.url + "/v1/diffusion/generate", native(1, prefix="after-leave-"))[0] == 200
 
 
 def wait_for(condition, message: str, timeout: float = 60.0) -> None:

@@ -33,6 +33,7 @@ class LocalWorker:
     def __init__(self, placement: WorkerPlacement, name: str = "spmd-diffusion-worker") -> None:
         self.rank = placement.rank
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.signals: queue.SimpleQueue = queue.SimpleQueue()  # read between a running call's steps
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.exit_code: int | None = None
@@ -55,6 +56,16 @@ class LocalWorker:
             self._queued -= 1
         self._busy.release()
 
+    def notify(self, reply: RpcReply) -> None:
+        """A running call's extra reply (a step note): not its answer."""
+        self.replies.put(reply)
+
+    def poll_request(self) -> RpcRequest | None:
+        try:
+            return self.signals.get_nowait()
+        except queue.Empty:
+            return None
+
     def _main(self, placement: WorkerPlacement) -> None:
         try:
             self.exit_code = run_worker_rank(self, placement, loaded=self._loaded)
@@ -70,6 +81,10 @@ class LocalWorker:
         error = WorkerDiedError(self.rank, None, None)
         error.__cause__ = self.error  # e.g. the SystemExit that ended the thread
         return error
+
+    def signal(self, request: RpcRequest) -> None:
+        """Hand a SIGNAL to the running call (read between its steps; never answered)."""
+        self.signals.put(request)
 
     def submit(self, request: RpcRequest) -> None:
         """Queue ``request`` for the worker thread."""

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from spmd_diffusion.data import StepNote  # noqa: F401 - travels as a reply's value (see RpcExecutor._route)
 from spmd_diffusion.errors import RankFailure, WorkerError
 
 RpcMethod = str | Callable[..., Any]
@@ -37,6 +38,7 @@ class MessageKind(enum.IntEnum):
     SHUTDOWN = 3  # stop serving and release the worker (acknowledged)
     DISCONNECT = 4  # the caller leaves; an external worker keeps serving (acknowledged)
     ABORT = 5  # before START: exit with code args[0] (rank 0 failed before start-up)
+    SIGNAL = 6  # to a busy replica leader, read between steps: args[0] a plain dict; never answered
 
 
 class RpcRequest(NamedTuple):
@@ -94,6 +96,14 @@ class WireEndpoint:
 
     def send(self, reply: RpcReply) -> None:
         self.channel.send(reply_to_wire(reply))
+
+    def poll_request(self) -> RpcRequest | None:
+        """The next request if one is waiting (None at once otherwise, or where the channel
+        cannot tell without waiting)."""
+        poll = getattr(self.channel, "poll", None)
+        if poll is None or not poll(0):
+            return None
+        return self.recv()
 
 
 @functools.lru_cache(maxsize=64)

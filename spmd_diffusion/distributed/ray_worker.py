@@ -91,6 +91,9 @@ class RayTransport(Transport):
         future = self.actors[rank].handle.remote(request_to_wire(request)).future()
         future.add_done_callback(lambda done: self._arrived.put((done, rank, request.call_id)))
 
+    def signal(self, rank: int, request: RpcRequest) -> bool:
+        return False  # an actor runs one call at a time: a signal would arrive after the call
+
     def poll(self, ranks: Collection[int], timeout: float | None) -> list[RpcReply]:
         wanted = set(ranks)
         found = [item for item in self._held if item[1] in wanted]

@@ -10,6 +10,7 @@ load the worker, report how that went.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,6 +32,39 @@ class WorkerEndpoint(Protocol):
     def recv(self) -> RpcRequest: ...
 
     def send(self, reply: RpcReply) -> None: ...
+
+
+class CallChannel:
+    """What a running call may do besides returning: send step notes to the engine and read
+    the signals it sent meanwhile, between steps, without waiting. Other messages read on the
+    way (a collective call sent while this replica was busy) are kept, in order, for the serve
+    loop. An endpoint that cannot look without waiting (gloo under torchrun) shows no signals."""
+
+    def __init__(self, endpoint: WorkerEndpoint, rank: int) -> None:
+        self.endpoint = endpoint
+        self.rank = rank
+        self.call_id = 0
+        self.kept: deque[RpcRequest] = deque()
+
+    def note(self, value: Any) -> None:
+        notify = getattr(self.endpoint, "notify", self.endpoint.send)
+        notify(RpcReply(self.rank, value, None, self.call_id))
+
+    def signals(self) -> list[dict[str, Any]]:
+        poll = getattr(self.endpoint, "poll_request", None)
+        found: list[dict[str, Any]] = []
+        while poll is not None:
+            request = poll()
+            if request is None:
+                break
+            if request.kind is MessageKind.SIGNAL:
+                found.append(request.args[0] if request.args and isinstance(request.args[0], dict) else {})
+            else:
+                self.kept.append(request)
+        return found
+
+    def recv(self) -> RpcRequest:
+        return self.kept.popleft() if self.kept else self.endpoint.recv()
 
 
 @dataclass(frozen=True)
@@ -84,9 +118,10 @@ def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> RpcRequest
     gone: not answered), returning that request, or until the channel closes (None). An
     exception inside a call becomes its reply; only a BaseException that is not an
     Exception (SystemExit, KeyboardInterrupt) escapes."""
+    channel = CallChannel(endpoint, rank)
     while True:
         try:
-            request = endpoint.recv()
+            request = channel.recv()
         except (EOFError, OSError):
             return None
         except Exception as exc:  # noqa: BLE001 - a malformed message: say so, keep serving
@@ -94,11 +129,20 @@ def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> RpcRequest
             continue
         if request.kind is MessageKind.ABORT:
             return request
+        if request.kind is MessageKind.SIGNAL:
+            continue  # meant for a call that has ended
         if request.kind in (MessageKind.SHUTDOWN, MessageKind.DISCONNECT):
             endpoint.send(RpcReply(rank, request.kind.name.lower(), None, request.call_id))
             return request
         if request.kind is MessageKind.CALL:
-            reply = answer(worker, rank, request)
+            channel.call_id = request.call_id
+            if hasattr(worker, "call_channel"):
+                worker.call_channel = channel
+            try:
+                reply = answer(worker, rank, request)
+            finally:
+                if hasattr(worker, "call_channel"):
+                    worker.call_channel = None
         else:
             error = RuntimeError(f"unexpected {request.kind.name} message while serving")
             reply = RpcReply(rank, None, failure_from_exception(rank, error), request.call_id)

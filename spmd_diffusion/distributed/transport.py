@@ -44,6 +44,12 @@ class Transport(ABC):
         in this process and is idle; None: send it instead."""
         return None
 
+    def signal(self, rank: int, request: RpcRequest) -> bool:
+        """Hand a SIGNAL to ``rank``'s running call (by default in order on its channel, which
+        the call looks at between steps); False where the call could not see it."""
+        self.send(rank, request)
+        return True
+
     def close(self) -> None:
         """Release the channels (the workers' lives are their executor's business)."""
 
@@ -110,6 +116,10 @@ class LocalTransport(Transport):
     def send(self, rank: int, request: RpcRequest) -> None:
         self.local.submit(request)
 
+    def signal(self, rank: int, request: RpcRequest) -> bool:
+        self.local.signal(request)
+        return True
+
     def run_inline(self, rank: int, request: RpcRequest) -> RpcReply | None:
         return self.local.run_inline(request)
 
@@ -144,6 +154,15 @@ class SPMDTransport(Transport):
             self.local.submit(request)
         else:
             self.control.send(rank, request_to_wire(request))
+
+    def signal(self, rank: int, request: RpcRequest) -> bool:
+        if rank == 0:
+            self.local.signal(request)
+            return True
+        if not self.control.can_peek:
+            return False  # gloo cannot look for a message without waiting for it
+        self.send(rank, request)
+        return True
 
     def run_inline(self, rank: int, request: RpcRequest) -> RpcReply | None:
         return self.local.run_inline(request) if rank == 0 else None

@@ -7,8 +7,13 @@ shape (``batch_key``: size, steps, guidance, extra arguments), up to ``max_batch
 images, waiting at most ``max_wait_s`` for company, and each batch goes to whichever
 replica is free. Results are handed back to each caller's event loop.
 
-Cancelling a caller's task drops its request if it has not started; a request already in a
-running batch finishes with it and its result is discarded.
+Cancelling a caller's task drops its request if it has not started. A started one is
+signalled to its replica, which stops the pipeline call at the next step boundary once every
+request in that call is cancelled (see ``worker/step_watch.py``): the replica is free for the
+next batch, and requests batched with it are not harmed (their call runs on; the cancelled
+request's images are dropped). While a batch runs its replica reports step progress a few
+times a second: ``generate_events`` yields it as ``step`` events, and hooks see
+``batch_progress``.
 
 Batching changes the last bits of an image (a batch of 4 against 4 of 1 differ by ~2e-6,
 which can flip a pixel level): set ``batch_invariant`` on the config where a request must
@@ -36,6 +41,8 @@ from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_PROGRESS_INTERVAL_S = 0.25  # a few small messages per second per replica
+
 
 
 @dataclass(eq=False)
@@ -49,11 +56,22 @@ class Waiting:
     cancelled: bool = False
     started: bool = False
     events: asyncio.Queue | None = None
+    replica: int | None = None  # where its batch runs, once started
+    step: int = 0  # of ``steps``, as the replica last reported
+    steps: int = 0
 
     def tell(self, event: dict[str, Any]) -> None:
         """Hand a progress event to the caller's loop (if it asked for events)."""
         if self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self._on_loop(self.events.put_nowait, event)
+
+    def _on_loop(self, callback: Any, *args: Any) -> None:
+        """Run ``callback`` on the caller's loop; a caller whose loop has closed meanwhile (it
+        left) is simply not told: that must never stop the dispatcher."""
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass
 
     def resolve(self, output: DiffusionOutput | None = None, error: BaseException | None = None) -> None:
         def settle() -> None:
@@ -66,7 +84,7 @@ class Waiting:
 
         if not self.cancelled:
             self.tell({"event": "done" if error is None else "failed", "request_id": self.request.request_id})
-        self.loop.call_soon_threadsafe(settle)
+        self._on_loop(settle)
 
 
 class _CallerEvents(EngineHooks):
@@ -79,8 +97,16 @@ class _CallerEvents(EngineHooks):
         for request_id in batch.request_ids:
             item = self.engine._started.get(request_id)
             if item is not None:
+                item.replica = batch.replica
                 item.tell({"event": "started", "request_id": request_id, "replica": batch.replica,
                            "batch_size": len(batch.request_ids), "batch_id": batch.batch_id})
+
+    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+        for request_id in request_ids:
+            item = self.engine._started.get(request_id)
+            if item is not None:
+                item.step, item.steps = step, steps
+                item.tell({"event": "step", "request_id": request_id, "step": step, "steps": steps})
 
 
 class AsyncDiffusionEngine:
@@ -93,10 +119,13 @@ class AsyncDiffusionEngine:
         policy: SchedulePolicy | str | None = None,
         hooks: list[EngineHooks] | None = None,
         engine: DiffusionEngine | None = None,
+        progress_interval_s: float | None = DEFAULT_PROGRESS_INTERVAL_S,
     ) -> None:
         """``max_wait_s`` (default: the config's ``batch_wait_s``) is how long a partial batch
         waits for company. ``engine``: serve an engine you already have (it is not closed by
-        :meth:`close` then); else one is built from ``od_config`` and owned."""
+        :meth:`close` then); else one is built from ``od_config`` and owned.
+        ``progress_interval_s``: how often a running batch reports its step (None: never, and
+        a started request cannot be stopped)."""
         max_wait_s = od_config.batch_wait_s if max_wait_s is None else max_wait_s
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
@@ -113,6 +142,8 @@ class AsyncDiffusionEngine:
         self._seen_generation = 0
         self._closing = False
         self.failure: BaseException | None = None
+        self.signals_sent = 0  # cancellations handed to running batches
+        self.progress_interval_s = progress_interval_s
         events = HookList([self.hooks, _CallerEvents(self)])
         self.scheduler = ReplicaScheduler(self.engine.executor, self.policy, events)
         self._dispatcher = threading.Thread(target=self._dispatch, name="spmd-diffusion-dispatcher", daemon=True)
@@ -186,7 +217,9 @@ class AsyncDiffusionEngine:
 
     async def generate_events(self, request: OmniDiffusionRequest) -> AsyncIterator[dict[str, Any]]:
         """``async for event in engine.generate_events(request)``: ``queued``, ``started`` (with
-        its replica and batch size), then ``done`` with the output (or ``failed`` with the error)."""
+        its replica and batch size), ``step`` (``step`` of ``steps``, a few times a second), then
+        ``done`` with the output (or ``failed`` with the error). Leaving the loop early cancels
+        the request, started or not."""
         events: asyncio.Queue = asyncio.Queue()
         item = self._enqueue(request, events)
         try:
@@ -209,8 +242,22 @@ class AsyncDiffusionEngine:
             dropped = not item.started and item in self._queue
             if dropped:
                 self._queue.remove(item)
+            running = item.started and self._started.get(item.request.request_id) is item
         if dropped:
             self.hooks.request_cancelled(item.request.request_id, time.monotonic() - item.queued_at)
+        elif running and item.replica is not None and self.progress_interval_s is not None:
+            try:
+                if self.engine.executor.signal_replica(item.replica, {"cancel": [item.request.request_id]}):
+                    self.signals_sent += 1
+            except Exception as exc:  # noqa: BLE001 - the batch then runs to its end, as before
+                logger.warning("could not signal replica %d to stop %s: %s", item.replica,
+                               item.request.request_id, exc)
+
+    def progress(self, request_id: str) -> tuple[int, int] | None:
+        """``(step, steps)`` of a running request as its replica last reported; None when it
+        is not running."""
+        item = self._started.get(request_id)
+        return None if item is None else (item.step, item.steps)
 
     async def collective_rpc(
         self,
@@ -236,8 +283,11 @@ class AsyncDiffusionEngine:
                 item.started = True
                 self._queue.remove(item)
                 self._started[item.request.request_id] = item
+        kwargs = None
+        if self.progress_interval_s is not None and self.engine.executor.supports_progress:
+            kwargs = {"progress": {"interval_s": self.progress_interval_s}}
         return Work([item.request for item in selection.batch], [item.queued_at for item in selection.batch],
-                    token=selection.batch)
+                    kwargs, token=selection.batch)
 
     def wait_for_work(self, until: float | None) -> None:
         with self._changed:

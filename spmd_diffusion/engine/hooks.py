@@ -58,6 +58,10 @@ class EngineHooks:
     def batch_finished(self, batch: BatchInfo, seconds: float, failed: int) -> None:
         """``batch`` came back after ``seconds``; ``failed`` of its requests failed."""
 
+    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+        """``step`` of ``steps`` done in the pipeline call making ``request_ids`` (while the batch
+        runs, a few times a second per replica; only where the engine asked for progress)."""
+
     def request_done(self, request_id: str, images: int, queue_s: float, latency_s: float) -> None:
         """A request's images exist (``latency_s`` counts from ``request_queued``)."""
 
@@ -65,7 +69,7 @@ class EngineHooks:
         """A request failed with ``error``."""
 
     def request_cancelled(self, request_id: str, latency_s: float) -> None:
-        """A request was dropped before its batch started."""
+        """A request was cancelled: dropped before its batch started, or stopped while it ran."""
 
     def close(self) -> None:
         """The engine is done: flush whatever is buffered."""
@@ -107,6 +111,9 @@ class HookList(EngineHooks):
 
     def batch_finished(self, batch: BatchInfo, seconds: float, failed: int) -> None:
         self._call("batch_finished", batch, seconds, failed)
+
+    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+        self._call("batch_progress", batch, request_ids, step, steps)
 
     def request_done(self, request_id: str, images: int, queue_s: float, latency_s: float) -> None:
         self._call("request_done", request_id, images, queue_s, latency_s)

@@ -39,8 +39,14 @@ class PrometheusHooks(EngineHooks):
         self.busy_seconds = Counter(f"{prefix}_replica_busy_seconds", "Seconds each replica spent on batches",
                                     ["replica"], **kwargs)
         self.waiting = Gauge(f"{prefix}_requests_waiting", "Requests queued for a replica", **kwargs)
+        self.step_done = Gauge(f"{prefix}_replica_step", "Denoising steps done in the pipeline call a replica "
+                               "runs (0 when idle; updated a few times a second where progress is on)",
+                               ["replica"], **kwargs)
+        self.step_total = Gauge(f"{prefix}_replica_steps", "Denoising steps of the pipeline call a replica runs",
+                                ["replica"], **kwargs)
         for outcome in ("ok", "failed", "cancelled"):
             self.requests.labels(outcome=outcome)
+        self._running: set[str] = set()  # requests in batches: a cancellation of one is not a waiting one
 
     def request_queued(self, request_id: str, images: int, at: float) -> None:
         self.waiting.inc()
@@ -48,26 +54,38 @@ class PrometheusHooks(EngineHooks):
     def batch_started(self, batch: BatchInfo) -> None:
         self.waiting.dec(len(batch.request_ids))
         self.batch_images.observe(batch.images)
+        self._running.update(batch.request_ids)
+
+    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+        self.step_done.labels(replica=str(batch.replica)).set(step)
+        self.step_total.labels(replica=str(batch.replica)).set(steps)
 
     def denoising_step(self, batch: BatchInfo, step: int, seconds: float) -> None:
         self.step_seconds.observe(seconds)
 
     def batch_finished(self, batch: BatchInfo, seconds: float, failed: int) -> None:
         self.busy_seconds.labels(replica=str(batch.replica)).inc(seconds)
+        self.step_done.labels(replica=str(batch.replica)).set(0)
+        self.step_total.labels(replica=str(batch.replica)).set(0)
 
     def request_done(self, request_id: str, images: int, queue_s: float, latency_s: float) -> None:
+        self._running.discard(request_id)
         self.requests.labels(outcome="ok").inc()
         self.images.inc(images)
         self.queue_seconds.observe(queue_s)
         self.latency_seconds.observe(latency_s)
 
     def request_failed(self, request_id: str, error: str, latency_s: float) -> None:
+        self._running.discard(request_id)
         self.requests.labels(outcome="failed").inc()
         self.latency_seconds.observe(latency_s)
 
     def request_cancelled(self, request_id: str, latency_s: float) -> None:
         self.requests.labels(outcome="cancelled").inc()
-        self.waiting.dec()
+        if request_id in self._running:
+            self._running.discard(request_id)
+        else:
+            self.waiting.dec()
 
     def render(self) -> bytes:
         """The text exposition format."""

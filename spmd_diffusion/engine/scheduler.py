@@ -28,7 +28,7 @@ from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.engine.hooks import BatchInfo, HookList
 from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
 from spmd_diffusion.engine.watchdog import BatchWatchdog
-from spmd_diffusion.errors import WorkerError
+from spmd_diffusion.errors import CANCELLED, WorkerError
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor, ReplicaCall
 from spmd_diffusion.request import OmniDiffusionRequest
 
@@ -244,6 +244,8 @@ class ReplicaScheduler:
                          tuple(work.queued_at))
         if self.hooks:
             self.hooks.batch_started(info)
+            call.on_note = lambda note: self.hooks.batch_progress(info, tuple(note.request_ids), note.step,
+                                                                  note.steps)
         return call, Running(work, info)
 
     def _report(self, running: Running, output: DiffusionOutput) -> None:
@@ -259,6 +261,8 @@ class ReplicaScheduler:
             if output.errors[position] is None:
                 self.hooks.request_done(request_id, images_of(output, position), info.started_at - queued_at,
                                         now - queued_at)
+            elif output.errors[position].startswith(CANCELLED):
+                self.hooks.request_cancelled(request_id, now - queued_at)
             else:
                 self.hooks.request_failed(request_id, output.errors[position], now - queued_at)
 

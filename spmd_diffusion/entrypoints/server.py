@@ -85,7 +85,7 @@ def build_app(
     """The FastAPI application serving ``engine``."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -197,8 +197,11 @@ def build_app(
     @app.post(GENERATE_PATH, dependencies=[Depends(check_key)])
     async def native_generate(request: Request) -> Response:
         body = await read_json(request)
-        if not isinstance(body, dict) or set(body) != {"requests"}:
-            raise ApiError(400, 'body must be {"requests": [<request>, ...]} and nothing else')
+        if not isinstance(body, dict) or "requests" not in body or not set(body) <= {"requests", "stream"}:
+            raise ApiError(400, 'body must be {"requests": [<request>, ...]} (and optionally "stream": true), '
+                                "nothing else")
+        if not isinstance(body.get("stream", False), bool):
+            raise ApiError(400, "stream must be true or false", param="stream")
         items = body["requests"]
         if not isinstance(items, list) or not items:
             raise ApiError(400, '"requests" must be a non-empty list of requests')
@@ -222,11 +225,50 @@ def build_app(
                 raise ApiError(400, f"requests[{position}]: lora is set when the server starts (--lora), "
                                "not per request", param="lora")
         state.prepared(requests)
+        if body.get("stream"):
+            state.check_room(len(requests))
+            return StreamingResponse(event_stream(state.engine, requests), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         merged = merge_outputs(await state.run_all(request, requests))
         text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))
         return Response(text, media_type="application/json")
 
     return GuardMiddleware(app, limits.max_body_bytes, http_requests)
+
+
+async def event_stream(engine: AsyncDiffusionEngine, requests: list[OmniDiffusionRequest]) -> Any:
+    """Server-sent events of ``requests``, interleaved as they happen: ``queued``, ``started``
+    (replica, batch), ``step`` (k of n, a few a second), then ``done`` with that request's
+    output (``DiffusionOutput.to_dict()``) or ``failed`` with the error; ``data: [DONE]`` last.
+    A client that goes away cancels every request of the stream, started ones included."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def follow(item: OmniDiffusionRequest) -> None:
+        try:
+            async for event in engine.generate_events(item):
+                await events.put(event)
+        except Exception as exc:  # noqa: BLE001 - e.g. the engine closed: that request failed
+            await events.put({"event": "failed", "request_id": item.request_id, "error": str(exc)})
+
+    tasks = [asyncio.ensure_future(follow(item)) for item in requests]
+    open_requests = len(requests)
+    try:
+        while open_requests:
+            event = await events.get()
+            if event["event"] in ("done", "failed"):
+                open_requests -= 1
+            if "output" in event:
+                output = event.pop("output")
+                if output.errors and output.errors[0] is not None:
+                    event.update(event="failed", error=output.errors[0])
+                else:
+                    event["output"] = await asyncio.to_thread(output.to_dict)
+            text = await asyncio.to_thread(json.dumps, event, allow_nan=False)
+            yield f"data: {text}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class GuardMiddleware:

@@ -30,6 +30,7 @@ class ReplicaCall:
 
     replica: int
     name: str
+    on_note: Any = None  # called with each StepNote the replica sends while the call runs
 
     @property
     def done(self) -> bool:
@@ -164,6 +165,15 @@ class DiffusionExecutor(ABC):
     def wait(self, calls: Sequence[ReplicaCall], timeout: float | None = None) -> list[ReplicaCall]:
         """The calls of ``calls`` that are done, waiting up to ``timeout`` for the first."""
         return [call for call in calls if call.done]
+
+    # Whether a submitted ``generate`` may be given ``progress`` (step notes while it runs,
+    # signals read between its steps): the built-in executors' workers can.
+    supports_progress: bool = False
+
+    def signal_replica(self, replica: int, payload: dict[str, Any]) -> bool:
+        """Hand ``payload`` (plain data, e.g. ``{"cancel": [request_id]}``) to the call running
+        on ``replica``, read between its steps; False where this executor cannot."""
+        return False
 
     # -- the rest of the contract -------------------------------------------------------------
     def check_health(self) -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from spmd_diffusion.data import DiffusionOutput
+from spmd_diffusion.data import DiffusionOutput, StepNote
 from spmd_diffusion.distributed.protocol import (
     MessageKind,
     RpcMethod,
@@ -46,7 +46,7 @@ class PendingCall(ReplicaCall):
     call, as soon as one rank reports a failure), or when ``error`` is set."""
 
     __slots__ = ("executor", "call_id", "name", "ranks", "reply_rank", "timeout", "deadline", "replica",
-                 "stop_at_failure", "replies", "error", "_failed")
+                 "stop_at_failure", "replies", "error", "_failed", "on_note")
 
     def __init__(
         self,
@@ -67,6 +67,7 @@ class PendingCall(ReplicaCall):
         self.replies: dict[int, RpcReply] = {}
         self.error: BaseException | None = None
         self._failed = False
+        self.on_note: Any = None
 
     def add(self, reply: RpcReply) -> None:
         self.replies[reply.rank] = reply
@@ -171,15 +172,22 @@ class RpcExecutor(DiffusionExecutor):
 
     # -- waiting -------------------------------------------------------------------------------
     def _route(self, replies: list[RpcReply]) -> None:
+        notes = []
         with self._routed:
             for reply in replies:
                 call = self._calls.get(reply.call_id)
                 if call is None:
                     continue  # a reply to a call that already failed or timed out
+                if isinstance(reply.value, StepNote):
+                    if call.on_note is not None:
+                        notes.append((call.on_note, reply.value))
+                    continue
                 call.add(reply)
                 if call.done:
                     del self._calls[reply.call_id]
             self._routed.notify_all()
+        for on_note, note in notes:  # outside the lock: a listener may be slow
+            on_note(note)
 
     def _pump(self, limit: float | None) -> None:
         """Read the transport once (at most ``limit`` s) and route what arrived."""
@@ -258,6 +266,15 @@ class RpcExecutor(DiffusionExecutor):
     ) -> PendingCall:
         ranks = self.parallel_layout.replica_ranks(replica)
         return self.start_call(ranks, method, args, kwargs, ranks[0], timeout, replica=replica)
+
+    supports_progress = True
+
+    def signal_replica(self, replica: int, payload: dict[str, Any]) -> bool:
+        if self.is_closed or self.is_failed:
+            return False
+        leader = self.parallel_layout.replica_ranks(replica)[0]
+        with self._send_lock:
+            return self.transport.signal(leader, RpcRequest(MessageKind.SIGNAL, 0, None, (payload,)))
 
     def execute_model(self, requests: list[OmniDiffusionRequest]) -> DiffusionOutput | None:
         """Generate ``requests`` on the first replica (the engine spreads work over all)."""

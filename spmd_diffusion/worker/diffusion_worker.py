@@ -20,6 +20,13 @@ from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device,
 from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.models.loader import model_call_defaults
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
+from spmd_diffusion.worker.step_watch import (
+    DEFAULT_INTERVAL_S,
+    CallCancelled,
+    StepWatch,
+    cancelled_error,
+    replica_agreement,
+)
 from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,8 @@ class DiffusionWorker:
         self.images_generated = 0
         self.requests_failed = 0
         self._closed = False
+        self.call_channel: Any = None  # the serve loop's CallChannel while a call runs
+        self._agreement: list[Any] | None = None  # the replica's stop agreement, built on first use
         self._load()
 
     # -- loading -------------------------------------------------------------------------
@@ -311,6 +320,7 @@ class DiffusionWorker:
         jobs: list[ImageJob],
         step_callback: Callable[[int], None] | None = None,
         size: tuple[int, int] | None = None,
+        after_step: Callable[[int, int | None], None] | None = None,
     ) -> dict[str, Any]:
         import torch
 
@@ -339,10 +349,13 @@ class DiffusionWorker:
             kwargs["use_resolution_binning"] = False  # honour the requested size exactly
         if "clean_caption" in self._call_params:
             kwargs["clean_caption"] = False  # needs optional packages; prompts are used as given
-        if step_callback is not None and "callback_on_step_end" in self._call_params:
+        if (step_callback is not None or after_step is not None) and "callback_on_step_end" in self._call_params:
 
             def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-                step_callback(step)
+                if step_callback is not None:
+                    step_callback(step)
+                if after_step is not None:  # may end the call (a cancellation)
+                    after_step(step, getattr(pipeline, "_num_timesteps", None))
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = on_step_end
@@ -361,6 +374,7 @@ class DiffusionWorker:
         jobs: list[ImageJob],
         step_callback: Callable[[int], None] | None = None,
         size: tuple[int, int] | None = None,
+        after_step: Callable[[int, int | None], None] | None = None,
     ) -> list[Any]:
         import numpy as np
         import torch
@@ -368,7 +382,7 @@ class DiffusionWorker:
         from spmd_diffusion.utils.images import as_frames
 
         self.adapters.activate(self._loras(requests[jobs[0].request_pos]))  # one set per batch (batch_key)
-        kwargs = self._pipeline_kwargs(requests, jobs, step_callback, size)
+        kwargs = self._pipeline_kwargs(requests, jobs, step_callback, size, after_step)
         cached = self.step_cache.call() if self.step_cache is not None else contextlib.nullcontext()
         if self.parallel_report is not None and self.parallel_report.cfg is not None:
             self.parallel_report.cfg.reset()  # branch pairing is learned per call: new prompts
@@ -383,6 +397,20 @@ class DiffusionWorker:
         if len(images) != len(jobs):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} prompts")
         return list(images)
+
+    def _step_watch(self, progress: dict[str, Any] | None) -> StepWatch | None:
+        """The step notes and cancellation of one generate call, when the engine asks."""
+        if progress is None:
+            return None
+        if self._agreement is None and self.parallel is not None:
+            self._agreement = [replica_agreement(self.parallel.mesh)]
+        agree = self._agreement[0] if self._agreement else None
+        return StepWatch(self.call_channel, float(progress.get("interval_s", DEFAULT_INTERVAL_S)),
+                         self.is_replica_leader, agree)
+
+    def _steps_of(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob]) -> int | None:
+        steps = self.effective_settings(requests[jobs[0].request_pos])["num_inference_steps"]
+        return steps if isinstance(steps, int) else None
 
     @staticmethod
     def _step_timer(
@@ -416,6 +444,7 @@ class DiffusionWorker:
         requests: list[OmniDiffusionRequest],
         step_callback: Callable[[int], None] | None = None,
         sink: Any | None = None,
+        progress: dict[str, Any] | None = None,
     ) -> DiffusionOutput:
         """Images for every request; a request that fails gets its error, the others their images.
 
@@ -425,7 +454,9 @@ class DiffusionWorker:
         for the engine's monitoring hooks (diffusers has no callback before the first step, so
         a pipeline call's first duration includes its prompt encoding). ``sink`` (a batch job's output writer) makes the replica
         leader write the images itself and return small records in their place, so pixels
-        never travel to rank 0.
+        never travel to rank 0. ``progress`` (``{"interval_s": s}``, the server's) makes the
+        replica leader send step notes while the batch runs and stop a pipeline call whose
+        requests were all cancelled (see :mod:`spmd_diffusion.worker.step_watch`).
         """
         self._check_awake()
         start = time.perf_counter()
@@ -447,12 +478,22 @@ class DiffusionWorker:
         # all to the first one's size): each image stays what it would be alone.
         pending = plan_batches(requests, self.od_config.max_batch_size, keys=sizes)
         step_seconds: list[float] = []
+        watch = self._step_watch(progress)
         while pending:
             jobs = pending.pop(0)
             batch_start = time.perf_counter()
+            ids = tuple(dict.fromkeys(requests[job.request_pos].request_id for job in jobs))
             try:
+                if watch is not None and watch.all_cancelled(ids):
+                    raise CallCancelled(", ".join(ids))
                 produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback),
-                                           sizes[jobs[0].request_pos])
+                                           sizes[jobs[0].request_pos],
+                                           None if watch is None else watch.watch(ids, self._steps_of(requests, jobs)))
+            except CallCancelled:
+                for pos in sorted({job.request_pos for job in jobs}):
+                    errors[pos] = cancelled_error(requests[pos].request_id)
+                pipeline_seconds += time.perf_counter() - batch_start
+                continue
             except Exception as exc:  # noqa: BLE001 - isolate the failing request
                 if peer_lost(exc):  # a rank of this replica died: the job ends, the item is not at fault
                     raise ConnectionLostError(gloo_brief(exc)) from exc

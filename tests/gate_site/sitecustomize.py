@@ -1,9 +1,15 @@
-"""Installs the test gate of ``tests/gates.py`` (JobGate) in a job's processes: on the
-processes that run the engine, ``ReplicaScheduler.drive`` hands out no further batch once
-``$SPMD_TEST_GATE_AFTER`` batches have been delivered, until ``$SPMD_TEST_GATE_DIR/release``
-exists; and every worker writes ``rank-<rank>.pid`` there once it has loaded (so a test can
-stop or kill a given rank). Inert unless ``SPMD_TEST_GATE_DIR`` is set; nothing is imported
-before the project's own modules are."""
+"""Installs the test gates of ``tests/gates.py`` in a job's processes.
+
+JobGate (``$SPMD_TEST_GATE_DIR``): on the processes that run the engine,
+``ReplicaScheduler.drive`` hands out no further batch once ``$SPMD_TEST_GATE_AFTER`` batches
+have been delivered, until ``$SPMD_TEST_GATE_DIR/release`` exists; and every worker writes
+``rank-<rank>.pid`` there once it has loaded (so a test can stop or kill a given rank).
+
+Hold for a signal (``$SPMD_TEST_HOLD_FOR_SIGNAL_AT=N``): a replica leader running a batch
+with progress on waits after step N until the engine's signal (a cancellation) has arrived,
+so a test of cancellation between steps does not race the batch's end on a fast machine.
+
+Inert unless those variables are set; nothing is imported before the project's own modules are."""
 
 from __future__ import annotations
 
@@ -66,7 +72,43 @@ def _patch_worker(module) -> None:
     module.DiffusionWorker.__init__ = __init__
 
 
-PATCHES = {SCHEDULER: _patch_scheduler, WORKER: _patch_worker}
+STEP_WATCH = "spmd_diffusion.worker.step_watch"
+
+
+def hold_for_signal(module, at_step: int):
+    """Make ``module.StepWatch`` hold its leader after step ``at_step`` until a signal arrives
+    (read into the watch, so its next check sees it), once per process (the next batches run
+    freely); returns the original ``watch`` to restore."""
+    original = module.StepWatch.watch
+    holds = [1]
+
+    def watch(self, request_ids, steps):
+        inner = original(self, request_ids, steps)
+
+        def after_step(step, total):
+            if step + 1 == at_step and self.channel is not None and holds[0]:
+                holds[0] = 0
+                deadline = time.monotonic() + HOLD_LIMIT_S
+                while not self.cancelled and time.monotonic() < deadline:
+                    self._read_signals()
+                    time.sleep(0.005)
+            return inner(step, total)
+
+        return after_step
+
+    module.StepWatch.watch = watch
+    return original
+
+
+def _patch_step_watch(module) -> None:
+    hold_for_signal(module, int(os.environ["SPMD_TEST_HOLD_FOR_SIGNAL_AT"]))
+
+
+PATCHES = {}
+if os.environ.get("SPMD_TEST_GATE_DIR"):
+    PATCHES.update({SCHEDULER: _patch_scheduler, WORKER: _patch_worker})
+if os.environ.get("SPMD_TEST_HOLD_FOR_SIGNAL_AT"):
+    PATCHES[STEP_WATCH] = _patch_step_watch
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -90,5 +132,5 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("SPMD_TEST_GATE_DIR"):
+if PATCHES:
     sys.meta_path.insert(0, _PatchOnImport())

@@ -95,6 +95,7 @@ class ControlPlane(ABC):
     local_rank: int
     local_size: int
     serving: bool = False  # rank 0: an executor session holds the other ranks
+    can_peek: bool = False  # poll_from_root can tell that a message waits (MPI), not only receive
 
     @property
     def one_node(self) -> bool:
@@ -127,6 +128,11 @@ class ControlPlane(ABC):
     def send_to_root(self, obj: Any) -> None:
         """Send one message to rank 0."""
 
+    def poll_from_root(self) -> bool:
+        """Whether a message from rank 0 is waiting, without waiting (False where the channel
+        cannot tell: gloo can only receive)."""
+        return False
+
     @abstractmethod
     def abort(self, code: int) -> None:
         """End the whole job now (every rank), with exit code ``code``."""
@@ -147,6 +153,9 @@ class RootChannel:
 
     def send(self, obj: Any) -> None:
         self.control.send_to_root(obj)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self.control.poll_from_root()
 
 
 _INSTANCE: ControlPlane | None = None

@@ -144,6 +144,11 @@ class MPIControl(ControlPlane):
         found[0].Recv(buffer)
         return pickle.loads(buffer)
 
+    can_peek = True
+
+    def poll_from_root(self) -> bool:
+        return bool(self.comm.Iprobe(source=0, tag=TAG_REQUEST))
+
     def send_to_root(self, obj: Any) -> None:
         data = pickle.dumps(obj, protocol=5)
         if len(data) < LARGE_BYTES:

@@ -152,6 +152,7 @@ class ServingState:
         self.check_room(len(requests))
         tasks = [asyncio.ensure_future(self.engine.generate(item)) for item in requests]
         everything = asyncio.gather(*tasks)
+        everything.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
         try:
             while True:
                 done, _ = await asyncio.wait({everything}, timeout=DISCONNECT_POLL_S)
