@@ -69,9 +69,9 @@ SETTINGS: tuple[Setting, ...] = (
             flag="--strength", http="strength", minimum=0, maximum=1, open_minimum=True),
     Setting("lora", "lora", "path", "The item's LoRA adapters (PATH_OR_ID[:scale], one or a list)."),
     Setting("num_frames", "num_frames", "int", "Video pipelines: frames per video (default: the model's; "
-            "Wan takes 4k+1).", flag="--num-frames", minimum=1),
+            "Wan takes 4k+1).", flag="--num-frames", http="num_frames", minimum=1),
     Setting("fps", "fps", "float", "Video pipelines: frame rate of the video files (default 16).",
-            flag="--fps", minimum=0, maximum=MAX_FPS, open_minimum=True),
+            flag="--fps", http="fps", minimum=0, maximum=MAX_FPS, open_minimum=True),
 )
 
 BY_KEY = {setting.key: setting for setting in SETTINGS}

@@ -10,6 +10,8 @@ concurrent requests are batched dynamically and spread over every replica:
 - ``POST /v1/images/edits``: OpenAI's multipart edit route (``image`` files, ``mask``,
   ``prompt``, ``n``, ``size`` and the same extensions plus ``strength``), served by an
   image-to-image or inpainting pipeline (:mod:`.http.edits`); ``client.images.edit(...)`` works.
+- ``POST /v1/videos``, ``GET /v1/videos[/{id}[/content]]``, ``DELETE /v1/videos/{id}``:
+  asynchronous video jobs with progress (:mod:`.http.videos`); ``client.videos`` works.
 - ``GET /v1/models``: the one model served.
 - ``POST /v1/diffusion/generate``: ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
   -> ``DiffusionOutput.to_dict()`` (what :class:`HTTPDiffusionExecutor` speaks). Input
@@ -173,7 +175,8 @@ def build_app(
         state.check_model(body.model)
         if state.video_model:
             raise ApiError(400, f"{model_name!r} makes videos, which the images API cannot return: use "
-                                f"POST {GENERATE_PATH}, whose images are lists of frames", param="model")
+                                f"POST /v1/videos (a video job), or POST {GENERATE_PATH}, whose images are lists "
+                                "of frames", param="model")
         if body.response_format == "url":
             raise ApiError(400, "response_format url is not supported: images are returned as b64_json",
                            param="response_format")
@@ -191,8 +194,12 @@ def build_app(
         return {"created": int(time.time()), "data": [{"b64_json": data} for data in encoded]}
 
     from spmd_diffusion.entrypoints.http.edits import edits_router
+    from spmd_diffusion.entrypoints.http.videos import VideoJobs, videos_router
 
     app.include_router(edits_router(state))
+    video_jobs = VideoJobs(state)
+    app.include_router(videos_router(state, video_jobs))
+    app.state.video_jobs = video_jobs
 
     @app.post(GENERATE_PATH, dependencies=[Depends(check_key)])
     async def native_generate(request: Request) -> Response:
@@ -391,6 +398,9 @@ class DiffusionServer:
     def server_close(self) -> None:
         self.socket.close()
         self.async_engine.close_sync()
+        video_jobs = getattr(getattr(self.app, "app", None), "state", None)
+        if video_jobs is not None and hasattr(video_jobs, "video_jobs"):
+            video_jobs.video_jobs.close()
 
 
 def serve(engine: DiffusionEngine | AsyncDiffusionEngine, host: str = "127.0.0.1", port: int = 8000,
