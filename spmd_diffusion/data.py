@@ -83,6 +83,7 @@ class OmniDiffusionConfig:
     hooks: list[str] = field(default_factory=list)
     batch_wait_s: float = 0.005
     lora: list[str] = field(default_factory=list)
+    max_loras: int | None = None  # adapters kept loaded per replica (LRU); None: every one used
     scheduler: str | None = None
     scheduler_options: dict[str, Any] = field(default_factory=dict)
     offload: str | None = None
@@ -147,6 +148,10 @@ class OmniDiffusionConfig:
         if isinstance(self.lora, tuple):
             self.lora = list(self.lora)
         parse_loras(self.lora)
+        if self.max_loras is not None and (isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int)
+                                           or self.max_loras < max(1, len(self.lora))):
+            raise ValueError(f"max_loras must be an integer >= 1 and >= the run's own adapters ({len(self.lora)}), "
+                             f"got {self.max_loras!r}")
         if self.lora and self.tensor_parallel_size > 1:
             raise ValueError("lora is not supported with tensor parallelism (the adapters would wrap sharded layers)")
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()):

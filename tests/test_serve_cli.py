@@ -113,6 +113,10 @@ def test_serve_refuses_a_busy_port_and_a_bad_schedule_before_loading():
     assert done.returncode == 2 and "unknown schedule 'random'" in done.stderr
     done = run_cli("serve", "--model", "tiny-unet", "--hook", "no_such_module.Hook")
     assert done.returncode == 2 and "cannot load hook" in done.stderr
+    done = run_cli("serve", "--model", "tiny-unet", "--lora", "style=/no/such/adapter")
+    assert done.returncode == 2 and "--lora style=/no/such/adapter: '/no/such/adapter' does not exist" in done.stderr
+    done = run_cli("serve", "--model", "tiny-unet", "--lora-dir", "/no/such/dir")
+    assert done.returncode == 2 and "is not a directory" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -303,21 +303,41 @@ def make_tiny_model_command(directory: str, arch: str, seed: int) -> None:
               help="How long a partial batch waits for same-shape requests to join it.")
 @click.option("--max-queue", default=4096, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait for a replica; beyond that new ones get 503.")
+@click.option("--lora-dir", default=None, type=click.Path(file_okay=False),
+              help="Adapters requests may name: every weights file or adapter directory in DIR, by its stem "
+                   "(also --lora NAME=PATH, repeatable; a plain --lora PATH is always on).")
+@click.option("--max-loras", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Adapters kept loaded per replica; past it the least recently used is unloaded.")
+@click.option("--max-video-jobs", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Video jobs queued, running or waiting to be fetched; beyond that new ones get 429.")
+@click.option("--video-ttl", default=3600.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds a finished video job (and its file) is kept.")
 @parallel_options
 @fatal_errors
 def serve(host: str, port: int, api_key: str | None, served_model_name: str | None, batch_wait_ms: float,
-          max_queue: int, tensor_parallel_size: int, cfg_parallel: bool, **model_values: Any) -> int:
-    """Serve the OpenAI images API (POST /v1/images/generations, GET /v1/models), the native
-    POST /v1/diffusion/generate, GET /health and GET /metrics. Under mpirun/srun/torchrun the
-    server runs on rank 0 and every rank serves the engine; concurrent requests are batched
-    and spread over every replica."""
+          max_queue: int, lora_dir: str | None, max_loras: int, max_video_jobs: int, video_ttl: float,
+          tensor_parallel_size: int, cfg_parallel: bool, **model_values: Any) -> int:
+    """Serve the OpenAI images API (POST /v1/images/generations and /v1/images/edits, GET
+    /v1/models), video jobs (/v1/videos), the native POST /v1/diffusion/generate (with
+    "stream": true for step events), GET /health and GET /metrics. Under mpirun/srun/torchrun
+    the server runs on rank 0 and every rank serves the engine; concurrent requests are
+    batched and spread over every replica; a request may name adapters from --lora-dir and
+    --lora NAME=PATH."""
+    from spmd_diffusion.entrypoints.http.loras import lora_catalog, split_lora_options
     from spmd_diffusion.entrypoints.server import ServerLimits, check_listen_address, serve as make_server
 
     bound: dict[str, Any] = {}
 
     def prepare() -> OmniDiffusionConfig:
-        config = build_config(**model_values, tensor_parallel_size=tensor_parallel_size,
-                              cfg_parallel=cfg_parallel, batch_wait_s=batch_wait_ms / 1000)
+        try:
+            run_loras, named = split_lora_options(model_values["lora"])
+            bound["loras"] = lora_catalog(named, lora_dir)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        values = {**model_values, "lora": run_loras}
+        config = build_config(**values, tensor_parallel_size=tensor_parallel_size, cfg_parallel=cfg_parallel,
+                              batch_wait_s=batch_wait_ms / 1000,
+                              max_loras=max(max_loras, len(run_loras)) if bound["loras"] else None)
         check_world_layout(config)
         try:
             check_listen_address(host, api_key)
@@ -327,8 +347,10 @@ def serve(host: str, port: int, api_key: str | None, served_model_name: str | No
         return config
 
     def job(engine: Any) -> int:
+        limits = ServerLimits(max_queued_requests=max_queue, max_video_jobs=max_video_jobs,
+                              video_job_ttl_s=video_ttl)
         server = make_server(engine, api_key=api_key, model_name=served_model_name or model_values["model"],
-                             limits=ServerLimits(max_queued_requests=max_queue), sock=bound["socket"])
+                             limits=limits, sock=bound["socket"], loras=bound["loras"])
         click.echo(f"serving on {server.url}", err=True)
         try:
             server.serve_forever()

@@ -83,8 +83,10 @@ def build_app(
     api_key: str | None = None,
     metrics: PrometheusHooks | None = None,
     limits: ServerLimits = ServerLimits(),
+    loras: dict[str, str] | None = None,
 ) -> Any:
-    """The FastAPI application serving ``engine``."""
+    """The FastAPI application serving ``engine``; ``loras``: the adapters a request may name
+    (name -> path, see :mod:`.http.loras`)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -92,7 +94,7 @@ def build_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="spmd_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
-    state = ServingState(engine, model_name, api_key, limits)
+    state = ServingState(engine, model_name, api_key, limits, loras)
     check_key = state.check_key
     started = time.time()
     metrics = metrics or PrometheusHooks()
@@ -114,6 +116,7 @@ def build_app(
         quality: str | None = None  # accepted for compatibility; a diffusers pipeline has no such knob
         style: str | None = None
         user: str | None = None
+        lora: str | list[str] | None = None  # adapters this server offers, NAME[:SCALE]
 
     ImagesRequest = images_request_model(OpenAIImagesRequest, limits)
 
@@ -183,7 +186,7 @@ def build_app(
         height, width = parse_size(body.size)
         try:
             item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width, num_images_per_prompt=body.n,
-                                        **settings_of(body))
+                                        lora=state.lora_specs(body.lora), **settings_of(body))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         state.prepared([item])
@@ -227,23 +230,22 @@ def build_app(
                     raise ApiError(400, f"requests[{position}]: {name} must be the image itself, "
                                    '{"format": "png", "data": <base64>} or a data: URI: the server reads no files',
                                    param=name)
-            if requests[-1].lora is not None:
-                # A client must not make the server read its files or download from the hub.
-                raise ApiError(400, f"requests[{position}]: lora is set when the server starts (--lora), "
-                               "not per request", param="lora")
+            # A client names adapters the server offers: it must not make the server read its
+            # files or download from the hub.
+            requests[-1].lora = state.lora_specs(requests[-1].lora, f"requests[{position}]: ")
         state.prepared(requests)
         if body.get("stream"):
             state.check_room(len(requests))
-            return StreamingResponse(event_stream(state.engine, requests), media_type="text/event-stream",
+            return StreamingResponse(event_stream(state, requests), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        merged = merge_outputs(await state.run_all(request, requests))
+        merged = merge_outputs(state.named(await state.run_all(request, requests)))
         text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))
         return Response(text, media_type="application/json")
 
     return GuardMiddleware(app, limits.max_body_bytes, http_requests)
 
 
-async def event_stream(engine: AsyncDiffusionEngine, requests: list[OmniDiffusionRequest]) -> Any:
+async def event_stream(state: ServingState, requests: list[OmniDiffusionRequest]) -> Any:
     """Server-sent events of ``requests``, interleaved as they happen: ``queued``, ``started``
     (replica, batch), ``step`` (k of n, a few a second), then ``done`` with that request's
     output (``DiffusionOutput.to_dict()``) or ``failed`` with the error; ``data: [DONE]`` last.
@@ -252,7 +254,7 @@ async def event_stream(engine: AsyncDiffusionEngine, requests: list[OmniDiffusio
 
     async def follow(item: OmniDiffusionRequest) -> None:
         try:
-            async for event in engine.generate_events(item):
+            async for event in state.engine.generate_events(item):
                 await events.put(event)
         except Exception as exc:  # noqa: BLE001 - e.g. the engine closed: that request failed
             await events.put({"event": "failed", "request_id": item.request_id, "error": str(exc)})
@@ -269,7 +271,7 @@ async def event_stream(engine: AsyncDiffusionEngine, requests: list[OmniDiffusio
                 if output.errors and output.errors[0] is not None:
                     event.update(event="failed", error=output.errors[0])
                 else:
-                    event["output"] = await asyncio.to_thread(output.to_dict)
+                    event["output"] = await asyncio.to_thread(lambda: state.named([output])[0].to_dict())
             text = await asyncio.to_thread(json.dumps, event, allow_nan=False)
             yield f"data: {text}\n\n"
         yield "data: [DONE]\n\n"
@@ -355,13 +357,14 @@ class DiffusionServer:
     ``shutdown()`` stops it (finishing the requests in flight) and ``server_close()`` frees it."""
 
     def __init__(self, engine: AsyncDiffusionEngine, sock: socket.socket, api_key: str | None = None,
-                 model_name: str | None = None, limits: ServerLimits = ServerLimits()) -> None:
+                 model_name: str | None = None, limits: ServerLimits = ServerLimits(),
+                 loras: dict[str, str] | None = None) -> None:
         import uvicorn
 
         self.async_engine = engine
         self.engine = engine.engine
         self.metrics = engine.metrics_hooks()
-        self.app = build_app(engine, model_name or engine.od_config.model, api_key, self.metrics, limits)
+        self.app = build_app(engine, model_name or engine.od_config.model, api_key, self.metrics, limits, loras)
         self.socket = sock
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_keep_alive=5,
                                 timeout_graceful_shutdown=30, access_log=False)
@@ -405,13 +408,15 @@ class DiffusionServer:
 
 def serve(engine: DiffusionEngine | AsyncDiffusionEngine, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None,
-          limits: ServerLimits = ServerLimits(), sock: socket.socket | None = None) -> DiffusionServer:
+          limits: ServerLimits = ServerLimits(), sock: socket.socket | None = None,
+          loras: dict[str, str] | None = None) -> DiffusionServer:
     """Bind the server (port 0 picks a free port; or pass a bound ``sock``); call
     ``serve_forever()`` or ``start()``. Beyond loopback an ``api_key`` is required. A plain
-    :class:`DiffusionEngine` is wrapped in an async engine (and not closed by it)."""
+    :class:`DiffusionEngine` is wrapped in an async engine (and not closed by it). ``loras``:
+    the adapters requests may name (name -> path; see ``http/loras.py``)."""
     if sock is None:
         check_listen_address(host, api_key)
         sock = listen_socket(host, port)
     if isinstance(engine, DiffusionEngine):
         engine = AsyncDiffusionEngine(engine.od_config, engine=engine)
-    return DiffusionServer(engine, sock, api_key, model_name, limits)
+    return DiffusionServer(engine, sock, api_key, model_name, limits, loras)

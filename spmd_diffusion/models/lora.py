@@ -94,25 +94,47 @@ def lora_identity(spec: LoraSpec) -> dict[str, Any]:
 
 
 class LoraAdapters:
-    """The adapters loaded into one pipeline, and which set is active."""
+    """The adapters loaded into one pipeline, and which set is active.
 
-    def __init__(self, pipeline: Any) -> None:
+    ``max_loaded`` bounds how many stay loaded (a server's per-request adapters): past it the
+    least recently used one that the wanted set does not name is deleted from the pipeline
+    (``delete_adapters``) and reloaded from its file when asked for again. ``pinned``: the
+    run's own adapters, never evicted."""
+
+    def __init__(self, pipeline: Any, max_loaded: int | None = None, pinned: tuple[str, ...] = ()) -> None:
         self.pipeline = pipeline
-        self.loaded: set[str] = set()
+        self.max_loaded = max_loaded
+        self.pinned = set(pinned)
+        self.loaded: dict[str, None] = {}  # adapter names, least recently used first
         self.active: tuple[LoraSpec, ...] | None = None
+        self.evictions = 0
 
-    def _load(self, spec: LoraSpec) -> None:
+    def _evict_for(self, wanted: tuple[LoraSpec, ...]) -> None:
+        keep = self.pinned | {spec.adapter_name for spec in wanted}
+        while self.max_loaded is not None and len(self.loaded) >= self.max_loaded:
+            victim = next((name for name in self.loaded if name not in keep), None)
+            if victim is None:
+                return
+            self.pipeline.delete_adapters(victim)
+            del self.loaded[victim]
+            self.evictions += 1
+            self.active = None  # the active set may have named it
+
+    def _load(self, spec: LoraSpec, wanted: tuple[LoraSpec, ...] = ()) -> None:
         if spec.adapter_name in self.loaded:
+            self.loaded[spec.adapter_name] = self.loaded.pop(spec.adapter_name)  # most recently used
             return
         if not hasattr(self.pipeline, "load_lora_weights"):
             raise ValueError(f"{type(self.pipeline).__name__} does not load LoRA weights")
         source = os.path.expanduser(spec.source)
         path = Path(source)
         if path.is_file():  # diffusers takes a directory plus weight_name for one file
+            self._evict_for(wanted)
             self.pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=spec.adapter_name)
         else:
+            self._evict_for(wanted)
             self.pipeline.load_lora_weights(source, adapter_name=spec.adapter_name)
-        self.loaded.add(spec.adapter_name)
+        self.loaded[spec.adapter_name] = None
 
     def activate(self, specs: list[LoraSpec]) -> None:
         """Make ``specs`` (with their scales) the active set; an empty list: the base model."""
@@ -120,7 +142,7 @@ class LoraAdapters:
         if wanted == self.active:
             return
         for spec in wanted:
-            self._load(spec)
+            self._load(spec, wanted)
         if not wanted:
             if self.loaded:
                 self.pipeline.disable_lora()

@@ -100,8 +100,9 @@ class DiffusionWorker:
             quantization_config=self._quantization_config(),
         )
         self.model_report = apply_model_options(pipeline, config)
-        self.adapters = LoraAdapters(pipeline)
-        self.adapters.activate(parse_loras(config.lora))  # loaded before placing: they move with the weights
+        run_loras = parse_loras(config.lora)
+        self.adapters = LoraAdapters(pipeline, config.max_loras, tuple(spec.adapter_name for spec in run_loras))
+        self.adapters.activate(run_loras)  # loaded before placing: they move with the weights
         self.pipeline = place_pipeline(pipeline, config, self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
         self.call_defaults = model_call_defaults(config.model)
@@ -588,6 +589,8 @@ class DiffusionWorker:
             "load_seconds": round(self.load_seconds, 3),
             "images_generated": self.images_generated,
             "requests_failed": self.requests_failed,
+            "lora_adapters_loaded": len(self.adapters.loaded) if getattr(self, "adapters", None) else 0,
+            "lora_evictions": self.adapters.evictions if getattr(self, "adapters", None) else 0,
             **getattr(self, "model_report", {}),
         }
         if getattr(self, "parallel_report", None) is not None:

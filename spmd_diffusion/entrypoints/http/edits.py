@@ -43,6 +43,7 @@ class OpenAIEditsRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = "b64_json"
     quality: str | None = None  # accepted for compatibility; a diffusers pipeline has no such knob
     user: str | None = None
+    lora: str | list[str] | None = None  # adapters this server offers, NAME[:SCALE]
 
 
 def encoded(data: bytes) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def build_items(body: Any, images: list[bytes], mask: bytes | None, height: int 
         try:
             items.append(OmniDiffusionRequest(prompt=body.prompt, image=encoded(data), mask_image=item_mask,
                                               height=height, width=width, num_images_per_prompt=body.n,
-                                              **settings_of(body)))
+                                              lora=state.lora_specs(body.lora), **settings_of(body)))
         except ValueError as exc:
             where = f"image[{position}]: " if len(images) > 1 else ""
             raise ApiError(400, f"{where}{exc}") from None

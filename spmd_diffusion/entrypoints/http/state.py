@@ -81,11 +81,12 @@ class ServingState:
     """One server's engine, name, key and limits, and the request steps its routes share."""
 
     def __init__(self, engine: AsyncDiffusionEngine, model_name: str, api_key: str | None,
-                 limits: ServerLimits) -> None:
+                 limits: ServerLimits, loras: dict[str, str] | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
         self.limits = limits
+        self.loras = dict(loras or {})  # the adapters a request may name: name -> path
         config = getattr(engine, "od_config", None)
         self.video_model = config is not None and makes_video(config.model, config.model_class_name)
         self._accepted: list[Any] = []  # the pipeline's call arguments, looked up once
@@ -98,6 +99,24 @@ class ServingState:
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    def lora_specs(self, value: Any, where: str = "") -> list[str] | None:
+        """A client's ``lora`` names as the worker's specs (400 for a name not offered)."""
+        from spmd_diffusion.entrypoints.http.loras import resolve_loras
+
+        try:
+            return resolve_loras(value, self.loras)
+        except ValueError as exc:
+            raise ApiError(400, f"{where}{exc}", param="lora") from None
+
+    def named(self, outputs: list[DiffusionOutput]) -> list[DiffusionOutput]:
+        """``outputs`` with adapters named by their catalog names, not the server's paths."""
+        from spmd_diffusion.entrypoints.http.loras import name_loras
+
+        for output in outputs:
+            if output.metadata:
+                name_loras(output.metadata, self.loras)
+        return outputs
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, self.model_name):

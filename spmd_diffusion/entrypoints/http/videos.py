@@ -55,6 +55,7 @@ class OpenAIVideoRequest(BaseModel):
     seconds: float | None = Field(None, gt=0, le=600)
     size: str | None = None
     user: str | None = None
+    lora: str | list[str] | None = None  # adapters this server offers, NAME[:SCALE]
 
 
 @dataclass(eq=False)
@@ -241,7 +242,8 @@ def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
         if settings.get("num_frames") is None and body.seconds is not None:
             settings["num_frames"] = max(1, round(body.seconds * fps))
         try:
-            item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width, **settings)
+            item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width,
+                                        lora=state.lora_specs(body.lora), **settings)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         state.prepared([item])
