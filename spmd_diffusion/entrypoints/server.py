@@ -16,8 +16,10 @@ concurrent requests are batched dynamically and spread over every replica:
 - ``POST /v1/diffusion/generate``: ``{"requests": [OmniDiffusionRequest.to_dict(), ...]}``
   -> ``DiffusionOutput.to_dict()`` (what :class:`HTTPDiffusionExecutor` speaks). Input
   images (``image``, ``mask_image``) come as ``{"format": "png", "data": <base64>}`` or a
-  ``data:image/...;base64,`` URI; a file path is refused (the server reads no files), and
-  so is a per-request ``lora`` (adapters are the server's, ``--lora``).
+  ``data:image/...;base64,`` URI; a file path is refused (the server reads no files).
+  ``"stream": true`` answers server-sent events (queued, started, step k/n, done).
+  ``lora`` (every route) names adapters from the server's allow-list (:mod:`.http.loras`),
+  never a path.
 - ``GET /health``: answers from the engine's own state, never waiting for it (200 ok, 503
   with the reason when the engine failed, is closing or was shut down). ``GET /metrics``:
   Prometheus text.
@@ -27,7 +29,7 @@ needs ``Authorization: Bearer <key>`` (``/metrics`` too: request counts and queu
 the operator's business); a server bound beyond loopback refuses to start without one.
 Every client mistake is a 4xx and every failure a JSON body in OpenAI's error shape
 (``{"error": {"message", "type", "param", "code"}}``). A client that disconnects cancels
-its requests that have not started. Bodies are capped, and so are requests per call and
+its requests: waiting ones are dropped, running ones stop at the next step boundary. Bodies are capped, and so are requests per call and
 the queue (503 when full, so a flood cannot grow the server's memory without bound).
 """
 
