@@ -161,9 +161,16 @@ def leave_after_first_step(url: str, request_id: str, size: int) -> list[dict]:
     return seen
 
 
+@pytest.fixture(scope="module")
+def style_lora(tiny_unet, tmp_path_factory):
+    from helpers import make_random_lora
+
+    return make_random_lora(tmp_path_factory.mktemp("lora") / "style", tiny_unet, seed=1)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout, replicas", [([], 2), (["--tp", "2"], 1)], ids=["dp2", "tp2"])
-def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(layout, replicas):
+def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(layout, replicas, style_lora):
     """Each replica (rank 1's over MPI under dp2; a replica of both ranks under tp2, whose ranks
     must leave the loop at the same step) streams step events, and stops a request whose
     client left at the next step boundary: its leader is held after step 2 until the
@@ -172,9 +179,10 @@ def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(layout, 
 
     port = free_port()
     env = HoldForSignal(at_step=2).env({**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_API_KEY": "k"})
+    offered = ["--lora", f"style={style_lora}"] if replicas == 2 else []  # LoRA refuses tensor parallelism
     process = subprocess.Popen(
         [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), "serve", "--model", "tiny-unet",
-         "--port", str(port), "--batch-size", "1", *layout],
+         "--port", str(port), "--batch-size", "1", *layout, *offered],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -197,6 +205,49 @@ def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(layout, 
         client = openai.OpenAI(base_url=url + "/v1", api_key="k")
         assert len(client.images.generate(prompt="after", n=1, size="32x32",
                                           extra_body={"num_inference_steps": 2}).data) == 1
+        if offered:  # a named adapter on both replicas (two requests of other shapes: one each)
+            import requests
+
+            body = {"requests": [{"prompt": "styled", "seed": 1, "num_inference_steps": 2, "lora": "style:0.7",
+                                  "height": 32 + 8 * index, "width": 32} for index in range(2)]}
+            answer = requests.post(url + "/v1/diffusion/generate", json=body, timeout=120,
+                                   headers={"Authorization": "Bearer k"}).json()
+            assert answer["errors"] == [None, None], answer
+            assert {record["rank"] for record in answer["metadata"]} == {0, 1}
+            assert all(record["lora"] == [{"name": "style", "scale": 0.7}] for record in answer["metadata"])
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.mark.timeout(300)
+def test_video_jobs_under_mpiexec(tiny_video):
+    """The openai client's video jobs against a 2-replica server of the tiny Wan model."""
+    from spmd_diffusion.jobs.video import default_video_format, read_frames
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_API_KEY": "k"}
+    process = subprocess.Popen(
+        [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), "serve", "--model", "tiny-video",
+         "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(process, url)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k")
+        jobs = [client.videos.create(prompt=f"a wave {index}", size="64x64",
+                                     extra_body={"num_frames": 5, "num_inference_steps": 2, "seed": index})
+                for index in range(2)]
+        for job in jobs:
+            deadline = time.monotonic() + 120
+            while (job := client.videos.retrieve(job.id)).status in ("queued", "in_progress"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.05)
+            assert job.status == "completed" and job.progress == 100, job
+            frames = read_frames(client.videos.download_content(job.id).read(), default_video_format())
+            assert len(frames) == 5 and frames[0].size == (64, 64)
     finally:
         process.send_signal(signal.SIGINT)
         try:

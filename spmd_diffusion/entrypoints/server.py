@@ -210,8 +210,8 @@ def build_app(
     async def native_generate(request: Request) -> Response:
         body = await read_json(request)
         if not isinstance(body, dict) or "requests" not in body or not set(body) <= {"requests", "stream"}:
-            raise ApiError(400, 'body must be {"requests": [<request>, ...]} (and optionally "stream": true), '
-                                "nothing else")
+            raise ApiError(400, 'body must be {"requests": [<request>, ...]}, optionally "stream": true, '
+                                "and nothing else")
         if not isinstance(body.get("stream", False), bool):
             raise ApiError(400, "stream must be true or false", param="stream")
         items = body["requests"]
