@@ -45,7 +45,7 @@ def lock_server(engine, port: int = 0) -> ThreadingHTTPServer:
         def log_message(self, *args) -> None:
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             requests = [OmniDiffusionRequest.from_dict(item) for item in body["requests"]]
             with lock:

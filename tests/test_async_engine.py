@@ -138,7 +138,9 @@ def test_a_started_request_that_is_cancelled_stops_between_steps_and_the_engine_
             wait_until(lambda: steps.cancelled == ["started"])
         assert [event["event"] for event in seen] == ["queued", "started", "step"]
         assert seen[-1]["step"] == 1 and seen[-1]["steps"] == 40
-        assert steps.steps == 2 and engine.signals_sent == 1  # 2 of 40 steps ran
+        # held after step 2 until the signal came: it stopped there, or after step 1 where the
+        # signal beat the leader's own check of that step (a loaded machine)
+        assert 1 <= steps.steps <= 2 and engine.signals_sent == 1
         assert asyncio.run(engine.generate(small_requests(1)[0])).ok
     finally:
         engine.close_sync()
@@ -161,7 +163,7 @@ def test_spawned_workers_stop_a_cancelled_request_between_steps(tiny_unet, monke
                                        height=32, width=32)
         seen = stop_after_first_step(engine, request)
         wait_until(lambda: steps.cancelled == ["spawned"])
-        assert seen[-1]["event"] == "step" and steps.steps == 2
+        assert seen[-1]["event"] == "step" and 1 <= steps.steps <= 2  # of 40 (see above)
         assert asyncio.run(engine.generate(small_requests(1, num_inference_steps=2)[0])).ok
     finally:
         engine.close_sync()

@@ -195,7 +195,8 @@ def test_the_native_http_route_takes_base64_images_and_refuses_paths(tiny_unet, 
             assert status == 400 and message in answer["error"]["message"], answer
         body["requests"][0].update(image=encode_image(sent), lora=["org/some-lora"])
         status, answer = call(url, body)
-        assert status == 400 and "lora is set when the server starts" in answer["error"]["message"], answer
+        # a client names adapters the server offers (--lora NAME=PATH), never a hub id or path
+        assert status == 400 and "unknown LoRA 'org/some-lora'" in answer["error"]["message"], answer
     finally:
         http.shutdown()
         http.server_close()

@@ -262,7 +262,9 @@ def test_a_streamed_call_reports_queued_started_steps_and_done(server):
 def test_a_client_that_leaves_a_stream_stops_its_running_request_between_steps(server):
     """The client reads until the first step event and goes away; the replica leader is held
     after step 2 until the cancellation reaches it (so a fast machine cannot finish first):
-    the batch then stops at that boundary, 2 of 50 steps run, and the replica serves again."""
+    the batch then stops at that boundary (or at step 1, where the cancellation beat the
+    leader's own check of it on a loaded machine): at most 2 of 50 steps run, and the replica
+    serves again."""
     engine = server.async_engine
     metrics_before = call(server.url + "/metrics")[1]
     steps_before = sample(metrics_before, "spmd_diffusion_step_seconds_count")
@@ -276,7 +278,7 @@ def test_a_client_that_leaves_a_stream_stops_its_running_request_between_steps(s
         response.close()
         wait_for(lambda: engine.running == 0, "the running request was not stopped")
     text = call(server.url + "/metrics")[1]
-    assert sample(text, "spmd_diffusion_step_seconds_count") - steps_before == 2  # of 50
+    assert 1 <= sample(text, "spmd_diffusion_step_seconds_count") - steps_before <= 2  # of 50
     assert sample(text, 'spmd_diffusion_requests_total{outcome="cancelled"}') - cancelled_before == 1
     assert engine.engine.collective_rpc("get_cache_stats")[0]["images_generated"] == images_before
     assert call(server.url + "/v1/diffusion/generate", native(1, prefix="after-leave-"))[0] == 200

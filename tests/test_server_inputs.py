@@ -8,16 +8,15 @@ from __future__ import annotations
 import base64
 import io
 import json
-import urllib.error
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_server import KEY, call
 
 from spmd_diffusion import OmniDiffusionConfig
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.server import serve
-from test_server import KEY, call
 
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import make_random_lora, same_pixels
+from test_server import KEY, call
+
 from spmd_diffusion import OmniDiffusionConfig, OmniDiffusionRequest
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.http.loras import lora_catalog, resolve_loras, split_lora_options
 from spmd_diffusion.entrypoints.server import serve
-from test_server import KEY, call
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the test extra installs openai")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from gates import HoldForSignal
+from test_server import KEY, call
 
 from spmd_diffusion import OmniDiffusionConfig
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.server import ServerLimits, serve
-from gates import HoldForSignal
-from test_server import KEY, call
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
@@ -32,13 +32,17 @@ def client_of(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
 
 
-def wait_status(client, video_id: str, wanted: set[str], timeout: float = 120.0):
+def wait_status(client, video_id: str, wanted: set[str], timeout: float = 300.0, server=None):
+    """Until the job's status is one of ``wanted`` (the timeout only guards against a hang)."""
     deadline = time.monotonic() + timeout
     while True:
         video = client.videos.retrieve(video_id)
         if video.status in wanted:
             return video
-        assert time.monotonic() < deadline, f"still {video.status}"
+        if time.monotonic() >= deadline:
+            engine = server.async_engine if server is not None else None
+            state = "" if engine is None else f" (engine: {engine.running} running, {engine.queued} queued)"
+            raise AssertionError(f"still {video.status} at {video.progress}%{state}")
         time.sleep(0.05)
 
 
@@ -49,7 +53,7 @@ def test_a_video_job_goes_from_queued_to_completed_and_its_file_is_fetched_once(
     video = client.videos.create(prompt="a wave", seconds="4", size="64x64",
                                  extra_body={"num_frames": 5, "num_inference_steps": 3, "seed": 2})
     assert video.status in ("queued", "in_progress") and video.id.startswith("video_") and video.seconds == "4"
-    done = wait_status(client, video.id, {"completed", "failed"})
+    done = wait_status(client, video.id, {"completed", "failed"}, server=video_server)
     assert done.status == "completed" and done.progress == 100, done
     assert done.completed_at >= done.created_at and done.expires_at > done.completed_at
     assert video.id in [item.id for item in client.videos.list().data]

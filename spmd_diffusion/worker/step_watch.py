@@ -24,6 +24,7 @@ from typing import Any
 
 from spmd_diffusion.data import StepNote
 from spmd_diffusion.errors import CANCELLED
+
 DEFAULT_INTERVAL_S = 0.25
 
 
