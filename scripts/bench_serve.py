@@ -27,6 +27,7 @@ import os
 import statistics
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -116,8 +117,11 @@ def multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, s
 
 def post(url: str, data: bytes, content_type: str) -> dict:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise SystemExit(f"{url}: {error.code} {error.read().decode()}") from None
 
 
 def timed(call) -> float:
@@ -164,7 +168,7 @@ def video_row(args: argparse.Namespace) -> dict[str, float]:
         assert output["errors"] == [None], output["errors"]
 
     def start_long(url: str) -> str:
-        body = {"prompt": "a long wave", "num_frames": 33, "num_inference_steps": 2000, "size": "64x64"}
+        body = {"prompt": "a long wave", "num_frames": 33, "num_inference_steps": 1000, "size": "64x64"}
         return post(url + "/v1/videos", json.dumps(body).encode(), "application/json")["id"]
 
     def running(server, video_id: str) -> bool:
@@ -194,8 +198,8 @@ def edit_row(args: argparse.Namespace) -> dict[str, float]:
         assert len(post(url + "/v1/images/edits", data, kind)["data"]) == 1
 
     def start_long(url: str) -> http.client.HTTPConnection:
-        data, kind = multipart({"prompt": "a long edit", "num_inference_steps": "20000", "strength": "1"},
-                               {"image": picture})
+        data, kind = multipart({"prompt": "a long edit", "num_inference_steps": "1000", "strength": "0.99",
+                                "size": "256x256"}, {"image": picture})
         host, port = url.removeprefix("http://").split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=600)
         connection.request("POST", "/v1/images/edits", body=data, headers={"Content-Type": kind})
@@ -230,6 +234,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", default="tiny-unet")
     parser.add_argument("--mixed", action="store_true", help="the mixed-load rows (see above)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="replicas send no step reports (and a running request cannot be stopped)")
     parser.add_argument("--short", type=int, default=24, help="--mixed: short requests per phase")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -239,7 +245,7 @@ def main() -> None:
 
     config = OmniDiffusionConfig(model=args.model, executor_class="mp", num_gpus=args.replicas, device="cpu",
                                  max_batch_size=args.batch_size)
-    engine = AsyncDiffusionEngine(config)
+    engine = AsyncDiffusionEngine(config, progress_interval_s=None if args.no_progress else 0.25)
     server = serve(engine, "127.0.0.1", 0).start()
     old = lock_server(engine.engine)
     threading.Thread(target=old.serve_forever, daemon=True).start()
@@ -259,7 +265,8 @@ def main() -> None:
         server.server_close()
     serial = results["serial (1 client at a time, new server)"]["images_per_s"]
     print(f"{args.clients} clients x {args.rounds} single-image requests, {args.size}x{args.size}, "
-          f"{args.steps} steps, {args.replicas} replicas (mp, CPU), max batch {args.batch_size}")
+          f"{args.steps} steps, {args.replicas} replicas (mp, CPU), max batch {args.batch_size}, "
+          f"progress {'off' if args.no_progress else 'on'}")
     print(f"{'run':48s} {'images/s':>9s} {'x serial':>9s} {'p50 s':>7s} {'p95 s':>7s}")
     for name, result in results.items():
         print(f"{name:48s} {result['images_per_s']:9.2f} {result['images_per_s'] / serial:9.2f} "
