@@ -92,7 +92,11 @@ def hold_for_signal(module, at_step: int):
                 while not self.cancelled and time.monotonic() < deadline:
                     self._read_signals()
                     time.sleep(0.005)
-            return inner(step, total)
+            try:
+                return inner(step, total)
+            finally:
+                if self.cancelled:
+                    holds[0] = 0  # the cancellation came (maybe before the hold): later batches run freely
 
         return after_step
 
