@@ -362,3 +362,17 @@ class StepNote(NamedTuple):
     request_ids: tuple[str, ...]
     step: int
     steps: int
+
+
+class OutputsPending(NamedTuple):
+    """A replica leader's note that its batch is denoised and handed to its output writer:
+    the replica may start its next batch while the files are written. The batch's answer
+    (its records, once the files are durable) follows from the writer."""
+
+
+class Deferred:
+    """What a worker call returns when its answer follows later, from another thread (the
+    output writer): the serve loop sends nothing for it."""
+
+
+DEFERRED = Deferred()

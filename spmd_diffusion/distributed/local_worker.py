@@ -57,8 +57,16 @@ class LocalWorker:
         self._busy.release()
 
     def notify(self, reply: RpcReply) -> None:
-        """A running call's extra reply (a step note): not its answer."""
+        """A reply outside the serve loop's own: a running call's note, or the answer of a
+        call the output writer finishes."""
         self.replies.put(reply)
+
+    def finish_deferred(self) -> None:
+        """The call just served will be answered by the output writer: the worker thread is
+        free for the next request now."""
+        with self._state:
+            self._queued -= 1
+        self._busy.release()
 
     def poll_request(self) -> RpcRequest | None:
         try:

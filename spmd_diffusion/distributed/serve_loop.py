@@ -10,11 +10,13 @@ load the worker, report how that went.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from spmd_diffusion.data import DEFERRED
 from spmd_diffusion.distributed.protocol import (
     MessageKind,
     RpcReply,
@@ -45,10 +47,28 @@ class CallChannel:
         self.rank = rank
         self.call_id = 0
         self.kept: deque[RpcRequest] = deque()
+        self._sending = threading.Lock()  # the serve loop and the output writer both send
+
+    def send(self, reply: RpcReply) -> None:
+        with self._sending:
+            self.endpoint.send(reply)
 
     def note(self, value: Any) -> None:
         notify = getattr(self.endpoint, "notify", self.endpoint.send)
-        notify(RpcReply(self.rank, value, None, self.call_id))
+        with self._sending:
+            notify(RpcReply(self.rank, value, None, self.call_id))
+
+    def answer_later(self) -> Callable[..., None]:
+        """The running call's answer, to be given by another thread (``answer(value)`` or
+        ``answer(error=exc)``) after the call returned ``DEFERRED``."""
+        call_id, notify = self.call_id, getattr(self.endpoint, "notify", self.endpoint.send)
+
+        def answer(value: Any = None, error: BaseException | None = None) -> None:
+            failure = None if error is None else failure_from_exception(self.rank, error)
+            with self._sending:
+                notify(RpcReply(self.rank, None if error is not None else value, failure, call_id))
+
+        return answer
 
     def signals(self) -> list[dict[str, Any]]:
         poll = getattr(self.endpoint, "poll_request", None)
@@ -132,7 +152,9 @@ def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> RpcRequest
         if request.kind is MessageKind.SIGNAL:
             continue  # meant for a call that has ended
         if request.kind in (MessageKind.SHUTDOWN, MessageKind.DISCONNECT):
-            endpoint.send(RpcReply(rank, request.kind.name.lower(), None, request.call_id))
+            if hasattr(worker, "finish_outputs"):
+                worker.finish_outputs()  # every deferred answer leaves before the acknowledgement
+            channel.send(RpcReply(rank, request.kind.name.lower(), None, request.call_id))
             return request
         if request.kind is MessageKind.CALL:
             channel.call_id = request.call_id
@@ -143,15 +165,20 @@ def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> RpcRequest
             finally:
                 if hasattr(worker, "call_channel"):
                     worker.call_channel = None
+            if reply.value is DEFERRED:  # the output writer answers it; this loop serves on
+                finish = getattr(endpoint, "finish_deferred", None)
+                if finish is not None:
+                    finish()
+                continue
         else:
             error = RuntimeError(f"unexpected {request.kind.name} message while serving")
             reply = RpcReply(rank, None, failure_from_exception(rank, error), request.call_id)
         try:
-            endpoint.send(reply)
+            channel.send(reply)
         except (EOFError, OSError):
             return None
         except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-            endpoint.send(RpcReply(rank, None, failure_from_exception(rank, exc), request.call_id))
+            channel.send(RpcReply(rank, None, failure_from_exception(rank, exc), request.call_id))
 
 
 def run_worker_rank(

@@ -182,6 +182,7 @@ class StreamSource:
 class Running:
     work: Work
     info: BatchInfo
+    freed: bool = False  # its replica took the next batch while this one's files are written
 
 
 class ReplicaScheduler:
@@ -286,9 +287,16 @@ class ReplicaScheduler:
                 if free and not stopping and (source.may_grow or wake_at is not None):
                     slice_s = FREE_SLICE_S if wake_at is None else max(0.0, min(FREE_SLICE_S,
                                                                                  wake_at - time.monotonic()))
-                for call in self.executor.wait(list(running), timeout=slice_s):
+                finished = self.executor.wait(list(running), timeout=slice_s)
+                for call, entry in running.items():
+                    if call.released and not entry.freed and call not in finished:
+                        entry.freed = True  # denoised and handed to the writer: the replica is free
+                        call.released = False  # seen: the executor's wait need not return for it again
+                        free.append(call.replica)
+                for call in finished:
                     entry = running.pop(call)
-                    free.append(call.replica)
+                    if not entry.freed:
+                        free.append(call.replica)
                     output = self._output(call, entry.work.requests)
                     if self.watchdog is not None:
                         self.watchdog.observe(call.replica, entry.work.requests, output,

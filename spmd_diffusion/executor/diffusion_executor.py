@@ -31,6 +31,7 @@ class ReplicaCall:
     replica: int
     name: str
     on_note: Any = None  # called with each StepNote the replica sends while the call runs
+    released: bool = False  # the replica handed the batch to its output writer: it may take the next
 
     @property
     def done(self) -> bool:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from spmd_diffusion.data import DiffusionOutput, StepNote
+from spmd_diffusion.data import DiffusionOutput, OutputsPending, StepNote
 from spmd_diffusion.distributed.protocol import (
     MessageKind,
     RpcMethod,
@@ -46,7 +46,7 @@ class PendingCall(ReplicaCall):
     call, as soon as one rank reports a failure), or when ``error`` is set."""
 
     __slots__ = ("executor", "call_id", "name", "ranks", "reply_rank", "timeout", "deadline", "replica",
-                 "stop_at_failure", "replies", "error", "_failed", "on_note")
+                 "stop_at_failure", "replies", "error", "_failed", "on_note", "released")
 
     def __init__(
         self,
@@ -68,6 +68,7 @@ class PendingCall(ReplicaCall):
         self.error: BaseException | None = None
         self._failed = False
         self.on_note: Any = None
+        self.released = False
 
     def add(self, reply: RpcReply) -> None:
         self.replies[reply.rank] = reply
@@ -182,6 +183,9 @@ class RpcExecutor(DiffusionExecutor):
                     if call.on_note is not None:
                         notes.append((call.on_note, reply.value))
                     continue
+                if isinstance(reply.value, OutputsPending):
+                    call.released = True
+                    continue
                 call.add(reply)
                 if call.done:
                     del self._calls[reply.call_id]
@@ -210,6 +214,8 @@ class RpcExecutor(DiffusionExecutor):
             pending = [call for call in calls if not call.done]
             if not pending or (not every and len(pending) < len(calls)):
                 return [call for call in calls if call.done]
+            if not every and any(call.released for call in pending):
+                return []  # a replica is free for its next batch (see ReplicaScheduler.drive)
             now = time.monotonic()
             ends = [call.deadline for call in pending if call.deadline is not None]
             late = [call for call in pending if call.deadline is not None and now >= call.deadline]

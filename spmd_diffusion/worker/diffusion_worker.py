@@ -15,11 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from spmd_diffusion.errors import ConnectionLostError, gloo_brief, peer_lost
-from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.data import DEFERRED, DiffusionOutput, OmniDiffusionConfig, OutputsPending
 from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
 from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.models.loader import model_call_defaults
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
+from spmd_diffusion.worker.output_writer import OutputWriter
 from spmd_diffusion.worker.step_watch import (
     DEFAULT_INTERVAL_S,
     CallCancelled,
@@ -81,6 +82,7 @@ class DiffusionWorker:
         self.requests_failed = 0
         self._closed = False
         self.call_channel: Any = None  # the serve loop's CallChannel while a call runs
+        self._writer: OutputWriter | None = None  # the leader's output writer, started on first use
         self._agreement: list[Any] | None = None  # the replica's stop agreement, built on first use
         self._load()
 
@@ -531,8 +533,19 @@ class DiffusionWorker:
         self.images_generated += sum(len(per_request) for per_request in output.images)
         self.requests_failed += sum(error is not None for error in errors)
         if sink is not None and self.is_replica_leader:
-            return sink.write(output)
+            if self.call_channel is None:  # no channel to answer later on (a direct call, Ray)
+                return sink.write(output)
+            if self._writer is None:
+                self._writer = OutputWriter()
+            self._writer.submit(sink, output, self.call_channel.answer_later())
+            self.call_channel.note(OutputsPending())  # the replica may take its next batch now
+            return DEFERRED
         return output
+
+    def finish_outputs(self) -> None:
+        """Wait until the output writer has written and answered every batch it holds."""
+        if self._writer is not None:
+            self._writer.drain()
 
     # -- power management -------------------------------------------------------------------
     def sleep(self, level: int = 1) -> dict[str, Any]:
@@ -617,9 +630,12 @@ class DiffusionWorker:
         return {"rank": self.rank, "status": "asleep" if self.sleep_level else "ok", "device": str(self.device)}
 
     def shutdown(self) -> None:
-        """Release the pipeline; calling it again does nothing."""
+        """Finish writing, then release the pipeline; calling it again does nothing."""
         if self._closed:
             return
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         self._closed = True
         self._release_pipeline()
 
