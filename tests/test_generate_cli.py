@@ -87,6 +87,9 @@ def test_outputs_and_manifest(runs):
     assert run["status"] == "complete" and run["totals"]["images_ok"] == 6
     assert run["layout"]["world_size"] == 2 and run["layout"]["replicas"] == 2
     assert (output / "contact_sheet.png").stat().st_size > 0
+    timing = run["timing"]  # where the time went: before the generate phase, the warm-up batch, after it
+    assert timing["startup_s"] > timing["load_s"] > 0
+    assert 0 < timing["first_output_s"] <= run["seconds"] and timing["steady_images_per_second"] > 0
 
 
 def test_a_finished_job_has_nothing_to_do_and_loads_nothing(runs, prompt_file):

@@ -171,6 +171,11 @@ class SPMDTransport(Transport):
         if self.shared_inbox:
             return [_reply(item) for item in self.local.wait(timeout)]
         remote = [rank for rank in ranks if rank != 0]
+        if not remote:
+            # Only rank 0's own worker is awaited (mpiexec -n 1, or its replica alone): block on
+            # its queue. Polling it would wake this thread every few ms and take the GIL from
+            # the worker thread beside it while it runs a batch.
+            return self.local.wait(timeout)
         replies: list[RpcReply] = []
 
         def arrived() -> bool:

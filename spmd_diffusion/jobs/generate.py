@@ -612,6 +612,26 @@ class GenerateJob:
         return ImageFileSink(str(self.plan.output_dir), counts, skip, options.encoding, described)
 
     previous_run: dict[str, Any] | None = None
+    first_output: tuple[float, int] | None = None  # (when, images arrived by then)
+    load_seconds: float | None = None  # the slowest rank's model load
+
+    def _timing(self, started: float, seconds: float) -> dict[str, Any]:
+        """Where the run's time went: start-up before the generate phase (process start, imports,
+        launch, loading), the slowest rank's load, the first output (the warm-up batch), and the
+        steady-state rate after it (images past the first output over the time past it)."""
+        from spmd_diffusion.utils.clock import process_started
+
+        timing: dict[str, Any] = {"startup_s": round(started - process_started(), 3)}
+        if self.load_seconds is not None:
+            timing["load_s"] = round(self.load_seconds, 3)
+        if self.first_output is not None:
+            first_at, first_images = self.first_output
+            timing["first_output_s"] = round(first_at - started, 3)
+            later = self.stats.images_arrived - first_images
+            steady = started + seconds - first_at
+            if later > 0 and steady > 0:
+                timing["steady_images_per_second"] = round(later / steady, 4)
+        return timing
 
     def _write_run_json(self, status: str, started: float, seconds: float | None = None,
                         missing: list[tuple[str, int]] | None = None, missing_count: int = 0,
@@ -653,6 +673,7 @@ class GenerateJob:
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
             record["images_per_second"] = round(made / seconds, 4) if seconds > 0 else None
+            record["timing"] = self._timing(started, seconds)
             if self.compile_seconds is not None:
                 # Replicas compile at once, on their first batches: the slowest one's compile
                 # time is what the run lost to it.
@@ -778,6 +799,8 @@ class GenerateJob:
             before = self.stats.images_arrived
             writer.append(self._records(output))
             bar.update(self.stats.images_arrived - before)
+            if self.first_output is None:  # the first batch carries the warm-up (kernels, allocator)
+                self.first_output = (time.time(), self.stats.images_arrived)
             if plan.options.fail_fast and self.stats.images_failed:
                 self.stats.stopped = True
                 return False
@@ -805,6 +828,8 @@ class GenerateJob:
                 raise
         stats = engine.collective_rpc("get_cache_stats")  # one call at the end: memory, parallel, compile
         self.memory = [rank["memory"] for rank in stats if isinstance(rank, dict) and rank.get("memory")]
+        loads = [float(rank["load_seconds"]) for rank in stats if isinstance(rank, dict) and "load_seconds" in rank]
+        self.load_seconds = max(loads) if loads else None
         if plan.config.replica_size > 1:
             from spmd_diffusion.parallel import merge_parallel_stats  # torch: only where a replica has ranks
 
