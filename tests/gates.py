@@ -57,16 +57,17 @@ class DenoiserGate:
 class JobGate:
     """The subprocess side: ``env()`` for the job, ``wait_held()``, then ``release()``."""
 
-    def __init__(self, directory: Path, after: int = 1) -> None:
+    def __init__(self, directory: Path, after: int = 1, ranks: int = 1) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.after = after
+        self.after, self.ranks = after, ranks
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GATE_SITE), env.get("PYTHONPATH")]))
         env["SPMD_TEST_GATE_DIR"] = str(self.directory)
         env["SPMD_TEST_GATE_AFTER"] = str(self.after)
+        env["SPMD_TEST_GATE_RANKS"] = str(self.ranks)
         return env
 
     @property

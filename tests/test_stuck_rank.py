@@ -36,7 +36,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path, launcher):
     args = [*command, "generate", "--prompts", str(prompts), "--output", str(output), "--steps", "2", "--height", "32",
             "--width", "32", "--batch-size", "1", "--batch-timeout", "5", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    gate = JobGate(tmp_path / "gate", after=2)  # both replicas have made a batch: their next ones are timed
+    gate = JobGate(tmp_path / "gate", after=2, ranks=2)  # both replicas made a batch: their next ones are timed
     job = subprocess.Popen(args, env=gate.env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     stopped = None

@@ -105,8 +105,13 @@ class WorkerPlacement:
 class UnloadedWorker:
     """Stands in for a worker whose model failed to load: every call reports that failure."""
 
+    call_channel = None  # what the serve loop sets and reads on any worker
+
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+    def finish_outputs(self) -> None:
+        """It wrote nothing."""
 
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError(f"this rank's worker failed to load: {type(self.error).__name__}: {self.error}")

@@ -293,6 +293,8 @@ class ReplicaScheduler:
                         entry.freed = True  # denoised and handed to the writer: the replica is free
                         call.released = False  # seen: the executor's wait need not return for it again
                         free.append(call.replica)
+                        if self.watchdog is not None:
+                            self.watchdog.denoised(call.replica)
                 for call in finished:
                     entry = running.pop(call)
                     if not entry.freed:

@@ -46,6 +46,11 @@ class BatchWatchdog:
             limit = max(self.floor, self.factor * pace * self._units(requests))
         return limit if self.cap is None else min(limit, self.cap)
 
+    def denoised(self, replica: int) -> None:
+        """``replica`` finished denoising a batch (its files are still being written): its
+        warm-up is over, so its next batch is timed even before this one is answered."""
+        self.warm.add(replica)
+
     def observe(self, replica: int, requests: Sequence[Any], output: Any, seconds: float) -> None:
         """A finished batch: its replica is warm, and its pace (if slower) is the new bound."""
         first = replica not in self.warm

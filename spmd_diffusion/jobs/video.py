@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
 import json
 import subprocess
 import tempfile
@@ -104,6 +105,13 @@ def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, qualit
 
 def _encode_mp4(frames: list[np.ndarray], fps: float, quality: int, texts: tuple[str, str] | None) -> bytes:
     import imageio_ffmpeg
+
+    # imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, Python code run between fork
+    # and exec: in a process with other threads (the output writer beside the denoising
+    # thread, a server's threads) the child can deadlock on a lock another thread held at the
+    # fork, and Popen waits forever (seen here in a server's encoding thread; imageio-ffmpeg's
+    # issue 58). This variable is its own switch to start ffmpeg without it.
+    os.environ["IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"] = "1"
 
     height, width = frames[0].shape[:2]
     tags: list[str] = []

@@ -2,7 +2,7 @@
 
 JobGate (``$SPMD_TEST_GATE_DIR``): on the processes that run the engine,
 ``ReplicaScheduler.drive`` hands out no further batch once ``$SPMD_TEST_GATE_AFTER`` batches
-have been delivered, until ``$SPMD_TEST_GATE_DIR/release`` exists; and every worker writes
+have been delivered (by at least ``$SPMD_TEST_GATE_RANKS`` different ranks), until ``$SPMD_TEST_GATE_DIR/release`` exists; and every worker writes
 ``rank-<rank>.pid`` there once it has loaded (so a test can stop or kill a given rank).
 
 Hold for a signal (``$SPMD_TEST_HOLD_FOR_SIGNAL_AT=N``): a replica leader running a batch
@@ -32,31 +32,36 @@ def _hold(directory: Path) -> None:
 
 
 class _GatedSource:
-    """A work source that stops handing out work after ``after`` deliveries until released."""
+    """A work source that stops handing out work after ``after`` deliveries (made by at least
+    ``ranks`` different ranks) until released."""
 
-    def __init__(self, inner, directory: Path, after: int) -> None:
+    def __init__(self, inner, directory: Path, after: int, ranks: int = 1) -> None:
         self._inner, self._directory, self._after, self._delivered = inner, directory, after, 0
+        self._ranks, self._seen = ranks, set()
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
     def take(self, now):
-        if self._delivered >= self._after and not (self._directory / "release").exists():
+        due = self._delivered >= self._after and len(self._seen) >= self._ranks
+        if due and not (self._directory / "release").exists():
             _hold(self._directory)
         return self._inner.take(now)
 
     def finished(self, work, output):
         verdict = self._inner.finished(work, output)
         self._delivered += 1
+        self._seen.add(getattr(output, "rank", None))
         return verdict
 
 
 def _patch_scheduler(module) -> None:
     directory, after = Path(os.environ["SPMD_TEST_GATE_DIR"]), int(os.environ.get("SPMD_TEST_GATE_AFTER", "1"))
+    ranks = int(os.environ.get("SPMD_TEST_GATE_RANKS", "1"))
     original = module.ReplicaScheduler.drive
 
     def drive(self, source, timeout=None):
-        return original(self, _GatedSource(source, directory, after), timeout)
+        return original(self, _GatedSource(source, directory, after, ranks), timeout)
 
     module.ReplicaScheduler.drive = drive
 
