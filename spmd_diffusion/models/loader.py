@@ -219,17 +219,70 @@ def denoiser_config(model: str) -> tuple[str, dict[str, Any]] | None:
 
 def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] | None:
     """The pipeline class's name and the named arguments of its ``__call__`` (None when the
-    class cannot be known before loading): rank 0 refuses items it could not run."""
+    class cannot be known before loading): rank 0 refuses items it could not run.
+
+    Read from a small cache keyed by the installed diffusers' version where it was seen
+    before: importing diffusers and a pipeline class costs rank 0 about 4 s of start-up (of a
+    tiny job's 8), and without a launcher the engine process needs nothing else of them."""
+    name = declared_pipeline_class(model, class_name)
+    if not name:
+        return None
+    known = _signature_cache()
+    key = f"{_diffusers_version()}:{name}"
+    if key in known:
+        return (name, set(known[key])) if known[key] is not None else None
+    arguments = _call_arguments_of(name)
+    _remember_signature(key, None if arguments is None else sorted(arguments))
+    return None if arguments is None else (name, arguments)
+
+
+def _call_arguments_of(name: str) -> set[str] | None:
     import inspect
 
     import diffusers
 
-    name = declared_pipeline_class(model, class_name)
-    cls = getattr(diffusers, name, None) if name else None
+    cls = getattr(diffusers, name, None)
     if cls is None or not callable(getattr(cls, "__call__", None)):
         return None
     parameters = inspect.signature(cls.__call__).parameters.values()
-    return name, {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+SIGNATURES_FILE = "pipeline_call_arguments.json"
+
+
+def _diffusers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return "none"
+
+
+def _signature_cache() -> dict[str, Any]:
+    try:
+        known = json.loads((Path(envs.cache_dir()) / SIGNATURES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remember_signature(key: str, arguments: list[str] | None) -> None:
+    """Add one entry (written whole and renamed into place: concurrent jobs never see a part)."""
+    import os
+    import tempfile
+
+    directory = Path(envs.cache_dir())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        known = {**_signature_cache(), key: arguments}
+        handle, temporary = tempfile.mkstemp(prefix=f".{SIGNATURES_FILE}.", dir=directory)
+        with os.fdopen(handle, "w") as stream:
+            json.dump(known, stream)
+        os.replace(temporary, directory / SIGNATURES_FILE)
+    except OSError:
+        pass  # a cache that cannot be written is only slower
 
 
 def call_defaults(model: str, pipeline: str | None) -> dict[str, Any]:
