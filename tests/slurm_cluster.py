@@ -161,13 +161,15 @@ PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return "\n".join(texts)
 
     def requeue(self, job_id: str, timeout: float = 60.0) -> None:
-        """``scontrol requeue`` a running job and let it start again at once (Slurm holds a
-        requeued job back for a while before it is eligible again)."""
+        """``scontrol requeue`` a running job and let it start again soon (Slurm holds a
+        requeued job back for a while before it is eligible again). Not in the same second as
+        the requeue: slurmd compares the new launch's credential with the old one's revocation
+        to the second, and a launch within it is killed as "Job credential revoked"."""
         self.run("scontrol", "requeue", job_id)
         deadline = time.monotonic() + timeout
         while self.job_state(job_id) not in ("PENDING", "RUNNING", "COMPLETED") and time.monotonic() < deadline:
             time.sleep(0.3)
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False)
 
     def stop(self) -> None:
         """Cancel every job, wait for their steps to end (a step outlives its slurmd), then

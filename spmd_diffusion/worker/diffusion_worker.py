@@ -20,7 +20,7 @@ from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device,
 from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.models.loader import model_call_defaults
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
-from spmd_diffusion.worker.output_writer import OutputWriter
+from spmd_diffusion.worker.output_writer import CLOSE_TIMEOUT_S, OutputWriter
 from spmd_diffusion.worker.step_watch import (
     DEFAULT_INTERVAL_S,
     CallCancelled,
@@ -545,7 +545,7 @@ class DiffusionWorker:
     def finish_outputs(self) -> None:
         """Wait until the output writer has written and answered every batch it holds."""
         if self._writer is not None:
-            self._writer.drain()
+            self._writer.drain(CLOSE_TIMEOUT_S)
 
     # -- power management -------------------------------------------------------------------
     def sleep(self, level: int = 1) -> dict[str, Any]:

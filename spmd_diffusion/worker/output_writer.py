@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 QUEUE_DEPTH = 1  # batches waiting for the writer beside the one it writes
+CLOSE_TIMEOUT_S = 120.0  # a shutdown waits this long for the files still being written
 
 
 class OutputWriter:
@@ -39,14 +41,25 @@ class OutputWriter:
         """Queue one batch (blocks while the writer is a batch behind: back-pressure)."""
         self._jobs.put((sink, output, answer))
 
-    def drain(self) -> None:
-        """Wait until every submitted batch is written and answered."""
-        self._jobs.join()
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted batch is written and answered (False at the timeout:
+        e.g. an answer that cannot leave because the engine is gone)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._jobs.all_tasks_done:
+            while self._jobs.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._jobs.all_tasks_done.wait(remaining)
+        return True
 
-    def close(self) -> None:
-        self.drain()
-        self._jobs.put(None)
-        self._thread.join(timeout=60)
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Finish what was submitted (within ``timeout``), then stop the thread."""
+        if self.drain(timeout):
+            self._jobs.put(None)
+            self._thread.join(timeout=timeout)
+        else:
+            logger.warning("the output writer did not finish within %.0f s; leaving it", timeout)
 
     def _run(self) -> None:
         while True:
