@@ -138,3 +138,27 @@ def test_a_sink_that_fails_fails_its_own_batch_only(tiny_unet):
                                                                                   output.errors)}
     assert "No space left on device" in errors["item-0"] and "No space left on device" in errors["item-1"]
     assert errors["item-2"] is None and errors["item-3"] is None
+
+
+def test_a_batch_is_vouched_for_only_after_one_sync_of_its_directory(tmp_path, monkeypatch):
+    """Each file's data is synced as it is written; the directory holding their new names once
+    per batch, before any record leaves: if that sync fails, no file of the batch is vouched for."""
+    from PIL import Image
+
+    from spmd_diffusion.jobs import outputs
+
+    output = DiffusionOutput(request_ids=["a", "b"], images=[[Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))]],
+                             errors=[None, None], seeds=[[1], [2]], metadata=[{}, {}])
+    synced: list = []
+    monkeypatch.setattr(outputs, "fsync_directory", synced.append)
+    written = outputs.ImageFileSink(str(tmp_path), {"a": 1, "b": 1}).write(output)
+    assert [len(meta["files"]) for meta in written.metadata] == [1, 1] and written.errors == [None, None]
+    assert synced == [tmp_path / "images"]  # once for the batch, not once per file
+
+    def fails(directory):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(outputs, "fsync_directory", fails)
+    written = outputs.ImageFileSink(str(tmp_path / "again"), {"a": 1, "b": 1}).write(output)
+    assert [meta["files"] for meta in written.metadata] == [[], []]
+    assert all("Input/output error" in error for error in written.errors)

@@ -30,11 +30,13 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, sync_directory: bool = True) -> None:
     """Write to a temporary file in the same directory, flush it to disk, then rename it
     over ``path`` (rename is atomic) and sync the directory: readers see the old file or the
     new one, never part, and a crash after this returns keeps the new one. The file gets the
-    mode ``open()`` would give (``mkstemp`` makes it private)."""
+    mode ``open()`` would give (``mkstemp`` makes it private). ``sync_directory=False``: the
+    caller syncs the directory once after several files (a batch's images), before it
+    vouches for any of them."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -47,7 +49,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-        fsync_directory(path.parent)
+        if sync_directory:
+            fsync_directory(path.parent)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)
         raise OutputWriteError.from_os_error(path, exc) from None

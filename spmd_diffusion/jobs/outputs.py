@@ -23,7 +23,8 @@ from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.jobs.encoding import Encoding
-from spmd_diffusion.jobs.files import write_atomic
+from spmd_diffusion.errors import OutputWriteError
+from spmd_diffusion.jobs.files import fsync_directory, write_atomic
 
 IMAGES_DIR = "images"
 # What each image's record (in the manifest, inside the file, beside it in a shard) holds
@@ -109,7 +110,21 @@ class ImageFileSink:
                     errors[position] = f"writing its images failed: {type(exc).__name__}: {exc}"
             metadata[position]["files"] = files
             images.append([])
+        self._sync_names(metadata, errors)
         return dataclasses.replace(output, images=images, errors=errors, metadata=metadata)
+
+    def _sync_names(self, metadata: list[dict[str, Any]], errors: list[str | None]) -> None:
+        """One directory sync for the whole batch's new names (each file's data was synced as
+        it was written), before any record leaves; if it fails, no file of the batch is vouched for."""
+        directories = {(Path(self.output_dir) / record["path"]).parent for meta in metadata for record in meta["files"]}
+        try:
+            for directory in sorted(directories):
+                fsync_directory(directory)
+        except OSError as exc:
+            reason = f"writing its images failed: {OutputWriteError.from_os_error(directory, exc)}"
+            for position, meta in enumerate(metadata):
+                if meta["files"]:
+                    meta["files"], errors[position] = [], reason
 
     def _write_request(self, output: DiffusionOutput, position: int) -> list[dict[str, Any]]:
         request_id, images = output.request_ids[position], output.images[position]
@@ -122,7 +137,7 @@ class ImageFileSink:
             info = image_info(request_id, index, described, output, position) if described is not None else None
             extension, data = self.encoding.encode(image, info, output.metadata[position].get("fps"))
             relative = Path(IMAGES_DIR) / image_name(request_id, index, count, extension)
-            write_atomic(Path(self.output_dir) / relative, data)
+            write_atomic(Path(self.output_dir) / relative, data, sync_directory=False)  # synced per batch
             records.append({"index": index, "path": str(relative), "sha256": hashlib.sha256(data).hexdigest(),
                             "bytes": len(data), "written_by": output.rank})
         return records
