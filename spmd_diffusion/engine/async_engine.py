@@ -57,8 +57,6 @@ class Waiting:
     started: bool = False
     events: asyncio.Queue | None = None
     replica: int | None = None  # where its batch runs, once started
-    step: int = 0  # of ``steps``, as the replica last reported
-    steps: int = 0
 
     def tell(self, event: dict[str, Any]) -> None:
         """Hand a progress event to the caller's loop (if it asked for events)."""
@@ -105,7 +103,6 @@ class _CallerEvents(EngineHooks):
         for request_id in request_ids:
             item = self.engine._started.get(request_id)
             if item is not None:
-                item.step, item.steps = step, steps
                 item.tell({"event": "step", "request_id": request_id, "step": step, "steps": steps})
 
 
@@ -252,12 +249,6 @@ class AsyncDiffusionEngine:
             except Exception as exc:  # noqa: BLE001 - the batch then runs to its end, as before
                 logger.warning("could not signal replica %d to stop %s: %s", item.replica,
                                item.request.request_id, exc)
-
-    def progress(self, request_id: str) -> tuple[int, int] | None:
-        """``(step, steps)`` of a running request as its replica last reported; None when it
-        is not running."""
-        item = self._started.get(request_id)
-        return None if item is None else (item.step, item.steps)
 
     async def collective_rpc(
         self,

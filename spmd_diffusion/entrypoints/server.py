@@ -41,17 +41,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
-from spmd_diffusion.entrypoints.http.errors import ApiError, parse_size, png_base64
+from spmd_diffusion.entrypoints.http.errors import ApiError, invalid, parse_size, png_base64
 from spmd_diffusion.entrypoints.http.state import (
+    OpenAIImageFields,
     ServerLimits,
     ServingState,
     images_request_model,
+    refuse_url,
     settings_of,
     unable_to_serve,
 )
@@ -92,7 +94,7 @@ def build_app(
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="spmd_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
@@ -105,20 +107,11 @@ def build_app(
     http_requests = Counter("spmd_diffusion_http_requests", "HTTP requests by route and status",
                             ["route", "status"], registry=metrics.registry)
 
-    class OpenAIImagesRequest(BaseModel):
-        """OpenAI's ``images.generate`` body; :func:`images_request_model` adds the diffusers
-        settings (``request_settings.HTTP_SETTINGS``) as extensions."""
+    class OpenAIImagesRequest(OpenAIImageFields):
+        """OpenAI's ``images.generate`` body (FastAPI parses it: the prompt limit is a bound)."""
 
-        model_config = ConfigDict(extra="forbid")
         prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
-        model: str | None = None
-        n: int = Field(1, ge=1)
-        size: str | None = None
-        response_format: Literal["b64_json", "url"] | None = "b64_json"
-        quality: str | None = None  # accepted for compatibility; a diffusers pipeline has no such knob
         style: str | None = None
-        user: str | None = None
-        lora: str | list[str] | None = None  # adapters this server offers, NAME[:SCALE]
 
     ImagesRequest = images_request_model(OpenAIImagesRequest, limits)
 
@@ -131,10 +124,7 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-        return error_response(ApiError(400, message, param=where or None))
+        return error_response(invalid(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -182,9 +172,7 @@ def build_app(
             raise ApiError(400, f"{model_name!r} makes videos, which the images API cannot return: use "
                                 f"POST /v1/videos (a video job), or POST {GENERATE_PATH}, whose images are lists "
                                 "of frames", param="model")
-        if body.response_format == "url":
-            raise ApiError(400, "response_format url is not supported: images are returned as b64_json",
-                           param="response_format")
+        refuse_url(body)
         height, width = parse_size(body.size)
         try:
             item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width, num_images_per_prompt=body.n,

@@ -17,14 +17,19 @@ import asyncio
 import base64
 import io
 import time
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from spmd_diffusion.entrypoints.http.errors import ApiError, parse_size, png_base64
-from spmd_diffusion.entrypoints.http.state import ServingState, images_request_model, settings_of
+from spmd_diffusion.entrypoints.http.state import (
+    OpenAIImageFields,
+    ServingState,
+    images_request_model,
+    refuse_url,
+    settings_of,
+)
 from spmd_diffusion.request import OmniDiffusionRequest
 
 EDITS_PATH = "/v1/images/edits"
@@ -32,18 +37,8 @@ MAX_EDIT_IMAGES = 16
 IMAGE_KEYS = ("image", "image[]")
 
 
-class OpenAIEditsRequest(BaseModel):
-    """OpenAI's ``images.edit`` text fields; the diffusers settings are added as extensions."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
-    quality: str | None = None  # accepted for compatibility; a diffusers pipeline has no such knob
-    user: str | None = None
-    lora: str | list[str] | None = None  # adapters this server offers, NAME[:SCALE]
+class OpenAIEditsRequest(OpenAIImageFields):
+    """OpenAI's ``images.edit`` text fields (the files come apart: see :func:`read_form`)."""
 
 
 def encoded(data: bytes) -> dict[str, Any]:
@@ -105,18 +100,8 @@ def edits_router(state: ServingState) -> APIRouter:
     @router.post(EDITS_PATH, dependencies=[Depends(state.check_key)])
     async def images_edits(request: Request) -> dict[str, Any]:
         fields, images, mask = await read_form(request)
-        try:
-            body = EditsRequest.model_validate(fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first.get("loc", ()))
-            raise ApiError(400, f"{where}: {first.get('msg')}", param=where or None) from None
-        if len(body.prompt) > state.limits.max_prompt_chars:
-            raise ApiError(400, f"prompt: at most {state.limits.max_prompt_chars} characters", param="prompt")
-        state.check_model(body.model)
-        if body.response_format == "url":
-            raise ApiError(400, "response_format url is not supported: images are returned as b64_json",
-                           param="response_format")
+        body = state.validated(EditsRequest, fields)
+        refuse_url(body)
         height, width = parse_size(body.size)
         items = await asyncio.to_thread(build_items, body, images, mask, height, width, state)
         state.prepared(items)

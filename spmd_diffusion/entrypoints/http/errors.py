@@ -20,6 +20,15 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
+def invalid(errors: list[dict[str, Any]]) -> ApiError:
+    """A 400 naming the first field a validation refused (pydantic's or FastAPI's errors;
+    FastAPI's "body" prefix left out)."""
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return ApiError(400, message, param=where or None)
+
+
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """OpenAI's ``size`` ("WxH") as (height, width); None or "auto": the model's default."""
     if size is None or size == "auto":

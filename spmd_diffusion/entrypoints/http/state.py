@@ -8,13 +8,14 @@ import asyncio
 import hmac
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
-from spmd_diffusion.entrypoints.http.errors import ApiError
+from spmd_diffusion.entrypoints.http.errors import ApiError, invalid
 from spmd_diffusion.errors import ExecutorClosedError
 from spmd_diffusion.models.loader import makes_video
 from spmd_diffusion.request import MAX_PROMPT_CHARS, OmniDiffusionRequest
@@ -35,6 +36,27 @@ class ServerLimits:
     max_prompt_chars: int = MAX_PROMPT_CHARS
     max_video_jobs: int = 64  # video jobs kept (queued, running or finished and not yet fetched)
     video_job_ttl_s: float = 3600.0  # a finished job's file is deleted this long after it finished
+
+
+class OpenAIImageFields(BaseModel):
+    """The fields OpenAI's ``images.generate`` and ``images.edit`` share; the diffusers
+    settings are added as extensions by :func:`images_request_model`."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    quality: str | None = None  # accepted for compatibility; a diffusers pipeline has no such knob
+    user: str | None = None
+    lora: str | list[str] | None = None  # adapters this server offers, NAME[:SCALE]
+
+
+def refuse_url(body: Any) -> None:
+    if body.response_format == "url":
+        raise ApiError(400, "response_format url is not supported: images are returned as b64_json",
+                       param="response_format")
 
 
 def images_request_model(base: type, limits: ServerLimits) -> type:
@@ -118,6 +140,18 @@ class ServingState:
                 name_loras(output.metadata, self.loras)
         return outputs
 
+    def validated(self, model: type, fields: dict[str, Any]) -> Any:
+        """``fields`` (a form's or a JSON body's) as ``model``, its prompt within the limit and
+        its model this server's; a 400 otherwise."""
+        try:
+            body = model.model_validate(fields)
+        except ValidationError as exc:
+            raise invalid(exc.errors()) from None
+        if len(body.prompt) > self.limits.max_prompt_chars:
+            raise ApiError(400, f"prompt: at most {self.limits.max_prompt_chars} characters", param="prompt")
+        self.check_model(body.model)
+        return body
+
     def check_model(self, name: str | None) -> None:
         if name not in (None, self.model_name):
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
@@ -157,7 +191,6 @@ class ServingState:
             self.engine.engine.prepare(requests)
             for position, item in enumerate(requests):
                 try:
-                    self.pipeline_call()
                     check_pipeline_takes(item, config, self._accepted)
                     check_sequence_split(item, config)
                 except ValueError as exc:

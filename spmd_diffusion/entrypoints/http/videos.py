@@ -32,7 +32,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
@@ -127,7 +127,7 @@ class VideoJobs:
                            param="video_id")
         return job
 
-    def create(self, job_request: OmniDiffusionRequest, body: Any, seconds: float, size: str) -> VideoJob:
+    def create(self, job_request: OmniDiffusionRequest, seconds: float, size: str) -> VideoJob:
         self.sweep()
         if self.held >= self.state.limits.max_video_jobs:
             raise ApiError(429, f"{self.held} video jobs are queued, running or waiting to be fetched (the "
@@ -223,16 +223,7 @@ def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
 
     @router.post(VIDEOS_PATH)
     async def create_video(request: Request) -> dict[str, Any]:
-        fields = await read_fields(request)
-        try:
-            body = VideoRequest.model_validate(fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first.get("loc", ()))
-            raise ApiError(400, f"{where}: {first.get('msg')}", param=where or None) from None
-        if len(body.prompt) > state.limits.max_prompt_chars:
-            raise ApiError(400, f"prompt: at most {state.limits.max_prompt_chars} characters", param="prompt")
-        state.check_model(body.model)
+        body = state.validated(VideoRequest, await read_fields(request))
         if not state.video_model:
             raise ApiError(400, f"{state.model_name!r} makes images, not videos: use POST /v1/images/generations",
                            param="model")
@@ -251,7 +242,7 @@ def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
         frames = item.num_frames
         seconds = body.seconds if body.seconds is not None else (frames / fps if frames else 0.0)
         size = body.size or "auto"
-        return jobs.create(item, body, seconds, size).describe()
+        return jobs.create(item, seconds, size).describe()
 
     @router.get(VIDEOS_PATH)
     async def list_videos() -> dict[str, Any]:
@@ -272,7 +263,7 @@ def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
         if job.status != "completed":
             raise ApiError(409, f"video job {video_id} is {job.status}: its content exists once it is completed"
                            + (f" ({job.error['message']})" if job.error else ""), code="video_not_ready")
-        if job.path is None:
+        if job.path is None or job.fetched:  # fetched: its file goes once this response is sent
             raise ApiError(410, f"video job {video_id}'s file was already fetched", code="video_fetched")
         job.fetched = True
         return FileResponse(job.path, media_type=MEDIA_TYPES[job.video_format],
