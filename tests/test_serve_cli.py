@@ -46,6 +46,16 @@ def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 120
     raise AssertionError("serve did not come up")
 
 
+def stop_server(process: subprocess.Popen) -> None:
+    """Ctrl-C the server (every rank), as a user would; killed, and a failure, if it stays."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("serve did not stop on SIGINT") from None
+
+
 def test_serve_under_mpiexec_uses_both_replicas_and_answers_the_openai_client():
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_API_KEY": "k"}
@@ -80,12 +90,7 @@ def test_serve_under_mpiexec_uses_both_replicas_and_answers_the_openai_client():
         busy = [line for line in metrics.splitlines() if line.startswith("spmd_diffusion_replica_busy_seconds_total")]
         assert {line.split('"')[1] for line in busy} == {"0", "1"}, busy
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise AssertionError("serve did not stop on SIGINT") from None
+        stop_server(process)
     assert process.returncode == 130, process.stderr.read()  # interrupted: one line, every rank gone
 
 
@@ -217,11 +222,7 @@ def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(layout, 
             assert {record["rank"] for record in answer["metadata"]} == {0, 1}
             assert all(record["lora"] == [{"name": "style", "scale": 0.7}] for record in answer["metadata"])
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process)
 
 
 @pytest.mark.timeout(300)
@@ -250,8 +251,4 @@ def test_video_jobs_under_mpiexec(tiny_video):
             frames = read_frames(client.videos.download_content(job.id).read(), default_video_format())
             assert len(frames) == 5 and frames[0].size == (64, 64)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process)

@@ -6,6 +6,7 @@ engine is shut down says so on /health."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 
@@ -31,26 +32,29 @@ def png(width: int, height: int, mode: str = "RGB", seed: int = 0) -> dict:
     return {"format": "png", "data": base64.b64encode(buffer.getvalue()).decode()}
 
 
-def start(class_name: str | None):
+@contextlib.contextmanager
+def served(class_name: str | None):
+    """A server of the tiny UNet loaded as ``class_name``, shut down afterwards."""
     engine = AsyncDiffusionEngine(OmniDiffusionConfig(executor_class="uni", model_class_name=class_name,
                                                       max_batch_size=4), max_wait_s=0.0)
-    return serve(engine, "127.0.0.1", 0, api_key=KEY, model_name="tiny-unet").start()
+    http = serve(engine, "127.0.0.1", 0, api_key=KEY, model_name="tiny-unet").start()
+    try:
+        yield http
+    finally:
+        http.shutdown()
+        http.server_close()
 
 
 @pytest.fixture(scope="module")
 def inpainting(tiny_unet):
-    http = start("StableDiffusionInpaintPipeline")
-    yield http
-    http.shutdown()
-    http.server_close()
+    with served("StableDiffusionInpaintPipeline") as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
 def text_to_image(tiny_unet):
-    http = start(None)
-    yield http
-    http.shutdown()
-    http.server_close()
+    with served(None) as http:
+        yield http
 
 
 def item(**fields) -> dict:
@@ -90,15 +94,11 @@ def test_what_the_pipeline_does_not_take_is_a_400(text_to_image, fields, message
 
 
 def test_health_is_503_once_the_engine_is_shut_down(tiny_unet):
-    http = start(None)
-    try:
+    with served(None) as http:
         assert call(http.url + "/health", key=None) == (200, {"status": "ok"})
         http.engine.close()  # the executor is gone; the HTTP server still answers
         status, answer = call(http.url + "/health", key=None)
         assert status == 503 and answer == {"status": "error", "error": "the engine is shut down"}
-    finally:
-        http.shutdown()
-        http.server_close()
 
 
 # -- POST /v1/images/edits -------------------------------------------------------------------
@@ -106,10 +106,8 @@ def test_health_is_503_once_the_engine_is_shut_down(tiny_unet):
 
 @pytest.fixture(scope="module")
 def img2img(tiny_unet):
-    http = start("StableDiffusionImg2ImgPipeline")
-    yield http
-    http.shutdown()
-    http.server_close()
+    with served("StableDiffusionImg2ImgPipeline") as http:
+        yield http
 
 
 def png_bytes(image: Image.Image) -> bytes:
