@@ -33,10 +33,17 @@ from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
 
 def batch(index: int, args: argparse.Namespace) -> list[OmniDiffusionRequest]:
-    return [OmniDiffusionRequest(prompt=f"a lighthouse at dusk {index}-{k}", seed=index * 100 + k,
-                                 request_id=f"b{index}-{k}", num_inference_steps=args.steps,
-                                 height=args.size, width=args.size)
-            for k in range(args.batch_size)]
+    return [
+        OmniDiffusionRequest(
+            prompt=f"a lighthouse at dusk {index}-{k}",
+            seed=index * 100 + k,
+            request_id=f"b{index}-{k}",
+            num_inference_steps=args.steps,
+            height=args.size,
+            width=args.size,
+        )
+        for k in range(args.batch_size)
+    ]
 
 
 def deep_dit(depth: int, width: int) -> str:
@@ -55,9 +62,17 @@ def deep_dit(depth: int, width: int) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         pipeline.transformer = PixArtTransformer2DModel(
-            sample_size=8, num_layers=depth, patch_size=2, attention_head_dim=32, num_attention_heads=heads,
-            in_channels=4, out_channels=8, cross_attention_dim=width,
-            caption_channels=pipeline.text_encoder.config.d_model, norm_num_groups=8)
+            sample_size=8,
+            num_layers=depth,
+            patch_size=2,
+            attention_head_dim=32,
+            num_attention_heads=heads,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=width,
+            caption_channels=pipeline.text_encoder.config.d_model,
+            norm_num_groups=8,
+        )
     pipeline.save_pretrained(str(target))
     return str(target)
 
@@ -80,13 +95,17 @@ class DenoiserClock:
 
 def pixels(output) -> np.ndarray:
     assert output.ok, output.errors
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for images in output.images for image in images])
+    return np.stack(
+        [np.asarray(image, dtype=np.float64) / 255 for images in output.images for image in images]
+    )
 
 
 def quality(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     mse = float(np.mean((images - reference) ** 2))
-    return {"psnr_db": round(10 * np.log10(1 / mse), 2) if mse else float("inf"),
-            "max_abs": round(float(np.abs(images - reference).max()), 5)}
+    return {
+        "psnr_db": round(10 * np.log10(1 / mse), 2) if mse else float("inf"),
+        "max_abs": round(float(np.abs(images - reference).max()), 5),
+    }
 
 
 def main() -> None:
@@ -102,11 +121,18 @@ def main() -> None:
     args = parser.parse_args()
     model = deep_dit(args.depth, args.width) if args.model == "deep-dit" else args.model
     names = ["none", *args.kinds.split(",")]
-    workers = {name: DiffusionWorker(OmniDiffusionConfig(model=model, max_batch_size=args.batch_size,
-                                                         cache=None if name == "none" else name))
-               for name in names}
+    workers = {
+        name: DiffusionWorker(
+            OmniDiffusionConfig(
+                model=model, max_batch_size=args.batch_size, cache=None if name == "none" else name
+            )
+        )
+        for name in names
+    }
     clocks = {name: DenoiserClock(worker.denoiser) for name, worker in workers.items()}
-    images = {name: [pixels(worker.generate(batch(0, args)))] for name, worker in workers.items()}  # warm-up
+    images = {
+        name: [pixels(worker.generate(batch(0, args)))] for name, worker in workers.items()
+    }  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in names}
     denoiser: dict[str, list[float]] = {name: [] for name in names}
     for index in range(1, args.rounds + 1):
@@ -123,17 +149,33 @@ def main() -> None:
     kinds = {}
     for name in names[1:]:
         report = workers[name].get_cache_stats()
-        kinds[report["cache"]] = {"images_per_s": round(rates[name], 3), "speedup": round(rates[name] / rates["none"], 3),
-                                  "denoiser_speedup": round(denoiser_s["none"] / denoiser_s[name], 3),
-                                  **quality(np.concatenate(images[name]), reference),
-                                  "hooked_modules": report["cache_hooked_modules"]}
-    print(json.dumps({
-        "model": args.model, **({"depth": args.depth, "width": args.width} if args.model == "deep-dit" else {}),
-        "device": str(workers["none"].device), "steps": args.steps, "size": args.size,
-        "batch_size": args.batch_size, "rounds": args.rounds, "images_compared": len(reference),
-        "uncached_images_per_s": round(rates["none"], 3),
-        "uncached_denoiser_share": round(denoiser_s["none"] * rates["none"] / args.batch_size, 3), "kinds": kinds,
-    }, indent=2))
+        kinds[report["cache"]] = {
+            "images_per_s": round(rates[name], 3),
+            "speedup": round(rates[name] / rates["none"], 3),
+            "denoiser_speedup": round(denoiser_s["none"] / denoiser_s[name], 3),
+            **quality(np.concatenate(images[name]), reference),
+            "hooked_modules": report["cache_hooked_modules"],
+        }
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                **({"depth": args.depth, "width": args.width} if args.model == "deep-dit" else {}),
+                "device": str(workers["none"].device),
+                "steps": args.steps,
+                "size": args.size,
+                "batch_size": args.batch_size,
+                "rounds": args.rounds,
+                "images_compared": len(reference),
+                "uncached_images_per_s": round(rates["none"], 3),
+                "uncached_denoiser_share": round(
+                    denoiser_s["none"] * rates["none"] / args.batch_size, 3
+                ),
+                "kinds": kinds,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,17 @@ from spmd_diffusion.worker.diffusion_worker import DiffusionWorker  # noqa: E402
 
 
 def batch(index: int, args: argparse.Namespace) -> list[OmniDiffusionRequest]:
-    return [OmniDiffusionRequest(prompt=f"a lighthouse {index}-{k}", seed=index * 100 + k, request_id=f"b{index}-{k}",
-                                 num_inference_steps=args.steps, height=args.size, width=args.size)
-            for k in range(args.batch_size)]
+    return [
+        OmniDiffusionRequest(
+            prompt=f"a lighthouse {index}-{k}",
+            seed=index * 100 + k,
+            request_id=f"b{index}-{k}",
+            num_inference_steps=args.steps,
+            height=args.size,
+            width=args.size,
+        )
+        for k in range(args.batch_size)
+    ]
 
 
 def measure(worker: DiffusionWorker, args: argparse.Namespace) -> dict:
@@ -43,8 +51,13 @@ def measure(worker: DiffusionWorker, args: argparse.Namespace) -> dict:
         output = worker.generate(batch(index, args))
         assert output.ok, output.errors
     steady = time.perf_counter() - start
-    return {"warmup_s": warmup, "steady_s": steady, "images": args.batches * args.batch_size, "first": first,
-            "stats": worker.get_cache_stats()}
+    return {
+        "warmup_s": warmup,
+        "steady_s": steady,
+        "images": args.batches * args.batch_size,
+        "first": first,
+        "stats": worker.get_cache_stats(),
+    }
 
 
 def main() -> None:
@@ -57,24 +70,43 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
-        worker = DiffusionWorker(OmniDiffusionConfig(model=args.model, compile=compile_, max_batch_size=args.batch_size))
+        worker = DiffusionWorker(
+            OmniDiffusionConfig(model=args.model, compile=compile_, max_batch_size=args.batch_size)
+        )
         results[name] = measure(worker, args)
         results[name]["device"] = str(worker.device)
         worker.shutdown()
     eager, compiled = results["eager"], results["compiled"]
     eager_rate = eager["images"] / eager["steady_s"]
     compiled_rate = compiled["images"] / compiled["steady_s"]
-    difference = max(max_pixel_difference(a[0], b[0])
-                     for a, b in zip(eager["first"].images, compiled["first"].images, strict=True))
-    print(json.dumps({
-        "model": args.model, "device": eager["device"], "steps": args.steps, "size": args.size,
-        "batch_size": args.batch_size, "batches": args.batches,
-        "compile_seconds": compiled["stats"].get("compile_seconds"),
-        "warmup_batch_s": {"eager": round(eager["warmup_s"], 3), "compiled": round(compiled["warmup_s"], 3)},
-        "steady_images_per_s": {"eager": round(eager_rate, 3), "compiled": round(compiled_rate, 3)},
-        "steady_speedup": round(compiled_rate / eager_rate, 3),
-        "max_pixel_difference": round(difference, 5),
-    }, indent=2))
+    difference = max(
+        max_pixel_difference(a[0], b[0])
+        for a, b in zip(eager["first"].images, compiled["first"].images, strict=True)
+    )
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "device": eager["device"],
+                "steps": args.steps,
+                "size": args.size,
+                "batch_size": args.batch_size,
+                "batches": args.batches,
+                "compile_seconds": compiled["stats"].get("compile_seconds"),
+                "warmup_batch_s": {
+                    "eager": round(eager["warmup_s"], 3),
+                    "compiled": round(compiled["warmup_s"], 3),
+                },
+                "steady_images_per_s": {
+                    "eager": round(eager_rate, 3),
+                    "compiled": round(compiled_rate, 3),
+                },
+                "steady_speedup": round(compiled_rate / eager_rate, 3),
+                "max_pixel_difference": round(difference, 5),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

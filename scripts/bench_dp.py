@@ -38,19 +38,48 @@ def write_prompts(path: Path, count: int, steps: int, mixed: bool) -> None:
     heavy = set(random.Random(0).sample(range(count), count // 2)) if mixed else set()
     with path.open("w") as handle:
         for index in range(count):
-            item = {"prompt": f"benchmark prompt number {index}", "steps": steps * 4 if index in heavy else steps}
+            item = {
+                "prompt": f"benchmark prompt number {index}",
+                "steps": steps * 4 if index in heavy else steps,
+            }
             handle.write(json.dumps(item) + "\n")
 
 
 def run(command: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING"}
-    subprocess.run(command, check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        command,
+        check=True,
+        env=env,
+        timeout=1800,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def ours(ranks: int, prompts: Path, output: Path, args: argparse.Namespace) -> float:
-    run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "omni-diffuse"), "generate", "--model", args.model,
-         "--prompts", str(prompts), "--output", str(output), "--height", "64", "--width", "64",
-         "--batch-size", str(args.batch_size), "--no-resume"])
+    run(
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            str(ranks),
+            str(BIN / "omni-diffuse"),
+            "generate",
+            "--model",
+            args.model,
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(output),
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--batch-size",
+            str(args.batch_size),
+            "--no-resume",
+        ]
+    )
     record = json.loads((output / "run.json").read_text())
     return record["totals"]["images_ok"] / record["seconds"]
 
@@ -58,7 +87,9 @@ def ours(ranks: int, prompts: Path, output: Path, args: argparse.Namespace) -> f
 def ceiling(prompts: Path, output: Path, args: argparse.Namespace) -> float:
     items = [json.loads(line) for line in prompts.read_text().splitlines()]
     halves: list[list[dict]] = [[], []]
-    for item in sorted(items, key=lambda item: -item["steps"]):  # greedy: heaviest to the lighter half
+    for item in sorted(
+        items, key=lambda item: -item["steps"]
+    ):  # greedy: heaviest to the lighter half
         min(halves, key=lambda half: sum(i["steps"] for i in half)).append(item)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING"}
     jobs = []
@@ -66,25 +97,62 @@ def ceiling(prompts: Path, output: Path, args: argparse.Namespace) -> float:
         half_prompts = output / f"half-{index}.jsonl"
         half_prompts.parent.mkdir(parents=True, exist_ok=True)
         half_prompts.write_text("".join(json.dumps(item) + "\n" for item in half))
-        jobs.append(subprocess.Popen(
-            [str(BIN / "mpiexec"), "-n", "1", str(BIN / "omni-diffuse"), "generate", "--model", args.model,
-             "--prompts", str(half_prompts), "--output", str(output / f"half-{index}"), "--height", "64",
-             "--width", "64", "--batch-size", str(args.batch_size), "--no-resume"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        ))
+        jobs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "mpiexec"),
+                    "-n",
+                    "1",
+                    str(BIN / "omni-diffuse"),
+                    "generate",
+                    "--model",
+                    args.model,
+                    "--prompts",
+                    str(half_prompts),
+                    "--output",
+                    str(output / f"half-{index}"),
+                    "--height",
+                    "64",
+                    "--width",
+                    "64",
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--no-resume",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
     for job in jobs:
         _, stderr = job.communicate(timeout=1800)
         if job.returncode:
             raise subprocess.CalledProcessError(job.returncode, job.args, stderr=stderr)
-    seconds = max(json.loads((output / f"half-{i}" / "run.json").read_text())["seconds"] for i in range(2))
+    seconds = max(
+        json.loads((output / f"half-{i}" / "run.json").read_text())["seconds"] for i in range(2)
+    )
     return len(items) / seconds
 
 
 def baseline(prompts: Path, output: Path, args: argparse.Namespace) -> float:
     result = output / "baseline.json"
-    run([str(BIN / "torchrun"), "--nproc-per-node", "2", str(Path(__file__).resolve()), "--baseline-worker",
-         "--model", args.model, "--prompt-file", str(prompts), "--out", str(output),
-         "--batch-size", str(args.batch_size)])
+    run(
+        [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            "2",
+            str(Path(__file__).resolve()),
+            "--baseline-worker",
+            "--model",
+            args.model,
+            "--prompt-file",
+            str(prompts),
+            "--out",
+            str(output),
+            "--batch-size",
+            str(args.batch_size),
+        ]
+    )
     return json.loads(result.read_text())["images_per_second"]
 
 
@@ -101,7 +169,9 @@ def baseline_worker(args: argparse.Namespace) -> None:
     # believes it is alone and takes all the items.
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes != int(os.environ["WORLD_SIZE"]):
-        raise SystemExit(f"accelerate sees {state.num_processes} processes, torchrun started {os.environ['WORLD_SIZE']}")
+        raise SystemExit(
+            f"accelerate sees {state.num_processes} processes, torchrun started {os.environ['WORLD_SIZE']}"
+        )
     pipeline = load_pipeline(args.model, None, torch.float32).to(state.device)
     items = [json.loads(line) for line in Path(args.prompt_file).read_text().splitlines()]
     out = Path(args.out)
@@ -116,8 +186,13 @@ def baseline_worker(args: argparse.Namespace) -> None:
             for first in range(0, len(group), args.batch_size):
                 batch = group[first : first + args.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(index) for index, _ in batch]
-                images = pipeline([item["prompt"] for _, item in batch], num_inference_steps=steps,
-                                  height=64, width=64, generator=generators).images
+                images = pipeline(
+                    [item["prompt"] for _, item in batch],
+                    num_inference_steps=steps,
+                    height=64,
+                    width=64,
+                    generator=generators,
+                ).images
                 for (index, _), image in zip(batch, images):
                     image.save(out / f"{index:06d}.png")
     dist.barrier()
@@ -154,7 +229,12 @@ def main() -> None:
         for workload in ("uniform", "mixed"):
             prompts = Path(tmp) / f"{workload}.jsonl"
             write_prompts(prompts, args.prompts, args.steps, workload == "mixed")
-            rates: dict[str, list[float]] = {"1 rank": [], "2 ranks": [], "baseline 2 procs": [], "ceiling": []}
+            rates: dict[str, list[float]] = {
+                "1 rank": [],
+                "2 ranks": [],
+                "baseline 2 procs": [],
+                "ceiling": [],
+            }
             for repeat in range(args.repeats):  # interleaved, so machine noise hits all alike
                 base = Path(tmp) / f"{workload}-{repeat}"
                 rates["1 rank"].append(ours(1, prompts, base / "one", args))
@@ -163,12 +243,19 @@ def main() -> None:
                 rates["ceiling"].append(ceiling(prompts, base / "ceiling", args))
             results[workload] = rates
 
-    print("| workload | 1 rank (img/s) | 2 ranks (img/s) | baseline 2 procs (img/s) | 2 ranks / 1 rank "
-          "| 2 ranks / baseline | ceiling: 2 independent jobs / 1 rank |")
+    print(
+        "| workload | 1 rank (img/s) | 2 ranks (img/s) | baseline 2 procs (img/s) | 2 ranks / 1 rank "
+        "| 2 ranks / baseline | ceiling: 2 independent jobs / 1 rank |"
+    )
     print("|---|---|---|---|---|---|---|")
     for workload, rates in results.items():
-        one, two, base, top = (statistics.median(rates[k]) for k in ("1 rank", "2 ranks", "baseline 2 procs", "ceiling"))
-        print(f"| {workload} | {one:.2f} | {two:.2f} | {base:.2f} | {two / one:.2f}x | {two / base:.2f}x | {top / one:.2f}x |")
+        one, two, base, top = (
+            statistics.median(rates[k])
+            for k in ("1 rank", "2 ranks", "baseline 2 procs", "ceiling")
+        )
+        print(
+            f"| {workload} | {one:.2f} | {two:.2f} | {base:.2f} | {two / one:.2f}x | {two / base:.2f}x | {top / one:.2f}x |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -49,7 +49,9 @@ SAMPLE_EVERY_S = 0.25
 
 def bench_output() -> Any:
     """scripts/bench_output.py as a module (its stand-in pipeline and loader patch)."""
-    spec = importlib.util.spec_from_file_location("bench_output", Path(__file__).with_name("bench_output.py"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_output", Path(__file__).with_name("bench_output.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -89,61 +91,137 @@ def rank_main(cli_args: list[str]) -> None:
     patched = helper.patch_loader(helper.StandInPipeline(bases, os.environ.get(helper.STAMPS_ENV)))
     if not patched:
         raise SystemExit("found no load_pipeline to patch")
-    rank = next((os.environ[n] for n in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK") if n in os.environ), "0")
+    rank = next(
+        (os.environ[n] for n in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK") if n in os.environ),
+        "0",
+    )
     if rank == "0" and os.environ.get(SAMPLES_ENV):
         output = Path(cli_args[cli_args.index("--output") + 1])
-        threading.Thread(target=sample_rank0, args=(Path(os.environ[SAMPLES_ENV]), output / "manifest.jsonl"),
-                         daemon=True).start()
+        threading.Thread(
+            target=sample_rank0,
+            args=(Path(os.environ[SAMPLES_ENV]), output / "manifest.jsonl"),
+            daemon=True,
+        ).start()
     helper.cli_main()(cli_args)
 
 
-def job_command(ranks: int, prompts: Path, output: Path, workdir: Path, args: argparse.Namespace,
-                output_format: str, samples: Path | None = None) -> tuple[list[str], dict[str, str], Path]:
+def job_command(
+    ranks: int,
+    prompts: Path,
+    output: Path,
+    workdir: Path,
+    args: argparse.Namespace,
+    output_format: str,
+    samples: Path | None = None,
+) -> tuple[list[str], dict[str, str], Path]:
     """The ``mpiexec -n ranks`` command of one stand-in job, its environment, and the
     directory where its ranks stamp their first pipeline call (cleared, with the output)."""
     stamps = workdir / f"stamps-{output.name}"
     subprocess.run(["rm", "-rf", str(output), str(stamps)], check=True)
     stamps.mkdir(parents=True)
     helper = bench_output()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
-           helper.BASES_ENV: str(workdir / "bases.npy"), helper.STAMPS_ENV: str(stamps)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SPMD_DIFFUSION_LOG_LEVEL": "WARNING",
+        "TOKENIZERS_PARALLELISM": "false",
+        helper.BASES_ENV: str(workdir / "bases.npy"),
+        helper.STAMPS_ENV: str(stamps),
+    }
     if samples is not None:
         env[SAMPLES_ENV] = str(samples)
-    command = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, str(Path(__file__).resolve()), "--rank-main",
-               "--", "generate", "--model", "tiny-unet", "--prompts", str(prompts), "--output", str(output),
-               "--height", str(args.size), "--width", str(args.size), "--batch-size", str(args.batch_size),
-               "--steps", "1", "--output-format", output_format, "--shard-size", str(args.shard_size)]
+    command = [
+        str(BIN / "mpiexec"),
+        "-n",
+        str(ranks),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--rank-main",
+        "--",
+        "generate",
+        "--model",
+        "tiny-unet",
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(output),
+        "--height",
+        str(args.size),
+        "--width",
+        str(args.size),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        "1",
+        "--output-format",
+        output_format,
+        "--shard-size",
+        str(args.shard_size),
+    ]
     return command, env, stamps
 
 
-def run_job(ranks: int, prompts: Path, output: Path, workdir: Path, args: argparse.Namespace, output_format: str,
-            samples: Path | None = None) -> dict[str, Any]:
+def run_job(
+    ranks: int,
+    prompts: Path,
+    output: Path,
+    workdir: Path,
+    args: argparse.Namespace,
+    output_format: str,
+    samples: Path | None = None,
+) -> dict[str, Any]:
     """One ``mpiexec -n ranks`` job; its run.json, wall time and first-call time."""
-    command, env, stamps = job_command(ranks, prompts, output, workdir, args, output_format, samples)
+    command, env, stamps = job_command(
+        ranks, prompts, output, workdir, args, output_format, samples
+    )
     start = time.time()
-    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          timeout=args.timeout)
+    done = subprocess.run(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=args.timeout,
+    )
     wall = time.time() - start
     if done.returncode:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"{ranks} rank(s) {output_format}: exit {done.returncode}")
     record = json.loads((output / "run.json").read_text())
     first_call = min(float(p.read_text()) for p in stamps.glob("first_call.*"))
-    return {"ranks": ranks, "format": output_format, "run_json": record, "wall_s": round(wall, 2),
-            "launch_to_first_call_s": round(first_call - start, 2), "start": start,
-            "images_per_second": record["images_per_second"], "images_ok": record["totals"]["images_ok"]}
+    return {
+        "ranks": ranks,
+        "format": output_format,
+        "run_json": record,
+        "wall_s": round(wall, 2),
+        "launch_to_first_call_s": round(first_call - start, 2),
+        "start": start,
+        "images_per_second": record["images_per_second"],
+        "images_ok": record["totals"]["images_ok"],
+    }
 
 
-def time_to_first_output(ranks: int, prompts: Path, output: Path, workdir: Path, args: argparse.Namespace,
-                         output_format: str = "files") -> dict[str, Any]:
+def time_to_first_output(
+    ranks: int,
+    prompts: Path,
+    output: Path,
+    workdir: Path,
+    args: argparse.Namespace,
+    output_format: str = "files",
+) -> dict[str, Any]:
     """Start a job, wait for its first pipeline call and first manifest line, then stop it:
     the start-up alone (the planning pass over the whole input included)."""
     import signal
 
     command, env, stamps = job_command(ranks, prompts, output, workdir, args, output_format)
     start = time.time()
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     first_call = first_line = None
     try:
         while time.time() - start < args.timeout and job.poll() is None:
@@ -159,9 +237,12 @@ def time_to_first_output(ranks: int, prompts: Path, output: Path, workdir: Path,
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-    return {"ranks": ranks, "items": sum(1 for _ in open(prompts)),
-            "launch_to_first_call_s": round(first_call - start, 2) if first_call else None,
-            "launch_to_first_manifest_line_s": round(first_line - start, 2) if first_line else None}
+    return {
+        "ranks": ranks,
+        "items": sum(1 for _ in open(prompts)),
+        "launch_to_first_call_s": round(first_call - start, 2) if first_call else None,
+        "launch_to_first_manifest_line_s": round(first_line - start, 2) if first_line else None,
+    }
 
 
 def rss_at(samples: list[list[float]], lines: int) -> float | None:
@@ -191,17 +272,25 @@ def read_back(output: Path) -> dict[str, Any]:
         keys.add((shard, sample["__key__"]))
         info = json.loads(sample["json"])
         record = manifest.get((shard, sample["__key__"]))
-        if record is None or (info["id"], info["index"], info["seed"]) != (record["id"], record["index"],
-                                                                          record["seed"]):
+        if record is None or (info["id"], info["index"], info["seed"]) != (
+            record["id"],
+            record["index"],
+            record["seed"],
+        ):
             mismatches += 1
-    return {"shards": len(shards), "samples_read": seen, "manifest_ok_lines": len(manifest),
-            "keys_match": keys == set(manifest), "id_seed_mismatches": mismatches,
-            "read_seconds": round(time.time() - start, 2)}
+    return {
+        "shards": len(shards),
+        "samples_read": seen,
+        "manifest_ok_lines": len(manifest),
+        "keys_match": keys == set(manifest),
+        "id_seed_mismatches": mismatches,
+        "read_seconds": round(time.time() - start, 2),
+    }
 
 
 def main() -> None:
     if "--rank-main" in sys.argv[1:]:
-        rest = sys.argv[sys.argv.index("--rank-main") + 1:]
+        rest = sys.argv[sys.argv.index("--rank-main") + 1 :]
         rank_main(rest[1:] if rest[:1] == ["--"] else rest)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -213,18 +302,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: startup,readback,throughput")
-    parser.add_argument("--startup-only", action="store_true",
-                        help="only time launch -> first image for 10k and --items lines (each job stopped there)")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: startup,readback,throughput"
+    )
+    parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only time launch -> first image for 10k and --items lines (each job stopped there)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     helper = bench_output()
     import numpy as np
 
-    info: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": helper.machine(),
-                            "commit": helper.git_head(), "date": date.today().isoformat(),
-                            "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+    info: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": helper.machine(),
+        "commit": helper.git_head(),
+        "date": date.today().isoformat(),
+        "load_average_before": [round(v, 2) for v in os.getloadavg()],
+    }
     with tempfile.TemporaryDirectory(prefix="bench_io-", dir=os.environ.get("BENCH_IO_TMP")) as tmp:
         workdir = Path(tmp)
         np.save(workdir / "bases.npy", helper.make_bases(args.size))
@@ -235,38 +333,59 @@ def main() -> None:
                 out.write(f"benchmark prompt number {index}\n")
         for count in {args.items, args.readback, args.throughput}:
             path = workdir / f"p{count}.txt"
-            subprocess.run(f"head -n {count} {workdir / 'all.txt'} > {path}", shell=True, check=True)
+            subprocess.run(
+                f"head -n {count} {workdir / 'all.txt'} > {path}", shell=True, check=True
+            )
             prompts[count] = path
 
         if args.startup_only:
             small = workdir / "p10000.txt"
             subprocess.run(f"head -n 10000 {workdir / 'all.txt'} > {small}", shell=True, check=True)
-            info["startup_only"] = [time_to_first_output(2, path, workdir / f"first-{n}", workdir, args)
-                                    for n, path in ((10_000, small), (args.items, prompts[args.items]))]
+            info["startup_only"] = [
+                time_to_first_output(2, path, workdir / f"first-{n}", workdir, args)
+                for n, path in ((10_000, small), (args.items, prompts[args.items]))
+            ]
             print("startup_only:", json.dumps(info["startup_only"]), file=sys.stderr)
             skip = {"startup", "readback", "throughput"}
         if "startup" not in skip:
             samples_file = workdir / "samples.jsonl"
-            job = run_job(2, prompts[args.items], workdir / "big", workdir, args, "webdataset", samples_file)
+            job = run_job(
+                2, prompts[args.items], workdir / "big", workdir, args, "webdataset", samples_file
+            )
             samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
             first_line = next((t for t, _, count in samples if count > 0), None)
             info["startup"] = {
-                "items": args.items, "ranks": 2, "images_ok": job["images_ok"], "wall_s": job["wall_s"],
+                "items": args.items,
+                "ranks": 2,
+                "images_ok": job["images_ok"],
+                "wall_s": job["wall_s"],
                 "images_per_second": job["images_per_second"],
                 "launch_to_first_call_s": job["launch_to_first_call_s"],
-                "launch_to_first_manifest_line_s": round(first_line - job["start"], 2) if first_line else None,
+                "launch_to_first_manifest_line_s": round(first_line - job["start"], 2)
+                if first_line
+                else None,
                 "rank0_rss_mib_first_sample": round(samples[0][1] / 1024, 1) if samples else None,
-                "rank0_rss_mib_at": {str(n): rss_at(samples, n) for n in (10_000, 100_000, args.items)},
-                "rank0_rss_mib_peak": round(max(rss for _, rss, _ in samples) / 1024, 1) if samples else None,
+                "rank0_rss_mib_at": {
+                    str(n): rss_at(samples, n) for n in (10_000, 100_000, args.items)
+                },
+                "rank0_rss_mib_peak": round(max(rss for _, rss, _ in samples) / 1024, 1)
+                if samples
+                else None,
             }
             print("startup:", json.dumps(info["startup"]), file=sys.stderr)
             subprocess.run(["rm", "-rf", str(workdir / "big")], check=True)
 
         if "readback" not in skip:
-            job = run_job(2, prompts[args.readback], workdir / "readback", workdir, args, "webdataset")
-            info["readback"] = {"items": args.readback, "images_ok": job["images_ok"],
-                                "images_per_second": job["images_per_second"], "wall_s": job["wall_s"],
-                                **read_back(workdir / "readback")}
+            job = run_job(
+                2, prompts[args.readback], workdir / "readback", workdir, args, "webdataset"
+            )
+            info["readback"] = {
+                "items": args.readback,
+                "images_ok": job["images_ok"],
+                "images_per_second": job["images_per_second"],
+                "wall_s": job["wall_s"],
+                **read_back(workdir / "readback"),
+            }
             print("readback:", json.dumps(info["readback"]), file=sys.stderr)
             subprocess.run(["rm", "-rf", str(workdir / "readback")], check=True)
 
@@ -274,12 +393,30 @@ def main() -> None:
             runs = []
             for ranks in [int(r) for r in args.ranks.split(",")]:
                 for output_format in ("files", "webdataset"):
-                    job = run_job(ranks, prompts[args.throughput], workdir / f"tp-{ranks}-{output_format}", workdir,
-                                  args, output_format)
-                    runs.append({key: job[key] for key in ("ranks", "format", "images_per_second", "wall_s",
-                                                           "images_ok")})
+                    job = run_job(
+                        ranks,
+                        prompts[args.throughput],
+                        workdir / f"tp-{ranks}-{output_format}",
+                        workdir,
+                        args,
+                        output_format,
+                    )
+                    runs.append(
+                        {
+                            key: job[key]
+                            for key in (
+                                "ranks",
+                                "format",
+                                "images_per_second",
+                                "wall_s",
+                                "images_ok",
+                            )
+                        }
+                    )
                     print("throughput:", json.dumps(runs[-1]), file=sys.stderr)
-                    subprocess.run(["rm", "-rf", str(workdir / f"tp-{ranks}-{output_format}")], check=True)
+                    subprocess.run(
+                        ["rm", "-rf", str(workdir / f"tp-{ranks}-{output_format}")], check=True
+                    )
             base = runs[0]["images_per_second"]
             for run in runs:
                 run["ratio_vs_first"] = round(run["images_per_second"] / base, 2)

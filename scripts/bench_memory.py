@@ -30,7 +30,9 @@ from spmd_diffusion.models.quantization import KINDS, backend_config, probe, sto
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kinds", default="int8wo,int8dq,float8wo,int4wo,float8dq")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=None)
@@ -41,16 +43,28 @@ def build(directory: Path) -> None:
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(0)
-    PixArtTransformer2DModel(num_attention_heads=8, attention_head_dim=64, num_layers=12, in_channels=4,
-                             out_channels=8, cross_attention_dim=512, caption_channels=512, sample_size=32,
-                             patch_size=1).save_pretrained(directory)
+    PixArtTransformer2DModel(
+        num_attention_heads=8,
+        attention_head_dim=64,
+        num_layers=12,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=512,
+        caption_channels=512,
+        sample_size=32,
+        patch_size=1,
+    ).save_pretrained(directory)
 
 
 def inputs() -> dict:
     generator = torch.Generator().manual_seed(1)
-    return {"hidden_states": torch.randn(1, 4, 32, 32, generator=generator),
-            "encoder_hidden_states": torch.randn(1, 120, 512, generator=generator), "timestep": torch.tensor([500]),
-            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
+    return {
+        "hidden_states": torch.randn(1, 4, 32, 32, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 120, 512, generator=generator),
+        "timestep": torch.tensor([500]),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "return_dict": False,
+    }
 
 
 def run(model: torch.nn.Module, rounds: int) -> tuple[torch.Tensor, float]:
@@ -82,7 +96,9 @@ def main() -> None:
         reference, base_s = run(plain, args.rounds)
         base_bytes = storage_bytes(plain)
         results["fp32"] = {"weight_bytes": base_bytes, "seconds": base_s}
-        print("| kind | weights (MiB) | vs fp32 | denoiser call (s) | speed vs fp32 | PSNR vs fp32 (dB) |")
+        print(
+            "| kind | weights (MiB) | vs fp32 | denoiser call (s) | speed vs fp32 | PSNR vs fp32 (dB) |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         print(f"| fp32 | {base_bytes / 2**20:.1f} | 1.00x | {base_s:.3f} | 1.00x | - |")
         for kind in args.kinds.split(","):
@@ -94,15 +110,24 @@ def main() -> None:
                 results["kinds"][kind] = {"refused": str(exc)}
                 print(f"| {kind} | refused: {exc} | | | | |")
                 continue
-            model = PixArtTransformer2DModel.from_pretrained(tmp, torch_dtype=torch.float32,
-                                                             quantization_config=backend_config(kind)).eval()
+            model = PixArtTransformer2DModel.from_pretrained(
+                tmp, torch_dtype=torch.float32, quantization_config=backend_config(kind)
+            ).eval()
             output, seconds = run(model, args.rounds)
             stored = storage_bytes(model)
-            row = {"weight_bytes": stored, "weight_fraction": stored / base_bytes, "seconds": seconds,
-                   "speed": base_s / seconds, "psnr_db": psnr(reference, output)}
+            row = {
+                "weight_bytes": stored,
+                "weight_fraction": stored / base_bytes,
+                "seconds": seconds,
+                "speed": base_s / seconds,
+                "psnr_db": psnr(reference, output),
+            }
             results["kinds"][kind] = row
-            print(f"| {kind} | {stored / 2**20:.1f} | {row['weight_fraction']:.2f}x | {seconds:.3f} | "
-                  f"{row['speed']:.2f}x | {row['psnr_db']:.1f} |", flush=True)
+            print(
+                f"| {kind} | {stored / 2**20:.1f} | {row['weight_fraction']:.2f}x | {seconds:.3f} | "
+                f"{row['speed']:.2f}x | {row['psnr_db']:.1f} |",
+                flush=True,
+            )
     line = json.dumps(results)
     print(line)
     if args.json:

@@ -60,7 +60,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BASES_ENV = "BENCH_OUTPUT_BASES"  # .npy file of the precomputed bases (uint8, n x H x W x 3)
-STAMPS_ENV = "BENCH_OUTPUT_STAMPS"  # directory: each rank writes the time of its first pipeline call
+STAMPS_ENV = (
+    "BENCH_OUTPUT_STAMPS"  # directory: each rank writes the time of its first pipeline call
+)
 LOADER_MODULES = (
     "spmd_diffusion.worker",
     "spmd_diffusion.worker.diffusion_worker",
@@ -89,7 +91,9 @@ def make_bases(size: int, count: int = BASES, seed: int = 0) -> Any:
     for index in range(count):
         channels = []
         for _ in range(3):
-            spectrum = (rng.normal(size=radius.shape) + 1j * rng.normal(size=radius.shape)) / radius**ALPHA
+            spectrum = (
+                rng.normal(size=radius.shape) + 1j * rng.normal(size=radius.shape)
+            ) / radius**ALPHA
             spectrum[0, 0] = 0
             channels.append(np.fft.irfft2(spectrum, s=(size, size)))
         field = np.stack(channels, axis=-1)
@@ -132,7 +136,9 @@ class StandInPipeline:
     def __init__(self, bases: Any, stamps: str | None) -> None:
         self.bases = bases
         self.stamps = stamps
-        sample_size = bases.shape[1] // self.vae_scale_factor  # the worker's default size: the bases'
+        sample_size = (
+            bases.shape[1] // self.vae_scale_factor
+        )  # the worker's default size: the bases'
         self.unet = SimpleNamespace(config=SimpleNamespace(sample_size=sample_size))
         self.components: dict[str, Any] = {}
         self._stamped = False
@@ -228,11 +234,17 @@ def rank_main(cli_args: list[str]) -> None:
         rank = next((os.environ[name] for name in names if name in os.environ), "0")
 
         def peak_memory() -> None:  # KiB on Linux: what this rank held at its worst
-            (stamps / f"rss.{rank}").write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+            (stamps / f"rss.{rank}").write_text(
+                str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            )
 
         atexit.register(peak_memory)
 
-        found = {"patched": patched, "cli": f"{main.__module__}.main", "package": spmd_diffusion.__file__}
+        found = {
+            "patched": patched,
+            "cli": f"{main.__module__}.main",
+            "package": spmd_diffusion.__file__,
+        }
         (stamps / f"patch.{os.getpid()}").write_text(json.dumps(found))
     main(cli_args)
 
@@ -247,17 +259,29 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def git_head() -> str:
     """HEAD's short hash, ``+dirty`` when the package itself has uncommitted changes."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "spmd_diffusion"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "spmd_diffusion"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "?"
@@ -284,28 +308,62 @@ def run_once(
         if directory.exists():
             subprocess.run(["rm", "-rf", str(directory)], check=True)
     stamps.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING",
-           "TOKENIZERS_PARALLELISM": "false", BASES_ENV: str(bases_file), STAMPS_ENV: str(stamps)}
-    command = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, str(Path(__file__).resolve()),
-               "--rank-main", "--", "generate", "--model", "tiny-unet", "--prompts", str(prompts),
-               "--output", str(output),
-               "--height", str(args.size), "--width", str(args.size), "--batch-size", str(args.batch_size),
-               "--no-resume"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SPMD_DIFFUSION_LOG_LEVEL": "WARNING",
+        "TOKENIZERS_PARALLELISM": "false",
+        BASES_ENV: str(bases_file),
+        STAMPS_ENV: str(stamps),
+    }
+    command = [
+        str(BIN / "mpiexec"),
+        "-n",
+        str(ranks),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--rank-main",
+        "--",
+        "generate",
+        "--model",
+        "tiny-unet",
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(output),
+        "--height",
+        str(args.size),
+        "--width",
+        str(args.size),
+        "--batch-size",
+        str(args.batch_size),
+        "--no-resume",
+    ]
     start = time.time()
-    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          timeout=args.timeout)
+    done = subprocess.run(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=args.timeout,
+    )
     wall = time.time() - start
     if done.returncode:
         sys.stderr.write(done.stderr[-4000:])
         if "Invalid payload size" in done.stderr:
-            raise SystemExit(f"{ranks} rank(s): exit {done.returncode}: one batch's pickled output is larger "
-                             "than rank 0's TCPStore accepts (8 MiB); use a smaller --batch-size or --size")
+            raise SystemExit(
+                f"{ranks} rank(s): exit {done.returncode}: one batch's pickled output is larger "
+                "than rank 0's TCPStore accepts (8 MiB); use a smaller --batch-size or --size"
+            )
         raise SystemExit(f"{ranks} rank(s): exit {done.returncode}")
     record = json.loads((output / "run.json").read_text())
     images = sorted((output / "images").glob("*.png"))
     if record["totals"]["images_ok"] != args.images or len(images) != args.images:
-        raise SystemExit(f"{ranks} rank(s): {record['totals']['images_ok']} ok, {len(images)} files, "
-                         f"{args.images} planned")
+        raise SystemExit(
+            f"{ranks} rank(s): {record['totals']['images_ok']} ok, {len(images)} files, "
+            f"{args.images} planned"
+        )
     first_call = min(float(p.read_text()) for p in stamps.glob("first_call.*"))
     last_write = max(p.stat().st_mtime for p in images)
     patch = json.loads(next(stamps.glob("patch.*")).read_text())
@@ -330,60 +388,89 @@ def run_once(
 
 def main() -> None:
     if "--rank-main" in sys.argv[1:]:
-        rest = sys.argv[sys.argv.index("--rank-main") + 1:]
+        rest = sys.argv[sys.argv.index("--rank-main") + 1 :]
         rank_main(rest[1:] if rest[:1] == ["--"] else rest)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64, help="prompts (one image each)")
     parser.add_argument("--size", type=int, default=1024, help="image height and width")
-    parser.add_argument("--batch-size", type=int, default=2,
-                        help="images per batch (default 2: see the module docstring for why not 4)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        help="images per batch (default 2: see the module docstring for why not 4)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ranks", default="1,2,4",
-                        help="comma-separated rank counts; ratios are against the first")
+    parser.add_argument(
+        "--ranks", default="1,2,4", help="comma-separated rank counts; ratios are against the first"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per job")
     parser.add_argument("--json", help="write every measurement here")
     args = parser.parse_args()
     ranks_list = [int(r) for r in args.ranks.split(",")]
     import numpy as np
 
-    info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-            "commit": git_head(), "date": date.today().isoformat(), "images": args.images, "size": args.size,
-            "batch_size": args.batch_size, "repeats": args.repeats, "ranks": ranks_list,
-            "stand_in": {"alpha": ALPHA, "noise": NOISE, "bases": BASES}}
+    info = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "commit": git_head(),
+        "date": date.today().isoformat(),
+        "images": args.images,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "ranks": ranks_list,
+        "stand_in": {"alpha": ALPHA, "noise": NOISE, "bases": BASES},
+    }
     info["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench_output-") as tmp:
         workdir = Path(tmp)
         start = time.perf_counter()
         bases = make_bases(args.size)
-        print(f"stand-in bases: {BASES} of {args.size}x{args.size} in {time.perf_counter() - start:.1f} s",
-              file=sys.stderr)
+        print(
+            f"stand-in bases: {BASES} of {args.size}x{args.size} in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
         bases_file = workdir / "bases.npy"
         np.save(bases_file, bases)
         encode = encode_times(bases)
-        info["png_encode_ms"] = {"median": round(1000 * statistics.median(encode), 1),
-                                 "min": round(1000 * min(encode), 1), "max": round(1000 * max(encode), 1)}
+        info["png_encode_ms"] = {
+            "median": round(1000 * statistics.median(encode), 1),
+            "min": round(1000 * min(encode), 1),
+            "max": round(1000 * max(encode), 1),
+        }
         prompts = workdir / "prompts.txt"
         prompts.write_text("".join(f"benchmark prompt number {i}\n" for i in range(args.images)))
         runs: list[dict[str, Any]] = []
         for repeat in range(args.repeats):
-            shift = repeat % len(ranks_list)  # rotate the order too: no configuration always goes first
+            shift = repeat % len(
+                ranks_list
+            )  # rotate the order too: no configuration always goes first
             for ranks in ranks_list[shift:] + ranks_list[:shift]:
                 result = run_once(ranks, workdir, prompts, bases_file, args)
                 result["repeat"] = repeat
                 runs.append(result)
-                print(f"repeat {repeat} ranks {ranks}: {result['run_json_images_per_second']:.2f} img/s "
-                      f"(run.json), {result['phase_images_per_second']:.2f} img/s (generate phase), "
-                      f"wall {result['wall_seconds']:.1f} s, images per rank {result['images_per_rank']}, "
-                      f"peak RSS MiB per rank {result['peak_rss_mib']}", file=sys.stderr)
+                print(
+                    f"repeat {repeat} ranks {ranks}: {result['run_json_images_per_second']:.2f} img/s "
+                    f"(run.json), {result['phase_images_per_second']:.2f} img/s (generate phase), "
+                    f"wall {result['wall_seconds']:.1f} s, images per rank {result['images_per_rank']}, "
+                    f"peak RSS MiB per rank {result['peak_rss_mib']}",
+                    file=sys.stderr,
+                )
     info["runs"] = runs
     info["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     summary = {}
     for ranks in ranks_list:
         mine = [r for r in runs if r["ranks"] == ranks]
-        summary[ranks] = {key: statistics.median(r[key] for r in mine)
-                          for key in ("run_json_images_per_second", "phase_images_per_second", "wall_seconds",
-                                      "rank0_peak_rss_mib")}
+        summary[ranks] = {
+            key: statistics.median(r[key] for r in mine)
+            for key in (
+                "run_json_images_per_second",
+                "phase_images_per_second",
+                "wall_seconds",
+                "rank0_peak_rss_mib",
+            )
+        }
         summary[ranks]["values"] = [r["run_json_images_per_second"] for r in mine]
     base = summary[ranks_list[0]]
     for ranks in ranks_list:
@@ -393,29 +480,43 @@ def main() -> None:
     info["summary"] = {str(k): v for k, v in summary.items()}
 
     m = info["machine"]
-    print(f"\nbench_output: {args.images} images of {args.size}x{args.size}, --batch-size {args.batch_size}, "
-          f"median of {args.repeats} interleaved repeats, OMP_NUM_THREADS=1")
+    print(
+        f"\nbench_output: {args.images} images of {args.size}x{args.size}, --batch-size {args.batch_size}, "
+        f"median of {args.repeats} interleaved repeats, OMP_NUM_THREADS=1"
+    )
     print(f"command: {info['command']}")
-    print(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; commit {info['commit']}; "
-          f"{info['date']}")
-    print(f"load average (1/5/15 min) before: {info['load_average_before']}, "
-          f"after: {info['load_average_after']} (other work on the machine shows here)")
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; commit {info['commit']}; "
+        f"{info['date']}"
+    )
+    print(
+        f"load average (1/5/15 min) before: {info['load_average_before']}, "
+        f"after: {info['load_average_after']} (other work on the machine shows here)"
+    )
     patch = runs[0]["patch"]
-    print(f"package: {patch['package']}; loader patched in {', '.join(patch['patched'])}; CLI {patch['cli']}")
+    print(
+        f"package: {patch['package']}; loader patched in {', '.join(patch['patched'])}; CLI {patch['cli']}"
+    )
     e = info["png_encode_ms"]
-    print(f"PNG encode of one stand-in image, one core: {e['median']} ms median ({e['min']}-{e['max']} ms "
-          f"over 8), {runs[0]['mean_png_bytes'] / 2**20:.2f} MiB per file")
+    print(
+        f"PNG encode of one stand-in image, one core: {e['median']} ms median ({e['min']}-{e['max']} ms "
+        f"over 8), {runs[0]['mean_png_bytes'] / 2**20:.2f} MiB per file"
+    )
     print()
-    print(f"| ranks | img/s (run.json) | per repeat | img/s (generate phase) | wall s (mpiexec) | "
-          f"ratio vs {ranks_list[0]} (run.json) | ratio (phase) | rank 0 peak RSS MiB |")
+    print(
+        f"| ranks | img/s (run.json) | per repeat | img/s (generate phase) | wall s (mpiexec) | "
+        f"ratio vs {ranks_list[0]} (run.json) | ratio (phase) | rank 0 peak RSS MiB |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     for ranks in ranks_list:
         s = summary[ranks]
         values = ", ".join(f"{v:.2f}" for v in s["values"])
-        print(f"| {ranks} | {s['run_json_images_per_second']:.2f} | {values} | "
-              f"{s['phase_images_per_second']:.2f} | {s['wall_seconds']:.1f} | "
-              f"{s['ratio']:.2f}x | {s['phase_ratio']:.2f}x | "
-              f"{s['rank0_peak_rss_mib']:.0f} |")
+        print(
+            f"| {ranks} | {s['run_json_images_per_second']:.2f} | {values} | "
+            f"{s['phase_images_per_second']:.2f} | {s['wall_seconds']:.1f} | "
+            f"{s['ratio']:.2f}x | {s['phase_ratio']:.2f}x | "
+            f"{s['rank0_peak_rss_mib']:.0f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
 

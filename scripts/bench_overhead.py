@@ -42,9 +42,16 @@ SITE = Path(__file__).resolve().parent / "overhead_site"
 
 def settings_env(args: argparse.Namespace, bases: Path) -> dict[str, str]:
     settings = {"bases": str(bases), "launch_ms": args.launch_ms, "device_ms": args.device_ms}
-    return {**os.environ, "BENCH_OVERHEAD": json.dumps(settings), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")])),
-            "SPMD_DIFFUSION_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "BENCH_OVERHEAD": json.dumps(settings),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")])
+        ),
+        "SPMD_DIFFUSION_LOG_LEVEL": "WARNING",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 PLAIN = """
@@ -66,22 +73,57 @@ print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
 
 
-def run(launcher: str, args: argparse.Namespace, workdir: Path, bases: Path, prompts: Path) -> dict[str, float]:
+def run(
+    launcher: str, args: argparse.Namespace, workdir: Path, bases: Path, prompts: Path
+) -> dict[str, float]:
     output = workdir / f"out-{launcher}"
     subprocess.run(["rm", "-rf", str(output)], check=True)
     env = settings_env(args, bases)
-    generate = ["generate", "--model", "tiny-unet", "--prompts", str(prompts), "--output", str(output),
-                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--height", str(args.size),
-                "--width", str(args.size), "--no-resume"]
+    generate = [
+        "generate",
+        "--model",
+        "tiny-unet",
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(output),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--height",
+        str(args.size),
+        "--width",
+        str(args.size),
+        "--no-resume",
+    ]
     commands = {
-        "plain": [sys.executable, "-c", PLAIN.format(site=str(SITE), images=args.images, batch=args.batch_size,
-                                                     steps=args.steps, out=str(output))],
+        "plain": [
+            sys.executable,
+            "-c",
+            PLAIN.format(
+                site=str(SITE),
+                images=args.images,
+                batch=args.batch_size,
+                steps=args.steps,
+                out=str(output),
+            ),
+        ],
         "none": [str(BIN / "omni-diffuse"), *generate],
         "mpiexec": [str(BIN / "mpiexec"), "-n", "1", str(BIN / "omni-diffuse"), *generate],
-        "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "1", "-m", "spmd_diffusion", *generate],
+        "torchrun": [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "spmd_diffusion",
+            *generate,
+        ],
     }
     start = time.perf_counter()
-    done = subprocess.run(commands[launcher], env=env, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(
+        commands[launcher], env=env, capture_output=True, text=True, timeout=args.timeout
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{launcher}: exit {done.returncode}\n{done.stderr[-3000:]}")
@@ -97,7 +139,9 @@ def run(launcher: str, args: argparse.Namespace, workdir: Path, bases: Path, pro
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
@@ -123,15 +167,21 @@ def main() -> None:
         for _ in range(args.repeats):
             for launcher in launchers:
                 results[launcher].append(run(launcher, args, workdir, bases, prompts))
-    median = {launcher: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-              for launcher, runs in results.items()}
+    median = {
+        launcher: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        for launcher, runs in results.items()
+    }
     base = median.get("plain", next(iter(median.values())))
-    print(f"{args.images} images {args.size}x{args.size}, {args.steps} steps of {args.launch_ms:g} ms GIL + "
-          f"{args.device_ms:g} ms device, batches of {args.batch_size}; median of {args.repeats}")
+    print(
+        f"{args.images} images {args.size}x{args.size}, {args.steps} steps of {args.launch_ms:g} ms GIL + "
+        f"{args.device_ms:g} ms device, batches of {args.batch_size}; median of {args.repeats}"
+    )
     print(f"{'launcher':10s} {'images/s':>9s} {'x plain':>8s} {'wall s':>8s} {'x plain':>8s}")
     for launcher, row in median.items():
-        print(f"{launcher:10s} {row['images_per_s']:9.2f} {row['images_per_s'] / base['images_per_s']:8.2f} "
-              f"{row['wall_s']:8.1f} {row['wall_s'] / base['wall_s']:8.2f}")
+        print(
+            f"{launcher:10s} {row['images_per_s']:9.2f} {row['images_per_s'] / base['images_per_s']:8.2f} "
+            f"{row['wall_s']:8.1f} {row['wall_s'] / base['wall_s']:8.2f}"
+        )
 
 
 if __name__ == "__main__":

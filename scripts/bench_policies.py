@@ -36,13 +36,23 @@ class Busy(EngineHooks):
 
 def workload(size: int) -> list[OmniDiffusionRequest]:
     steps = [4, 4, 4, 16] * 6 + [64, 64]
-    return [OmniDiffusionRequest(prompt=f"mixed item {index}", request_id=f"m{index}", seed=index,
-                                 num_inference_steps=count, height=size, width=size)
-            for index, count in enumerate(steps)]
+    return [
+        OmniDiffusionRequest(
+            prompt=f"mixed item {index}",
+            request_id=f"m{index}",
+            seed=index,
+            num_inference_steps=count,
+            height=size,
+            width=size,
+        )
+        for index, count in enumerate(steps)
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -51,8 +61,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     busy = Busy()
-    config = OmniDiffusionConfig(model=args.model, executor_class="mp", num_gpus=args.replicas, device="cpu",
-                                 max_batch_size=args.batch_size)
+    config = OmniDiffusionConfig(
+        model=args.model,
+        executor_class="mp",
+        num_gpus=args.replicas,
+        device="cpu",
+        max_batch_size=args.batch_size,
+    )
     times: dict[str, list[float]] = {"shape": [], "cost": []}
     idle: dict[str, list[float]] = {name: [] for name in times}
     with DiffusionEngine(config, hooks=[busy]) as engine:
@@ -69,12 +84,16 @@ def main() -> None:
                 times[name].append(end - start)
                 idle[name].append(end - min(busy.last_finish.values()))
     baseline = statistics.median(times["shape"])
-    print(f"{len(requests)} items in {len(batches)} batches of <= {args.batch_size}, {args.replicas} replicas "
-          f"(mp, CPU, 1 thread each), {args.size}x{args.size}, median of {args.repeats}")
+    print(
+        f"{len(requests)} items in {len(batches)} batches of <= {args.batch_size}, {args.replicas} replicas "
+        f"(mp, CPU, 1 thread each), {args.size}x{args.size}, median of {args.repeats}"
+    )
     print(f"{'policy':8s} {'seconds':>8s} {'x shape speed':>14s} {'idle tail s':>12s}")
     for name in times:
         seconds = statistics.median(times[name])
-        print(f"{name:8s} {seconds:8.2f} {baseline / seconds:14.2f} {statistics.median(idle[name]):12.2f}")
+        print(
+            f"{name:8s} {seconds:8.2f} {baseline / seconds:14.2f} {statistics.median(idle[name]):12.2f}"
+        )
 
 
 if __name__ == "__main__":

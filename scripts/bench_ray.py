@@ -27,8 +27,13 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 # Ray reads its authentication mode at import: the cluster below uses tokens.
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_LOG_LEVEL": "WARNING", "RAY_AUTH_MODE": "token",
-       "RAY_USAGE_STATS_ENABLED": "0"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "SPMD_DIFFUSION_LOG_LEVEL": "WARNING",
+    "RAY_AUTH_MODE": "token",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
 
 
 def start_cluster() -> str:
@@ -36,24 +41,58 @@ def start_cluster() -> str:
     nothing else); its address, for the ``omni-diffuse`` subprocesses."""
     import ray
 
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        num_gpus=0,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
     return ray.get_runtime_context().gcs_address
 
 
-def generate(command: tuple[list[str], list[str]], prompts: Path, output: Path, model: str, env: dict) -> float:
+def generate(
+    command: tuple[list[str], list[str]], prompts: Path, output: Path, model: str, env: dict
+) -> float:
     launcher, options = command
-    subprocess.run([*launcher, "generate", *options, "--model", model, "--prompts", str(prompts), "--output", str(output),
-                    "--height", "64", "--width", "64", "--batch-size", "2", "--no-resume"],
-                   check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [
+            *launcher,
+            "generate",
+            *options,
+            "--model",
+            model,
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(output),
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--batch-size",
+            "2",
+            "--no-resume",
+        ],
+        check=True,
+        env=env,
+        timeout=1800,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     record = json.loads((output / "run.json").read_text())
     return record["totals"]["images_ok"] / record["seconds"]
 
 
 def data_parallel(args: argparse.Namespace, address: str, tmp: Path) -> dict[str, list[float]]:
     prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"benchmark prompt {i}", "steps": args.steps}) + "\n"
-                               for i in range(args.prompts)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"benchmark prompt {i}", "steps": args.steps}) + "\n"
+            for i in range(args.prompts)
+        )
+    )
     env = {**ENV, "RAY_ADDRESS": address}
     mpiexec, cli = str(BIN / "mpiexec"), str(BIN / "omni-diffuse")
     commands = {
@@ -64,7 +103,11 @@ def data_parallel(args: argparse.Namespace, address: str, tmp: Path) -> dict[str
     rates: dict[str, list[float]] = {name: [] for name in commands}
     for repeat in range(args.repeats):
         for name, command in commands.items():
-            rates[name].append(generate(command, prompts, tmp / f"{repeat}-{name.replace(' ', '_')}", args.model, env))
+            rates[name].append(
+                generate(
+                    command, prompts, tmp / f"{repeat}-{name.replace(' ', '_')}", args.model, env
+                )
+            )
     return rates
 
 
@@ -90,10 +133,16 @@ def rpc(args: argparse.Namespace, address: str) -> dict[str, list[float]]:
             call()
         return (time.perf_counter() - start) / args.calls * 1e6
 
-    with DiffusionEngine(OmniDiffusionConfig(model="tiny-dit", executor_class="ray", num_gpus=2)) as engine:
+    with DiffusionEngine(
+        OmniDiffusionConfig(model="tiny-dit", executor_class="ray", num_gpus=2)
+    ) as engine:
         for _ in range(args.repeats):
-            results["ray executor collective_rpc"].append(timed(lambda: engine.collective_rpc("ping")))
-            results["raw Ray actor calls"].append(timed(lambda: ray.get([actor.ping.remote() for actor in raw])))
+            results["ray executor collective_rpc"].append(
+                timed(lambda: engine.collective_rpc("ping"))
+            )
+            results["raw Ray actor calls"].append(
+                timed(lambda: ray.get([actor.ping.remote() for actor in raw]))
+            )
     return results
 
 
@@ -105,7 +154,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--model", default="tiny-unet")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--only", choices=("rpc", "dp"), default=None, help="run one of the two parts")
+    parser.add_argument(
+        "--only", choices=("rpc", "dp"), default=None, help="run one of the two parts"
+    )
     args = parser.parse_args()
     if args.model in ("tiny-unet", "tiny-dit"):
         from spmd_diffusion.models import ensure_tiny_model
@@ -133,16 +184,24 @@ def main() -> None:
 
 
 def print_dp(args: argparse.Namespace, dp: dict[str, list[float]]) -> None:
-    one, two, ray_two = (statistics.median(dp[k]) for k in ("mpiexec -n 1", "mpiexec -n 2", "ray, 2 actors"))
-    print("| data parallel | mpiexec -n 1 (img/s) | mpiexec -n 2 (img/s) | ray 2 actors (img/s) | ray / mpiexec -n 2 "
-          "| ray / 1 rank |")
+    one, two, ray_two = (
+        statistics.median(dp[k]) for k in ("mpiexec -n 1", "mpiexec -n 2", "ray, 2 actors")
+    )
+    print(
+        "| data parallel | mpiexec -n 1 (img/s) | mpiexec -n 2 (img/s) | ray 2 actors (img/s) | ray / mpiexec -n 2 "
+        "| ray / 1 rank |"
+    )
     print("|---|---|---|---|---|---|")
-    print(f"| {args.prompts} prompts x {args.steps} steps, 64x64 | {one:.2f} | {two:.2f} | {ray_two:.2f} "
-          f"| {ray_two / two:.2f}x | {ray_two / one:.2f}x |")
+    print(
+        f"| {args.prompts} prompts x {args.steps} steps, 64x64 | {one:.2f} | {two:.2f} | {ray_two:.2f} "
+        f"| {ray_two / two:.2f}x | {ray_two / one:.2f}x |"
+    )
 
 
 def print_rpc(calls: dict[str, list[float]]) -> None:
-    ours, raw = (statistics.median(calls[k]) for k in ("ray executor collective_rpc", "raw Ray actor calls"))
+    ours, raw = (
+        statistics.median(calls[k]) for k in ("ray executor collective_rpc", "raw Ray actor calls")
+    )
     print()
     print("| no-op RPC over 2 actors | round trip (us, median of rounds) |")
     print("|---|---|")

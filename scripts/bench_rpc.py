@@ -82,7 +82,9 @@ def raw_gloo_loop(worker, calls: int) -> float:
 
     import torch.distributed as dist
 
-    group = _RAW.setdefault("gloo", dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=1)))
+    group = _RAW.setdefault(
+        "gloo", dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=1))
+    )
     rank = dist.get_rank()
     message = ("call", 1, "ping", (), None, None)
 
@@ -116,10 +118,15 @@ def executor_idle(engine, idle: float) -> dict:
     engine.collective_rpc("ping")
     first = (time.perf_counter() - start) * 1e6
     after = engine.collective_rpc(lambda worker: cpu_seconds(), unique_reply_rank=1)
-    return {"first_call_after_idle_us": first, "idle_worker_cpu_percent": 100 * (after - before) / idle}
+    return {
+        "first_call_after_idle_us": first,
+        "idle_worker_cpu_percent": 100 * (after - before) / idle,
+    }
 
 
-def spmd_part(executor: str, raw_loop, raw_idle, calls: int, idle: float, rounds: int) -> dict | None:
+def spmd_part(
+    executor: str, raw_loop, raw_idle, calls: int, idle: float, rounds: int
+) -> dict | None:
     from spmd_diffusion import OmniDiffusionConfig
     from spmd_diffusion.entrypoints.spmd import spmd_engine
 
@@ -130,8 +137,15 @@ def spmd_part(executor: str, raw_loop, raw_idle, calls: int, idle: float, rounds
         for _ in range(rounds):
             raw_us.append(engine.collective_rpc(raw_loop, args=(calls,), unique_reply_rank=0))
             executor_us.append(time_loop(lambda: engine.collective_rpc("ping"), calls))
-        numbers = {"raw_us": median(raw_us), "rpc_us": median(executor_us), "rounds": rounds, "calls": calls,
-                   "raw_idle_cpu_percent": engine.collective_rpc(raw_idle, args=(idle,), unique_reply_rank=0)}
+        numbers = {
+            "raw_us": median(raw_us),
+            "rpc_us": median(executor_us),
+            "rounds": rounds,
+            "calls": calls,
+            "raw_idle_cpu_percent": engine.collective_rpc(
+                raw_idle, args=(idle,), unique_reply_rank=0
+            ),
+        }
         numbers.update(executor_idle(engine, idle))
         return numbers
 
@@ -140,7 +154,9 @@ def local_part(calls: int, idle: float) -> dict:
     from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
 
     results = {}
-    with DiffusionEngine(OmniDiffusionConfig(model=MODEL, executor_class="mp", num_gpus=2)) as engine:
+    with DiffusionEngine(
+        OmniDiffusionConfig(model=MODEL, executor_class="mp", num_gpus=2)
+    ) as engine:
         results["mp"] = {"rpc_us": time_loop(lambda: engine.collective_rpc("ping"), calls)}
         results["mp"].update(executor_idle(engine, idle))
     with DiffusionEngine(OmniDiffusionConfig(model=MODEL, executor_class="uni")) as engine:
@@ -157,7 +173,9 @@ def launch(command: list[str], out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per round (gloo: a tenth)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating raw/executor rounds; medians")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternating raw/executor rounds; medians"
+    )
     parser.add_argument("--idle", type=float, default=3.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--part", choices=["mpi", "torch"], help=argparse.SUPPRESS)
@@ -168,10 +186,23 @@ def main() -> None:
     import bench_rpc
 
     if args.part == "mpi":
-        result = spmd_part("mpi", bench_rpc.raw_mpi_loop, bench_rpc.raw_mpi_idle, args.calls, args.idle, args.rounds)
+        result = spmd_part(
+            "mpi",
+            bench_rpc.raw_mpi_loop,
+            bench_rpc.raw_mpi_idle,
+            args.calls,
+            args.idle,
+            args.rounds,
+        )
     elif args.part == "torch":
-        result = spmd_part("torchrun", bench_rpc.raw_gloo_loop, bench_rpc.raw_gloo_idle,
-                           max(50, args.calls // 10), args.idle, args.rounds)
+        result = spmd_part(
+            "torchrun",
+            bench_rpc.raw_gloo_loop,
+            bench_rpc.raw_gloo_idle,
+            max(50, args.calls // 10),
+            args.idle,
+            args.rounds,
+        )
     if args.part:
         if result is not None:
             args.out.write_text(json.dumps(result))
@@ -182,10 +213,37 @@ def main() -> None:
     common = ["--calls", str(args.calls), "--idle", str(args.idle), "--rounds", str(args.rounds)]
     with tempfile.TemporaryDirectory() as tmp:
         mpi_out, torch_out = Path(tmp) / "mpi.json", Path(tmp) / "torch.json"
-        numbers = {"mpi": launch([str(bin_dir / "mpiexec"), "-n", "2", sys.executable, me, "--part", "mpi",
-                                  "--out", str(mpi_out), *common], mpi_out)}
-        numbers["torchrun"] = launch([str(bin_dir / "torchrun"), "--nproc-per-node", "2", me, "--part", "torch",
-                                      "--out", str(torch_out), *common], torch_out)
+        numbers = {
+            "mpi": launch(
+                [
+                    str(bin_dir / "mpiexec"),
+                    "-n",
+                    "2",
+                    sys.executable,
+                    me,
+                    "--part",
+                    "mpi",
+                    "--out",
+                    str(mpi_out),
+                    *common,
+                ],
+                mpi_out,
+            )
+        }
+        numbers["torchrun"] = launch(
+            [
+                str(bin_dir / "torchrun"),
+                "--nproc-per-node",
+                "2",
+                me,
+                "--part",
+                "torch",
+                "--out",
+                str(torch_out),
+                *common,
+            ],
+            torch_out,
+        )
     numbers.update(local_part(args.calls, args.idle))
 
     mpi, gloo, mp = numbers["mpi"], numbers["torchrun"], numbers["mp"]
@@ -198,12 +256,31 @@ def main() -> None:
 
     rows = [
         row("raw mpi4py bcast+gather", mpi["raw_us"], cpu=mpi["raw_idle_cpu_percent"]),
-        row("MPIExecutor", mpi["rpc_us"], mpi["raw_us"], mpi["idle_worker_cpu_percent"], mpi["first_call_after_idle_us"]),
-        row("raw gloo broadcast_object_list+gather_object", gloo["raw_us"], cpu=gloo["raw_idle_cpu_percent"]),
-        row("TorchDistributedExecutor", gloo["rpc_us"], gloo["raw_us"], gloo["idle_worker_cpu_percent"],
-            gloo["first_call_after_idle_us"]),
-        row("MultiProcDiffusionExecutor (mp, 2 procs)", mp["rpc_us"], cpu=mp["idle_worker_cpu_percent"],
-            first=mp["first_call_after_idle_us"]),
+        row(
+            "MPIExecutor",
+            mpi["rpc_us"],
+            mpi["raw_us"],
+            mpi["idle_worker_cpu_percent"],
+            mpi["first_call_after_idle_us"],
+        ),
+        row(
+            "raw gloo broadcast_object_list+gather_object",
+            gloo["raw_us"],
+            cpu=gloo["raw_idle_cpu_percent"],
+        ),
+        row(
+            "TorchDistributedExecutor",
+            gloo["rpc_us"],
+            gloo["raw_us"],
+            gloo["idle_worker_cpu_percent"],
+            gloo["first_call_after_idle_us"],
+        ),
+        row(
+            "MultiProcDiffusionExecutor (mp, 2 procs)",
+            mp["rpc_us"],
+            cpu=mp["idle_worker_cpu_percent"],
+            first=mp["first_call_after_idle_us"],
+        ),
         row("UniProcDiffusionExecutor (uni)", numbers["uni"]["rpc_us"]),
     ]
     print("| path | round trip (us) | vs raw | idle worker CPU | first call after idle (us) |")

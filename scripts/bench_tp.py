@@ -63,9 +63,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=120)
     parser.add_argument("--caption-channels", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
-    parser.add_argument("--steps", type=int, default=9, help="timed rounds (one step per variant each)")
+    parser.add_argument(
+        "--steps", type=int, default=9, help="timed rounds (one step per variant each)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--pin", action="store_true", help="pin rank r (and its gloo threads) to CPU r")
+    parser.add_argument(
+        "--pin", action="store_true", help="pin rank r (and its gloo threads) to CPU r"
+    )
     parser.add_argument(
         "--skip-dtensor", action="store_true", help="omit the tp=2 DTensor-dispatch variant"
     )
@@ -92,7 +96,9 @@ def init_distributed() -> None:
     elif kind == TORCHRUN:
         dist.init_process_group("gloo")
     else:
-        raise SystemExit("launch with torchrun --nproc-per-node 2 or mpiexec -n 2 (see the docstring)")
+        raise SystemExit(
+            "launch with torchrun --nproc-per-node 2 or mpiexec -n 2 (see the docstring)"
+        )
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -174,9 +180,15 @@ def main() -> None:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != 2:
-        raise SystemExit(f"this benchmark compares 1 and 2 ranks: launch exactly 2 ranks, got {world}")
+        raise SystemExit(
+            f"this benchmark compares 1 and 2 ranks: launch exactly 2 ranks, got {world}"
+        )
     inputs = guided_inputs(args)
-    results: dict[str, Any] = {"world": world, "threads_per_rank": args.threads, "config": vars(args)}
+    results: dict[str, Any] = {
+        "world": world,
+        "threads_per_rank": args.threads,
+        "config": vars(args),
+    }
     tp_mesh = build_device_mesh(ParallelLayout(world, tp=2), "cpu")["tp"]
     cfg_mesh = build_device_mesh(ParallelLayout(world, cfg=2), "cpu")["cfg"]
     baseline, sharded, guided = build_model(args), build_model(args), build_model(args)

@@ -54,21 +54,51 @@ BIN = Path(sys.executable).parent
 # Sizes per mode. GPU: the real check. Smoke: every code path on a small CPU machine.
 SIZES = {
     "gpu": {
-        "a_items": 8, "a_steps": 8, "a_size": 64,
-        "b_items": 24, "b_steps": 30, "b_size": 512, "b_batch": 4, "b_small": False,
-        "c_items": 4, "d_items": 96, "d_steps": 16, "d_size": 64, "dp_ranks": [1, 2, 4, 8], "rpc_ranks": 8,
+        "a_items": 8,
+        "a_steps": 8,
+        "a_size": 64,
+        "b_items": 24,
+        "b_steps": 30,
+        "b_size": 512,
+        "b_batch": 4,
+        "b_small": False,
+        "c_items": 4,
+        "d_items": 96,
+        "d_steps": 16,
+        "d_size": 64,
+        "dp_ranks": [1, 2, 4, 8],
+        "rpc_ranks": 8,
         "rpc_calls": 1000,
     },
     "cpu-smoke": {
-        "a_items": 8, "a_steps": 2, "a_size": 64,
-        "b_items": 8, "b_steps": 3, "b_size": 64, "b_batch": 4, "b_small": True,
-        "c_items": 4, "d_items": 16, "d_steps": 4, "d_size": 64, "dp_ranks": [1, 2, 4, 8],
-        "rpc_ranks": min(8, max(2, os.cpu_count() or 1)), "rpc_calls": 200,  # 8 ranks on 2 cores: ~20 ms a call
+        "a_items": 8,
+        "a_steps": 2,
+        "a_size": 64,
+        "b_items": 8,
+        "b_steps": 3,
+        "b_size": 64,
+        "b_batch": 4,
+        "b_small": True,
+        "c_items": 4,
+        "d_items": 16,
+        "d_steps": 4,
+        "d_size": 64,
+        "dp_ranks": [1, 2, 4, 8],
+        "rpc_ranks": min(8, max(2, os.cpu_count() or 1)),
+        "rpc_calls": 200,  # 8 ranks on 2 cores: ~20 ms a call
     },
 }
 TIMEOUTS = {  # seconds per step (the global deadline clips them further)
-    "probe": 60, "a_stats": 120, "a_gen": 120, "b_build": 150, "b_plain": 120, "b_engine": 120,
-    "c_gpu": 75, "c_cpu": 120, "d_gen": 75, "d_rpc": 75,
+    "probe": 60,
+    "a_stats": 120,
+    "a_gen": 120,
+    "b_build": 150,
+    "b_plain": 120,
+    "b_engine": 120,
+    "c_gpu": 75,
+    "c_cpu": 120,
+    "d_gen": 75,
+    "d_rpc": 75,
 }
 
 
@@ -99,10 +129,24 @@ class Checker:
     def remaining(self) -> float:
         return self.deadline - time.time()
 
-    def start(self, part: str, name: str, cmd: list[str], timeout: float, env: dict | None = None,
-              min_needed: float = 10.0, display: str | None = None, output: Path | None = None) -> dict:
+    def start(
+        self,
+        part: str,
+        name: str,
+        cmd: list[str],
+        timeout: float,
+        env: dict | None = None,
+        min_needed: float = 10.0,
+        display: str | None = None,
+        output: Path | None = None,
+    ) -> dict:
         """Start one command in its own process session; ``finish`` waits for it (with a timeout)."""
-        step = {"part": part, "name": name, "cmd": display or " ".join(cmd), "log": f"logs/{name}.log"}
+        step = {
+            "part": part,
+            "name": name,
+            "cmd": display or " ".join(cmd),
+            "log": f"logs/{name}.log",
+        }
         if output is not None:
             step["output"] = str(output)
         self.steps.append(step)
@@ -113,8 +157,14 @@ class Checker:
             return step
         print(f"-- {name}: {step['cmd']}  (timeout {budget:.0f} s)", flush=True)
         log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                   cwd=ROOT, start_new_session=True)
+        process = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            start_new_session=True,
+        )
         step.update(_process=process, _log=log, _start=time.perf_counter(), _budget=budget)
         return step
 
@@ -134,10 +184,18 @@ class Checker:
         log.close()
         seconds = time.perf_counter() - started
         text = (self.logs / f"{step['name']}.log").read_text(errors="replace")
-        step.update(rc=rc, seconds=round(seconds, 2), timed_out=timed_out,
-                    status="ok" if rc == 0 else ("timeout" if timed_out else "failed"),
-                    tail=tail(text, 25), traceback="Traceback (most recent call last)" in text)
-        print(f"   {step['name']}: rc={rc} {'TIMED OUT ' if timed_out else ''}{seconds:.1f} s", flush=True)
+        step.update(
+            rc=rc,
+            seconds=round(seconds, 2),
+            timed_out=timed_out,
+            status="ok" if rc == 0 else ("timeout" if timed_out else "failed"),
+            tail=tail(text, 25),
+            traceback="Traceback (most recent call last)" in text,
+        )
+        print(
+            f"   {step['name']}: rc={rc} {'TIMED OUT ' if timed_out else ''}{seconds:.1f} s",
+            flush=True,
+        )
         if rc != 0:
             print("   " + "\n   ".join(tail(text, 8).splitlines()), flush=True)
         if "output" in step:
@@ -149,13 +207,26 @@ class Checker:
     def run(self, *args, **kwargs) -> dict:
         return self.finish(self.start(*args, **kwargs))
 
-    def start_generate(self, part: str, name: str, ranks: int | None, args: list[str], timeout_key: str,
-                       env: dict | None = None) -> dict:
+    def start_generate(
+        self,
+        part: str,
+        name: str,
+        ranks: int | None,
+        args: list[str],
+        timeout_key: str,
+        env: dict | None = None,
+    ) -> dict:
         """``omni-diffuse generate`` with no launcher (ranks None) or under ``mpiexec -n ranks``."""
         launcher = [] if ranks is None else [self.mpiexec, "-n", str(ranks)]
         output = Path(args[args.index("--output") + 1])
-        return self.start(part, name, launcher + self.omni + ["generate", *args], TIMEOUTS[timeout_key], env,
-                          output=output)
+        return self.start(
+            part,
+            name,
+            launcher + self.omni + ["generate", *args],
+            TIMEOUTS[timeout_key],
+            env,
+            output=output,
+        )
 
     def generate(self, *args, **kwargs) -> dict:
         return self.finish(self.start_generate(*args, **kwargs))
@@ -168,11 +239,15 @@ class Checker:
         self._plan_correctness(parts, specs)
         # As many at once as the cores allow (each start is CPU-bound imports): all of them on
         # the 16-core GPU machine, one at a time on a 2-core development machine.
-        slots = int(os.environ.get("GPU_CHECK_SLOTS") or max(1, min(10, (os.cpu_count() or 1) * 2 // 3)))
+        slots = int(
+            os.environ.get("GPU_CHECK_SLOTS") or max(1, min(10, (os.cpu_count() or 1) * 2 // 3))
+        )
         started = self.run_concurrently(specs, slots)
         self._read_correctness(parts, started)
 
-    def run_concurrently(self, specs: list[tuple[str, Callable[[], dict]]], slots: int) -> dict[str, dict]:
+    def run_concurrently(
+        self, specs: list[tuple[str, Callable[[], dict]]], slots: int
+    ) -> dict[str, dict]:
         """Start the steps ``specs`` makes, at most ``slots`` at a time; finish every one."""
         started: dict[str, dict] = {}
         queue, running = list(specs), []
@@ -184,7 +259,10 @@ class Checker:
                     if "_process" in step:
                         running.append(step)
                 for step in list(running):
-                    if step["_process"].poll() is not None or time.perf_counter() - step["_start"] >= step["_budget"]:
+                    if (
+                        step["_process"].poll() is not None
+                        or time.perf_counter() - step["_start"] >= step["_budget"]
+                    ):
                         running.remove(step)
                         self.finish(step)
                 time.sleep(0.2)
@@ -197,47 +275,126 @@ class Checker:
         s, gpu = self.sizes, self.mode == "gpu"
         starts: dict[str, Callable[[], dict]] = {}
         if "a" in parts:
-            part = self.results["parts"].setdefault("a", {"title": "tiny models: no launcher vs mpiexec -n 2"})
-            part["note"] = ("run concurrently with parts c and the model build: their speeds mean nothing"
-                            + ("" if gpu else "; no GPU: on the CPU as a stand-in (device auto -> cpu)"))
+            part = self.results["parts"].setdefault(
+                "a", {"title": "tiny models: no launcher vs mpiexec -n 2"}
+            )
+            part["note"] = (
+                "run concurrently with parts c and the model build: their speeds mean nothing"
+                + ("" if gpu else "; no GPU: on the CPU as a stand-in (device auto -> cpu)")
+            )
             stats_out = self.work / "a" / "stats.json"
             stats_out.parent.mkdir(parents=True, exist_ok=True)
             stats_out.unlink(missing_ok=True)
             starts["a_stats"] = lambda: self.start(
-                "a", "a_stats_mpi2", [self.mpiexec, "-n", "2", sys.executable, str(HERE / "gpu_check_rpc.py"),
-                                      "--model", "tiny-unet", "--device", "auto", "--calls", "100", "--rounds", "1",
-                                      "--out", str(stats_out)], TIMEOUTS["a_stats"])
-            prompts = write_items(self.work / "a" / "items.jsonl", s["a_items"], "a tiny test picture", 100)
+                "a",
+                "a_stats_mpi2",
+                [
+                    self.mpiexec,
+                    "-n",
+                    "2",
+                    sys.executable,
+                    str(HERE / "gpu_check_rpc.py"),
+                    "--model",
+                    "tiny-unet",
+                    "--device",
+                    "auto",
+                    "--calls",
+                    "100",
+                    "--rounds",
+                    "1",
+                    "--out",
+                    str(stats_out),
+                ],
+                TIMEOUTS["a_stats"],
+            )
+            prompts = write_items(
+                self.work / "a" / "items.jsonl", s["a_items"], "a tiny test picture", 100
+            )
             for model in ("tiny-unet", "tiny-dit"):
-                common = ["--model", model, "--prompts", str(prompts), "--steps", str(s["a_steps"]), "--height",
-                          str(s["a_size"]), "--width", str(s["a_size"]), "--batch-size", "4", "--no-resume"]
+                common = [
+                    "--model",
+                    model,
+                    "--prompts",
+                    str(prompts),
+                    "--steps",
+                    str(s["a_steps"]),
+                    "--height",
+                    str(s["a_size"]),
+                    "--width",
+                    str(s["a_size"]),
+                    "--batch-size",
+                    "4",
+                    "--no-resume",
+                ]
                 for variant, ranks in (("nolauncher", None), ("mpi2", 2)):
                     args = [*common, "--output", str(self.work / "a" / f"{model}-{variant}")]
                     starts[f"a_{model}_{variant}"] = functools.partial(
-                        self.start_generate, "a", f"a_{model}_{variant}", ranks, args, "a_gen")
+                        self.start_generate, "a", f"a_{model}_{variant}", ranks, args, "a_gen"
+                    )
         if "c" in parts:
-            part = self.results["parts"].setdefault("c", {"title": "parallel flags (--tp 2, --cfg-parallel, --ulysses 2, "
-                                                                   "--ring 2, --vae-parallel) on one GPU, and on CPU"})
+            part = self.results["parts"].setdefault(
+                "c",
+                {
+                    "title": "parallel flags (--tp 2, --cfg-parallel, --ulysses 2, "
+                    "--ring 2, --vae-parallel) on one GPU, and on CPU"
+                },
+            )
             # The first items of part d's list (same ids, seeds, steps, size, batch): part d's
             # one-rank CPU images are the reference for the tiny-unet CPU runs here.
-            prompts = write_items(self.work / "c" / "items.jsonl", s["c_items"], "a scaling test picture", 9000)
+            prompts = write_items(
+                self.work / "c" / "items.jsonl", s["c_items"], "a scaling test picture", 9000
+            )
             for label, model, flags in PARALLEL_CASES:
-                common = ["--model", model, "--prompts", str(prompts), "--steps", str(s["d_steps"]),
-                          "--height", str(s["d_size"]), "--width", str(s["d_size"]), "--batch-size", "4", "--no-resume"]
+                common = [
+                    "--model",
+                    model,
+                    "--prompts",
+                    str(prompts),
+                    "--steps",
+                    str(s["d_steps"]),
+                    "--height",
+                    str(s["d_size"]),
+                    "--width",
+                    str(s["d_size"]),
+                    "--batch-size",
+                    "4",
+                    "--no-resume",
+                ]
                 if gpu:
                     starts[f"c_{label}_gpu"] = functools.partial(
-                        self.start_generate, "c", f"c_{label}_gpu", 2,
-                        [*common, *flags, "--output", str(self.work / "c" / f"{label}-gpu")], "c_gpu",
-                        env={"NCCL_DEBUG": "WARN"})
+                        self.start_generate,
+                        "c",
+                        f"c_{label}_gpu",
+                        2,
+                        [*common, *flags, "--output", str(self.work / "c" / f"{label}-gpu")],
+                        "c_gpu",
+                        env={"NCCL_DEBUG": "WARN"},
+                    )
                 starts[f"c_{label}_cpu"] = functools.partial(
-                    self.start_generate, "c", f"c_{label}_cpu", 2,
-                    [*common, *flags, "--device", "cpu", "--output", str(self.work / "c" / f"{label}-cpu")], "c_cpu")
+                    self.start_generate,
+                    "c",
+                    f"c_{label}_cpu",
+                    2,
+                    [
+                        *common,
+                        *flags,
+                        "--device",
+                        "cpu",
+                        "--output",
+                        str(self.work / "c" / f"{label}-cpu"),
+                    ],
+                    "c_cpu",
+                )
         if "b" in parts:
             model_dir = self.work / "sd15"
             build = ["--device", "cuda"] if gpu else ["--device", "cpu", "--small"]
             starts["b_build"] = functools.partial(
-                self.start, "b", "b_build", [sys.executable, str(HERE / "gpu_check_build_sd15.py"), str(model_dir),
-                                             *build], TIMEOUTS["b_build"])
+                self.start,
+                "b",
+                "b_build",
+                [sys.executable, str(HERE / "gpu_check_build_sd15.py"), str(model_dir), *build],
+                TIMEOUTS["b_build"],
+            )
         # The longest and the possibly hanging first, so they overlap the most.
         first = ["b_build", "c_tp2_gpu", "c_cfg_parallel_gpu"]
         specs.extend((key, starts[key]) for key in first if key in starts)
@@ -252,14 +409,16 @@ class Checker:
                 record = json.loads(stats_out.read_text())
                 part["ranks_default_placement"] = [
                     {k: r.get(k) for k in ("rank", "device", "dtype", "cuda_allocated_bytes")}
-                    for r in record["cache_stats"]]
+                    for r in record["cache_stats"]
+                ]
             part["models"] = {}
             for model in ("tiny-unet", "tiny-dit"):
                 single, double = started[f"a_{model}_nolauncher"], started[f"a_{model}_mpi2"]
                 entry = {"nolauncher": brief(single), "mpi2": brief(double)}
                 if single.get("rc") == 0 and double.get("rc") == 0:
-                    entry["compare"] = compare_dirs(Path(single["output"]) / "images",
-                                                    Path(double["output"]) / "images")
+                    entry["compare"] = compare_dirs(
+                        Path(single["output"]) / "images", Path(double["output"]) / "images"
+                    )
                     entry["health"] = image_health(Path(single["output"]) / "images")
                 part["models"][model] = entry
         if "c" in parts:
@@ -267,63 +426,116 @@ class Checker:
             part["cases"] = {}
             for label, model, _ in PARALLEL_CASES:
                 if gpu:
-                    part["cases"][f"{label}_gpu"] = classify_refusal(started[f"c_{label}_gpu"], self.logs)
+                    part["cases"][f"{label}_gpu"] = classify_refusal(
+                        started[f"c_{label}_gpu"], self.logs
+                    )
                 else:
-                    part["cases"][f"{label}_gpu"] = {"status": "skipped", "reason": "no CUDA device on this machine"}
+                    part["cases"][f"{label}_gpu"] = {
+                        "status": "skipped",
+                        "reason": "no CUDA device on this machine",
+                    }
                 part["cases"][f"{label}_cpu"] = brief(started[f"c_{label}_cpu"])
                 if model == "tiny-unet":  # part d's one-rank images are tiny-unet's
-                    part["cases"][f"{label}_cpu"]["output"] = started[f"c_{label}_cpu"].get("output")
+                    part["cases"][f"{label}_cpu"]["output"] = started[f"c_{label}_cpu"].get(
+                        "output"
+                    )
         if "b" in parts:
             self.b_build_ok = started["b_build"].get("rc") == 0
 
     def part_b(self) -> None:
         s, gpu = self.sizes, self.mode == "gpu"
-        part = self.results["parts"].setdefault("b", {"title": "SD-1.5-size pipeline: plain diffusers vs engine"})
+        part = self.results["parts"].setdefault(
+            "b", {"title": "SD-1.5-size pipeline: plain diffusers vs engine"}
+        )
         if not gpu:
-            part["note"] = "no GPU: downsized model of the same layout, CPU, tiny sizes; numbers mean nothing"
+            part["note"] = (
+                "no GPU: downsized model of the same layout, CPU, tiny sizes; numbers mean nothing"
+            )
         model_dir = self.work / "sd15"
         if not getattr(self, "b_build_ok", False):
             part["error"] = "model build failed or did not run"
             return
         part["model"] = json.loads((model_dir / "gpu_check_model.json").read_text())
-        prompts = write_items(self.work / "b" / "items.jsonl", s["b_items"], "a photograph of a lighthouse", 5000)
+        prompts = write_items(
+            self.work / "b" / "items.jsonl", s["b_items"], "a photograph of a lighthouse", 5000
+        )
         size, steps, batch = str(s["b_size"]), str(s["b_steps"]), str(s["b_batch"])
         settings = ["--steps", steps, "--height", size, "--width", size, "--batch-size", batch]
-        plain_args = [sys.executable, str(HERE / "gpu_check_bench.py"), "--model", str(model_dir), "--prompts",
-                      str(prompts), "--output", str(self.work / "b" / "plain"), "--guidance", "7.5", *settings]
-        plain_args += ["--device", "cuda", "--dtype", "float16"] if gpu else ["--device", "cpu", "--dtype", "float32",
-                                                                             "--threads", "1"]
+        plain_args = [
+            sys.executable,
+            str(HERE / "gpu_check_bench.py"),
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(self.work / "b" / "plain"),
+            "--guidance",
+            "7.5",
+            *settings,
+        ]
+        plain_args += (
+            ["--device", "cuda", "--dtype", "float16"]
+            if gpu
+            else ["--device", "cpu", "--dtype", "float32", "--threads", "1"]
+        )
         bench_json = self.work / "b" / "plain" / "bench.json"
         bench_json.unlink(missing_ok=True)
         plain = self.run("b", "b_plain", plain_args, TIMEOUTS["b_plain"])
         if plain.get("rc") == 0 and bench_json.exists():
             part["plain"] = json.loads(bench_json.read_text())
-        common = ["--model", str(model_dir), "--prompts", str(prompts), "--guidance", "7.5", *settings, "--no-resume"]
+        common = [
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts),
+            "--guidance",
+            "7.5",
+            *settings,
+            "--no-resume",
+        ]
         part["engine"] = {}
         for variant, ranks in (("nolauncher", None), ("mpi1", 1), ("mpi2", 2)):
-            step = self.generate("b", f"b_engine_{variant}", ranks,
-                                 [*common, "--output", str(self.work / "b" / variant)], "b_engine")
+            step = self.generate(
+                "b",
+                f"b_engine_{variant}",
+                ranks,
+                [*common, "--output", str(self.work / "b" / variant)],
+                "b_engine",
+            )
             part["engine"][variant] = brief(step)
             if step.get("rc") == 0:
-                part["engine"][variant]["warm_estimate"] = warm_estimate(Path(step["output"]), s["b_batch"])
+                part["engine"][variant]["warm_estimate"] = warm_estimate(
+                    Path(step["output"]), s["b_batch"]
+                )
                 if part.get("plain"):
                     part["engine"][variant]["compare_with_plain"] = compare_dirs(
-                        self.work / "b" / "plain" / "images", Path(step["output"]) / "images")
+                        self.work / "b" / "plain" / "images", Path(step["output"]) / "images"
+                    )
         if part.get("plain"):
             part["health"] = image_health(self.work / "b" / "plain" / "images")
         plain = part.get("plain") or {}
         ratios = {}
         for variant, entry in part["engine"].items():
-            ips, warm = entry.get("images_per_second"), (entry.get("warm_estimate") or {}).get("images_per_second")
-            for key, base in (("plain_warm", plain.get("images_per_second")),
-                              ("plain_cold", plain["images"] / plain["cold_seconds"] if plain else None),
-                              ("plain_pipeline_only", plain.get("pipeline_images_per_second"))):
+            ips, warm = (
+                entry.get("images_per_second"),
+                (entry.get("warm_estimate") or {}).get("images_per_second"),
+            )
+            for key, base in (
+                ("plain_warm", plain.get("images_per_second")),
+                ("plain_cold", plain["images"] / plain["cold_seconds"] if plain else None),
+                ("plain_pipeline_only", plain.get("pipeline_images_per_second")),
+            ):
                 if ips and base:
                     ratios[f"{variant}_vs_{key}"] = round(ips / base, 4)
             if warm and plain.get("images_per_second"):
-                ratios[f"{variant}_warm_estimate_vs_plain_warm"] = round(warm / plain["images_per_second"], 4)
-        one, two = part["engine"].get("mpi1", {}).get("images_per_second"), \
-            part["engine"].get("mpi2", {}).get("images_per_second")
+                ratios[f"{variant}_warm_estimate_vs_plain_warm"] = round(
+                    warm / plain["images_per_second"], 4
+                )
+        one, two = (
+            part["engine"].get("mpi1", {}).get("images_per_second"),
+            part["engine"].get("mpi2", {}).get("images_per_second"),
+        )
         if one and two:
             ratios["mpi2_vs_mpi1"] = round(two / one, 4)
         part["ratios"] = ratios
@@ -331,32 +543,73 @@ class Checker:
     def part_d(self) -> None:
         s = self.sizes
         part = self.results["parts"].setdefault(
-            "d", {"title": f"data-parallel scaling on CPU cores, RPC at {s['rpc_ranks']} ranks"})
+            "d", {"title": f"data-parallel scaling on CPU cores, RPC at {s['rpc_ranks']} ranks"}
+        )
         cores = os.cpu_count() or 1
         part["cpu_count"] = cores
-        prompts = write_items(self.work / "d" / "items.jsonl", s["d_items"], "a scaling test picture", 9000)
-        common = ["--model", "tiny-unet", "--prompts", str(prompts), "--steps", str(s["d_steps"]), "--height",
-                  str(s["d_size"]), "--width", str(s["d_size"]), "--batch-size", "4", "--device", "cpu",
-                  "--no-resume"]
+        prompts = write_items(
+            self.work / "d" / "items.jsonl", s["d_items"], "a scaling test picture", 9000
+        )
+        common = [
+            "--model",
+            "tiny-unet",
+            "--prompts",
+            str(prompts),
+            "--steps",
+            str(s["d_steps"]),
+            "--height",
+            str(s["d_size"]),
+            "--width",
+            str(s["d_size"]),
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--no-resume",
+        ]
         part["runs"] = {}
         rpc_out = self.work / "d" / "rpc.json"
         rpc_out.unlink(missing_ok=True)
         # What the goals need first (1 and the largest world, the RPC), then the rest, so a
         # tight deadline drops the least useful runs.
         ranks_list = sorted(s["dp_ranks"])
-        order = [ranks_list[0], ranks_list[-1], "rpc", *ranks_list[1:-1]] if len(ranks_list) > 1 else ranks_list + ["rpc"]
+        order = (
+            [ranks_list[0], ranks_list[-1], "rpc", *ranks_list[1:-1]]
+            if len(ranks_list) > 1
+            else ranks_list + ["rpc"]
+        )
         for ranks in order:
             if ranks == "rpc":
-                step = self.run("d", f"d_rpc_n{s['rpc_ranks']}", [
-                    self.mpiexec, "-n", str(s["rpc_ranks"]), sys.executable, str(HERE / "gpu_check_rpc.py"),
-                    "--calls", str(s["rpc_calls"]), "--out", str(rpc_out)], TIMEOUTS["d_rpc"])
+                step = self.run(
+                    "d",
+                    f"d_rpc_n{s['rpc_ranks']}",
+                    [
+                        self.mpiexec,
+                        "-n",
+                        str(s["rpc_ranks"]),
+                        sys.executable,
+                        str(HERE / "gpu_check_rpc.py"),
+                        "--calls",
+                        str(s["rpc_calls"]),
+                        "--out",
+                        str(rpc_out),
+                    ],
+                    TIMEOUTS["d_rpc"],
+                )
                 if step.get("rc") == 0 and rpc_out.exists():
                     record = json.loads(rpc_out.read_text())
-                    part["rpc"] = {k: record[k] for k in ("ranks", "executor", "calls_per_round", "rounds_us",
-                                                          "median_us")}
+                    part["rpc"] = {
+                        k: record[k]
+                        for k in ("ranks", "executor", "calls_per_round", "rounds_us", "median_us")
+                    }
                 continue
-            step = self.generate("d", f"d_n{ranks}", ranks, [*common, "--output", str(self.work / "d" / f"n{ranks}")],
-                                 "d_gen")
+            step = self.generate(
+                "d",
+                f"d_n{ranks}",
+                ranks,
+                [*common, "--output", str(self.work / "d" / f"n{ranks}")],
+                "d_gen",
+            )
             part["runs"][str(ranks)] = brief(step)
         part["runs"] = dict(sorted(part["runs"].items(), key=lambda kv: int(kv[0])))
         base = part["runs"].get("1", {}).get("images_per_second")
@@ -366,7 +619,9 @@ class Checker:
                 entry["speedup"] = round(ips / base, 3)
                 entry["efficiency"] = round(ips / base / int(ranks), 3)
         if cores < max(s["dp_ranks"]):
-            part["note"] = f"only {cores} CPU cores here: runs above {cores} ranks are oversubscribed"
+            part["note"] = (
+                f"only {cores} CPU cores here: runs above {cores} ranks are oversubscribed"
+            )
 
     def finalize(self) -> None:
         """Comparisons that need several parts: part c's CPU images against part d's one rank."""
@@ -374,7 +629,9 @@ class Checker:
         for label, entry in self.results["parts"].get("c", {}).get("cases", {}).items():
             output = entry.pop("output", None)
             if label.endswith("_cpu") and entry.get("rc") == 0 and output and reference.exists():
-                entry["compare_with_1rank_cpu"] = compare_dirs(reference, Path(output) / "images", only_in_b=True)
+                entry["compare_with_1rank_cpu"] = compare_dirs(
+                    reference, Path(output) / "images", only_in_b=True
+                )
 
     # -- output ---------------------------------------------------------------------------------
     def save(self, probe: dict) -> None:
@@ -431,8 +688,16 @@ def write_items(path: Path, count: int, prompt: str, seed0: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         for index in range(count):
-            handle.write(json.dumps({"id": f"item{index:04d}", "prompt": f"{prompt} number {index}",
-                                     "seed": seed0 + index}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "id": f"item{index:04d}",
+                        "prompt": f"{prompt} number {index}",
+                        "seed": seed0 + index,
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -442,14 +707,23 @@ def read_run_json(output: Path) -> dict:
         return {}
     record = json.loads(path.read_text())
     totals = record.get("totals", {})
-    found = {"run_status": record.get("status"), "images_ok": totals.get("images_ok"),
-             "images_failed": totals.get("images_failed"), "images_per_rank": totals.get("images_per_rank"),
-             "gen_seconds": record.get("seconds"), "layout": record.get("layout")}
+    found = {
+        "run_status": record.get("status"),
+        "images_ok": totals.get("images_ok"),
+        "images_failed": totals.get("images_failed"),
+        "images_per_rank": totals.get("images_per_rank"),
+        "gen_seconds": record.get("seconds"),
+        "layout": record.get("layout"),
+    }
     if record.get("seconds") and totals.get("images_ok"):
         found["images_per_second"] = round(totals["images_ok"] / record["seconds"], 4)
     manifest = output / "manifest.jsonl"
     if manifest.exists():
-        errors = [json.loads(line).get("error") for line in manifest.read_text().splitlines() if line.strip()]
+        errors = [
+            json.loads(line).get("error")
+            for line in manifest.read_text().splitlines()
+            if line.strip()
+        ]
         errors = [e for e in errors if e]
         if errors:
             found["first_item_error"] = errors[0][:600]
@@ -483,7 +757,9 @@ def warm_estimate(output: Path, batch: int) -> dict | None:
     position = {item_id: index for index, item_id in enumerate(sorted({row["id"] for row in rows}))}
     batches: dict[int, dict] = {}
     for order, row in enumerate(rows):
-        entry = batches.setdefault(position[row["id"]] // batch, {"rank": row["rank"], "seconds": 0.0, "order": order})
+        entry = batches.setdefault(
+            position[row["id"]] // batch, {"rank": row["rank"], "seconds": 0.0, "order": order}
+        )
         entry["seconds"] += row["seconds"]
     if len({row["rank"] for row in rows}) != 1:
         return None
@@ -499,14 +775,30 @@ def warm_estimate(output: Path, batch: int) -> dict | None:
     warm = statistics.median(rest)
     excess = max(0.0, max(first.values()) - warm)
     seconds = json.loads(run_json.read_text())["seconds"] - excess
-    return {"first_batch_s": {str(k): round(v, 3) for k, v in first.items()}, "warm_batch_s": round(warm, 3),
-            "cold_excess_s": round(excess, 3), "seconds": round(seconds, 3),
-            "images_per_second": round(len(rows) / seconds, 4) if seconds > 0 else None}
+    return {
+        "first_batch_s": {str(k): round(v, 3) for k, v in first.items()},
+        "warm_batch_s": round(warm, 3),
+        "cold_excess_s": round(excess, 3),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(rows) / seconds, 4) if seconds > 0 else None,
+    }
 
 
 def brief(step: dict) -> dict:
-    keys = ("status", "rc", "seconds", "timed_out", "gen_seconds", "images_ok", "images_failed", "images_per_second",
-            "images_per_rank", "device_seen", "first_item_error", "reason")
+    keys = (
+        "status",
+        "rc",
+        "seconds",
+        "timed_out",
+        "gen_seconds",
+        "images_ok",
+        "images_failed",
+        "images_per_second",
+        "images_per_rank",
+        "device_seen",
+        "first_item_error",
+        "reason",
+    )
     return {k: step[k] for k in keys if k in step}
 
 
@@ -523,8 +815,13 @@ def compare_dirs(a: Path, b: Path, only_in_b: bool = False) -> dict:
     names_a = {p.name for p in a.glob("*.png")}
     names_b = {p.name for p in b.glob("*.png")}
     names = sorted(names_b if only_in_b else names_a | names_b)
-    result = {"images": len(names), "missing": sorted(n for n in names if n not in names_a or n not in names_b),
-              "byte_identical": 0, "max_pixel_diff": 0, "images_differing": 0}
+    result = {
+        "images": len(names),
+        "missing": sorted(n for n in names if n not in names_a or n not in names_b),
+        "byte_identical": 0,
+        "max_pixel_diff": 0,
+        "images_differing": 0,
+    }
     for name in names:
         if name in result["missing"]:
             continue
@@ -540,8 +837,11 @@ def compare_dirs(a: Path, b: Path, only_in_b: bool = False) -> dict:
 def image_health(directory: Path) -> dict:
     """Flat images (every pixel the same: NaN/inf in fp16 decode to black) and the pixel spread."""
     stds = [float(load_rgb(path).std()) for path in sorted(directory.glob("*.png"))]
-    return {"images": len(stds), "flat_images": sum(s == 0.0 for s in stds),
-            "min_std": round(min(stds), 2) if stds else None}
+    return {
+        "images": len(stds),
+        "flat_images": sum(s == 0.0 for s in stds),
+        "min_std": round(min(stds), 2) if stds else None,
+    }
 
 
 def classify_refusal(step: dict, logs: Path) -> dict:
@@ -551,10 +851,18 @@ def classify_refusal(step: dict, logs: Path) -> dict:
         return entry
     text = (logs / f"{step['name']}.log").read_text(errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    ranked = ([line for line in lines if line.startswith("error:")]
-              + [line for line in lines if any(k in line for k in ("Duplicate GPU", "ncclInvalidUsage", "NCCL error",
-                                                                    "DistBackendError"))]
-              + [line for line in lines if "Error" in line or "refus" in line.lower()])
+    ranked = (
+        [line for line in lines if line.startswith("error:")]
+        + [
+            line
+            for line in lines
+            if any(
+                k in line
+                for k in ("Duplicate GPU", "ncclInvalidUsage", "NCCL error", "DistBackendError")
+            )
+        ]
+        + [line for line in lines if "Error" in line or "refus" in line.lower()]
+    )
     entry["message"] = (ranked[0] if ranked else (lines[-1] if lines else ""))[:600]
     entry["traceback_printed"] = step.get("traceback", False)
     if step.get("timed_out"):
@@ -568,7 +876,9 @@ def classify_refusal(step: dict, logs: Path) -> dict:
         extra = ", with a traceback printed too" if step.get("traceback") else ""
         entry["outcome"] = f"stopped with an error line (exit {step.get('rc')}{extra})"
     else:
-        entry["outcome"] = f"crashed (exit {step.get('rc')}{', traceback' if step.get('traceback') else ''}), no error line"
+        entry["outcome"] = (
+            f"crashed (exit {step.get('rc')}{', traceback' if step.get('traceback') else ''}), no error line"
+        )
     return entry
 
 
@@ -580,26 +890,44 @@ def fmt(value, spec: str = "") -> str:
 
 def render_summary(results: dict) -> str:
     probe, parts = results.get("probe", {}), results["parts"]
-    lines = [f"# GPU check ({results['mode']})", "",
-             f"- date: {probe.get('date', '-')}; device: {probe.get('gpu', 'none')}; CPU cores: {os.cpu_count()}",
-             f"- versions: {json.dumps(probe.get('versions', {}))}",
-             f"- MPI: {probe.get('mpi', '-')}", f"- gpu_check.py wall time: {results['wall_seconds']} s", ""]
+    lines = [
+        f"# GPU check ({results['mode']})",
+        "",
+        f"- date: {probe.get('date', '-')}; device: {probe.get('gpu', 'none')}; CPU cores: {os.cpu_count()}",
+        f"- versions: {json.dumps(probe.get('versions', {}))}",
+        f"- MPI: {probe.get('mpi', '-')}",
+        f"- gpu_check.py wall time: {results['wall_seconds']} s",
+        "",
+    ]
     a = parts.get("a")
     if a:
         lines += [f"## (a) {a['title']}", ""]
         if a.get("note"):
             lines += [f"_{a['note']}_", ""]
         if a.get("ranks_default_placement"):
-            lines += [f"Default placement (--device auto, --dtype auto) under mpiexec -n 2, from get_cache_stats: "
-                      f"{json.dumps(a['ranks_default_placement'])}", ""]
-        lines += ["| model | no launcher img/s | mpiexec -n 2 img/s | images per rank (n=2) | byte-identical | "
-                  "max pixel diff | flat images | device |", "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"Default placement (--device auto, --dtype auto) under mpiexec -n 2, from get_cache_stats: "
+                f"{json.dumps(a['ranks_default_placement'])}",
+                "",
+            ]
+        lines += [
+            "| model | no launcher img/s | mpiexec -n 2 img/s | images per rank (n=2) | byte-identical | "
+            "max pixel diff | flat images | device |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for model, entry in a.get("models", {}).items():
-            one, two, cmp_, health = entry["nolauncher"], entry["mpi2"], entry.get("compare", {}), entry.get("health", {})
-            lines.append(f"| {model} | {fmt(one.get('images_per_second'))} ({one.get('status')}) | "
-                         f"{fmt(two.get('images_per_second'))} ({two.get('status')}) | {fmt(two.get('images_per_rank'))} | "
-                         f"{fmt(cmp_.get('byte_identical'))}/{fmt(cmp_.get('images'))} | {fmt(cmp_.get('max_pixel_diff'))} | "
-                         f"{fmt(health.get('flat_images'))} | {','.join(one.get('device_seen', []) + two.get('device_seen', []))} |")
+            one, two, cmp_, health = (
+                entry["nolauncher"],
+                entry["mpi2"],
+                entry.get("compare", {}),
+                entry.get("health", {}),
+            )
+            lines.append(
+                f"| {model} | {fmt(one.get('images_per_second'))} ({one.get('status')}) | "
+                f"{fmt(two.get('images_per_second'))} ({two.get('status')}) | {fmt(two.get('images_per_rank'))} | "
+                f"{fmt(cmp_.get('byte_identical'))}/{fmt(cmp_.get('images'))} | {fmt(cmp_.get('max_pixel_diff'))} | "
+                f"{fmt(health.get('flat_images'))} | {','.join(one.get('device_seen', []) + two.get('device_seen', []))} |"
+            )
         lines.append("")
     b = parts.get("b")
     if b:
@@ -608,68 +936,108 @@ def render_summary(results: dict) -> str:
             lines += [f"_{b['note']}_", ""]
         if b.get("model"):
             m = b["model"]
-            lines += [f"Model: {m['layout']}, {m['dtype']}, parameters {json.dumps(m['parameters'])}, built in "
-                      f"{m['total_seconds']} s on {m['built_on']}.", ""]
+            lines += [
+                f"Model: {m['layout']}, {m['dtype']}, parameters {json.dumps(m['parameters'])}, built in "
+                f"{m['total_seconds']} s on {m['built_on']}.",
+                "",
+            ]
         plain = b.get("plain") or {}
-        lines += ["Throughput excludes model load. Plain loop: its batches after one warm-up batch, PNGs saved "
-                  "after each batch (`cold` adds back what the first batch cost over a warm one; `pipeline only` "
-                  "leaves the PNG saving out). Engine rows: run.json `seconds` (engine ready to last image "
-                  "written; the first batch is cold: no warm-up); `warm est.` takes out what each replica's first "
-                  "batch cost over a warm batch (from the manifest).", "",
-                  "| variant | images | seconds | img/s | vs plain (warm) | vs plain (cold) | vs plain (pipeline only) | "
-                  "warm est. img/s (vs plain warm) | images per rank | max pixel diff vs plain | wall s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Throughput excludes model load. Plain loop: its batches after one warm-up batch, PNGs saved "
+            "after each batch (`cold` adds back what the first batch cost over a warm one; `pipeline only` "
+            "leaves the PNG saving out). Engine rows: run.json `seconds` (engine ready to last image "
+            "written; the first batch is cold: no warm-up); `warm est.` takes out what each replica's first "
+            "batch cost over a warm batch (from the manifest).",
+            "",
+            "| variant | images | seconds | img/s | vs plain (warm) | vs plain (cold) | vs plain (pipeline only) | "
+            "warm est. img/s (vs plain warm) | images per rank | max pixel diff vs plain | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         if plain:
-            lines.append(f"| plain diffusers loop | {plain['images']} | {plain['seconds']} (cold {plain['cold_seconds']}, "
-                         f"PNG saves {fmt(plain.get('save_seconds'))}) | {plain['images_per_second']} (pipeline only "
-                         f"{fmt(plain.get('pipeline_images_per_second'))}) | 1 | - | - | - | - | - | load "
-                         f"{plain['load_seconds']} + warm-up {plain['warmup_seconds']} |")
-        names = {"nolauncher": "omni-diffuse, no launcher", "mpi1": "mpiexec -n 1", "mpi2": "mpiexec -n 2 (2 replicas, 1 device)"}
+            lines.append(
+                f"| plain diffusers loop | {plain['images']} | {plain['seconds']} (cold {plain['cold_seconds']}, "
+                f"PNG saves {fmt(plain.get('save_seconds'))}) | {plain['images_per_second']} (pipeline only "
+                f"{fmt(plain.get('pipeline_images_per_second'))}) | 1 | - | - | - | - | - | load "
+                f"{plain['load_seconds']} + warm-up {plain['warmup_seconds']} |"
+            )
+        names = {
+            "nolauncher": "omni-diffuse, no launcher",
+            "mpi1": "mpiexec -n 1",
+            "mpi2": "mpiexec -n 2 (2 replicas, 1 device)",
+        }
         for variant, entry in b.get("engine", {}).items():
             ratios, warm = b.get("ratios", {}), entry.get("warm_estimate") or {}
-            lines.append(f"| {names[variant]} | {fmt(entry.get('images_ok'))} | {fmt(entry.get('gen_seconds'))} | "
-                         f"{fmt(entry.get('images_per_second'))} | {fmt(ratios.get(f'{variant}_vs_plain_warm'))} | "
-                         f"{fmt(ratios.get(f'{variant}_vs_plain_cold'))} | "
-                         f"{fmt(ratios.get(f'{variant}_vs_plain_pipeline_only'))} | {fmt(warm.get('images_per_second'))} "
-                         f"({fmt(ratios.get(f'{variant}_warm_estimate_vs_plain_warm'))}) | {fmt(entry.get('images_per_rank'))} | "
-                         f"{fmt(entry.get('compare_with_plain', {}).get('max_pixel_diff'))} | {fmt(entry.get('seconds'))} "
-                         f"({entry.get('status')}) |")
-        lines += ["", f"2 replicas vs 1 on one GPU (mpiexec -n 2 / -n 1): {fmt(b.get('ratios', {}).get('mpi2_vs_mpi1'))}; "
-                  f"flat images in the plain run: {fmt((b.get('health') or {}).get('flat_images'))}", ""]
+            lines.append(
+                f"| {names[variant]} | {fmt(entry.get('images_ok'))} | {fmt(entry.get('gen_seconds'))} | "
+                f"{fmt(entry.get('images_per_second'))} | {fmt(ratios.get(f'{variant}_vs_plain_warm'))} | "
+                f"{fmt(ratios.get(f'{variant}_vs_plain_cold'))} | "
+                f"{fmt(ratios.get(f'{variant}_vs_plain_pipeline_only'))} | {fmt(warm.get('images_per_second'))} "
+                f"({fmt(ratios.get(f'{variant}_warm_estimate_vs_plain_warm'))}) | {fmt(entry.get('images_per_rank'))} | "
+                f"{fmt(entry.get('compare_with_plain', {}).get('max_pixel_diff'))} | {fmt(entry.get('seconds'))} "
+                f"({entry.get('status')}) |"
+            )
+        lines += [
+            "",
+            f"2 replicas vs 1 on one GPU (mpiexec -n 2 / -n 1): {fmt(b.get('ratios', {}).get('mpi2_vs_mpi1'))}; "
+            f"flat images in the plain run: {fmt((b.get('health') or {}).get('flat_images'))}",
+            "",
+        ]
     d = parts.get("d")
     if d:
         lines += [f"## (d) {d['title']}", ""]
         if d.get("note"):
             lines += [f"_{d['note']}_", ""]
-        lines += ["| ranks | images | seconds | img/s | speed-up | efficiency | images per rank |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| ranks | images | seconds | img/s | speed-up | efficiency | images per rank |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for ranks, entry in d.get("runs", {}).items():
-            lines.append(f"| {ranks} | {fmt(entry.get('images_ok'))} | {fmt(entry.get('gen_seconds'))} | "
-                         f"{fmt(entry.get('images_per_second'))} | {fmt(entry.get('speedup'))} | "
-                         f"{fmt(entry.get('efficiency'))} | {fmt(entry.get('images_per_rank'))} ({entry.get('status')}) |")
+            lines.append(
+                f"| {ranks} | {fmt(entry.get('images_ok'))} | {fmt(entry.get('gen_seconds'))} | "
+                f"{fmt(entry.get('images_per_second'))} | {fmt(entry.get('speedup'))} | "
+                f"{fmt(entry.get('efficiency'))} | {fmt(entry.get('images_per_rank'))} ({entry.get('status')}) |"
+            )
         rpc = d.get("rpc")
-        lines += ["", f"collective_rpc('ping') at {rpc['ranks']} ranks ({rpc['executor']}): median {rpc['median_us']} us "
-                      f"per call (rounds {rpc['rounds_us']})" if rpc else "RPC round trip: not measured (see steps)", ""]
+        lines += [
+            "",
+            f"collective_rpc('ping') at {rpc['ranks']} ranks ({rpc['executor']}): median {rpc['median_us']} us "
+            f"per call (rounds {rpc['rounds_us']})"
+            if rpc
+            else "RPC round trip: not measured (see steps)",
+            "",
+        ]
     c = parts.get("c")
     if c:
-        lines += [f"## (c) {c['title']}", "", "| case | outcome | exit | seconds | message / result |", "|---|---|---|---|---|"]
+        lines += [
+            f"## (c) {c['title']}",
+            "",
+            "| case | outcome | exit | seconds | message / result |",
+            "|---|---|---|---|---|",
+        ]
         for case, entry in c.get("cases", {}).items():
             if entry.get("status") == "skipped":
                 lines.append(f"| {case} | skipped | - | - | {entry.get('reason')} |")
             elif case.endswith("_gpu"):
-                lines.append(f"| {case} | {entry.get('outcome')} | {fmt(entry.get('rc'))} | {fmt(entry.get('seconds'))} | "
-                             f"{entry.get('message', '').replace('|', '/')} |")
+                lines.append(
+                    f"| {case} | {entry.get('outcome')} | {fmt(entry.get('rc'))} | {fmt(entry.get('seconds'))} | "
+                    f"{entry.get('message', '').replace('|', '/')} |"
+                )
             else:
                 cmp_ = entry.get("compare_with_1rank_cpu", {})
-                lines.append(f"| {case} | {entry.get('status')} | {fmt(entry.get('rc'))} | {fmt(entry.get('seconds'))} | "
-                             f"{fmt(entry.get('images_ok'))} images; vs 1-rank CPU: {fmt(cmp_.get('byte_identical'))}/"
-                             f"{fmt(cmp_.get('images'))} byte-identical, max pixel diff {fmt(cmp_.get('max_pixel_diff'))} |")
+                lines.append(
+                    f"| {case} | {entry.get('status')} | {fmt(entry.get('rc'))} | {fmt(entry.get('seconds'))} | "
+                    f"{fmt(entry.get('images_ok'))} images; vs 1-rank CPU: {fmt(cmp_.get('byte_identical'))}/"
+                    f"{fmt(cmp_.get('images'))} byte-identical, max pixel diff {fmt(cmp_.get('max_pixel_diff'))} |"
+                )
         lines.append("")
     for error in results.get("errors", []):
         lines += [f"ERROR in the check itself: {error}", ""]
     lines += ["## Steps", "", "| step | status | exit | seconds |", "|---|---|---|---|"]
     for step in results["steps"]:
-        lines.append(f"| {step['name']} | {step.get('status')}{' (' + step['reason'] + ')' if step.get('reason') else ''} | "
-                     f"{fmt(step.get('rc'))} | {fmt(step.get('seconds'))} |")
+        lines.append(
+            f"| {step['name']} | {step.get('status')}{' (' + step['reason'] + ')' if step.get('reason') else ''} | "
+            f"{fmt(step.get('rc'))} | {fmt(step.get('seconds'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -693,8 +1061,13 @@ def probe_environment(checker: Checker) -> dict:
         "    info['mpi'] = repr(exc)\n"
         "print('PROBE ' + json.dumps(info))\n"
     )
-    step = checker.run("setup", "probe", [sys.executable, "-c", code], TIMEOUTS["probe"],
-                       display=f"{sys.executable} -c <probe: versions, GPU, MPI library>")
+    step = checker.run(
+        "setup",
+        "probe",
+        [sys.executable, "-c", code],
+        TIMEOUTS["probe"],
+        display=f"{sys.executable} -c <probe: versions, GPU, MPI library>",
+    )
     for line in (checker.logs / "probe.log").read_text(errors="replace").splitlines():
         if line.startswith("PROBE "):
             return json.loads(line[6:])
@@ -705,9 +1078,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--cpu-smoke", action="store_true", help="smoke sizes on the CPU even if a GPU is there")
-    parser.add_argument("--parts", default="a,b,c,d", help="which parts (a, c and the model build run first, "
-                        "concurrently; then b's timings, then d)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="smoke sizes on the CPU even if a GPU is there"
+    )
+    parser.add_argument(
+        "--parts",
+        default="a,b,c,d",
+        help="which parts (a, c and the model build run first, "
+        "concurrently; then b's timings, then d)",
+    )
     parser.add_argument("--dp-ranks", default=None, help="comma list for part d (default 1,2,4,8)")
     parser.add_argument("--rpc-ranks", type=int, default=None)
     args = parser.parse_args()
@@ -718,9 +1097,15 @@ def main() -> int:
     deadline = float(os.environ.get("GPU_CHECK_DEADLINE") or (time.time() + 420))
     checker = Checker(args.out, args.work, "cpu-smoke", deadline, {})
     probe = probe_environment(checker)
-    if "cuda_available" not in probe:  # the probe itself failed: ask the one question that decides the mode
-        check = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                               capture_output=True, text=True, timeout=120)
+    if (
+        "cuda_available" not in probe
+    ):  # the probe itself failed: ask the one question that decides the mode
+        check = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         probe["cuda_available"] = check.stdout.strip() == "True"
     mode = "gpu" if probe.get("cuda_available") and not args.cpu_smoke else "cpu-smoke"
     sizes = dict(SIZES[mode])
@@ -730,8 +1115,15 @@ def main() -> int:
         sizes["rpc_ranks"] = args.rpc_ranks
     checker.mode, checker.sizes = mode, sizes
     checker.results.update(mode=mode, sizes=sizes)
-    reason = "" if mode == "gpu" else (" (--cpu-smoke)" if args.cpu_smoke else
-                                       " (no usable CUDA device: GPU steps are skipped, CPU stand-ins run)")
+    reason = (
+        ""
+        if mode == "gpu"
+        else (
+            " (--cpu-smoke)"
+            if args.cpu_smoke
+            else " (no usable CUDA device: GPU steps are skipped, CPU stand-ins run)"
+        )
+    )
     print(f"== mode: {mode}{reason}; {checker.remaining():.0f} s to the deadline", flush=True)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     phases = [("a, c and the model build, concurrently", lambda: checker.phase_correctness(parts))]
@@ -751,7 +1143,9 @@ def main() -> int:
             traceback.print_exc()
     checker.save(probe)
     failed = [s["name"] for s in checker.steps if s.get("status") not in ("ok", "skipped")]
-    expected_fail = {f"c_{label}_gpu" for label, _, _ in PARALLEL_CASES}  # refusals are the expected outcome there
+    expected_fail = {
+        f"c_{label}_gpu" for label, _, _ in PARALLEL_CASES
+    }  # refusals are the expected outcome there
     return 1 if [name for name in failed if name not in expected_fail] else 0
 
 

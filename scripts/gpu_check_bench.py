@@ -67,12 +67,14 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     items = read_items(args.prompts)
-    batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
+    batches = [items[i : i + args.batch_size] for i in range(0, len(items), args.batch_size)]
     images_dir = args.output / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.model, torch_dtype=getattr(torch, args.dtype)
+    )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     sync()
@@ -82,9 +84,13 @@ def main() -> None:
         generators = [torch.Generator("cpu").manual_seed(int(item["seed"])) for item in batch]
         with torch.inference_mode():
             result = pipe(
-                prompt=[item["prompt"] for item in batch], num_inference_steps=args.steps,
-                guidance_scale=args.guidance, height=args.height, width=args.width,
-                num_images_per_prompt=1, generator=generators,
+                prompt=[item["prompt"] for item in batch],
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=args.height,
+                width=args.width,
+                num_images_per_prompt=1,
+                generator=generators,
             )
         return result.images
 
@@ -121,16 +127,38 @@ def main() -> None:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
-        "settings": {"steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width,
-                     "batch_size": args.batch_size},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "python": sys.version.split()[0]},
+        "settings": {
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "height": args.height,
+            "width": args.width,
+            "batch_size": args.batch_size,
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": sys.version.split()[0],
+        },
     }
     if device.type == "cuda":
         record["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     (args.output / "bench.json").write_text(json.dumps(record, indent=2))
-    print(json.dumps({k: record[k] for k in ("images", "seconds", "images_per_second", "cold_seconds",
-                                             "save_seconds", "load_seconds", "warmup_seconds")}))
+    print(
+        json.dumps(
+            {
+                k: record[k]
+                for k in (
+                    "images",
+                    "seconds",
+                    "images_per_second",
+                    "cold_seconds",
+                    "save_seconds",
+                    "load_seconds",
+                    "warmup_seconds",
+                )
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,34 +26,85 @@ import time
 from pathlib import Path
 
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                    "DownBlock2D"),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
-    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
     attention_head_dim=8,
 )
 SD15_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
 )
 SD15_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
 )
 SD15_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
 )
 
 # Same layout, a few MB: for exercising every code path on a CPU.
-SMALL_UNET = {**SD15_UNET, "sample_size": 8, "block_out_channels": (32, 64, 64, 64), "layers_per_block": 1,
-              "cross_attention_dim": 64}
-SMALL_TEXT = {**SD15_TEXT, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4}
-SMALL_VAE = {**SD15_VAE, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "sample_size": 64}
+SMALL_UNET = {
+    **SD15_UNET,
+    "sample_size": 8,
+    "block_out_channels": (32, 64, 64, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+}
+SMALL_TEXT = {
+    **SD15_TEXT,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "projection_dim": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+SMALL_VAE = {
+    **SD15_VAE,
+    "block_out_channels": (32, 32, 64, 64),
+    "layers_per_block": 1,
+    "sample_size": 64,
+}
 
 
 def count(module) -> int:
@@ -62,7 +113,12 @@ def count(module) -> int:
 
 def build(output: Path, device: str, small: bool, dtype_name: str, seed: int) -> dict:
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -70,10 +126,15 @@ def build(output: Path, device: str, small: bool, dtype_name: str, seed: int) ->
 
     diffusers_logging.disable_progress_bar()
     start = time.perf_counter()
-    tokenizer = CLIPTokenizer.from_pretrained(str(ensure_tiny_model("tiny-unet") / "tokenizer"), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(ensure_tiny_model("tiny-unet") / "tokenizer"), model_max_length=77
+    )
     text_cfg = dict(SMALL_TEXT if small else SD15_TEXT)
-    text_cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id)
+    text_cfg.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     with torch.device(device):  # initialise where it is fast
         unet = UNet2DConditionModel(**(SMALL_UNET if small else SD15_UNET))
@@ -84,8 +145,13 @@ def build(output: Path, device: str, small: bool, dtype_name: str, seed: int) ->
         module.to(device="cpu", dtype=dtype).eval()  # saved from host memory
     init_s = time.perf_counter() - start
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     staging = output.with_name(output.name + ".partial")
@@ -110,8 +176,12 @@ def build(output: Path, device: str, small: bool, dtype_name: str, seed: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)
-    parser.add_argument("--device", default="cuda", help="where to initialise the weights (cuda or cpu)")
-    parser.add_argument("--small", action="store_true", help="downsized model of the same layout (CPU smoke)")
+    parser.add_argument(
+        "--device", default="cuda", help="where to initialise the weights (cuda or cpu)"
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="downsized model of the same layout (CPU smoke)"
+    )
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

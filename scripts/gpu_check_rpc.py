@@ -22,7 +22,9 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default="tiny-dit", help="loads fastest; plays no part in a round trip")
+    parser.add_argument(
+        "--model", default="tiny-dit", help="loads fastest; plays no part in a round trip"
+    )
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (the model's placement)")
@@ -31,7 +33,9 @@ def main() -> None:
     from spmd_diffusion import DiffusionEngine
     from spmd_diffusion.data import OmniDiffusionConfig
 
-    engine = DiffusionEngine(OmniDiffusionConfig(model=args.model, device=args.device))  # ranks > 0 exit inside
+    engine = DiffusionEngine(
+        OmniDiffusionConfig(model=args.model, device=args.device)
+    )  # ranks > 0 exit inside
     with engine:
         replies = engine.collective_rpc("ping")
         stats = engine.collective_rpc("get_cache_stats")  # device, dtype, memory of every rank

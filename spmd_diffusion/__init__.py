@@ -11,4 +11,10 @@ from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.request import OmniDiffusionRequest
 
-__all__ = ["DiffusionEngine", "DiffusionOutput", "OmniDiffusionConfig", "OmniDiffusionRequest", "__version__"]
+__all__ = [
+    "DiffusionEngine",
+    "DiffusionOutput",
+    "OmniDiffusionConfig",
+    "OmniDiffusionRequest",
+    "__version__",
+]

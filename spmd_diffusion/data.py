@@ -101,29 +101,48 @@ class OmniDiffusionConfig:
         if self.model_class_name is not None and (
             not isinstance(self.model_class_name, str) or not self.model_class_name.isidentifier()
         ):
-            raise ValueError(f"model_class_name must be a class name, got {self.model_class_name!r}")
+            raise ValueError(
+                f"model_class_name must be a class name, got {self.model_class_name!r}"
+            )
         if self.executor_class is not None and not isinstance(self.executor_class, (str, type)):
             raise ValueError(
                 "executor_class must be None, a registered name, a dotted path or a class, "
                 f"got {type(self.executor_class).__name__}"
             )
         if not isinstance(self.executor_config, dict):
-            raise ValueError(f"executor_config must be a dict, got {type(self.executor_config).__name__}")
+            raise ValueError(
+                f"executor_config must be a dict, got {type(self.executor_config).__name__}"
+            )
         _check_int("num_gpus", self.num_gpus, 1)
         for name in ("tensor_parallel_size", "ulysses_degree", "ring_degree"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("cfg_parallel", "batch_invariant", "vae_tiling", "vae_slicing", "compile", "vae_parallel"):
+        for name in (
+            "cfg_parallel",
+            "batch_invariant",
+            "vae_tiling",
+            "vae_slicing",
+            "compile",
+            "vae_parallel",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        dtype = (
+            DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        )
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.dtype = dtype
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         ):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed <= MAX_SEED
+        ):
             raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         _check_int("max_batch_size", self.max_batch_size, 1)
         for name in ("max_image_size", "max_inference_steps", "max_images_per_prompt"):
@@ -132,12 +151,23 @@ class OmniDiffusionConfig:
         for name in ("rpc_timeout", "generate_timeout", "startup_timeout", "batch_timeout"):
             _check_timeout(name, getattr(self, name))
         if not isinstance(self.schedule, str) or not self.schedule:
-            raise ValueError(f"schedule must be fifo, shape, cost or a dotted path, got {self.schedule!r}")
-        if not isinstance(self.hooks, list) or not all(isinstance(h, str) and h for h in self.hooks):
-            raise ValueError(f"hooks must be a list of hook names or dotted paths, got {self.hooks!r}")
-        if (isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float))
-                or not 0 <= self.batch_wait_s <= 10):
-            raise ValueError(f"batch_wait_s must be a number of seconds in [0, 10], got {self.batch_wait_s!r}")
+            raise ValueError(
+                f"schedule must be fifo, shape, cost or a dotted path, got {self.schedule!r}"
+            )
+        if not isinstance(self.hooks, list) or not all(
+            isinstance(h, str) and h for h in self.hooks
+        ):
+            raise ValueError(
+                f"hooks must be a list of hook names or dotted paths, got {self.hooks!r}"
+            )
+        if (
+            isinstance(self.batch_wait_s, bool)
+            or not isinstance(self.batch_wait_s, (int, float))
+            or not 0 <= self.batch_wait_s <= 10
+        ):
+            raise ValueError(
+                f"batch_wait_s must be a number of seconds in [0, 10], got {self.batch_wait_s!r}"
+            )
         self._check_model_options()
 
     def _check_model_options(self) -> None:
@@ -148,49 +178,85 @@ class OmniDiffusionConfig:
         if isinstance(self.lora, tuple):
             self.lora = list(self.lora)
         parse_loras(self.lora)
-        if self.max_loras is not None and (isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int)
-                                           or self.max_loras < max(1, len(self.lora))):
-            raise ValueError(f"max_loras must be an integer >= 1 and >= the run's own adapters ({len(self.lora)}), "
-                             f"got {self.max_loras!r}")
+        if self.max_loras is not None and (
+            isinstance(self.max_loras, bool)
+            or not isinstance(self.max_loras, int)
+            or self.max_loras < max(1, len(self.lora))
+        ):
+            raise ValueError(
+                f"max_loras must be an integer >= 1 and >= the run's own adapters ({len(self.lora)}), "
+                f"got {self.max_loras!r}"
+            )
         if self.lora and self.tensor_parallel_size > 1:
-            raise ValueError("lora is not supported with tensor parallelism (the adapters would wrap sharded layers)")
-        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()):
-            raise ValueError(f"scheduler must be a diffusers scheduler class name, got {self.scheduler!r}")
-        if not isinstance(self.scheduler_options, dict) or not all(isinstance(k, str) for k in self.scheduler_options):
-            raise ValueError(f"scheduler_options must be a dict of option names to values, got {self.scheduler_options!r}")
+            raise ValueError(
+                "lora is not supported with tensor parallelism (the adapters would wrap sharded layers)"
+            )
+        if self.scheduler is not None and (
+            not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()
+        ):
+            raise ValueError(
+                f"scheduler must be a diffusers scheduler class name, got {self.scheduler!r}"
+            )
+        if not isinstance(self.scheduler_options, dict) or not all(
+            isinstance(k, str) for k in self.scheduler_options
+        ):
+            raise ValueError(
+                f"scheduler_options must be a dict of option names to values, got {self.scheduler_options!r}"
+            )
         if self.scheduler_options and self.scheduler is None:
             raise ValueError("scheduler_options need a scheduler")
         if self.offload is not None and self.offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be None or one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+            raise ValueError(
+                f"offload must be None or one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}"
+            )
         if self.offload is not None and (self.replica_size > 1 or self.device == "cpu"):
-            raise ValueError("offload moves whole models between the CPU and one accelerator: it needs a GPU and "
-                             "works without tensor/CFG parallelism")
+            raise ValueError(
+                "offload moves whole models between the CPU and one accelerator: it needs a GPU and "
+                "works without tensor/CFG parallelism"
+            )
         if self.vae_parallel and self.replica_size == 1:
-            raise ValueError("vae_parallel splits a decode over the ranks of a replica, and a replica here is one "
-                             "rank: add --tp, --ulysses, --ring or --cfg-parallel (more data-parallel ranks already "
-                             "decode other images)")
+            raise ValueError(
+                "vae_parallel splits a decode over the ranks of a replica, and a replica here is one "
+                "rank: add --tp, --ulysses, --ring or --cfg-parallel (more data-parallel ranks already "
+                "decode other images)"
+            )
         if self.vae_parallel and (self.vae_tiling or self.vae_slicing):
-            raise ValueError("vae_parallel decodes whole bands of the image: it replaces vae_tiling/vae_slicing, "
-                             "use one or the other")
-        if self.attention_backend is not None and (not isinstance(self.attention_backend, str)
-                                                   or not self.attention_backend):
-            raise ValueError(f"attention_backend must be a backend name, got {self.attention_backend!r}")
+            raise ValueError(
+                "vae_parallel decodes whole bands of the image: it replaces vae_tiling/vae_slicing, "
+                "use one or the other"
+            )
+        if self.attention_backend is not None and (
+            not isinstance(self.attention_backend, str) or not self.attention_backend
+        ):
+            raise ValueError(
+                f"attention_backend must be a backend name, got {self.attention_backend!r}"
+            )
         if self.cache is not None:
             from spmd_diffusion.models.step_cache import parse_cache
 
-            self.cache = str(parse_cache(self.cache))  # normalised: the kind's default value made explicit
+            self.cache = str(
+                parse_cache(self.cache)
+            )  # normalised: the kind's default value made explicit
         self._check_quantize()
 
     def _check_quantize(self) -> None:
         """Shapes only; the kind's package and whether this machine runs it are checked by
         ``spmd_diffusion.models.options.check_model_options``."""
         if isinstance(self.quantize_components, (tuple, str)):
-            self.quantize_components = [self.quantize_components] if isinstance(self.quantize_components, str) \
+            self.quantize_components = (
+                [self.quantize_components]
+                if isinstance(self.quantize_components, str)
                 else list(self.quantize_components)
-        if not isinstance(self.quantize_components, list) or not self.quantize_components or not all(
-                isinstance(name, str) and name for name in self.quantize_components):
-            raise ValueError(f"quantize_components must be a non-empty list of component names, "
-                             f"got {self.quantize_components!r}")
+            )
+        if (
+            not isinstance(self.quantize_components, list)
+            or not self.quantize_components
+            or not all(isinstance(name, str) and name for name in self.quantize_components)
+        ):
+            raise ValueError(
+                f"quantize_components must be a non-empty list of component names, "
+                f"got {self.quantize_components!r}"
+            )
         if self.quantize is None:
             return
         from spmd_diffusion.models.quantization import KINDS
@@ -198,9 +264,11 @@ class OmniDiffusionConfig:
         if self.quantize not in KINDS:
             raise ValueError(f"quantize must be one of {', '.join(KINDS)}, got {self.quantize!r}")
         if self.tensor_parallel_size > 1:
-            raise ValueError("quantize with tensor parallelism: the sharded layers would be DTensors over quantized "
-                             "weights, which the quantization backends do not support; use --quantize with data, "
-                             "sequence or CFG parallelism")
+            raise ValueError(
+                "quantize with tensor parallelism: the sharded layers would be DTensors over quantized "
+                "weights, which the quantization backends do not support; use --quantize with data, "
+                "sequence or CFG parallelism"
+            )
 
     def check_limits(self, request: OmniDiffusionRequest) -> None:
         """Refuse a request past this config's limits (a typo such as height 100000 would
@@ -211,14 +279,20 @@ class OmniDiffusionConfig:
         for name in ("height", "width"):
             value = getattr(request, name)
             if value is not None and value > self.max_image_size:
-                raise ValueError(f"{name} {value} is above the limit of {self.max_image_size} (max_image_size)")
+                raise ValueError(
+                    f"{name} {value} is above the limit of {self.max_image_size} (max_image_size)"
+                )
         steps = request.num_inference_steps
         if steps is not None and steps > self.max_inference_steps:
-            raise ValueError(f"num_inference_steps {steps} is above the limit of {self.max_inference_steps} "
-                             "(max_inference_steps)")
+            raise ValueError(
+                f"num_inference_steps {steps} is above the limit of {self.max_inference_steps} "
+                "(max_inference_steps)"
+            )
         if request.num_images_per_prompt > self.max_images_per_prompt:
-            raise ValueError(f"num_images_per_prompt {request.num_images_per_prompt} is above the limit of "
-                             f"{self.max_images_per_prompt} (max_images_per_prompt)")
+            raise ValueError(
+                f"num_images_per_prompt {request.num_images_per_prompt} is above the limit of "
+                f"{self.max_images_per_prompt} (max_images_per_prompt)"
+            )
         check_image_inputs(request, self.max_image_size)
         if request.lora is not None:
             from spmd_diffusion.models.lora import check_lora_source, parse_loras
@@ -239,15 +313,25 @@ class OmniDiffusionConfig:
     @property
     def replica_size(self) -> int:
         """Ranks that work on one image together: tensor x cfg x sequence (ulysses x ring) parallel."""
-        return self.tensor_parallel_size * (2 if self.cfg_parallel else 1) * self.ulysses_degree * self.ring_degree
+        return (
+            self.tensor_parallel_size
+            * (2 if self.cfg_parallel else 1)
+            * self.ulysses_degree
+            * self.ring_degree
+        )
 
     def parallel_layout(self, world_size: int) -> ParallelLayout:
         """How ``world_size`` ranks (or workers) split into replicas under this config; a clear
         ``ValueError`` when tp x cfg x sp does not divide them."""
         from spmd_diffusion.parallel.mesh import ParallelLayout
 
-        return ParallelLayout(world_size, tp=self.tensor_parallel_size, cfg=2 if self.cfg_parallel else 1,
-                              ulysses=self.ulysses_degree, ring=self.ring_degree)
+        return ParallelLayout(
+            world_size,
+            tp=self.tensor_parallel_size,
+            cfg=2 if self.cfg_parallel else 1,
+            ulysses=self.ulysses_degree,
+            ring=self.ring_degree,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; a class in ``executor_class`` becomes its dotted path."""
@@ -307,7 +391,9 @@ class DiffusionOutput:
 
     def _single(self, name: str) -> Any:
         if len(self.request_ids) != 1:
-            raise ValueError(f"{name} is defined for one request, this output holds {len(self.request_ids)}")
+            raise ValueError(
+                f"{name} is defined for one request, this output holds {len(self.request_ids)}"
+            )
         return getattr(self, name + "s")[0]
 
     @property
@@ -350,7 +436,9 @@ class DiffusionOutput:
         if unknown:
             raise ValueError(f"unknown DiffusionOutput field(s): {', '.join(unknown)}")
         kwargs = dict(data)
-        kwargs["images"] = [[decode_image(im) for im in per_request] for per_request in data.get("images", [])]
+        kwargs["images"] = [
+            [decode_image(im) for im in per_request] for per_request in data.get("images", [])
+        ]
         return cls(**kwargs)
 
 

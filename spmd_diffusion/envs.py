@@ -100,8 +100,13 @@ def set_default(name: str, value: str, env: MutableMapping[str, str] | None = No
 # MPI_Init (pip's MPICH 5 runs UCX by default and libfabric with MPIR_CVAR_CH4_NETMOD=ofi;
 # each otherwise listens on the machine's LAN address on every rank, even for a one-node
 # job). Within a node MPI's messages go through shared memory anyway.
-LOOPBACK_INTERFACES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "FI_TCP_IFACE",
-                       "FI_SOCKETS_IFACE")
+LOOPBACK_INTERFACES = (
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+    "UCX_NET_DEVICES",
+    "FI_TCP_IFACE",
+    "FI_SOCKETS_IFACE",
+)
 
 
 def keep_on_loopback(one_node: bool) -> None:

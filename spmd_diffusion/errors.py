@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-
 from dataclasses import dataclass
 
 
@@ -54,7 +53,9 @@ class WorkerError(SpmdDiffusionError):
             by_text.setdefault(f"{failure.exc_type}: {failure.message}", []).append(failure.rank)
         lines = [f"{self.method!r} failed"]
         for text, ranks in by_text.items():
-            lines.append(f"  rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}")
+            lines.append(
+                f"  rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}"
+            )
         return "\n".join(lines)
 
     @property
@@ -118,7 +119,9 @@ class OutputWriteError(SpmdDiffusionError, OSError):
 
     def __init__(self, path: str, errno_: int | None, reason: str) -> None:
         self.path, self.errno_, self.reason = path, errno_, reason
-        SpmdDiffusionError.__init__(self, f"cannot write {path} (in {os.path.dirname(path) or '.'}): {reason}")
+        SpmdDiffusionError.__init__(
+            self, f"cannot write {path} (in {os.path.dirname(path) or '.'}): {reason}"
+        )
         self.errno = errno_
 
     @classmethod
@@ -140,7 +143,12 @@ def gloo_brief(exc: BaseException) -> str:
 
 
 # What gloo (and torch's c10d) say when the peer of a collective or message is gone.
-PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Read error [")
+PEER_LOST_TEXT = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Read error [",
+)
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -157,7 +165,9 @@ class ConnectionLostError(WorkerDiedError):
 
     def __init__(self, detail: str, rank: int | None = None) -> None:
         who = f"rank {rank}" if rank is not None else "a rank"
-        SpmdDiffusionError.__init__(self, f"lost the connection to {who} ({detail}): it crashed or was killed")
+        SpmdDiffusionError.__init__(
+            self, f"lost the connection to {who} ({detail}): it crashed or was killed"
+        )
         self.rank, self.exitcode, self.method, self.detail = rank, None, None, detail
 
     def __reduce__(self):

@@ -17,11 +17,26 @@ from spmd_diffusion.utils.image_inputs import normalize_image_input
 MAX_SEED = 2**63 - 1
 # Pipeline arguments a request sets through its own fields, or the worker sets itself (the
 # seeds' generators): ``extra`` may not override them, or the manifest would lie.
-RESERVED_EXTRA = frozenset({
-    "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
-    "num_images_per_prompt", "generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
-    "image", "mask_image", "strength", "num_frames", "num_videos_per_prompt", "true_cfg_scale",
-})
+RESERVED_EXTRA = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "num_inference_steps",
+        "guidance_scale",
+        "height",
+        "width",
+        "num_images_per_prompt",
+        "generator",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+        "image",
+        "mask_image",
+        "strength",
+        "num_frames",
+        "num_videos_per_prompt",
+        "true_cfg_scale",
+    }
+)
 MAX_FPS = 240
 # The longest prompt (and negative prompt), in characters, from every entry point: CLI, prompt
 # files, datasets, HTTP and the Python API. The widest text encoder the tool runs reads 1024
@@ -121,7 +136,9 @@ class OmniDiffusionRequest:
         check_prompt_length("prompt", self.prompt)
         check_prompt_length("negative_prompt", self.negative_prompt)
         steps = self.num_inference_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         for name in ("guidance_scale", "true_cfg_scale"):
             value = getattr(self, name)
@@ -144,11 +161,15 @@ class OmniDiffusionRequest:
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         reserved = sorted(RESERVED_EXTRA.intersection(self.extra))
         if reserved:
-            raise ValueError(f"extra may not set {', '.join(reserved)}: use the request's own fields")
+            raise ValueError(
+                f"extra may not set {', '.join(reserved)}: use the request's own fields"
+            )
         output_type = self.extra.get("output_type", "pil")
         if output_type not in IMAGE_OUTPUT_TYPES:
-            raise ValueError(f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}: "
-                             "the tool returns and writes images")
+            raise ValueError(
+                f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}: "
+                "the tool returns and writes images"
+            )
         self._check_image_inputs()
         self._check_video()
         if self.lora is not None:
@@ -165,13 +186,19 @@ class OmniDiffusionRequest:
             raise ValueError("mask_image needs an image: inpainting takes both")
         strength = self.strength
         if strength is not None:
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            if (
+                isinstance(strength, bool)
+                or not isinstance(strength, (int, float))
+                or not 0 < strength <= 1
+            ):
                 raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
             self.strength = float(strength)
 
     def _check_video(self) -> None:
         frames = self.num_frames
-        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        if frames is not None and (
+            isinstance(frames, bool) or not isinstance(frames, int) or frames < 1
+        ):
             raise ValueError(f"num_frames must be an integer >= 1, got {frames!r}")
         fps = self.fps
         if fps is not None:
@@ -200,8 +227,17 @@ class OmniDiffusionRequest:
         extra = json.dumps(self.extra, sort_keys=True, default=repr) if self.extra else "{}"
         inputs = (self.image is not None, self.mask_image is not None, self.strength)
         lora = None if self.lora is None else tuple(self.lora)  # one adapter set per pipeline call
-        return (self.num_inference_steps, self.guidance_scale, self.height, self.width, extra, inputs, lora,
-                self.num_frames, self.true_cfg_scale)
+        return (
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.height,
+            self.width,
+            extra,
+            inputs,
+            lora,
+            self.num_frames,
+            self.true_cfg_scale,
+        )
 
     def image_seeds(self) -> list[int]:
         """The seed of each of this request's images: ``seed``, ``seed + 1``, ...

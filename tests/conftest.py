@@ -45,7 +45,6 @@ def tiny_video() -> str:
     return str(ensure_tiny_model("tiny-video"))
 
 
-
 @pytest.fixture(scope="session")
 def ray_address():
     """A one-node Ray cluster for the session, started in this process (token
@@ -53,8 +52,12 @@ def ray_address():
     $RAY_ADDRESS, so in-process executors and ``omni-diffuse`` subprocesses join it.
     ``ray.shutdown`` stops it and nothing else (``ray stop`` would end every Ray cluster on
     the machine, a user's too)."""
-    ray = pytest.importorskip("ray", reason="the ray executor's tests need Ray: pip install '.[ray]'")
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, configure_logging=False)
+    ray = pytest.importorskip(
+        "ray", reason="the ray executor's tests need Ray: pip install '.[ray]'"
+    )
+    ray.init(
+        address="local", num_cpus=4, num_gpus=0, include_dashboard=False, configure_logging=False
+    )
     address = ray.get_runtime_context().gcs_address
     saved = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address

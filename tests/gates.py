@@ -78,7 +78,9 @@ class JobGate:
         """Until the engine holds (``job``, a Popen, must still be running)."""
         deadline = time.monotonic() + timeout
         while not self.held:
-            assert job.poll() is None, f"the job ended (exit {job.returncode}) before the gate held it"
+            assert job.poll() is None, (
+                f"the job ended (exit {job.returncode}) before the gate held it"
+            )
             assert time.monotonic() < deadline, "the gate did not hold the job"
             time.sleep(0.05)
 
@@ -100,7 +102,9 @@ class SlowDenoiser:
     def __enter__(self) -> SlowDenoiser:
         if self.seconds:
             worker = self.engine.executor.local.worker
-            self.handle = worker.denoiser.register_forward_pre_hook(lambda module, args: time.sleep(self.seconds))
+            self.handle = worker.denoiser.register_forward_pre_hook(
+                lambda module, args: time.sleep(self.seconds)
+            )
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -128,7 +132,9 @@ class HoldForSignal:
 
         from spmd_diffusion.worker import step_watch
 
-        spec = importlib.util.spec_from_file_location("gate_site_patches", GATE_SITE / "sitecustomize.py")
+        spec = importlib.util.spec_from_file_location(
+            "gate_site_patches", GATE_SITE / "sitecustomize.py"
+        )
         patches = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(patches)
         self.original = patches.hold_for_signal(step_watch, self.at_step)

@@ -30,7 +30,9 @@ def small_requests(count: int = 4, **overrides):
     settings = {"num_inference_steps": 4, "height": 64, "width": 64}
     settings.update(overrides)
     return [
-        OmniDiffusionRequest(prompt=f"a photo of item {i}", seed=100 + i, request_id=f"item-{i}", **settings)
+        OmniDiffusionRequest(
+            prompt=f"a photo of item {i}", seed=100 + i, request_id=f"item-{i}", **settings
+        )
         for i in range(count)
     ]
 
@@ -53,11 +55,19 @@ def hammer_from_two_threads(engine, rounds: int = 50) -> list[str]:
 
     def generations() -> None:
         for token in range(rounds):
-            request = OmniDiffusionRequest(prompt=f"round {token}", seed=token, request_id=f"round-{token}",
-                                           num_inference_steps=1, height=32, width=32)
+            request = OmniDiffusionRequest(
+                prompt=f"round {token}",
+                seed=token,
+                request_id=f"round-{token}",
+                num_inference_steps=1,
+                height=32,
+                width=32,
+            )
             (output,) = engine.generate([request])
             if output.request_id != f"round-{token}" or not output.ok or output.seeds[0] != [token]:
-                problems.append(f"generate round {token} got {output.request_id!r} {output.errors!r}")
+                problems.append(
+                    f"generate round {token} got {output.request_id!r} {output.errors!r}"
+                )
 
     threads = [threading.Thread(target=calls), threading.Thread(target=generations)]
     for thread in threads:
@@ -81,7 +91,15 @@ def make_random_lora(directory, model_dir: str, seed: int = 0, rank: int = 4) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # init_lora_weights=False: B is random too (the default starts it at zero, a no-op)
-        pipeline.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=get_peft_model_state_dict(pipeline.unet))
+        pipeline.unet.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=rank,
+                init_lora_weights=False,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
+    StableDiffusionPipeline.save_lora_weights(
+        str(directory), unet_lora_layers=get_peft_model_state_dict(pipeline.unet)
+    )
     return str(directory)

@@ -25,8 +25,11 @@ def unavailable() -> str | None:
     """Why a one-node Slurm cannot be started here (None: it can)."""
     if os.geteuid() != 0:
         return "needs root (slurmd runs jobs as their user)"
-    missing = [name for name in DAEMONS if name != "sacct" and shutil.which(name) is None
-               and not Path("/usr/sbin", name).exists()]
+    missing = [
+        name
+        for name in DAEMONS
+        if name != "sacct" and shutil.which(name) is None and not Path("/usr/sbin", name).exists()
+    ]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing): run scripts/setup_slurm.sh as root"
     return None
@@ -52,7 +55,9 @@ class SlurmCluster:
     processes: list[subprocess.Popen] = field(default_factory=list)
     # Fresh job ids: MPICH names its segments after JOBID.STEPID, and a segment left by an
     # earlier cluster's job of the same id would be opened by this one.
-    first_job_id: int = field(default_factory=lambda: 100000 + int.from_bytes(os.urandom(3), "little"))
+    first_job_id: int = field(
+        default_factory=lambda: 100000 + int.from_bytes(os.urandom(3), "little")
+    )
 
     @property
     def env(self) -> dict[str, str]:
@@ -101,9 +106,18 @@ PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         self._write_config()
         socket_path = self.root / "munge" / "munge.socket"
         self.munge_env = {"MUNGE_SOCKET": str(socket_path)}
-        self._spawn([_which("munged"), "--foreground", "--force", f"--key-file={self.root}/munge/munge.key",
-                     f"--socket={socket_path}", f"--pid-file={self.root}/munge/munged.pid",
-                     f"--log-file={self.root}/log/munged.log", f"--seed-file={self.root}/munge/seed"])
+        self._spawn(
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={self.root}/munge/munge.key",
+                f"--socket={socket_path}",
+                f"--pid-file={self.root}/munge/munged.pid",
+                f"--log-file={self.root}/log/munged.log",
+                f"--seed-file={self.root}/munge/seed",
+            ]
+        )
         self._wait(socket_path.exists, timeout, "munged did not start")
         self._spawn([_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.root / "slurm.conf")])
         self._spawn([_which("slurmd"), "-D", "-f", str(self.root / "slurm.conf")])
@@ -111,8 +125,11 @@ PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def _spawn(self, command: list[str]) -> None:
         log = open(self.root / "log" / (Path(command[0]).name + ".out"), "ab")  # noqa: SIM115 - kept open
-        self.processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=self.daemon_env,
-                                               start_new_session=True))
+        self.processes.append(
+            subprocess.Popen(
+                command, stdout=log, stderr=log, env=self.daemon_env, start_new_session=True
+            )
+        )
 
     @property
     def daemon_env(self) -> dict[str, str]:
@@ -121,9 +138,15 @@ PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
     def _node_idle(self) -> bool:
         for process in self.processes:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[0]} exited with {process.returncode}: {self.logs()}")
+                raise RuntimeError(
+                    f"{process.args[0]} exited with {process.returncode}: {self.logs()}"
+                )
         done = self.run("sinfo", "-h", "-o", "%t", check=False)
-        return done.returncode == 0 and done.stdout.strip() in ("idle", "idle*") and "*" not in done.stdout
+        return (
+            done.returncode == 0
+            and done.stdout.strip() in ("idle", "idle*")
+            and "*" not in done.stdout
+        )
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -132,10 +155,22 @@ PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 raise RuntimeError(f"{what} within {timeout:g} s: {self.logs()}")
             time.sleep(0.3)
 
-    def run(self, *command: str, check: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 30, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                              env={**self.daemon_env, **(env or {})})
+    def run(
+        self,
+        *command: str,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        timeout: float = 30,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            env={**self.daemon_env, **(env or {})},
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr}")
         return done
@@ -167,7 +202,10 @@ PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         to the second, and a launch within it is killed as "Job credential revoked"."""
         self.run("scontrol", "requeue", job_id)
         deadline = time.monotonic() + timeout
-        while self.job_state(job_id) not in ("PENDING", "RUNNING", "COMPLETED") and time.monotonic() < deadline:
+        while (
+            self.job_state(job_id) not in ("PENDING", "RUNNING", "COMPLETED")
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.3)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False)
 
@@ -177,7 +215,9 @@ PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         if self.processes:
             self.run("scancel", "--full", "--user=root", check=False)
             deadline = time.monotonic() + 40
-            while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+            while (
+                self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline
+            ):
                 time.sleep(0.5)
         for process in reversed(self.processes):
             if process.poll() is None:

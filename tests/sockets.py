@@ -25,7 +25,7 @@ def _listening() -> dict[str, tuple[str, int]]:
             address, port = fields[1].split(":")
             raw = bytes.fromhex(address)
             # /proc prints each 32-bit word in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
             found[fields[9]] = (str(ipaddress.ip_address(raw)), int(port, 16))
     return found
 
@@ -50,8 +50,11 @@ def own_listening_sockets(pids: set[int]) -> list[tuple[str, int]]:
     """(address, port) of the sockets only ``pids`` hold: their own, not one inherited from
     a launcher that still holds it too."""
     listening, holders = _listening(), _holders()
-    return sorted(listening[inode] for inode, owners in holders.items()
-                  if inode in listening and owners <= pids)
+    return sorted(
+        listening[inode]
+        for inode, owners in holders.items()
+        if inode in listening and owners <= pids
+    )
 
 
 def is_loopback(address: str) -> bool:

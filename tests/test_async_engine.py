@@ -16,16 +16,29 @@ from spmd_diffusion.engine.policies import ShapePolicy
 
 
 def waiting(request_id: str, queued_at: float, steps: int = 4, images: int = 1) -> Waiting:
-    request = OmniDiffusionRequest(prompt=request_id, request_id=request_id, seed=1, num_inference_steps=steps,
-                                   num_images_per_prompt=images)
+    request = OmniDiffusionRequest(
+        prompt=request_id,
+        request_id=request_id,
+        seed=1,
+        num_inference_steps=steps,
+        num_images_per_prompt=images,
+    )
     return Waiting(request, None, None, queued_at)  # type: ignore[arg-type]
 
 
 def test_batches_follow_the_oldest_requests_shape_up_to_the_limit():
-    queue = [waiting("a", 0.0), waiting("b", 0.1, steps=8), waiting("c", 0.2), waiting("d", 0.3, images=2),
-             waiting("e", 0.4)]
+    queue = [
+        waiting("a", 0.0),
+        waiting("b", 0.1, steps=8),
+        waiting("c", 0.2),
+        waiting("d", 0.3, images=2),
+        waiting("e", 0.4),
+    ]
     plan = ShapePolicy().select(queue, 3, 0.0, 1.0)
-    assert [item.request.request_id for item in plan.batch] == ["a", "c"]  # d (2 images) would overflow
+    assert [item.request.request_id for item in plan.batch] == [
+        "a",
+        "c",
+    ]  # d (2 images) would overflow
     plan = ShapePolicy().select(queue[1:], 3, 0.0, 1.0)
     assert [item.request.request_id for item in plan.batch] == ["b"]
 
@@ -38,6 +51,7 @@ def test_a_partial_batch_waits_for_company_until_its_deadline():
     assert [item.request.request_id for item in ready.batch] == ["a", "b"]
     full = ShapePolicy().select(queue, 2, 10.0, 10.002)
     assert len(full.batch) == 2  # a full batch never waits
+
 
 @pytest.fixture(scope="module")
 def uni_engine(tiny_unet):
@@ -66,9 +80,13 @@ def test_concurrent_callers_get_their_own_images_batched_by_shape(uni_engine):
     outputs, events = asyncio.run(run())
     assert [output.request_id for output in outputs] == [r.request_id for r in requests] + ["odd"]
     assert all(output.ok for output in outputs)
-    sizes = {event["request_id"]: event["batch_size"] for event in events if event["event"] == "started"}
+    sizes = {
+        event["request_id"]: event["batch_size"] for event in events if event["event"] == "started"
+    }
     assert sizes["odd"] == 1  # another shape: its own batch
-    assert max(sizes[r.request_id] for r in requests) == 4  # the six same-shape requests shared batches
+    assert (
+        max(sizes[r.request_id] for r in requests) == 4
+    )  # the six same-shape requests shared batches
     # the same items through the sync engine's fixed batches give the same pixels where batches match
     reference = uni_engine.engine.generate(requests[:4])
     assert same_pixels(reference, outputs[:4])
@@ -77,8 +95,9 @@ def test_concurrent_callers_get_their_own_images_batched_by_shape(uni_engine):
 @pytest.mark.slow
 def test_a_cancelled_request_that_has_not_started_is_dropped(uni_engine):
     async def run():
-        long = OmniDiffusionRequest(prompt="long", request_id="long", seed=1, num_inference_steps=60, height=64,
-                                    width=64)
+        long = OmniDiffusionRequest(
+            prompt="long", request_id="long", seed=1, num_inference_steps=60, height=64, width=64
+        )
         before = (await uni_engine.collective_rpc("get_cache_stats"))[0]["images_generated"]
         events = uni_engine.generate_events(long)
         while (await events.__anext__())["event"] != "started":
@@ -100,8 +119,11 @@ def test_a_cancelled_request_that_has_not_started_is_dropped(uni_engine):
     assert after == before + 1  # the long request's image, never the cancelled one
 
 
-def stop_after_first_step(engine: AsyncDiffusionEngine, request: OmniDiffusionRequest) -> list[dict]:
+def stop_after_first_step(
+    engine: AsyncDiffusionEngine, request: OmniDiffusionRequest
+) -> list[dict]:
     """Follow ``request`` until its first step event, then leave (which cancels it)."""
+
     async def run():
         seen = []
         async for event in engine.generate_events(request):
@@ -131,8 +153,9 @@ def test_a_started_request_that_is_cancelled_stops_between_steps_and_the_engine_
     steps = Steps()
     engine = AsyncDiffusionEngine(OmniDiffusionConfig(executor_class="uni"), 0.0, hooks=[steps])
     try:
-        request = OmniDiffusionRequest(prompt="x", request_id="started", seed=3, num_inference_steps=40,
-                                       height=64, width=64)
+        request = OmniDiffusionRequest(
+            prompt="x", request_id="started", seed=3, num_inference_steps=40, height=64, width=64
+        )
         with HoldForSignal(at_step=2):
             seen = stop_after_first_step(engine, request)
             wait_until(lambda: steps.cancelled == ["started"])
@@ -159,8 +182,9 @@ def test_spawned_workers_stop_a_cancelled_request_between_steps(tiny_unet, monke
     config = OmniDiffusionConfig(executor_class="mp", num_gpus=tp, tensor_parallel_size=tp)
     engine = AsyncDiffusionEngine(config, 0.0, hooks=[steps])
     try:
-        request = OmniDiffusionRequest(prompt="x", request_id="spawned", seed=3, num_inference_steps=40,
-                                       height=32, width=32)
+        request = OmniDiffusionRequest(
+            prompt="x", request_id="spawned", seed=3, num_inference_steps=40, height=32, width=32
+        )
         seen = stop_after_first_step(engine, request)
         wait_until(lambda: steps.cancelled == ["spawned"])
         assert seen[-1]["event"] == "step" and 1 <= steps.steps <= 2  # of 40 (see above)

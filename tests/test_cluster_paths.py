@@ -35,7 +35,9 @@ def test_reach_takes_the_first_address_that_answers():
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        host, local = reach(("name-that-does-not-resolve.invalid", "127.0.0.1"), port, rank=1, timeout=5)
+        host, local = reach(
+            ("name-that-does-not-resolve.invalid", "127.0.0.1"), port, rank=1, timeout=5
+        )
     assert (host, local) == ("127.0.0.1", "127.0.0.1")
 
 
@@ -45,13 +47,21 @@ def test_an_unreachable_store_fails_fast_naming_the_address():
         reach(("rank0-short-name.invalid",), 29999, rank=3, timeout=1)
     assert time.monotonic() - started < 10
     message = str(failure.value)
-    assert "rank 3" in message and "rank0-short-name.invalid:29999" in message and "MASTER_ADDR" in message
+    assert (
+        "rank 3" in message
+        and "rank0-short-name.invalid:29999" in message
+        and "MASTER_ADDR" in message
+    )
 
 
 def test_gloo_interface_follows_the_route_unless_the_user_chose(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")  # restored (to unset) after the test: the code sets it
+    monkeypatch.setenv(
+        "GLOO_SOCKET_IFNAME", ""
+    )  # restored (to unset) after the test: the code sets it
     monkeypatch.delenv("GLOO_SOCKET_IFNAME")
-    monkeypatch.setattr(netif, "interface_addresses", lambda: {"lo": "127.0.0.1", "eth7": "10.1.2.3"})
+    monkeypatch.setattr(
+        netif, "interface_addresses", lambda: {"lo": "127.0.0.1", "eth7": "10.1.2.3"}
+    )
     assert netif.use_interface_for_gloo("127.0.1.1") is None  # loopback: never chosen
     assert netif.use_interface_for_gloo("10.1.2.3") == "eth7"
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
@@ -60,21 +70,34 @@ def test_gloo_interface_follows_the_route_unless_the_user_chose(monkeypatch):
 
 def test_rank0_node_mapping_its_name_to_127_0_1_1_still_binds_a_real_interface(monkeypatch):
     """Debian's /etc/hosts: this node's name -> 127.0.1.1; gloo must not bind that."""
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")  # restored (to unset) after the test: the code sets it
+    monkeypatch.setenv(
+        "GLOO_SOCKET_IFNAME", ""
+    )  # restored (to unset) after the test: the code sets it
     monkeypatch.delenv("GLOO_SOCKET_IFNAME")
-    monkeypatch.setattr(netif, "interface_addresses", lambda: {"lo": "127.0.0.1", "veth0": "10.9.0.1"})
+    monkeypatch.setattr(
+        netif, "interface_addresses", lambda: {"lo": "127.0.0.1", "veth0": "10.9.0.1"}
+    )
     monkeypatch.setattr(netif, "resolve", lambda host: ["127.0.1.1"])
     assert netif.node_addresses() == ["10.9.0.1"]
     assert netif.gloo_interface_towards(None) == "veth0"
 
 
 def test_mpich_world_id_matches_the_segment_a_slurm_step_leaves():
-    assert world_id("1.0") == "eb421bf2"  # srun --mpi=pmi2, job 1 step 0: /dev/shm/mpich_shm_eb421bf2_0
+    assert (
+        world_id("1.0") == "eb421bf2"
+    )  # srun --mpi=pmi2, job 1 step 0: /dev/shm/mpich_shm_eb421bf2_0
 
 
 def test_only_this_jobs_stale_segments_are_removed(tmp_path):
-    mine = [tmp_path / f"mpich_shm_{world_id('4242.0')}_0", tmp_path / f"mpich_vci_{world_id('4242.3')}_1"]
-    others = [tmp_path / f"mpich_shm_{world_id('4243.0')}_0", tmp_path / "mpich_shm_other_0", tmp_path / "notes"]
+    mine = [
+        tmp_path / f"mpich_shm_{world_id('4242.0')}_0",
+        tmp_path / f"mpich_vci_{world_id('4242.3')}_1",
+    ]
+    others = [
+        tmp_path / f"mpich_shm_{world_id('4243.0')}_0",
+        tmp_path / "mpich_shm_other_0",
+        tmp_path / "notes",
+    ]
     for path in mine + others:
         path.write_bytes(b"x")
     assert sorted(job_segments("4242", tmp_path)) == sorted(mine)
@@ -87,11 +110,20 @@ def test_a_run_json_left_running_is_reported_killed_on_resume(tmp_path):
 
     path = tmp_path / "run.json"
     assert previous_run(path) is None
-    path.write_text(json.dumps({"status": "running", "started_at": "2026-01-01T00:00:00+0000", "totals": {}}))
+    path.write_text(
+        json.dumps({"status": "running", "started_at": "2026-01-01T00:00:00+0000", "totals": {}})
+    )
     assert previous_run(path)["status"] == "killed"
-    path.write_text(json.dumps({"status": "failed", "error": "WorkerDiedError: rank 1", "attempt": 2}))
-    assert previous_run(path) == {"status": "failed", "error": "WorkerDiedError: rank 1", "attempt": 2,
-                                  "started_at": None, "totals": None}
+    path.write_text(
+        json.dumps({"status": "failed", "error": "WorkerDiedError: rank 1", "attempt": 2})
+    )
+    assert previous_run(path) == {
+        "status": "failed",
+        "error": "WorkerDiedError: rank 1",
+        "attempt": 2,
+        "started_at": None,
+        "totals": None,
+    }
 
 
 def test_rank0s_own_load_failure_is_reported_at_once_not_after_startup_timeout(monkeypatch):
@@ -112,7 +144,9 @@ def test_rank0s_own_load_failure_is_reported_at_once_not_after_startup_timeout(m
         def send(self, rank, request):
             if rank == 0:
                 error = RuntimeError("Gloo connectFullMesh failed")
-                self.replies.append(RpcReply(0, None, failure_from_exception(0, error), request.call_id))
+                self.replies.append(
+                    RpcReply(0, None, failure_from_exception(0, error), request.call_id)
+                )
 
         def poll(self, ranks, timeout):
             replies, self.replies = self.replies, []

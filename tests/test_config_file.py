@@ -14,23 +14,37 @@ def run(tmp_path, capsys, config: str, suffix: str = ".json", *extra: str) -> tu
     path = tmp_path / f"c{suffix}"
     path.write_text(config)
     with pytest.raises(SystemExit) as exited:
-        main(["generate", "--config", str(path), "--output", str(tmp_path / "out"), "--executor", "uni", *extra])
+        main(
+            [
+                "generate",
+                "--config",
+                str(path),
+                "--output",
+                str(tmp_path / "out"),
+                "--executor",
+                "uni",
+                *extra,
+            ]
+        )
     return exited.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config, message", [
-    ('{"max_batch_size": 2}', "unknown option 'max_batch_size' (keys are the flag names"),
-    ('{"trace_file": "t"}', "unknown option 'trace_file'"),
-    ('{"height": [64]}', "height must be an integer, got [64]"),
-    ('{"steps": true}', "steps must be an integer, got true"),
-    ('{"images_per_prompt": 1.7}', "images_per_prompt must be an integer, got 1.7"),
-    ('{"guidance": "high"}', 'guidance must be a number, got "high"'),
-    ('{"steps": 0}', "steps: 0 is not in the range"),
-    ('{"dtype": "int8"}', "dtype: 'int8' is not one of"),
-    ('{"cfg-parallel": "yes"}', "cfg-parallel must be true or false"),
-    ('{"lora": [1]}', "lora must be a string or a list of strings"),
-    ('[1]', "must hold a table/object of option values"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ('{"max_batch_size": 2}', "unknown option 'max_batch_size' (keys are the flag names"),
+        ('{"trace_file": "t"}', "unknown option 'trace_file'"),
+        ('{"height": [64]}', "height must be an integer, got [64]"),
+        ('{"steps": true}', "steps must be an integer, got true"),
+        ('{"images_per_prompt": 1.7}', "images_per_prompt must be an integer, got 1.7"),
+        ('{"guidance": "high"}', 'guidance must be a number, got "high"'),
+        ('{"steps": 0}', "steps: 0 is not in the range"),
+        ('{"dtype": "int8"}', "dtype: 'int8' is not one of"),
+        ('{"cfg-parallel": "yes"}', "cfg-parallel must be true or false"),
+        ('{"lora": [1]}', "lora must be a string or a list of strings"),
+        ("[1]", "must hold a table/object of option values"),
+    ],
+)
 def test_bad_config_values_are_one_line_naming_the_file_and_key(tmp_path, capsys, config, message):
     code, err = run(tmp_path, capsys, config, ".json", "--prompt", "x")
     assert code == 2 and err.count(message) == 1 and "Traceback" not in err, err
@@ -38,7 +52,9 @@ def test_bad_config_values_are_one_line_naming_the_file_and_key(tmp_path, capsys
 
 
 def test_flag_names_with_dashes_or_underscores_and_toml(tmp_path, capsys):
-    config = 'batch-size = 2\nmax_steps = 5\nsteps = 2\nheight = 32\nwidth = 32\nprompts = "{prompts}"\n'
+    config = (
+        'batch-size = 2\nmax_steps = 5\nsteps = 2\nheight = 32\nwidth = 32\nprompts = "{prompts}"\n'
+    )
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\nc\n")
     code, err = run(tmp_path, capsys, config.format(prompts=prompts), ".toml")
@@ -49,8 +65,14 @@ def test_flag_names_with_dashes_or_underscores_and_toml(tmp_path, capsys):
 
 
 def test_the_command_line_wins(tmp_path, capsys):
-    code, err = run(tmp_path, capsys, '{"steps": 2, "height": 32, "width": 32, "prompt": ["from config"]}', ".json",
-                    "--steps", "1")
+    code, err = run(
+        tmp_path,
+        capsys,
+        '{"steps": 2, "height": 32, "width": 32, "prompt": ["from config"]}',
+        ".json",
+        "--steps",
+        "1",
+    )
     assert code == 0, err
     line = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
     assert line["num_inference_steps"] == 1 and line["prompt"] == "from config"

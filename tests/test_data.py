@@ -53,7 +53,9 @@ def test_parallel_layout_splits_the_world_or_names_what_does_not_divide():
     config = OmniDiffusionConfig(tensor_parallel_size=2, cfg_parallel=True)
     layout = config.parallel_layout(8)
     assert layout.shape == (2, 2, 1, 1, 2) and layout.leader_ranks() == [0, 4]
-    with pytest.raises(ValueError, match=r"world_size=6 is not divisible by tp\*cfg=4 \(tp=2, cfg=2\)"):
+    with pytest.raises(
+        ValueError, match=r"world_size=6 is not divisible by tp\*cfg=4 \(tp=2, cfg=2\)"
+    ):
         config.parallel_layout(6)
 
 
@@ -94,7 +96,11 @@ def test_output_round_trip_is_json_safe_and_bit_exact():
     output = _output()
     back = DiffusionOutput.from_dict(json.loads(json.dumps(output.to_dict())))
     assert back.request_ids == output.request_ids and back.errors == output.errors
-    assert back.seeds == output.seeds and back.metadata == output.metadata and back.timings == output.timings
+    assert (
+        back.seeds == output.seeds
+        and back.metadata == output.metadata
+        and back.timings == output.timings
+    )
     assert np.array_equal(np.asarray(back.images[0][1]), np.asarray(output.images[0][1]))
     assert back.images[1][0].dtype == np.float32
     assert np.array_equal(back.images[1][0], output.images[1][0])

@@ -17,8 +17,9 @@ from spmd_diffusion.data import OmniDiffusionConfig  # noqa: E402
 
 def test_custom_executor():
     # "Testing Your Executor", as written in the design document.
-    from spmd_diffusion.data import OmniDiffusionConfig
     from my_package import MyCustomExecutor
+
+    from spmd_diffusion.data import OmniDiffusionConfig
 
     config = OmniDiffusionConfig(
         model_class_name="MyModel",
@@ -37,6 +38,7 @@ def test_custom_executor():
 
         # Test model execution
         from spmd_diffusion.request import OmniDiffusionRequest
+
         request = OmniDiffusionRequest(prompt="test")
         output = executor.execute_model([request])
         assert output is not None
@@ -52,7 +54,9 @@ def test_custom_executor_through_the_engine_as_class_and_string(executor_class):
     config = OmniDiffusionConfig(model_class_name="MyModel", executor_class=executor_class)
     with DiffusionEngine(config) as engine:
         assert type(engine.executor).__name__ == "MyCustomExecutor"
-        (output,) = engine.generate(__import__("spmd_diffusion").OmniDiffusionRequest(prompt="a", height=32))
+        (output,) = engine.generate(
+            __import__("spmd_diffusion").OmniDiffusionRequest(prompt="a", height=32)
+        )
         assert output.ok and output.images[0][0].size == (64, 32)
         assert engine.collective_rpc("test_method", unique_reply_rank=0) == "ok from 0"
     assert engine.executor.closed
@@ -61,7 +65,9 @@ def test_custom_executor_through_the_engine_as_class_and_string(executor_class):
 def test_executor_without_collective_rpc_says_what_to_override():
     from my_package import HTTPDiffusionExecutor
 
-    executor = HTTPDiffusionExecutor(OmniDiffusionConfig(executor_config={"base_url": "http://nowhere"}))
+    executor = HTTPDiffusionExecutor(
+        OmniDiffusionConfig(executor_config={"base_url": "http://nowhere"})
+    )
     with pytest.raises(NotImplementedError, match="does not implement collective_rpc"):
         executor.collective_rpc("check_health")
     executor.shutdown()

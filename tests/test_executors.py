@@ -48,8 +48,8 @@ def test_uni_and_mp_give_identical_pixels(uni_engine, mp_engine):
 
 
 def test_engine_fixes_seeds_from_run_seed_and_id(uni_engine):
-    from spmd_diffusion.request import OmniDiffusionRequest
     from spmd_diffusion.engine.seeding import derive_seed
+    from spmd_diffusion.request import OmniDiffusionRequest
 
     request = OmniDiffusionRequest(prompt="x", num_inference_steps=2, request_id="no-seed")
     (output,) = uni_engine.generate(request)
@@ -124,7 +124,9 @@ def test_killed_worker_is_noticed_quickly(tiny_unet):
         pid = engine.collective_rpc(lambda worker: os.getpid(), unique_reply_rank=1)
         start = time.monotonic()
         with pytest.raises(WorkerDiedError, match="rank 1 died") as caught:
-            engine.collective_rpc(lambda worker: os.kill(pid, signal.SIGKILL) if worker.rank == 0 else time.sleep(60))
+            engine.collective_rpc(
+                lambda worker: os.kill(pid, signal.SIGKILL) if worker.rank == 0 else time.sleep(60)
+            )
         assert time.monotonic() - start < 10
         assert caught.value.rank == 1 and caught.value.exitcode == -signal.SIGKILL
         with pytest.raises(ExecutorClosedError):
@@ -146,7 +148,9 @@ def test_worker_that_cannot_load_fails_startup_with_its_traceback(tmp_path):
 
 def test_mp_refuses_a_tp_that_does_not_divide_its_workers_before_spawning():
     with pytest.raises(ValueError, match=r"world_size=3 is not divisible by tp\*cfg=2"):
-        DiffusionEngine(OmniDiffusionConfig(executor_class="mp", num_gpus=3, tensor_parallel_size=2))
+        DiffusionEngine(
+            OmniDiffusionConfig(executor_class="mp", num_gpus=3, tensor_parallel_size=2)
+        )
 
 
 def test_two_threads_on_one_mp_engine_each_get_their_own_results(mp_engine):
@@ -178,8 +182,9 @@ def test_engine_passes_keywords_to_an_executor_written_with_keyword_parameters()
 
     with DiffusionEngine(OmniDiffusionConfig(executor_class=KeywordExecutor)) as engine:
         assert engine.collective_rpc("ping", timeout=3, args=(1,), kwargs={"a": 2}) == ["answer"]
-        assert engine.executor.seen == [("ping", {"timeout": 3, "args": (1,), "kwargs": {"a": 2},
-                                                  "unique_reply_rank": None})]
+        assert engine.executor.seen == [
+            ("ping", {"timeout": 3, "args": (1,), "kwargs": {"a": 2}, "unique_reply_rank": None})
+        ]
 
 
 def test_workers_die_with_a_killed_parent(tmp_path):
@@ -194,9 +199,27 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(200)))
     parent = subprocess.Popen(
-        [sys.executable, "-m", "spmd_diffusion", "generate", "--prompts", str(prompts), "--output", str(tmp_path / "out"),
-         "--num-gpus", "2", "--steps", "500", "--height", "512", "--width", "512"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "spmd_diffusion",
+            "generate",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(tmp_path / "out"),
+            "--num-gpus",
+            "2",
+            "--steps",
+            "500",
+            "--height",
+            "512",
+            "--width",
+            "512",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 120
@@ -225,7 +248,15 @@ def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
         "with DiffusionEngine(OmniDiffusionConfig(executor_class='mp')) as engine:\n"
         "    print(engine.collective_rpc('ping'))\n"
     )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode != 0
-    assert 'put the code that builds the engine under `if __name__ == "__main__":`' in done.stderr, done.stderr[-2000:]
+    assert (
+        'put the code that builds the engine under `if __name__ == "__main__":`' in done.stderr
+    ), done.stderr[-2000:]

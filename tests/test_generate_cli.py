@@ -24,10 +24,18 @@ LAUNCH = {
 COMMON = ["--steps", "4", "--height", "64", "--width", "64"]
 
 
-def generate(launcher: str, *args: str, timeout: float = 180, **popen) -> subprocess.CompletedProcess:
+def generate(
+    launcher: str, *args: str, timeout: float = 180, **popen
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*LAUNCH[launcher], "generate", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **popen)
+    return subprocess.run(
+        [*LAUNCH[launcher], "generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **popen,
+    )
 
 
 def generate_here(*args: str) -> int:
@@ -66,8 +74,18 @@ def runs(prompt_file, tmp_path_factory) -> dict[str, Path]:
     outputs = {}
     for launcher in LAUNCH:
         output = tmp_path_factory.mktemp(f"out-{launcher}")
-        done = generate(launcher, "--prompts", str(prompt_file), "--output", str(output), "--batch-size", "2",
-                        "--model", "tiny-unet", *COMMON)
+        done = generate(
+            launcher,
+            "--prompts",
+            str(prompt_file),
+            "--output",
+            str(output),
+            "--batch-size",
+            "2",
+            "--model",
+            "tiny-unet",
+            *COMMON,
+        )
         assert done.returncode == 0, done.stderr[-4000:]
         outputs[launcher] = output
     return outputs
@@ -76,7 +94,14 @@ def runs(prompt_file, tmp_path_factory) -> dict[str, Path]:
 def test_outputs_and_manifest(runs):
     output = runs["mpiexec"]
     lines = manifest(output)
-    assert sorted(line["id"] for line in lines) == ["000001", "000002", "000003", "000004", "000005", "named"]
+    assert sorted(line["id"] for line in lines) == [
+        "000001",
+        "000002",
+        "000003",
+        "000004",
+        "000005",
+        "named",
+    ]
     assert all(line["status"] == "ok" and (output / line["path"]).is_file() for line in lines)
     named = next(line for line in lines if line["id"] == "named")
     assert named["seed"] == 1234 and named["num_inference_steps"] == 4 and named["height"] == 64
@@ -87,14 +112,27 @@ def test_outputs_and_manifest(runs):
     assert run["status"] == "complete" and run["totals"]["images_ok"] == 6
     assert run["layout"]["world_size"] == 2 and run["layout"]["replicas"] == 2
     assert (output / "contact_sheet.png").stat().st_size > 0
-    timing = run["timing"]  # where the time went: before the generate phase, the warm-up batch, after it
+    timing = run[
+        "timing"
+    ]  # where the time went: before the generate phase, the warm-up batch, after it
     assert timing["startup_s"] > timing["load_s"] > 0
     assert 0 < timing["first_output_s"] <= run["seconds"] and timing["steady_images_per_second"] > 0
 
 
 def test_a_finished_job_has_nothing_to_do_and_loads_nothing(runs, prompt_file):
-    again = generate("mpiexec", "--prompts", str(prompt_file), "--output", str(runs["mpiexec"]), "--batch-size", "2",
-                     "--model", "tiny-unet", *COMMON, timeout=60)
+    again = generate(
+        "mpiexec",
+        "--prompts",
+        str(prompt_file),
+        "--output",
+        str(runs["mpiexec"]),
+        "--batch-size",
+        "2",
+        "--model",
+        "tiny-unet",
+        *COMMON,
+        timeout=60,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("nothing to do: all 6 image(s)") == 1
     assert "loaded" not in again.stderr
@@ -122,16 +160,34 @@ def test_same_png_bytes_under_every_launcher(runs):
 def test_resume_after_a_kill_finishes_only_what_is_missing(tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(12)))
-    args = ["--prompts", str(prompts), "--batch-size", "1", "--steps", "4", "--height", "64", "--width", "64",
-            "--executor", "uni"]
+    args = [
+        "--prompts",
+        str(prompts),
+        "--batch-size",
+        "1",
+        "--steps",
+        "4",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--executor",
+        "uni",
+    ]
     reference = tmp_path / "reference"
     assert generate("none", *args, "--output", str(reference)).returncode == 0
 
     output = tmp_path / "killed"
-    gate = JobGate(tmp_path / "gate", after=2)  # the engine holds after two images: the kill lands mid-run
-    job = subprocess.Popen([*LAUNCH["none"], "generate", *args, "--output", str(output)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=gate.env({**os.environ, "OMP_NUM_THREADS": "1"}), start_new_session=True)
+    gate = JobGate(
+        tmp_path / "gate", after=2
+    )  # the engine holds after two images: the kill lands mid-run
+    job = subprocess.Popen(
+        [*LAUNCH["none"], "generate", *args, "--output", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=gate.env({**os.environ, "OMP_NUM_THREADS": "1"}),
+        start_new_session=True,
+    )
     try:
         gate.wait_held(job)
     finally:
@@ -139,7 +195,9 @@ def test_resume_after_a_kill_finishes_only_what_is_missing(tmp_path):
         job.wait()
     first = manifest(output)
     assert len(first) == 2, "the kill lands while the engine holds after two images"
-    assert not list((output / "images").glob(".*")) or all(p.suffix == ".part" for p in (output / "images").glob(".*"))
+    assert not list((output / "images").glob(".*")) or all(
+        p.suffix == ".part" for p in (output / "images").glob(".*")
+    )
 
     resumed = generate("none", *args, "--output", str(output))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -152,10 +210,21 @@ def test_resume_after_a_kill_finishes_only_what_is_missing(tmp_path):
 
 def test_a_failing_item_is_recorded_and_the_rest_finish(tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "fine one"}\n{"prompt": "too many steps", "steps": 5000}\n{"prompt": "fine two"}\n')
+    prompts.write_text(
+        '{"prompt": "fine one"}\n{"prompt": "too many steps", "steps": 5000}\n{"prompt": "fine two"}\n'
+    )
     output = tmp_path / "out"
     # 5000 steps pass the (raised) request limit and fail in the scheduler, at run time
-    done = generate("mpiexec", "--prompts", str(prompts), "--output", str(output), *COMMON[:2], "--max-steps", "5000")
+    done = generate(
+        "mpiexec",
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(output),
+        *COMMON[:2],
+        "--max-steps",
+        "5000",
+    )
     assert done.returncode == 3, done.stderr[-3000:]
     by_id = {line["id"]: line for line in manifest(output)}
     assert by_id["000001"]["status"] == "ok" and by_id["000003"]["status"] == "ok"
@@ -167,8 +236,21 @@ def test_batch_invariant_images_do_not_depend_on_batch_size(tmp_path, prompt_fil
     outputs = []
     for batch_size in ("1", "3"):
         output = tmp_path / f"bs{batch_size}"
-        done = generate("none", "--prompts", str(prompt_file), "--output", str(output), "--batch-size", batch_size,
-                        "--batch-invariant", "--executor", "uni", "--model", "tiny-dit", *COMMON)
+        done = generate(
+            "none",
+            "--prompts",
+            str(prompt_file),
+            "--output",
+            str(output),
+            "--batch-size",
+            batch_size,
+            "--batch-invariant",
+            "--executor",
+            "uni",
+            "--model",
+            "tiny-dit",
+            *COMMON,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(images(output))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 6
@@ -199,17 +281,34 @@ def test_bad_input_exits_2_with_one_message_before_loading(tmp_path, args, messa
 
 @pytest.mark.parametrize(
     "launcher, flags",
-    [("mpiexec", ["--tp", "2"]), ("torchrun", ["--cfg-parallel"]), ("none", ["--tp", "2", "--num-gpus", "2"])],
+    [
+        ("mpiexec", ["--tp", "2"]),
+        ("torchrun", ["--cfg-parallel"]),
+        ("none", ["--tp", "2", "--num-gpus", "2"]),
+    ],
     ids=["mpiexec-tp2", "torchrun-cfg", "mp-tp2"],
 )
-def test_tensor_and_cfg_parallel_generate_the_same_images(runs, prompt_file, tmp_path, launcher, flags):
+def test_tensor_and_cfg_parallel_generate_the_same_images(
+    runs, prompt_file, tmp_path, launcher, flags
+):
     """One replica of two ranks makes the images one rank makes (tiny-unet: GEGLU sharded)."""
     import numpy as np
     from PIL import Image
 
     output = tmp_path / "out"
-    done = generate(launcher, "--prompts", str(prompt_file), "--output", str(output), "--batch-size", "2",
-                    "--model", "tiny-unet", *COMMON, *flags)
+    done = generate(
+        launcher,
+        "--prompts",
+        str(prompt_file),
+        "--output",
+        str(output),
+        "--batch-size",
+        "2",
+        "--model",
+        "tiny-unet",
+        *COMMON,
+        *flags,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     run = json.loads((output / "run.json").read_text())
     assert run["layout"]["replicas"] == 1 and run["layout"]["replica_size"] == 2
@@ -228,10 +327,29 @@ def test_heads_not_divisible_by_tp_end_the_job_with_a_clear_error(tmp_path):
 
     pipeline = load_pipeline(str(ensure_tiny_model("tiny-dit")), None, torch.float32)
     pipeline.transformer = PixArtTransformer2DModel(
-        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
-        out_channels=8, cross_attention_dim=32, caption_channels=32, norm_num_groups=8)
+        sample_size=8,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=32,
+        caption_channels=32,
+        norm_num_groups=8,
+    )
     pipeline.save_pretrained(str(tmp_path / "three-heads"))
-    done = generate("mpiexec", "--prompt", "x", "--output", str(tmp_path / "out"), "--tp", "2",
-                    "--model", str(tmp_path / "three-heads"), *COMMON)
+    done = generate(
+        "mpiexec",
+        "--prompt",
+        "x",
+        "--output",
+        str(tmp_path / "out"),
+        "--tp",
+        "2",
+        "--model",
+        str(tmp_path / "three-heads"),
+        *COMMON,
+    )
     assert done.returncode == 1
     assert "heads" in done.stderr and "tp" in done.stderr and "Traceback" not in done.stderr

@@ -10,7 +10,11 @@ from helpers import small_requests
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
 from spmd_diffusion.engine.hooks import EngineHooks, HookList, check_hook_spec, load_hook
 from spmd_diffusion.engine.policies import (
-    CostAwarePolicy, FifoPolicy, ShapePolicy, request_cost, resolve_policy,
+    CostAwarePolicy,
+    FifoPolicy,
+    ShapePolicy,
+    request_cost,
+    resolve_policy,
 )
 from spmd_diffusion.engine.trace_hooks import TraceHooks
 
@@ -49,8 +53,9 @@ class Broken(EngineHooks):
 @pytest.mark.slow
 def test_hooks_see_every_event_in_order_and_a_broken_hook_loses_nothing(tiny_unet):
     Recorder.events = []
-    config = OmniDiffusionConfig(executor_class="uni", max_batch_size=1,
-                                 hooks=["test_hooks_and_policies.Recorder"])
+    config = OmniDiffusionConfig(
+        executor_class="uni", max_batch_size=1, hooks=["test_hooks_and_policies.Recorder"]
+    )
     requests = small_requests(2, num_inference_steps=3)
     with DiffusionEngine(config, hooks=[Broken()]) as engine:
         outputs = engine.generate(requests)
@@ -58,15 +63,28 @@ def test_hooks_see_every_event_in_order_and_a_broken_hook_loses_nothing(tiny_une
     ids = ("item-0",), ("item-1",)
     expected = [("queued", ids[0]), ("queued", ids[1])]
     for one in ids:
-        expected += [("batch_started", one), ("step0", one), ("step1", one), ("step2", one), ("batch_finished", one),
-                     ("done", one)]
+        expected += [
+            ("batch_started", one),
+            ("step0", one),
+            ("step1", one),
+            ("step2", one),
+            ("batch_finished", one),
+            ("done", one),
+        ]
     assert Recorder.events == expected
 
 
 def test_failed_requests_are_reported_as_failed(tiny_unet):
     Recorder.events = []
-    bad = OmniDiffusionRequest(prompt="x", request_id="bad", seed=1, num_inference_steps=1, height=32, width=32,
-                               extra={"no_such_argument": 1})
+    bad = OmniDiffusionRequest(
+        prompt="x",
+        request_id="bad",
+        seed=1,
+        num_inference_steps=1,
+        height=32,
+        width=32,
+        extra={"no_such_argument": 1},
+    )
     with DiffusionEngine(OmniDiffusionConfig(executor_class="uni"), hooks=[Recorder()]) as engine:
         (output,) = engine.generate([bad])
     assert not output.ok and Recorder.events[-1] == ("failed", ("bad",))
@@ -78,8 +96,11 @@ def test_hook_names_resolve_or_fail_clearly(tmp_path):
     assert isinstance(trace, TraceHooks)
     trace.close()
     assert isinstance(load_hook("test_hooks_and_policies:Recorder"), Recorder)
-    for spec, message in (("trace", "needs a file"), ("no_such_module.Hook", "cannot load hook"),
-                          ("nodots", "not a dotted path")):
+    for spec, message in (
+        ("trace", "needs a file"),
+        ("no_such_module.Hook", "cannot load hook"),
+        ("nodots", "not a dotted path"),
+    ):
         with pytest.raises(ValueError, match=message):
             check_hook_spec(spec) if spec != "trace" else load_hook(spec)
         with pytest.raises(ValueError, match=message):
@@ -101,14 +122,28 @@ def test_the_trace_file_is_json_lines_in_event_order(tmp_path):
     trace.request_done("a", 1, 0.0, 0.02)
     trace.close()
     lines = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
-    assert [line["event"] for line in lines] == ["request_queued", "batch_started", "denoising_step",
-                                                 "batch_finished", "request_done"]
+    assert [line["event"] for line in lines] == [
+        "request_queued",
+        "batch_started",
+        "denoising_step",
+        "batch_finished",
+        "request_done",
+    ]
     trace.request_done("late", 1, 0, 0)  # after close: dropped, never an error
 
 
-def request(request_id: str, steps: int = 4, side: int = 64, images: int = 1) -> OmniDiffusionRequest:
-    return OmniDiffusionRequest(prompt=request_id, request_id=request_id, seed=1, num_inference_steps=steps,
-                                height=side, width=side, num_images_per_prompt=images)
+def request(
+    request_id: str, steps: int = 4, side: int = 64, images: int = 1
+) -> OmniDiffusionRequest:
+    return OmniDiffusionRequest(
+        prompt=request_id,
+        request_id=request_id,
+        seed=1,
+        num_inference_steps=steps,
+        height=side,
+        width=side,
+        num_images_per_prompt=images,
+    )
 
 
 class Item:
@@ -117,19 +152,34 @@ class Item:
 
 
 def test_batch_job_orders():
-    batches = [[request("a", steps=4)], [request("b", steps=40)], [request("c", steps=4)], [request("d", side=128)]]
+    batches = [
+        [request("a", steps=4)],
+        [request("b", steps=40)],
+        [request("c", steps=4)],
+        [request("d", side=128)],
+    ]
     assert FifoPolicy().order(batches) == [0, 1, 2, 3]
     assert ShapePolicy().order(batches) == [0, 2, 1, 3]  # the first shape's batches together
-    assert CostAwarePolicy().order(batches) == [1, 3, 0, 2]  # 40 steps x 64^2 > 4 x 128^2 > the rest
+    assert CostAwarePolicy().order(batches) == [
+        1,
+        3,
+        0,
+        2,
+    ]  # 40 steps x 64^2 > 4 x 128^2 > the rest
     assert request_cost(request("x", steps=10, side=64, images=2)) == 10 * 64 * 64 * 2
     assert request_cost(OmniDiffusionRequest(prompt="defaults")) == 50 * 512 * 512
 
 
 def test_server_selection_by_policy():
     queue = [Item(request("a"), 0.0), Item(request("b", steps=40), 0.1), Item(request("c"), 0.2)]
-    assert [i.request.request_id for i in ShapePolicy().select(queue, 4, 0.0, 1.0).batch] == ["a", "c"]
+    assert [i.request.request_id for i in ShapePolicy().select(queue, 4, 0.0, 1.0).batch] == [
+        "a",
+        "c",
+    ]
     assert [i.request.request_id for i in FifoPolicy().select(queue, 4, 0.0, 1.0).batch] == ["a"]
-    assert [i.request.request_id for i in CostAwarePolicy().select(queue, 4, 0.0, 1.0).batch] == ["b"]
+    assert [i.request.request_id for i in CostAwarePolicy().select(queue, 4, 0.0, 1.0).batch] == [
+        "b"
+    ]
     # fifo does not hold a partial batch back when another shape waits behind it
     assert FifoPolicy().select(queue, 4, 10.0, 0.0).batch
     held = CostAwarePolicy().select(queue, 4, 5.0, 1.0)
@@ -138,10 +188,15 @@ def test_server_selection_by_policy():
 
 
 def test_policies_resolve_by_name_or_path():
-    assert isinstance(resolve_policy("cost"), CostAwarePolicy) and isinstance(resolve_policy(None), ShapePolicy)
+    assert isinstance(resolve_policy("cost"), CostAwarePolicy) and isinstance(
+        resolve_policy(None), ShapePolicy
+    )
     assert isinstance(resolve_policy("spmd_diffusion.engine.policies:FifoPolicy"), FifoPolicy)
-    for spec, message in (("random", "unknown schedule"), ("json:dumps", "lacks order"),
-                          ("no.such:Policy", "cannot load schedule")):
+    for spec, message in (
+        ("random", "unknown schedule"),
+        ("json:dumps", "lacks order"),
+        ("no.such:Policy", "cannot load schedule"),
+    ):
         with pytest.raises(ValueError, match=message):
             resolve_policy(spec)
 
@@ -153,8 +208,12 @@ def test_every_policy_gives_the_same_pixels(tiny_unet):
         item.request_id = f"r{number}"
     results = {}
     for name in ("fifo", "shape", "cost"):
-        with DiffusionEngine(OmniDiffusionConfig(executor_class="uni", max_batch_size=2, schedule=name)) as engine:
+        with DiffusionEngine(
+            OmniDiffusionConfig(executor_class="uni", max_batch_size=2, schedule=name)
+        ) as engine:
             results[name] = engine.generate(requests)
     from helpers import same_pixels
 
-    assert same_pixels(results["fifo"], results["shape"]) and same_pixels(results["fifo"], results["cost"])
+    assert same_pixels(results["fifo"], results["shape"]) and same_pixels(
+        results["fifo"], results["cost"]
+    )

@@ -17,8 +17,8 @@ from helpers import same_pixels, small_requests
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
 from spmd_diffusion.distributed.protocol import MessageKind, RpcRequest
-from spmd_diffusion.errors import SpmdDiffusionError
 from spmd_diffusion.entrypoints.server import serve
+from spmd_diffusion.errors import SpmdDiffusionError
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,9 @@ def test_http_executor_matches_the_engine_behind_it(server):
 def test_design_documents_http_example_against_the_server(server):
     from my_package import HTTPDiffusionExecutor
 
-    config = OmniDiffusionConfig(executor_class=HTTPDiffusionExecutor, executor_config={"base_url": server.url})
+    config = OmniDiffusionConfig(
+        executor_class=HTTPDiffusionExecutor, executor_config={"base_url": server.url}
+    )
     with DiffusionEngine(config) as engine:
         outputs = engine.generate(small_requests(1))
     assert same_pixels(server.engine.generate(small_requests(1)), outputs)
@@ -73,11 +75,16 @@ def test_health_metrics_and_bad_input(server):
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(bad, timeout=30)
-    assert caught.value.code == 400 and "height must be a positive multiple of 8" in caught.value.read().decode()
+    assert (
+        caught.value.code == 400
+        and "height must be a positive multiple of 8" in caught.value.read().decode()
+    )
 
 
 def test_http_executor_reports_an_unreachable_server():
-    config = OmniDiffusionConfig(executor_class="http", executor_config={"base_url": "http://127.0.0.1:9"})
+    config = OmniDiffusionConfig(
+        executor_class="http", executor_config={"base_url": "http://127.0.0.1:9"}
+    )
     with DiffusionEngine(config) as engine, pytest.raises(SpmdDiffusionError, match="cannot reach"):
         engine.generate(small_requests(1))
 
@@ -92,18 +99,30 @@ def test_external_executor_drives_a_worker_it_did_not_start(tiny_unet, monkeypat
     port = _free_port()
     monkeypatch.setenv("SPMD_DIFFUSION_AUTHKEY", "test-secret")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "spmd_diffusion", "worker", "--listen", f"127.0.0.1:{port}", "--model", tiny_unet],
+        [
+            sys.executable,
+            "-m",
+            "spmd_diffusion",
+            "worker",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--model",
+            tiny_unet,
+        ],
     )
     try:
-        config = OmniDiffusionConfig(executor_class="external",
-                                     executor_config={"worker_addresses": [f"127.0.0.1:{port}"]})
+        config = OmniDiffusionConfig(
+            executor_class="external", executor_config={"worker_addresses": [f"127.0.0.1:{port}"]}
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
                 engine = DiffusionEngine(config)
                 break
             except (ConnectionRefusedError, OSError):
-                assert time.monotonic() < deadline and worker.poll() is None, "worker did not come up"
+                assert time.monotonic() < deadline and worker.poll() is None, (
+                    "worker did not come up"
+                )
                 time.sleep(0.5)
         with engine:
             outputs = engine.generate(small_requests(2))
@@ -130,7 +149,16 @@ def test_external_worker_survives_scans_silence_garbage_and_wrong_keys(tiny_unet
     port = _free_port()
     monkeypatch.setenv("SPMD_DIFFUSION_AUTHKEY", "test-secret")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "spmd_diffusion", "worker", "--listen", f"127.0.0.1:{port}", "--model", tiny_unet],
+        [
+            sys.executable,
+            "-m",
+            "spmd_diffusion",
+            "worker",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--model",
+            tiny_unet,
+        ],
     )
     silent = None
     try:
@@ -140,7 +168,9 @@ def test_external_worker_survives_scans_silence_garbage_and_wrong_keys(tiny_unet
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()  # a port scan
                 break
             except OSError:
-                assert time.monotonic() < deadline and worker.poll() is None, "worker did not come up"
+                assert time.monotonic() < deadline and worker.poll() is None, (
+                    "worker did not come up"
+                )
                 time.sleep(0.5)
         silent = socket.create_connection(("127.0.0.1", port))  # connects and never speaks
         for junk in (b"\xff\xff\xff\xff" + b"x" * 16, b"\x00\x00\x00\x05hello", bytes(range(256))):
@@ -153,8 +183,9 @@ def test_external_worker_survives_scans_silence_garbage_and_wrong_keys(tiny_unet
         reply = RpcReply._make(trusted.recv())
         assert reply.failure is not None and reply.failure.exc_type == "KeyError"  # an error reply
         trusted.close()
-        config = OmniDiffusionConfig(executor_class="external",
-                                     executor_config={"worker_addresses": [f"127.0.0.1:{port}"]})
+        config = OmniDiffusionConfig(
+            executor_class="external", executor_config={"worker_addresses": [f"127.0.0.1:{port}"]}
+        )
         with DiffusionEngine(config) as engine:  # served while the silent client still hangs on
             assert all(output.ok for output in engine.generate(small_requests(1)))
         assert worker.poll() is None
@@ -166,6 +197,10 @@ def test_external_worker_survives_scans_silence_garbage_and_wrong_keys(tiny_unet
 
 def test_worker_listen_address_is_checked_before_loading(monkeypatch):
     monkeypatch.setenv("SPMD_DIFFUSION_AUTHKEY", "k")
-    done = subprocess.run([sys.executable, "-m", "spmd_diffusion", "worker", "--listen", "127.0.0.1:70000"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "spmd_diffusion", "worker", "--listen", "127.0.0.1:70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "port in 1-65535" in done.stderr and "loaded" not in done.stderr

@@ -26,18 +26,30 @@ ARGS = ["--steps", "4", "--height", "64", "--width", "64", "--batch-size", "2"]
 # Ctrl-C where it is typed (a job started without a launcher, mp workers), SIGTERM where
 # Slurm sends it (an MPI job): one job each, the launcher x signal product added nothing but
 # two more job start-ups (the handler is one for both signals).
-@pytest.mark.parametrize("launcher, sent, code, why", [
-    ("none", signal.SIGINT, 130, "was stopped (Ctrl-C)"), ("mpiexec", signal.SIGTERM, 143, "received SIGTERM"),
-], ids=["SIGINT-none", "SIGTERM-mpiexec"])
+@pytest.mark.parametrize(
+    "launcher, sent, code, why",
+    [
+        ("none", signal.SIGINT, 130, "was stopped (Ctrl-C)"),
+        ("mpiexec", signal.SIGTERM, 143, "received SIGTERM"),
+    ],
+    ids=["SIGINT-none", "SIGTERM-mpiexec"],
+)
 def test_a_signal_ends_the_job_with_one_line(tmp_path, launcher, sent, code, why):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
     output = tmp_path / "out"
     command, extra = LAUNCH[launcher]
-    gate = JobGate(tmp_path / "gate", after=1)  # the engine holds after one batch: the signal lands mid-run
-    job = subprocess.Popen([*command, "generate", "--prompts", str(prompts), "--output", str(output), *ARGS, *extra],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env=gate.env({**os.environ, "OMP_NUM_THREADS": "1"}))
+    gate = JobGate(
+        tmp_path / "gate", after=1
+    )  # the engine holds after one batch: the signal lands mid-run
+    job = subprocess.Popen(
+        [*command, "generate", "--prompts", str(prompts), "--output", str(output), *ARGS, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=gate.env({**os.environ, "OMP_NUM_THREADS": "1"}),
+    )
     try:
         gate.wait_held(job)
         os.killpg(job.pid, sent)  # what the terminal (Ctrl-C) or Slurm (SIGTERM) does
@@ -56,8 +68,13 @@ def test_only_a_batch_job_is_told_to_resume():
     from spmd_diffusion.entrypoints.cli import interrupt_message
     from spmd_diffusion.errors import Terminated
 
-    assert interrupt_message(["generate", "--prompt", "x"], KeyboardInterrupt()) == \
-        "interrupted: the job was stopped (Ctrl-C); run the same command again to resume"
-    assert interrupt_message(["-v", "serve", "--port", "1"], Terminated()) == "stopped: the server received SIGTERM"
+    assert (
+        interrupt_message(["generate", "--prompt", "x"], KeyboardInterrupt())
+        == "interrupted: the job was stopped (Ctrl-C); run the same command again to resume"
+    )
+    assert (
+        interrupt_message(["-v", "serve", "--port", "1"], Terminated())
+        == "stopped: the server received SIGTERM"
+    )
     assert interrupt_message(["worker"], Terminated()) == "stopped: the worker received SIGTERM"
     assert "resume" not in interrupt_message(["info"], KeyboardInterrupt())

@@ -17,11 +17,16 @@ class Keep(logging.Handler):
 
 
 def test_a_library_line_quoting_a_long_prompt_is_cut(monkeypatch):
-    monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())  # restored afterwards
+    monkeypatch.setattr(
+        logging, "_logRecordFactory", logging.getLogRecordFactory()
+    )  # restored afterwards
     setup_logging(0)
     setup_logging(0)  # idempotent: one cut, not two
     keep = Keep()
-    library, own = logging.getLogger("diffusers.pipelines.test"), logging.getLogger("spmd_diffusion.test")
+    library, own = (
+        logging.getLogger("diffusers.pipelines.test"),
+        logging.getLogger("spmd_diffusion.test"),
+    )
     for logger in (library, own):
         logger.addHandler(keep)
     try:
@@ -32,6 +37,8 @@ def test_a_library_line_quoting_a_long_prompt_is_cut(monkeypatch):
             logger.removeHandler(keep)
     cut, whole = keep.lines
     assert cut.startswith("truncated because CLIP") and len(cut) < MAX_LIBRARY_LINE + 40
-    assert cut.endswith(f"({len('truncated because CLIP can only handle 77 tokens: ') + 9000 - MAX_LIBRARY_LINE} "
-                        "characters more)")
+    assert cut.endswith(
+        f"({len('truncated because CLIP can only handle 77 tokens: ') + 9000 - MAX_LIBRARY_LINE} "
+        "characters more)"
+    )
     assert whole == "y" * 9000

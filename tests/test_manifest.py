@@ -5,19 +5,34 @@ from __future__ import annotations
 import json
 
 from spmd_diffusion.jobs.files import AppendLog, write_atomic
-from spmd_diffusion.jobs.manifest import MANIFEST_NAME, done_images, fingerprint, image_name, read_manifest
+from spmd_diffusion.jobs.manifest import (
+    MANIFEST_NAME,
+    done_images,
+    fingerprint,
+    image_name,
+    read_manifest,
+)
 from spmd_diffusion.request import OmniDiffusionRequest
 
 
 def _request(**overrides) -> OmniDiffusionRequest:
-    settings = dict(prompt="a cat", request_id="a", seed=1, num_inference_steps=4, num_images_per_prompt=2)
+    settings = dict(
+        prompt="a cat", request_id="a", seed=1, num_inference_steps=4, num_images_per_prompt=2
+    )
     settings.update(overrides)
     return OmniDiffusionRequest(**settings)
 
 
 def _line(request, index, status="ok", model="m"):
-    return json.dumps({"id": request.request_id, "index": index, "status": status,
-                       "fingerprint": fingerprint(request, model), "path": f"images/{request.request_id}_{index}.png"})
+    return json.dumps(
+        {
+            "id": request.request_id,
+            "index": index,
+            "status": status,
+            "fingerprint": fingerprint(request, model),
+            "path": f"images/{request.request_id}_{index}.png",
+        }
+    )
 
 
 def test_image_names():
@@ -67,7 +82,13 @@ def test_resume_redoes_truncated_emptied_and_outside_files(tmp_path):
     images.mkdir()
 
     def entry(path: str, size: int | None) -> str:
-        record = {"id": "a", "index": 0, "status": "ok", "fingerprint": fingerprint(request, "m"), "path": path}
+        record = {
+            "id": "a",
+            "index": 0,
+            "status": "ok",
+            "fingerprint": fingerprint(request, "m"),
+            "path": path,
+        }
         return json.dumps(record if size is None else {**record, "bytes": size})
 
     (images / "a.png").write_bytes(b"0123456789")
@@ -76,7 +97,9 @@ def test_resume_redoes_truncated_emptied_and_outside_files(tmp_path):
     (images / "a.png").write_bytes(b"01234")  # truncated by a crash of the machine
     assert done_images(tmp_path, [request], "m") == set()
     (images / "a.png").write_bytes(b"")
-    (tmp_path / MANIFEST_NAME).write_text(entry("images/a.png", None) + "\n")  # an older line without a size
+    (tmp_path / MANIFEST_NAME).write_text(
+        entry("images/a.png", None) + "\n"
+    )  # an older line without a size
     assert done_images(tmp_path, [request], "m") == set()
     (tmp_path.parent / "elsewhere.png").write_bytes(b"x")
     for path in ("../elsewhere.png", str(tmp_path.parent / "elsewhere.png")):
@@ -88,13 +111,28 @@ def test_run_settings_that_change_pixels_are_in_the_fingerprint(tmp_path):
     request = _request(num_images_per_prompt=1)
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"png")
-    settings = {"dtype": "float32", "batch_invariant": False, "images_per_batch": 4, "model_class_name": None}
-    record = {"id": "a", "index": 0, "status": "ok", "bytes": 3, "path": "images/a.png",
-              "fingerprint": fingerprint(request, "m", settings)}
+    settings = {
+        "dtype": "float32",
+        "batch_invariant": False,
+        "images_per_batch": 4,
+        "model_class_name": None,
+    }
+    record = {
+        "id": "a",
+        "index": 0,
+        "status": "ok",
+        "bytes": 3,
+        "path": "images/a.png",
+        "fingerprint": fingerprint(request, "m", settings),
+    }
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(record) + "\n")
     assert done_images(tmp_path, [request], "m", settings) == {("a", 0)}
-    for change in ({"dtype": "bfloat16"}, {"batch_invariant": True}, {"images_per_batch": 2},
-                   {"model_class_name": "StableDiffusionPipeline"}):
+    for change in (
+        {"dtype": "bfloat16"},
+        {"batch_invariant": True},
+        {"images_per_batch": 2},
+        {"model_class_name": "StableDiffusionPipeline"},
+    ):
         assert done_images(tmp_path, [request], "m", {**settings, **change}) == set(), change
 
 

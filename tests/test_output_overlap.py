@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-
 from helpers import small_requests
+
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.worker.output_writer import OutputWriter
@@ -45,10 +45,14 @@ def test_the_writer_answers_in_order_and_is_at_most_one_batch_behind():
     writer = OutputWriter()
     gates = [Gate(f"b{index}", log) for index in range(3)]
     for gate in gates[:2]:
-        writer.submit(gate, gate.name, lambda value=None, error=None: answers.append((value, error)))
+        writer.submit(
+            gate, gate.name, lambda value=None, error=None: answers.append((value, error))
+        )
     assert wait_until(lambda: log == [("start", "b0")])
-    third = threading.Thread(target=writer.submit, args=(gates[2], "b2", lambda value=None, error=None:
-                                                         answers.append((value, error))))
+    third = threading.Thread(
+        target=writer.submit,
+        args=(gates[2], "b2", lambda value=None, error=None: answers.append((value, error))),
+    )
     third.start()
     time.sleep(0.2)  # a blocked submit stays blocked: nothing it waits on changes meanwhile
     assert third.is_alive(), "a third batch was taken while one was written and one waited"
@@ -102,8 +106,9 @@ def count_denoiser_calls(worker) -> bool:
     import test_output_overlap as here
 
     here.DENOISER_CALLS[0] = 0
-    worker.denoiser.register_forward_pre_hook(lambda module, args: here.DENOISER_CALLS.__setitem__(
-        0, here.DENOISER_CALLS[0] + 1))
+    worker.denoiser.register_forward_pre_hook(
+        lambda module, args: here.DENOISER_CALLS.__setitem__(0, here.DENOISER_CALLS[0] + 1)
+    )
     return True
 
 
@@ -112,14 +117,21 @@ def count_denoiser_calls(worker) -> bool:
 def test_a_replica_denoises_its_next_batch_while_the_last_one_is_written(tiny_unet):
     requests = small_requests(4, num_inference_steps=2, height=32, width=32)
     batches = [requests[:2], requests[2:]]
-    with DiffusionEngine(OmniDiffusionConfig(executor_class="mp", num_gpus=1, max_batch_size=2)) as engine:
+    with DiffusionEngine(
+        OmniDiffusionConfig(executor_class="mp", num_gpus=1, max_batch_size=2)
+    ) as engine:
         assert engine.collective_rpc(count_denoiser_calls) == [True]
         outputs: list[DiffusionOutput] = []
         # batch 0 runs 2 steps, one denoiser call each (guidance batched): its sink waits for a third
-        engine.generate_stream(batches, outputs.append, sinks=[WaitsForTheNextBatch(2), PassThrough()])
-    assert sorted(request_id for output in outputs for request_id in output.request_ids) == \
-        sorted(request.request_id for request in requests)
-    assert all(error is None for output in outputs for error in output.errors), [o.errors for o in outputs]
+        engine.generate_stream(
+            batches, outputs.append, sinks=[WaitsForTheNextBatch(2), PassThrough()]
+        )
+    assert sorted(request_id for output in outputs for request_id in output.request_ids) == sorted(
+        request.request_id for request in requests
+    )
+    assert all(error is None for output in outputs for error in output.errors), [
+        o.errors for o in outputs
+    ]
 
 
 class Fails:
@@ -131,12 +143,22 @@ class Fails:
 @pytest.mark.timeout(300)
 def test_a_sink_that_fails_fails_its_own_batch_only(tiny_unet):
     requests = small_requests(4, num_inference_steps=2, height=32, width=32)
-    with DiffusionEngine(OmniDiffusionConfig(executor_class="mp", num_gpus=1, max_batch_size=2)) as engine:
+    with DiffusionEngine(
+        OmniDiffusionConfig(executor_class="mp", num_gpus=1, max_batch_size=2)
+    ) as engine:
         outputs: list[DiffusionOutput] = []
-        engine.generate_stream([requests[:2], requests[2:]], outputs.append, sinks=[Fails(), PassThrough()])
-    errors = {request_id: error for output in outputs for request_id, error in zip(output.request_ids,
-                                                                                  output.errors)}
-    assert "No space left on device" in errors["item-0"] and "No space left on device" in errors["item-1"]
+        engine.generate_stream(
+            [requests[:2], requests[2:]], outputs.append, sinks=[Fails(), PassThrough()]
+        )
+    errors = {
+        request_id: error
+        for output in outputs
+        for request_id, error in zip(output.request_ids, output.errors)
+    }
+    assert (
+        "No space left on device" in errors["item-0"]
+        and "No space left on device" in errors["item-1"]
+    )
     assert errors["item-2"] is None and errors["item-3"] is None
 
 
@@ -147,12 +169,20 @@ def test_a_batch_is_vouched_for_only_after_one_sync_of_its_directory(tmp_path, m
 
     from spmd_diffusion.jobs import outputs
 
-    output = DiffusionOutput(request_ids=["a", "b"], images=[[Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))]],
-                             errors=[None, None], seeds=[[1], [2]], metadata=[{}, {}])
+    output = DiffusionOutput(
+        request_ids=["a", "b"],
+        images=[[Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))]],
+        errors=[None, None],
+        seeds=[[1], [2]],
+        metadata=[{}, {}],
+    )
     synced: list = []
     monkeypatch.setattr(outputs, "fsync_directory", synced.append)
     written = outputs.ImageFileSink(str(tmp_path), {"a": 1, "b": 1}).write(output)
-    assert [len(meta["files"]) for meta in written.metadata] == [1, 1] and written.errors == [None, None]
+    assert [len(meta["files"]) for meta in written.metadata] == [1, 1] and written.errors == [
+        None,
+        None,
+    ]
     assert synced == [tmp_path / "images"]  # once for the batch, not once per file
 
     def fails(directory):

@@ -54,10 +54,16 @@ def dit_inputs(batch: int = 2):
 # -- plan ------------------------------------------------------------------------------------
 def test_plan_shards_every_attention_and_feedforward_of_a_dit():
     plan = build_tp_plan(tiny_dit(), 2)
-    assert list(plan.attention) == [f"transformer_blocks.{i}.attn{j}" for i in range(2) for j in (1, 2)]
+    assert list(plan.attention) == [
+        f"transformer_blocks.{i}.attn{j}" for i in range(2) for j in (1, 2)
+    ]
     assert plan.feedforward == ["transformer_blocks.0.ff", "transformer_blocks.1.ff"]
     assert plan.gated == {} and plan.skipped == {}
-    block = {path: style for path, style in plan.styles.items() if path.startswith("transformer_blocks.0.")}
+    block = {
+        path: style
+        for path, style in plan.styles.items()
+        if path.startswith("transformer_blocks.0.")
+    }
     assert block == {
         "transformer_blocks.0.attn1.to_q": "colwise",
         "transformer_blocks.0.attn1.to_k": "colwise",
@@ -81,9 +87,14 @@ def test_plan_of_sd3_joint_attention_shards_the_context_projections():
         caption_projection_dim=32, pooled_projection_dim=16, qk_norm="rms_norm",
     )  # fmt: skip
     plan = build_tp_plan(model, 2)
-    first = {path.split("attn.")[1]: style for path, style in plan.styles.items() if ".0.attn." in path}
+    first = {
+        path.split("attn.")[1]: style for path, style in plan.styles.items() if ".0.attn." in path
+    }
     assert first == {
-        **{name: "colwise" for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")},
+        **{
+            name: "colwise"
+            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+        },
         "to_out.0": "rowwise",
         "to_add_out": "rowwise",
     }
@@ -108,14 +119,21 @@ def test_indivisible_heads_are_refused_with_path_heads_and_tp():
     message = str(caught.value)
     assert "cannot shard PixArtTransformer2DModel over tp=3" in message
     assert "transformer_blocks.0.attn1 (Attention): heads=4 is not divisible by tp=3" in message
-    assert "transformer_blocks.0.ff (FeedForward): hidden width 128 is not divisible by tp=3" in message
+    assert (
+        "transformer_blocks.0.ff (FeedForward): hidden width 128 is not divisible by tp=3"
+        in message
+    )
 
 
 def test_indivisible_feedforward_width_is_refused():
     from diffusers.models.attention import BasicTransformerBlock
 
-    block = BasicTransformerBlock(dim=16, num_attention_heads=4, attention_head_dim=4, ff_inner_dim=18)
-    with pytest.raises(ValueError, match=r"ff \(FeedForward\): hidden width 18 is not divisible by tp=4"):
+    block = BasicTransformerBlock(
+        dim=16, num_attention_heads=4, attention_head_dim=4, ff_inner_dim=18
+    )
+    with pytest.raises(
+        ValueError, match=r"ff \(FeedForward\): hidden width 18 is not divisible by tp=4"
+    ):
         build_tp_plan(nn.ModuleDict({"block": block}), 4)
     assert "block.attn1" in build_tp_plan(nn.ModuleDict({"block": block}), 2).attention
 
@@ -146,9 +164,18 @@ def tiny_flux_transformer():
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                  attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
 
 
 def test_the_derived_plan_equals_diffusers_own_tp_plan_where_a_model_has_one():
@@ -158,10 +185,14 @@ def test_the_derived_plan_equals_diffusers_own_tp_plan_where_a_model_has_one():
     own, derived = build_tp_plan(model, 2), build_tp_plan(model, 2, use_model_plan=False)
     assert (own.source, derived.source) == ("model", "derived")
     assert own.styles == derived.styles and own.packed == derived.packed
-    assert sorted(own.attention) == sorted(derived.attention) and len(own.attention) == 4  # 2 double + 2 single
+    assert (
+        sorted(own.attention) == sorted(derived.attention) and len(own.attention) == 4
+    )  # 2 double + 2 single
     assert own.packed == {f"single_transformer_blocks.{i}.proj_out": [32, 128] for i in range(2)}
     assert own.skipped == {} and "single_transformer_blocks.0.proj_mlp" in own.feedforward
-    assert "single_transformer_blocks.0.norm.linear" in own.modulation  # adaLN modulation, outputs gathered
+    assert (
+        "single_transformer_blocks.0.norm.linear" in own.modulation
+    )  # adaLN modulation, outputs gathered
     assert "transformer_blocks.1.norm1_context.linear" in own.modulation
 
 
@@ -189,20 +220,34 @@ def test_qk_norm_across_heads_is_sharded_when_it_is_an_rms_norm(tiny_video):
     from spmd_diffusion.models import load_pipeline
 
     plan = build_tp_plan(load_pipeline(tiny_video, None, torch.float32).transformer, 2)
-    assert plan.skipped == {} and len(plan.attention) == 4  # Wan: self- and cross-attention of 2 blocks
-    assert sorted(plan.norms) == sorted(f"blocks.{b}.attn{a}.norm_{qk}" for b in (0, 1) for a in (1, 2)
-                                        for qk in "qk")
+    assert (
+        plan.skipped == {} and len(plan.attention) == 4
+    )  # Wan: self- and cross-attention of 2 blocks
+    assert sorted(plan.norms) == sorted(
+        f"blocks.{b}.attn{a}.norm_{qk}" for b in (0, 1) for a in (1, 2) for qk in "qk"
+    )
     assert set(plan.norms.values()) == {32}  # 4 heads x 8
 
 
 def test_sana_glumbconv_is_sharded():
     from diffusers import SanaTransformer2DModel
 
-    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8,
-                                   num_layers=2, num_cross_attention_heads=4, cross_attention_head_dim=8,
-                                   cross_attention_dim=32, caption_channels=32, sample_size=8)
+    model = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=8,
+        cross_attention_dim=32,
+        caption_channels=32,
+        sample_size=8,
+    )
     plan = build_tp_plan(model, 2)
-    assert plan.convs == ["transformer_blocks.0.ff", "transformer_blocks.1.ff"] and plan.skipped == {}
+    assert (
+        plan.convs == ["transformer_blocks.0.ff", "transformer_blocks.1.ff"] and plan.skipped == {}
+    )
     assert set(plan.convs) <= set(plan.feedforward) and len(plan.attention) == 4
 
 
@@ -219,8 +264,10 @@ def test_sharded_rms_norm_equals_the_whole_one():
     shards = [ShardedRMSNorm(norm, 16, rank, 2, group=None) for rank in range(2)]
     squares = sum(part.pow(2).sum(-1, keepdim=True) for part in x.chunk(2, -1))
     with torch.no_grad():
-        parts = [(piece * torch.rsqrt(squares / 16 + 1e-6)) * shard.weight
-                 for piece, shard in zip(x.chunk(2, -1), shards)]
+        parts = [
+            (piece * torch.rsqrt(squares / 16 + 1e-6)) * shard.weight
+            for piece, shard in zip(x.chunk(2, -1), shards)
+        ]
         assert torch.allclose(torch.cat(parts, -1), norm(x), atol=1e-5)
 
 
@@ -333,5 +380,7 @@ def test_split_decision_and_output_rebuild():
     assert CFGParallel(nn.Identity(), TwoRanks(), any_even_batch=True).should_split(latents)
     output = Transformer2DModelOutput(sample=latents)
     rebuilt = _map_tensors((output, {"a": [latents]}), lambda tensor: tensor * 2)
-    assert type(rebuilt[0]) is Transformer2DModelOutput and torch.equal(rebuilt[0].sample, latents * 2)
+    assert type(rebuilt[0]) is Transformer2DModelOutput and torch.equal(
+        rebuilt[0].sample, latents * 2
+    )
     assert torch.equal(rebuilt[1]["a"][0], latents * 2)

@@ -43,7 +43,10 @@ def uni_engine(tiny_unet):
 def test_ray_actors_give_the_same_pixels_as_uni_over_both_replicas(ray_engine, uni_engine):
     from spmd_diffusion.executor.ray_executor import RayDiffusionExecutor
 
-    assert isinstance(ray_engine.executor, RayDiffusionExecutor) and ray_engine.executor.num_replicas == 2
+    assert (
+        isinstance(ray_engine.executor, RayDiffusionExecutor)
+        and ray_engine.executor.num_replicas == 2
+    )
     requests = small_requests(4)
     assert same_pixels(ray_engine.generate(requests), uni_engine.generate(requests))
     pids = {place[0] for place in ray_engine.executor.worker_places()}
@@ -70,9 +73,12 @@ def test_collective_rpc_health_sleep_and_errors(ray_engine):
 
 
 def _largest_difference(first_outputs, second_outputs) -> float:
-    pairs = [(a, b) for first, second in zip(first_outputs, second_outputs, strict=True)
-             for images_a, images_b in zip(first.images, second.images, strict=True)
-             for a, b in zip(images_a, images_b, strict=True)]
+    pairs = [
+        (a, b)
+        for first, second in zip(first_outputs, second_outputs, strict=True)
+        for images_a, images_b in zip(first.images, second.images, strict=True)
+        for a, b in zip(images_a, images_b, strict=True)
+    ]
     assert pairs
     return max(max_pixel_difference(a, b) for a, b in pairs)
 
@@ -81,14 +87,19 @@ def test_tensor_parallel_across_two_actors_matches_one_rank(ray_address, tiny_di
     requests = small_requests(2, extra={"output_type": "np"})
     with DiffusionEngine(OmniDiffusionConfig(model="tiny-dit", executor_class="uni")) as single:
         reference = single.generate(requests)
-    with DiffusionEngine(OmniDiffusionConfig(model="tiny-dit", executor_class="ray", num_gpus=2,
-                                             tensor_parallel_size=2)) as engine:
+    with DiffusionEngine(
+        OmniDiffusionConfig(
+            model="tiny-dit", executor_class="ray", num_gpus=2, tensor_parallel_size=2
+        )
+    ) as engine:
         assert engine.executor.num_replicas == 1
         parallel = engine.generate(requests)
     assert _largest_difference(parallel, reference) < 1e-3
 
 
-def test_a_killed_actor_is_named_within_10_s_and_the_cluster_survives_shutdown(ray_address, tiny_unet):
+def test_a_killed_actor_is_named_within_10_s_and_the_cluster_survives_shutdown(
+    ray_address, tiny_unet
+):
     import ray
 
     engine = DiffusionEngine(OmniDiffusionConfig(executor_class="ray", num_gpus=2))
@@ -96,7 +107,9 @@ def test_a_killed_actor_is_named_within_10_s_and_the_cluster_survives_shutdown(r
         pid = engine.executor.worker_places()[1][0]
         start = time.monotonic()
         with pytest.raises(WorkerDiedError, match="rank 1 died") as caught:
-            engine.collective_rpc(lambda worker: os.kill(pid, signal.SIGKILL) if worker.rank == 0 else time.sleep(60))
+            engine.collective_rpc(
+                lambda worker: os.kill(pid, signal.SIGKILL) if worker.rank == 0 else time.sleep(60)
+            )
         assert time.monotonic() - start < 10
         assert caught.value.rank == 1
         with pytest.raises(ExecutorClosedError):
@@ -114,12 +127,20 @@ def test_a_killed_actor_is_named_within_10_s_and_the_cluster_survives_shutdown(r
 def test_a_cluster_too_small_fails_fast_with_what_it_has(ray_address, tiny_unet):
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"could not place 3 worker\(s\).*--num-gpus"):
-        DiffusionEngine(OmniDiffusionConfig(executor_class="ray", num_gpus=3, executor_config={
-            "num_cpus_per_worker": 2, "placement_timeout": 2}))
+        DiffusionEngine(
+            OmniDiffusionConfig(
+                executor_class="ray",
+                num_gpus=3,
+                executor_config={"num_cpus_per_worker": 2, "placement_timeout": 2},
+            )
+        )
     assert time.monotonic() - start < 30
     with pytest.raises(ValueError, match="placement_strategy 'NEAR'"):
-        DiffusionEngine(OmniDiffusionConfig(executor_class="ray", num_gpus=2,
-                                            executor_config={"placement_strategy": "near"}))
+        DiffusionEngine(
+            OmniDiffusionConfig(
+                executor_class="ray", num_gpus=2, executor_config={"placement_strategy": "near"}
+            )
+        )
 
 
 def _actor_pids(stream_lines: list[str]) -> dict[int, int]:
@@ -132,16 +153,42 @@ def _actor_pids(stream_lines: list[str]) -> dict[int, int]:
 def test_generate_killed_actor_exits_naming_the_rank_then_resume_completes(ray_address, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(10)))
-    args = ["generate", "--prompts", str(prompts), "--batch-size", "1", "--steps", "12", "--height", "32",
-            "--width", "32", "--model", "tiny-unet"]
+    args = [
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--batch-size",
+        "1",
+        "--steps",
+        "12",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--model",
+        "tiny-unet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # The reference: the no-launcher job in this process (uni = mpiexec bytes: test_generate_cli).
     assert generate_here(*args[1:], "--output", str(tmp_path / "uni")) == 0
 
     output = tmp_path / "ray"
-    command = [str(BIN / "omni-diffuse"), *args, "--executor", "ray", "--num-gpus", "2", "--output", str(output)]
-    gate = JobGate(tmp_path / "gate", after=2)  # the engine holds after two images: the kill lands mid-run
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=gate.env(env))
+    command = [
+        str(BIN / "omni-diffuse"),
+        *args,
+        "--executor",
+        "ray",
+        "--num-gpus",
+        "2",
+        "--output",
+        str(output),
+    ]
+    gate = JobGate(
+        tmp_path / "gate", after=2
+    )  # the engine holds after two images: the kill lands mid-run
+    job = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=gate.env(env)
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
     reader.start()
@@ -166,7 +213,10 @@ def test_generate_killed_actor_exits_naming_the_rank_then_resume_completes(ray_a
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = json.loads((output / "run.json").read_text())
-    assert run["totals"]["images_skipped_as_done"] == made and run["layout"]["executor"] == "RayDiffusionExecutor"
+    assert (
+        run["totals"]["images_skipped_as_done"] == made
+        and run["layout"]["executor"] == "RayDiffusionExecutor"
+    )
     pngs = {name: _pngs(tmp_path / name) for name in ("ray", "uni")}
     assert len(pngs["ray"]) == 10
     assert pngs["ray"] == pngs["uni"]  # byte-identical through ray and uni

@@ -43,15 +43,17 @@ def installed_plugin(tmp_path, monkeypatch):
     """A distribution on sys.path that registers an executor under the entry-point group."""
     package = tmp_path / "my_cluster_plugin"
     package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent(
-        """
+    (package / "__init__.py").write_text(
+        textwrap.dedent(
+            """
         from spmd_diffusion.executor import DiffusionExecutor
 
         class ClusterExecutor(DiffusionExecutor):
             def _init_executor(self):
                 self.started = True
         """
-    ))
+        )
+    )
     dist = tmp_path / "my_cluster_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-cluster-plugin\nVersion: 1.0\n")

@@ -42,8 +42,15 @@ def test_validation_names_the_field(kwargs, field):
 
 def test_round_trip_through_json():
     request = OmniDiffusionRequest(
-        prompt="a cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5,
-        height=64, width=128, seed=7, num_images_per_prompt=2, request_id="r1",
+        prompt="a cat",
+        negative_prompt="blurry",
+        num_inference_steps=4,
+        guidance_scale=5,
+        height=64,
+        width=128,
+        seed=7,
+        num_images_per_prompt=2,
+        request_id="r1",
         extra={"output_type": "np"},
     )
     data = json.loads(json.dumps(request.to_dict()))

@@ -13,8 +13,11 @@ from spmd_diffusion.jobs.prompts import SETTING_KEYS
 from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.request_settings import FLAG_SETTINGS, HTTP_SETTINGS, SETTINGS, Setting
 
-BOUNDED = [setting for setting in SETTINGS if setting.minimum is not None or setting.maximum is not None
-           or setting.max_length is not None]
+BOUNDED = [
+    setting
+    for setting in SETTINGS
+    if setting.minimum is not None or setting.maximum is not None or setting.max_length is not None
+]
 
 
 def outside(setting: Setting) -> list:
@@ -23,7 +26,11 @@ def outside(setting: Setting) -> list:
     if setting.max_length is not None:
         values.append("x" * (setting.max_length + 1))
     if setting.minimum is not None:
-        values.append(setting.minimum if setting.open_minimum else setting.minimum - (1 if setting.kind == "int" else 0.5))
+        values.append(
+            setting.minimum
+            if setting.open_minimum
+            else setting.minimum - (1 if setting.kind == "int" else 0.5)
+        )
     if setting.maximum is not None:
         values.append(setting.maximum + 1)
     return values
@@ -34,7 +41,10 @@ def test_every_surface_is_generated_from_the_table():
     flags = {flag for param in generate.params for flag in getattr(param, "opts", [])}
     assert {setting.flag for setting in FLAG_SETTINGS} <= flags
     keys = config_keys(generate)
-    assert all(keys[setting.flag[2:]].name == setting.flag[2:].replace("-", "_") for setting in FLAG_SETTINGS)
+    assert all(
+        keys[setting.flag[2:]].name == setting.flag[2:].replace("-", "_")
+        for setting in FLAG_SETTINGS
+    )
     assert SETTING_KEYS == {setting.key: setting.field for setting in SETTINGS}
     pydantic = pytest.importorskip("pydantic")
     from spmd_diffusion.entrypoints.server import ServerLimits, images_request_model
@@ -62,7 +72,17 @@ def test_a_value_past_a_bound_is_refused_everywhere(tmp_path, capsys, setting):
         assert exited.value.code == 2 and "p.jsonl:1:" in err, (value, err)
         if setting.flag:
             with pytest.raises(SystemExit) as exited:
-                main(["generate", "--prompt", "x", "--output", str(tmp_path / "out"), setting.flag, str(value)])
+                main(
+                    [
+                        "generate",
+                        "--prompt",
+                        "x",
+                        "--output",
+                        str(tmp_path / "out"),
+                        setting.flag,
+                        str(value),
+                    ]
+                )
             assert exited.value.code == 2, (value, capsys.readouterr().err)
             capsys.readouterr()
         if setting.http:

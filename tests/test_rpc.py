@@ -7,9 +7,15 @@ import pickle
 
 import pytest
 
-from spmd_diffusion.errors import ExecutorTimeoutError, RankFailure, WorkerDiedError, WorkerError
-from spmd_diffusion.distributed.protocol import ByValue, RpcReply, collect_replies, portable_method, run_rpc
+from spmd_diffusion.distributed.protocol import (
+    ByValue,
+    RpcReply,
+    collect_replies,
+    portable_method,
+    run_rpc,
+)
 from spmd_diffusion.distributed.shm_channel import ShmChannel
+from spmd_diffusion.errors import ExecutorTimeoutError, RankFailure, WorkerDiedError, WorkerError
 
 
 class FakeWorker:
@@ -30,7 +36,11 @@ def test_run_rpc_by_name_and_callable():
 
 def test_run_rpc_turns_exceptions_into_failures():
     reply = run_rpc(FakeWorker(), 3, "missing", (), None)
-    assert not reply.ok and reply.failure.exc_type == "AttributeError" and "missing" in reply.failure.message
+    assert (
+        not reply.ok
+        and reply.failure.exc_type == "AttributeError"
+        and "missing" in reply.failure.message
+    )
     assert not run_rpc(FakeWorker(), 3, "_private", (), None).ok
     reply = run_rpc(FakeWorker(), 3, lambda w: 1 / 0, (), None)
     assert reply.failure.rank == 3 and "ZeroDivisionError" in reply.failure.traceback
@@ -59,7 +69,11 @@ def test_collect_replies_values_reply_rank_and_errors():
 
 def test_typed_errors_pickle_with_their_fields():
     failure = RankFailure(1, "ValueError", "bad", "tb")
-    for error in (WorkerError("generate", [failure]), ExecutorTimeoutError("m", 1.5, [1]), WorkerDiedError(2, -9, "m")):
+    for error in (
+        WorkerError("generate", [failure]),
+        ExecutorTimeoutError("m", 1.5, [1]),
+        WorkerDiedError(2, -9, "m"),
+    ):
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error) and str(back) == str(error)
 
@@ -83,7 +97,12 @@ def test_shm_channel_small_inline_large_through_shared_memory(size):
 
 
 def test_slot_encoding_inline_and_overflow():
-    from spmd_diffusion.distributed.control.base import SLOT_BYTES, encode_slot, slot_length, slot_payload
+    from spmd_diffusion.distributed.control.base import (
+        SLOT_BYTES,
+        encode_slot,
+        slot_length,
+        slot_payload,
+    )
 
     slot, rest = encode_slot(("call", 1, "ping"))
     assert rest is None and len(slot) == SLOT_BYTES
@@ -104,7 +123,9 @@ def test_backoff_spins_then_sleeps_and_honours_the_deadline():
     assert Backoff(spin_s=0.0, max_sleep_s=0.001).wait(lambda: polls.append(1) or len(polls) > 50)
     start = time.monotonic()
     assert not Backoff(spin_s=0.01, max_sleep_s=0.002).wait(lambda: False, deadline=start + 0.2)
-    assert 0.2 <= time.monotonic() - start < 5.0  # honours the deadline (a loaded machine may overshoot it)
+    assert (
+        0.2 <= time.monotonic() - start < 5.0
+    )  # honours the deadline (a loaded machine may overshoot it)
 
 
 def test_callables_are_pickled_once_while_they_live():

@@ -41,21 +41,35 @@ def own_listeners(process: psutil.Process) -> list[tuple[str, int]]:
     inherited = set()
     for ancestor in process.parents():
         try:
-            inherited |= {c.laddr for c in ancestor.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+            inherited |= {
+                c.laddr for c in ancestor.net_connections("inet") if c.status == psutil.CONN_LISTEN
+            }
         except psutil.Error:
             pass
-    return sorted({(c.laddr.ip, c.laddr.port) for c in process.net_connections("inet")
-                   if c.status == psutil.CONN_LISTEN and c.laddr not in inherited})
+    return sorted(
+        {
+            (c.laddr.ip, c.laddr.port)
+            for c in process.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr not in inherited
+        }
+    )
 
 
 def beyond_loopback(listeners: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    return [(ip, port) for ip, port in listeners if not ipaddress.ip_address(ip.split("%")[0]).is_loopback]
+    return [
+        (ip, port)
+        for ip, port in listeners
+        if not ipaddress.ip_address(ip.split("%")[0]).is_loopback
+    ]
 
 
 def rank_processes(launcher: subprocess.Popen, count: int, deadline: float) -> list[psutil.Process]:
     while time.monotonic() < deadline:
-        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                 if "python" in p.name() or "omni-diffuse" in " ".join(p.cmdline())]
+        ranks = [
+            p
+            for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "python" in p.name() or "omni-diffuse" in " ".join(p.cmdline())
+        ]
         if len(ranks) >= count:
             return ranks
         time.sleep(0.2)
@@ -79,11 +93,15 @@ def mpi_listeners_per_rank(tmp_path_factory) -> int:
     folder = tmp_path_factory.mktemp("baseline")
     script, counted = folder / "baseline.py", folder / "counted"
     script.write_text(MPI_BASELINE)
-    job = subprocess.Popen([str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script), str(counted)], env=env())
+    job = subprocess.Popen(
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script), str(counted)], env=env()
+    )
     try:
         deadline = time.monotonic() + 60
         while not all((folder / f"counted.ready{rank}").exists() for rank in (0, 1)):
-            assert time.monotonic() < deadline and job.poll() is None, "the baseline MPI program did not start"
+            assert time.monotonic() < deadline and job.poll() is None, (
+                "the baseline MPI program did not start"
+            )
             time.sleep(0.05)
         ranks = rank_processes(job, 2, deadline)
         counts = [len(beyond_loopback(own_listeners(rank))) for rank in ranks]
@@ -94,17 +112,42 @@ def mpi_listeners_per_rank(tmp_path_factory) -> int:
 
 
 @pytest.mark.parametrize("flags", [[], ["--tp", "2"]], ids=["data-parallel", "tensor-parallel"])
-def test_one_node_job_listens_on_loopback_only_and_runs_no_planted_pickle(tmp_path, flags, mpi_listeners_per_rank):
+def test_one_node_job_listens_on_loopback_only_and_runs_no_planted_pickle(
+    tmp_path, flags, mpi_listeners_per_rank
+):
     marker = tmp_path / "payload-ran"
     payload = pickle.dumps(_Payload(str(marker)))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(12)))
     output = tmp_path / "out"
-    gate = JobGate(tmp_path / "gate", after=1)  # held once the ranks have loaded, joined their groups, made images
+    gate = JobGate(
+        tmp_path / "gate", after=1
+    )  # held once the ranks have loaded, joined their groups, made images
     job = subprocess.Popen(
-        [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), "generate", "--prompts", str(prompts),
-         "--output", str(output), "--steps", "4", "--height", "64", "--width", "64", "--batch-size", "2", *flags],
-        env=gate.env(env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            "2",
+            str(BIN / "omni-diffuse"),
+            "generate",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(output),
+            "--steps",
+            "4",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--batch-size",
+            "2",
+            *flags,
+        ],
+        env=gate.env(env()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         gate.wait_held(job)
@@ -112,10 +155,16 @@ def test_one_node_job_listens_on_loopback_only_and_runs_no_planted_pickle(tmp_pa
         listeners = {rank.pid: own_listeners(rank) for rank in ranks}
         for pid, found in listeners.items():
             extra = beyond_loopback(found)
-            assert len(extra) <= mpi_listeners_per_rank, f"rank pid {pid} listens beyond loopback: {extra}"
+            assert len(extra) <= mpi_listeners_per_rank, (
+                f"rank pid {pid} listens beyond loopback: {extra}"
+            )
         ports = {port for found in listeners.values() for _, port in found}
-        with ThreadPoolExecutor(max_workers=max(1, len(ports))) as pool:  # each silent peer costs its 2 s timeout
-            list(pool.map(lambda port: _plant_raw(port, payload), ports))  # all land while the job is held
+        with ThreadPoolExecutor(
+            max_workers=max(1, len(ports))
+        ) as pool:  # each silent peer costs its 2 s timeout
+            list(
+                pool.map(lambda port: _plant_raw(port, payload), ports)
+            )  # all land while the job is held
             stores = [pool.submit(_plant_in_store, port, payload) for port in ports]
             gate.release()  # a TCPStore client can wait on a live silent peer until the job ends
             log, _ = job.communicate(timeout=180)
@@ -157,7 +206,9 @@ def _plant_in_store(port: int, payload: bytes) -> None:
     try:
         from torch.distributed import TCPStore
 
-        store = TCPStore("127.0.0.1", port, None, False, timeout=__import__("datetime").timedelta(seconds=2))
+        store = TCPStore(
+            "127.0.0.1", port, None, False, timeout=__import__("datetime").timedelta(seconds=2)
+        )
         for key in ("stream-1/result/0", "stream-1/next"):
             store.set(key, payload)
     except Exception:  # noqa: BLE001 - not a store: fine, that is the point
@@ -167,7 +218,9 @@ def _plant_in_store(port: int, payload: bytes) -> None:
 def test_multi_node_rendezvous_keys_are_under_a_secret_prefix(monkeypatch):
     from torch.distributed import TCPStore
 
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # connect() would pick this process's gloo interface
+    monkeypatch.setenv(
+        "GLOO_SOCKET_IFNAME", "lo"
+    )  # connect() would pick this process's gloo interface
 
     from spmd_diffusion.distributed.rendezvous import RendezvousServer
 
@@ -203,14 +256,38 @@ def test_a_lost_batch_makes_the_run_incomplete_and_names_the_missing_items(tmp_p
     prompts.write_text("".join(f"prompt {i}\n" for i in range(6)))
     output = tmp_path / "out"
     done = subprocess.run(
-        [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse"), "generate", "--prompts", str(prompts),
-         "--output", str(output), "--steps", "2", "--height", "64", "--width", "64", "--batch-size", "2",
-         "--executor", "fault_executors.LossyMPIExecutor"],
-        env=env(PYTHONPATH=str(TESTS)), capture_output=True, text=True, timeout=180,
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            "2",
+            str(BIN / "omni-diffuse"),
+            "generate",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(output),
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--batch-size",
+            "2",
+            "--executor",
+            "fault_executors.LossyMPIExecutor",
+        ],
+        env=env(PYTHONPATH=str(TESTS)),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 3, done.stderr[-3000:]
     run = json.loads((output / "run.json").read_text())
     assert run["status"] == "incomplete"
-    assert {entry["id"] for entry in run["missing"]} == {"000003", "000004"}  # the lost batch of two
+    assert {entry["id"] for entry in run["missing"]} == {
+        "000003",
+        "000004",
+    }  # the lost batch of two
     assert run["totals"]["images_ok"] == 4 and run["totals"]["images_missing"] == 2
     assert "000003" in done.stderr and "missing" in done.stderr

@@ -20,9 +20,17 @@ openai = pytest.importorskip("openai", reason="the test extra installs openai")
 
 @pytest.fixture(scope="module")
 def video_server(tiny_video):
-    engine = AsyncDiffusionEngine(OmniDiffusionConfig(model="tiny-video", executor_class="uni"), max_wait_s=0.0)
-    http = serve(engine, "127.0.0.1", 0, api_key=KEY, model_name="tiny-video",
-                 limits=ServerLimits(max_video_jobs=1)).start()
+    engine = AsyncDiffusionEngine(
+        OmniDiffusionConfig(model="tiny-video", executor_class="uni"), max_wait_s=0.0
+    )
+    http = serve(
+        engine,
+        "127.0.0.1",
+        0,
+        api_key=KEY,
+        model_name="tiny-video",
+        limits=ServerLimits(max_video_jobs=1),
+    ).start()
     yield http
     http.shutdown()
     http.server_close()
@@ -41,7 +49,11 @@ def wait_status(client, video_id: str, wanted: set[str], timeout: float = 300.0,
             return video
         if time.monotonic() >= deadline:
             engine = server.async_engine if server is not None else None
-            state = "" if engine is None else f" (engine: {engine.running} running, {engine.queued} queued)"
+            state = (
+                ""
+                if engine is None
+                else f" (engine: {engine.running} running, {engine.queued} queued)"
+            )
             raise AssertionError(f"still {video.status} at {video.progress}%{state}")
         time.sleep(0.05)
 
@@ -50,9 +62,17 @@ def test_a_video_job_goes_from_queued_to_completed_and_its_file_is_fetched_once(
     from spmd_diffusion.jobs.video import default_video_format, read_frames
 
     client = client_of(video_server)
-    video = client.videos.create(prompt="a wave", seconds="4", size="64x64",
-                                 extra_body={"num_frames": 5, "num_inference_steps": 3, "seed": 2})
-    assert video.status in ("queued", "in_progress") and video.id.startswith("video_") and video.seconds == "4"
+    video = client.videos.create(
+        prompt="a wave",
+        seconds="4",
+        size="64x64",
+        extra_body={"num_frames": 5, "num_inference_steps": 3, "seed": 2},
+    )
+    assert (
+        video.status in ("queued", "in_progress")
+        and video.id.startswith("video_")
+        and video.seconds == "4"
+    )
     done = wait_status(client, video.id, {"completed", "failed"}, server=video_server)
     assert done.status == "completed" and done.progress == 100, done
     assert done.completed_at >= done.created_at and done.expires_at > done.completed_at
@@ -70,14 +90,18 @@ def test_deleting_a_running_job_stops_it_between_steps_and_frees_its_place(video
     client = client_of(video_server)
     engine = video_server.async_engine
     with HoldForSignal(at_step=2):
-        video = client.videos.create(prompt="a long wave", extra_body={"num_frames": 5, "num_inference_steps": 50})
+        video = client.videos.create(
+            prompt="a long wave", extra_body={"num_frames": 5, "num_inference_steps": 50}
+        )
         running = wait_status(client, video.id, {"in_progress"})
         deadline = time.monotonic() + 60
         while client.videos.retrieve(video.id).progress == 0:  # the first step report (1 of 50)
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert running.status == "in_progress"
-        with pytest.raises(openai.RateLimitError, match="too_many_jobs|the limit"):  # max_video_jobs=1
+        with pytest.raises(
+            openai.RateLimitError, match="too_many_jobs|the limit"
+        ):  # max_video_jobs=1
             client.videos.create(prompt="another", extra_body={"num_frames": 5})
         assert client.videos.delete(video.id).deleted
         deadline = time.monotonic() + 60
@@ -88,18 +112,27 @@ def test_deleting_a_running_job_stops_it_between_steps_and_frees_its_place(video
         client.videos.retrieve(video.id)
     status, text = call(video_server.url + "/metrics")
     assert 'spmd_diffusion_requests_total{outcome="cancelled"} 1.0' in text
-    after = client.videos.create(prompt="after", extra_body={"num_frames": 5, "num_inference_steps": 2})
+    after = client.videos.create(
+        prompt="after", extra_body={"num_frames": 5, "num_inference_steps": 2}
+    )
     assert wait_status(client, after.id, {"completed", "failed"}).status == "completed"
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"prompt": "x", "seconds": "0"}, "seconds: Input should be greater than 0"),
-    ({"prompt": "x", "size": "big"}, "size must look like 512x512"),
-    ({"prompt": "x", "num_frames": 0}, "num_frames: Input should be greater than or equal to 1"),
-    ({"prompt": "x", "quality": "hd"}, "quality: Extra inputs are not permitted"),
-    ({}, "prompt: Field required"),
-    ({"prompt": "x", "model": "other"}, "does not exist"),
-], ids=["seconds", "size", "frames", "unknown-field", "no-prompt", "model"])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"prompt": "x", "seconds": "0"}, "seconds: Input should be greater than 0"),
+        ({"prompt": "x", "size": "big"}, "size must look like 512x512"),
+        (
+            {"prompt": "x", "num_frames": 0},
+            "num_frames: Input should be greater than or equal to 1",
+        ),
+        ({"prompt": "x", "quality": "hd"}, "quality: Extra inputs are not permitted"),
+        ({}, "prompt: Field required"),
+        ({"prompt": "x", "model": "other"}, "does not exist"),
+    ],
+    ids=["seconds", "size", "frames", "unknown-field", "no-prompt", "model"],
+)
 def test_bad_video_requests_are_4xx(video_server, body, message):
     status, answer = call(video_server.url + "/v1/videos", body)
     assert 400 <= status < 500 and message in answer["error"]["message"], answer

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import SlurmCluster, unavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(400)]
@@ -25,9 +24,18 @@ PROMPTS = 16
 ARGS = "--steps 2 --height 32 --width 32 --batch-size 1"
 
 SCRIPTS = {  # script: (sbatch's overrides for a 2-CPU partition, extra environment)
-    "srun_per_gpu.sbatch": (["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"], {}),
-    "mpirun_in_allocation.sbatch": (["--nodes=1", "--ntasks=2", "--gpus-per-node=0", "--cpus-per-task=1"], {}),
-    "torchrun_per_node.sbatch": (["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"], {"NPROC_PER_NODE": "2"}),
+    "srun_per_gpu.sbatch": (
+        ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"],
+        {},
+    ),
+    "mpirun_in_allocation.sbatch": (
+        ["--nodes=1", "--ntasks=2", "--gpus-per-node=0", "--cpus-per-task=1"],
+        {},
+    ),
+    "torchrun_per_node.sbatch": (
+        ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"],
+        {"NPROC_PER_NODE": "2"},
+    ),
 }
 
 
@@ -68,25 +76,52 @@ def test_script_runs_is_requeued_and_resumes(slurm, script, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a small picture number {i}\n" for i in range(PROMPTS)))
     output, log = tmp_path / "out", tmp_path / "job.log"
-    env = {"PROMPTS": str(prompts), "OUTPUT": str(output), "EXTRA_ARGS": ARGS, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **extra_env}
+    env = {
+        "PROMPTS": str(prompts),
+        "OUTPUT": str(output),
+        "EXTRA_ARGS": ARGS,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        **extra_env,
+    }
     env.pop("VENV", None)
-    submitted = slurm.run("sbatch", "--parsable", "--time=00:10:00", f"--output={log}", *options,
-                          str(REPO / "jobs" / script), env={**env, "VENV": ""}, cwd=REPO)
+    submitted = slurm.run(
+        "sbatch",
+        "--parsable",
+        "--time=00:10:00",
+        f"--output={log}",
+        *options,
+        str(REPO / "jobs" / script),
+        env={**env, "VENV": ""},
+        cwd=REPO,
+    )
     job = submitted.stdout.strip().split(";")[0]
 
     wait_for(lambda: len(manifest_lines(output)) >= 1, 120, "no image was made", slurm, log)
     slurm.requeue(job)
-    wait_for(lambda: slurm.job_state(job) == "COMPLETED" and slurm.job_field(job, "Restarts") != "0", 180,
-             f"the requeued job did not complete (state {slurm.job_state(job)})", slurm, log)
+    wait_for(
+        lambda: slurm.job_state(job) == "COMPLETED" and slurm.job_field(job, "Restarts") != "0",
+        180,
+        f"the requeued job did not complete (state {slurm.job_state(job)})",
+        slurm,
+        log,
+    )
 
     run = json.loads((output / "run.json").read_text())
     text = log.read_text(errors="replace")
     assert run["status"] == "complete", text[-3000:]
     assert run["totals"]["images_ok"] + run["totals"]["images_skipped_as_done"] == PROMPTS
-    assert run["totals"]["images_skipped_as_done"] >= 1  # it resumed: the first run's images were kept
-    assert run["attempt"] == 2 and run["previous_run"]["status"] in ("interrupted", "killed", "failed")
+    assert (
+        run["totals"]["images_skipped_as_done"] >= 1
+    )  # it resumed: the first run's images were kept
+    assert run["attempt"] == 2 and run["previous_run"]["status"] in (
+        "interrupted",
+        "killed",
+        "failed",
+    )
     assert run["layout"]["world_size"] == 2
     ids = [line["id"] for line in manifest_lines(output) if line["status"] == "ok"]
     assert len(set(ids)) == PROMPTS
-    assert text.count("(restart 0)") == 1 and text.count("(restart 1)") == 1  # the log was appended to
+    assert (
+        text.count("(restart 0)") == 1 and text.count("(restart 1)") == 1
+    )  # the log was appended to

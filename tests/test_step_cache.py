@@ -20,19 +20,31 @@ STEPS = 12
 SPECS = ("first-block:0.2", "taylorseer:2", "pab", "faster")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("first-block", CacheSpec("first-block")), ("first-block:0.1", CacheSpec("first-block", 0.1)),
-    ("TaylorSeer:3", CacheSpec("taylorseer", 3)), ("pab:4", CacheSpec("pab", 4)), ("faster", CacheSpec("faster")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("first-block", CacheSpec("first-block")),
+        ("first-block:0.1", CacheSpec("first-block", 0.1)),
+        ("TaylorSeer:3", CacheSpec("taylorseer", 3)),
+        ("pab:4", CacheSpec("pab", 4)),
+        ("faster", CacheSpec("faster")),
+    ],
+)
 def test_parse(text, expected):
     assert parse_cache(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("teacache", "not one of first-block, taylorseer, pab, faster"), ("pab:x", "must be a number"),
-    ("taylorseer:2.5", "whole number of steps"), ("pab:0", "whole number of steps"),
-    ("first-block:0", "threshold in"), ("", "KIND[:VALUE]"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("teacache", "not one of first-block, taylorseer, pab, faster"),
+        ("pab:x", "must be a number"),
+        ("taylorseer:2.5", "whole number of steps"),
+        ("pab:0", "whole number of steps"),
+        ("first-block:0", "threshold in"),
+        ("", "KIND[:VALUE]"),
+    ],
+)
 def test_parse_refuses(text, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_cache(text)
@@ -41,27 +53,47 @@ def test_parse_refuses(text, message):
 def test_config_makes_the_default_value_explicit():
     """The normalised form is what the manifest and fingerprint record: 'pab' and 'pab:2' are
     the same run."""
-    assert OmniDiffusionConfig(cache="pab").cache == "pab:2" == OmniDiffusionConfig(cache="pab:2").cache
-    assert OmniDiffusionConfig(cache="first-block").cache == f"first-block:{CACHE_KINDS['first-block']:g}"
+    assert (
+        OmniDiffusionConfig(cache="pab").cache
+        == "pab:2"
+        == OmniDiffusionConfig(cache="pab:2").cache
+    )
+    assert (
+        OmniDiffusionConfig(cache="first-block").cache
+        == f"first-block:{CACHE_KINDS['first-block']:g}"
+    )
     with pytest.raises(ValueError, match="cache kind"):
         OmniDiffusionConfig(cache="magic")
 
 
 def requests(count: int = 2) -> list[OmniDiffusionRequest]:
-    return [OmniDiffusionRequest(prompt=f"a tiny thing {i}", seed=100 + i, num_inference_steps=STEPS,
-                                 height=64, width=64, request_id=f"r{i}") for i in range(count)]
+    return [
+        OmniDiffusionRequest(
+            prompt=f"a tiny thing {i}",
+            seed=100 + i,
+            num_inference_steps=STEPS,
+            height=64,
+            width=64,
+            request_id=f"r{i}",
+        )
+        for i in range(count)
+    ]
 
 
 def pixels(output) -> np.ndarray:
     assert output.ok, output.errors
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for images in output.images for image in images])
+    return np.stack(
+        [np.asarray(image, dtype=np.float64) / 255 for images in output.images for image in images]
+    )
 
 
 @pytest.fixture(scope="module")
 def uncached(tiny_dit):
     from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
-    return pixels(DiffusionWorker(OmniDiffusionConfig(model="tiny-dit", dtype="float32")).generate(requests()))
+    return pixels(
+        DiffusionWorker(OmniDiffusionConfig(model="tiny-dit", dtype="float32")).generate(requests())
+    )
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -114,8 +146,19 @@ def test_unet_takes_pab_only(tiny_unet, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("x\n")
     with pytest.raises(SystemExit) as exited:  # refused before any model loads
-        main(["generate", "--model", "tiny-unet", "--prompts", str(prompts), "--output", str(tmp_path / "out"),
-              "--cache", "first-block"])
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-unet",
+                "--prompts",
+                str(prompts),
+                "--output",
+                str(tmp_path / "out"),
+                "--cache",
+                "first-block",
+            ]
+        )
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "needs a transformer denoiser" in err and "--cache pab" in err
     assert not (tmp_path / "out").exists()
@@ -127,16 +170,29 @@ def test_cache_is_in_the_manifest_run_json_and_fingerprint(tiny_dit, tmp_path, c
     lines = {}
     for name, extra in (("plain", []), ("cached", ["--cache", "taylorseer:2"])):
         with pytest.raises(SystemExit) as exited:
-            main(["generate", "--model", "tiny-dit", "--prompts", str(prompts), "--output", str(tmp_path / name),
-                  "--steps", "8", *extra])
+            main(
+                [
+                    "generate",
+                    "--model",
+                    "tiny-dit",
+                    "--prompts",
+                    str(prompts),
+                    "--output",
+                    str(tmp_path / name),
+                    "--steps",
+                    "8",
+                    *extra,
+                ]
+            )
         assert exited.value.code == 0, capsys.readouterr().err
         lines[name] = json.loads((tmp_path / name / "manifest.jsonl").read_text().splitlines()[0])
     assert lines["cached"]["cache"] == "taylorseer:2" and "cache" not in lines["plain"]
     assert lines["cached"]["fingerprint"] != lines["plain"]["fingerprint"]
     run = json.loads((tmp_path / "cached" / "run.json").read_text())
     assert run["config"]["cache"] == "taylorseer:2"
-    assert (tmp_path / "cached" / "images" / "000001.png").read_bytes() != \
-        (tmp_path / "plain" / "images" / "000001.png").read_bytes()
+    assert (tmp_path / "cached" / "images" / "000001.png").read_bytes() != (
+        tmp_path / "plain" / "images" / "000001.png"
+    ).read_bytes()
 
 
 def test_every_kind_runs_on_the_video_model(tiny_video):
@@ -145,15 +201,23 @@ def test_every_kind_runs_on_the_video_model(tiny_video):
     in a call of its own."""
     from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
-    request = [OmniDiffusionRequest(prompt="a wave", seed=1, num_inference_steps=STEPS, request_id="v")]
+    request = [
+        OmniDiffusionRequest(prompt="a wave", seed=1, num_inference_steps=STEPS, request_id="v")
+    ]
 
     def frames(output) -> np.ndarray:
         assert output.ok, output.errors
-        return np.stack([np.asarray(frame, dtype=np.float64) / 255 for frame in output.images[0][0]])
+        return np.stack(
+            [np.asarray(frame, dtype=np.float64) / 255 for frame in output.images[0][0]]
+        )
 
-    plain = frames(DiffusionWorker(OmniDiffusionConfig(model="tiny-video", dtype="float32")).generate(request))
+    plain = frames(
+        DiffusionWorker(OmniDiffusionConfig(model="tiny-video", dtype="float32")).generate(request)
+    )
     for spec in SPECS:
-        worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-video", dtype="float32", cache=spec))
+        worker = DiffusionWorker(
+            OmniDiffusionConfig(model="tiny-video", dtype="float32", cache=spec)
+        )
         first, second = frames(worker.generate(request)), frames(worker.generate(request))
         assert 0 < np.abs(first - plain).max() < 0.1 and np.array_equal(first, second), spec
 
@@ -171,20 +235,44 @@ def test_every_kind_on_every_family_runs_or_is_refused_before_loading(model, tmp
     from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     denoiser = denoiser_config(model)[0]
-    request = [OmniDiffusionRequest(prompt="a wave", negative_prompt="blur", seed=1, num_inference_steps=STEPS,
-                                    request_id="c")]
+    request = [
+        OmniDiffusionRequest(
+            prompt="a wave",
+            negative_prompt="blur",
+            seed=1,
+            num_inference_steps=STEPS,
+            request_id="c",
+        )
+    ]
     prompts = tmp_path / "p.txt"
     prompts.write_text("x\n")
     ran = []
     for kind in ("first-block", "taylorseer", "pab", "faster"):
-        refused = (denoiser, kind) in UNSUPPORTED or (denoiser.startswith("UNet") and kind not in UNET_KINDS)
+        refused = (denoiser, kind) in UNSUPPORTED or (
+            denoiser.startswith("UNet") and kind not in UNET_KINDS
+        )
         if refused:
             capsys.readouterr()  # earlier workers' logs
             with pytest.raises(SystemExit) as exited:
-                main(["generate", "--model", model, "--prompts", str(prompts), "--output", str(tmp_path / kind),
-                      "--cache", kind])
+                main(
+                    [
+                        "generate",
+                        "--model",
+                        model,
+                        "--prompts",
+                        str(prompts),
+                        "--output",
+                        str(tmp_path / kind),
+                        "--cache",
+                        kind,
+                    ]
+                )
             err = capsys.readouterr().err
-            assert exited.value.code == 2 and f"cache {kind}" in err and not re.search(r"loaded \w+ on", err), err
+            assert (
+                exited.value.code == 2
+                and f"cache {kind}" in err
+                and not re.search(r"loaded \w+ on", err)
+            ), err
             continue
         worker = DiffusionWorker(OmniDiffusionConfig(model=model, dtype="float32", cache=kind))
         first, second = worker.generate(request), worker.generate(request)

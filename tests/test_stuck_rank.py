@@ -33,19 +33,46 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path, launcher):
     prompts.write_text("".join(f"prompt {i}\n" for i in range(8)))
     output = tmp_path / "out"
     command, extra = LAUNCH[launcher]
-    args = [*command, "generate", "--prompts", str(prompts), "--output", str(output), "--steps", "2", "--height", "32",
-            "--width", "32", "--batch-size", "1", "--batch-timeout", "5", *extra]
+    args = [
+        *command,
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(output),
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--batch-size",
+        "1",
+        "--batch-timeout",
+        "5",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    gate = JobGate(tmp_path / "gate", after=2, ranks=2)  # both replicas made a batch: their next ones are timed
-    job = subprocess.Popen(args, env=gate.env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    gate = JobGate(
+        tmp_path / "gate", after=2, ranks=2
+    )  # both replicas made a batch: their next ones are timed
+    job = subprocess.Popen(
+        args,
+        env=gate.env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     stopped = None
     try:
         gate.wait_held(job)
         ranks = {gate.pid_of(0), gate.pid_of(1)}
         listening = own_listening_sockets(ranks)
         assert all(is_loopback(address) for address, _port in listening), listening
-        if launcher != "none":  # gloo's pairs (and MPI's UCX listeners): there is something to check
+        if (
+            launcher != "none"
+        ):  # gloo's pairs (and MPI's UCX listeners): there is something to check
             assert listening, "no listening socket of the ranks found"
         stopped = gate.pid_of(1)
         os.kill(stopped, signal.SIGSTOP)
@@ -68,4 +95,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path, launcher):
         again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
         assert again.returncode == 0, again.stderr[-3000:]
         totals = json.loads((output / "run.json").read_text())["totals"]
-        assert totals["images_skipped_as_done"] >= 2 and totals["images_ok"] + totals["images_skipped_as_done"] == 8
+        assert (
+            totals["images_skipped_as_done"] >= 2
+            and totals["images_ok"] + totals["images_skipped_as_done"] == 8
+        )

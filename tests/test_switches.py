@@ -37,7 +37,11 @@ def test_offload_without_a_gpu_is_refused_before_loading(tmp_path, capsys, mode)
     """diffusers itself raises "requires accelerator, but not found" -- after the model
     loaded; the tool says so up front (exit 2)."""
     code, err = run_cli(tmp_path, capsys, "--offload", mode)
-    assert code == 2 and f"--offload {mode} moves models between the CPU and a GPU, and this machine has none" in err
+    assert (
+        code == 2
+        and f"--offload {mode} moves models between the CPU and a GPU, and this machine has none"
+        in err
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -47,25 +51,41 @@ def test_offload_on_the_cpu_device_or_with_parallelism_is_refused():
             OmniDiffusionConfig(offload="model", **kwargs)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="CPU offload needs a GPU (diffusers: 'requires accelerator'); none here")
+@pytest.mark.skipif(
+    not HAS_GPU, reason="CPU offload needs a GPU (diffusers: 'requires accelerator'); none here"
+)
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_on_a_gpu(tiny_unet, mode):
     from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     plain = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet", dtype="float32"))
-    offloaded = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet", dtype="float32", offload=mode))
+    offloaded = DiffusionWorker(
+        OmniDiffusionConfig(model="tiny-unet", dtype="float32", offload=mode)
+    )
     request = OmniDiffusionRequest(prompt="x", seed=1, num_inference_steps=2, height=32, width=32)
     first, second = plain.generate([request]), offloaded.generate([request])
     assert first.ok and second.ok
     assert max_pixel_difference(first.images[0][0], second.images[0][0]) <= 2 / 255
 
 
-@pytest.mark.parametrize("backend, message", [
-    ("no-such-backend", "attention_backend 'no-such-backend' is not one of diffusers' backends"),
-    pytest.param("flash", "attention_backend 'flash' cannot run here", marks=pytest.mark.skipif(
-        importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")),
-])
+@pytest.mark.parametrize(
+    "backend, message",
+    [
+        (
+            "no-such-backend",
+            "attention_backend 'no-such-backend' is not one of diffusers' backends",
+        ),
+        pytest.param(
+            "flash",
+            "attention_backend 'flash' cannot run here",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("flash_attn") is not None,
+                reason="flash-attn is installed here",
+            ),
+        ),
+    ],
+)
 def test_unusable_attention_backends_are_refused_before_loading(tmp_path, capsys, backend, message):
     code, err = run_cli(tmp_path, capsys, "--attention-backend", backend)
     assert code == 2 and message in err, err
@@ -81,21 +101,34 @@ def plain_worker(tiny_unet):
 
 
 def two_requests(size: int = 32) -> list[OmniDiffusionRequest]:
-    return [OmniDiffusionRequest(prompt=f"a tree {i}", seed=i, request_id=f"r{i}", num_inference_steps=2,
-                                 height=size, width=size) for i in range(2)]
+    return [
+        OmniDiffusionRequest(
+            prompt=f"a tree {i}",
+            seed=i,
+            request_id=f"r{i}",
+            num_inference_steps=2,
+            height=size,
+            width=size,
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.mark.slow
 def test_vae_tiling_and_slicing_are_switched_on_and_used(tiny_unet):
     from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
-    worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet", vae_tiling=True, vae_slicing=True))
+    worker = DiffusionWorker(
+        OmniDiffusionConfig(model="tiny-unet", vae_tiling=True, vae_slicing=True)
+    )
     try:
         vae = worker.pipeline.vae
         assert vae.use_tiling and vae.use_slicing
         calls = []
         tiled_decode = vae.tiled_decode
-        vae.tiled_decode = lambda *args, **kwargs: calls.append(args[0].shape) or tiled_decode(*args, **kwargs)
+        vae.tiled_decode = lambda *args, **kwargs: (
+            calls.append(args[0].shape) or tiled_decode(*args, **kwargs)
+        )
         # 128 px is past the tiny VAE's 64 px tile: decoded in tiles, one image at a time (slicing)
         output = worker.generate(two_requests(128))
     finally:
@@ -114,7 +147,10 @@ def test_native_attention_backend_runs_and_says_what_it_drives(tiny_unet, plain_
         worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet", attention_backend="native"))
     try:
         assert worker.get_cache_stats()["attention_modules"] == 0
-        assert "no attention module of StableDiffusionPipeline uses diffusers' dispatcher" in caplog.text
+        assert (
+            "no attention module of StableDiffusionPipeline uses diffusers' dispatcher"
+            in caplog.text
+        )
         output = worker.generate(two_requests())
     finally:
         worker.shutdown()
@@ -141,8 +177,10 @@ def test_compile_wraps_the_denoiser_and_counts_compile_seconds():
     assert compile_seconds() > before
 
 
-COMPILE_REASON = ("torch.compile of the tiny UNet takes 1-6 minutes of CPU (dynamo tracing + inductor); "
-                  "SPMD_DIFFUSION_TEST_COMPILE=1 runs it (scripts/bench_compile.py measures it)")
+COMPILE_REASON = (
+    "torch.compile of the tiny UNet takes 1-6 minutes of CPU (dynamo tracing + inductor); "
+    "SPMD_DIFFUSION_TEST_COMPILE=1 runs it (scripts/bench_compile.py measures it)"
+)
 
 
 @pytest.mark.slow
@@ -152,10 +190,36 @@ def test_compile_gives_the_same_images_and_reports_its_compile_time(tmp_path, pl
     """torch.compile of the denoiser on the CPU (inductor needs a C compiler: present here).
     The job's run.json reports compile seconds apart from the throughput."""
     output = tmp_path / "out"
-    done = subprocess.run([str(BIN / "omni-diffuse"), "generate", "--executor", "uni", "--model", "tiny-unet",
-                           "--prompt", "a tree 0", "--prompt", "a tree 1", "--seed", "0", "--steps", "2",
-                           "--height", "32", "--width", "32", "--batch-size", "1", "--compile", "--output", str(output)],
-                          capture_output=True, text=True, timeout=840)
+    done = subprocess.run(
+        [
+            str(BIN / "omni-diffuse"),
+            "generate",
+            "--executor",
+            "uni",
+            "--model",
+            "tiny-unet",
+            "--prompt",
+            "a tree 0",
+            "--prompt",
+            "a tree 1",
+            "--seed",
+            "0",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--batch-size",
+            "1",
+            "--compile",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((output / "run.json").read_text())
     assert run["config"]["compile"] is True
@@ -167,7 +231,9 @@ def test_compile_gives_the_same_images_and_reports_its_compile_time(tmp_path, pl
     manifest = [json.loads(line) for line in (output / "manifest.jsonl").read_text().splitlines()]
     seeds = {line["id"]: line["seed"] for line in manifest}
     for item_id, prompt in (("000001", "a tree 0"), ("000002", "a tree 1")):
-        request = OmniDiffusionRequest(prompt=prompt, seed=seeds[item_id], num_inference_steps=2, height=32, width=32)
+        request = OmniDiffusionRequest(
+            prompt=prompt, seed=seeds[item_id], num_inference_steps=2, height=32, width=32
+        )
         eager = plain_worker.generate([request]).images[0][0]
         compiled = Image.open(output / "images" / f"{item_id}.png")
         assert max_pixel_difference(eager, compiled) <= 2 / 255  # inductor reorders float sums

@@ -22,9 +22,17 @@ def _weights_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-FAMILIES = [("unet", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline"), ("dit", "PixArtAlphaPipeline"),
-            ("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline"), ("qwen-image", "QwenImagePipeline"),
-            ("sana", "SanaPipeline"), ("video", "WanPipeline"), ("ltx", "LTXPipeline")]
+FAMILIES = [
+    ("unet", "StableDiffusionPipeline"),
+    ("sdxl", "StableDiffusionXLPipeline"),
+    ("dit", "PixArtAlphaPipeline"),
+    ("sd3", "StableDiffusion3Pipeline"),
+    ("flux", "FluxPipeline"),
+    ("qwen-image", "QwenImagePipeline"),
+    ("sana", "SanaPipeline"),
+    ("video", "WanPipeline"),
+    ("ltx", "LTXPipeline"),
+]
 
 
 @pytest.mark.parametrize("arch, pipeline_name", FAMILIES, ids=[arch for arch, _ in FAMILIES])
@@ -39,7 +47,10 @@ def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipel
     assert index["_class_name"] == pipeline_name
     pipeline = load_pipeline(str(tmp_path / arch), None, torch.float32)
     assert type(pipeline).__name__ == pipeline_name
-    assert load_pipeline(str(tmp_path / arch), pipeline_name, torch.float32).__class__.__name__ == pipeline_name
+    assert (
+        load_pipeline(str(tmp_path / arch), pipeline_name, torch.float32).__class__.__name__
+        == pipeline_name
+    )
     marker = json.loads((tmp_path / arch / "tiny_model.json").read_text())
     # the families whose own defaults are 1024x1024 images, long videos or long prompts carry small ones
     assert marker.get("call_defaults") == CALL_DEFAULTS.get(arch)
@@ -74,8 +85,8 @@ def test_building_inside_a_process_group_still_saves_every_weight(tmp_path, monk
     """transformers saves only on rank 0 once torch.distributed is up: build out of process."""
     import torch.distributed as dist
 
-    from spmd_diffusion.models import loader as models
     from spmd_diffusion.models import ensure_tiny_model
+    from spmd_diffusion.models import loader as models
 
     def not_in_this_process(*args, **kwargs):
         raise AssertionError("an in-process save would lose weights on ranks other than 0")
@@ -100,7 +111,11 @@ def test_a_built_model_is_readable_as_the_umask_allows(tmp_path):
         CliRunner().invoke(cli, ["make-tiny-model", str(tmp_path / "m"), "--arch", "unet"])
     finally:
         os.umask(previous)
-    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
-             for path in [tmp_path / "m", *(tmp_path / "m").rglob("*")]}
-    assert modes["m"] == 0o755 and modes["m/unet/diffusion_pytorch_model.safetensors"] == 0o644, modes
+    modes = {
+        path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+        for path in [tmp_path / "m", *(tmp_path / "m").rglob("*")]
+    }
+    assert modes["m"] == 0o755 and modes["m/unet/diffusion_pytorch_model.safetensors"] == 0o644, (
+        modes
+    )
     assert all(mode in (0o644, 0o755) for mode in modes.values()), modes

@@ -23,30 +23,64 @@ FRAME_COUNTS = {"wave": 9, "leaf": 5, "cloud": 9}
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory, tiny_video) -> Path:
     path = tmp_path_factory.mktemp("video-prompts") / "prompts.jsonl"
-    lines = [{"prompt": "a wave", "id": "wave"}, {"prompt": "a falling leaf", "id": "leaf", "num_frames": 5},
-             {"prompt": "a cloud", "id": "cloud", "fps": 8}]
+    lines = [
+        {"prompt": "a wave", "id": "wave"},
+        {"prompt": "a falling leaf", "id": "leaf", "num_frames": 5},
+        {"prompt": "a cloud", "id": "cloud", "fps": 8},
+    ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
 
 def run(launcher: str, prompts: Path, output: Path, *args: str) -> Path:
-    done = generate(launcher, "--model", "tiny-video", "--prompts", str(prompts), "--output", str(output),
-                    "--steps", "3", "--batch-size", "2", *args, timeout=240)
+    done = generate(
+        launcher,
+        "--model",
+        "tiny-video",
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(output),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        *args,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return output
 
 
 def frames(output: Path, video_format: str) -> dict[str, list[np.ndarray]]:
-    return {line["id"]: [np.asarray(frame, dtype=np.int16)
-                         for frame in read_frames((output / line["path"]).read_bytes(), video_format)]
-            for line in manifest(output)}
+    return {
+        line["id"]: [
+            np.asarray(frame, dtype=np.int16)
+            for frame in read_frames((output / line["path"]).read_bytes(), video_format)
+        ]
+        for line in manifest(output)
+    }
 
 
 @pytest.fixture(scope="module")
 def single(prompts, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("video-none")
-    assert generate_here("--model", "tiny-video", "--prompts", str(prompts), "--output", str(output),
-                         "--steps", "3", "--batch-size", "2", *LOSSLESS) == 0
+    assert (
+        generate_here(
+            "--model",
+            "tiny-video",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(output),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            *LOSSLESS,
+        )
+        == 0
+    )
     return output
 
 
@@ -73,8 +107,12 @@ def test_torchrun_writes_decodable_mp4s_of_the_asked_frame_counts(prompts, singl
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("launcher, layout", [("mpiexec", ["--tp", "2"]), ("torchrun", ["--cfg-parallel"])])
-def test_tensor_and_cfg_parallel_give_the_single_rank_frames(prompts, single, tmp_path, launcher, layout):
+@pytest.mark.parametrize(
+    "launcher, layout", [("mpiexec", ["--tp", "2"]), ("torchrun", ["--cfg-parallel"])]
+)
+def test_tensor_and_cfg_parallel_give_the_single_rank_frames(
+    prompts, single, tmp_path, launcher, layout
+):
     output = run(launcher, prompts, tmp_path / "out", *LOSSLESS, *layout)
     got, want = frames(output, "webp"), frames(single, "webp")
     assert {item: len(clip) for item, clip in got.items()} == FRAME_COUNTS

@@ -40,7 +40,9 @@ def test_generate_real_images(request, fixture):
 
 
 def test_defaults_are_reported_and_images_per_prompt(unet_worker):
-    request = OmniDiffusionRequest(prompt="x", seed=1, num_inference_steps=2, num_images_per_prompt=3)
+    request = OmniDiffusionRequest(
+        prompt="x", seed=1, num_inference_steps=2, num_images_per_prompt=3
+    )
     output = unet_worker.generate([request])
     assert output.ok and len(output.images[0]) == 3 and output.seeds[0] == [1, 2, 3]
     assert output.metadata[0]["height"] == 64 and output.metadata[0]["guidance_scale"] == 7.5
@@ -51,10 +53,24 @@ def test_defaults_are_reported_and_images_per_prompt(unet_worker):
 
 def test_one_bad_request_does_not_lose_the_others(unet_worker):
     good = small_requests(2)
-    bad = OmniDiffusionRequest(prompt="x", seed=1, num_inference_steps=4, height=64, width=64,
-                               extra={"no_such_argument": 1}, request_id="bad")
-    clash = OmniDiffusionRequest(prompt="y", seed=2, num_inference_steps=4, height=64, width=64,
-                                 extra={"guidance_rescale": "oops"}, request_id="clash")
+    bad = OmniDiffusionRequest(
+        prompt="x",
+        seed=1,
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        extra={"no_such_argument": 1},
+        request_id="bad",
+    )
+    clash = OmniDiffusionRequest(
+        prompt="y",
+        seed=2,
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        extra={"guidance_rescale": "oops"},
+        request_id="clash",
+    )
     output = unet_worker.generate([good[0], bad, clash, good[1]])
     assert output.errors[0] is None and output.errors[3] is None
     assert "does not accept no_such_argument" in output.errors[1]
@@ -66,7 +82,11 @@ def test_one_bad_request_does_not_lose_the_others(unet_worker):
 def test_float_output_type(dit_worker):
     request = small_requests(1, extra={"output_type": "np"})[0]
     image = dit_worker.generate([request]).images[0][0]
-    assert isinstance(image, np.ndarray) and image.shape == (64, 64, 3) and 0 <= image.min() <= image.max() <= 1
+    assert (
+        isinstance(image, np.ndarray)
+        and image.shape == (64, 64, 3)
+        and 0 <= image.min() <= image.max() <= 1
+    )
 
 
 @pytest.mark.parametrize("level", [1, 2])
@@ -78,7 +98,9 @@ def test_sleep_then_wake_gives_the_same_image(unet_worker, level):
     with pytest.raises(RuntimeError, match="asleep"):
         unet_worker.generate(request)
     if level == 2:
-        assert unet_worker.pipeline is None and unet_worker.get_cache_stats()["parameter_bytes"] == 0
+        assert (
+            unet_worker.pipeline is None and unet_worker.get_cache_stats()["parameter_bytes"] == 0
+        )
     unet_worker.wake_up(["weights"])
     after = unet_worker.generate(request).images[0][0]
     assert np.array_equal(np.asarray(before), np.asarray(after))
@@ -112,7 +134,11 @@ def test_releasing_the_pipeline_frees_the_denoiser(tiny_dit, release):
 
     worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-dit", dtype="float32", cache="pab"))
     assert worker.generate(small_requests(1, num_inference_steps=2)).ok
-    refs = [weakref.ref(worker.denoiser), weakref.ref(worker.pipeline), weakref.ref(worker.pipeline.vae)]
+    refs = [
+        weakref.ref(worker.denoiser),
+        weakref.ref(worker.pipeline),
+        weakref.ref(worker.pipeline.vae),
+    ]
     if release == "shutdown":
         worker.shutdown()
     else:

@@ -20,11 +20,15 @@ LAYOUTS = {
     # every node knows every other by name
     "shared": ("127.0.0.1 localhost\n{a} nodea\n{b} nodeb\n",) * 2,
     # rank 0's node calls itself by a long name the others do not know
-    "short-name": ("127.0.0.1 localhost\n{a} nodea.cluster.example nodea\n{b} nodeb\n",
-                   "127.0.0.1 localhost\n{a} nodea\n{b} nodeb\n"),
+    "short-name": (
+        "127.0.0.1 localhost\n{a} nodea.cluster.example nodea\n{b} nodeb\n",
+        "127.0.0.1 localhost\n{a} nodea\n{b} nodeb\n",
+    ),
     # Debian/Ubuntu: a node's own name is 127.0.1.1
-    "127.0.1.1": ("127.0.0.1 localhost\n127.0.1.1 nodea\n{b} nodeb\n",
-                  "127.0.0.1 localhost\n{a} nodea\n127.0.1.1 nodeb\n"),
+    "127.0.1.1": (
+        "127.0.0.1 localhost\n127.0.1.1 nodea\n{b} nodeb\n",
+        "127.0.0.1 localhost\n{a} nodea\n127.0.1.1 nodeb\n",
+    ),
 }
 
 
@@ -72,12 +76,25 @@ class TwoNodes:
         for node, text in zip(("nodea", "nodeb"), LAYOUTS[layout]):
             directory = Path("/etc/netns") / self.names[node]
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / "hosts").write_text(text.format(a=self.addresses["nodea"], b=self.addresses["nodeb"]))
+            (directory / "hosts").write_text(
+                text.format(a=self.addresses["nodea"], b=self.addresses["nodeb"])
+            )
 
     def command(self, node: str, argv: list[str]) -> list[str]:
         """``argv`` run on ``node``: in its namespace, under its host name."""
-        return ["ip", "netns", "exec", self.names[node], "unshare", "--uts", "sh", "-c",
-                f'hostname {node} && exec "$@"', "sh", *argv]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.names[node],
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            f'hostname {node} && exec "$@"',
+            "sh",
+            *argv,
+        ]
 
     def launcher_script(self, directory: Path) -> Path:
         """An executable for hydra's ``-launcher ssh -launcher-exec``: ``SCRIPT [-x] HOST CMD...``."""
@@ -85,7 +102,7 @@ class TwoNodes:
         script.write_text(f"""#!/bin/sh
 [ "$1" = "-x" ] && shift
 host="$1"; shift
-case "$host" in nodea) ns={self.names['nodea']} ;; nodeb) ns={self.names['nodeb']} ;; *) echo "unknown host $host" >&2; exit 1 ;; esac
+case "$host" in nodea) ns={self.names["nodea"]} ;; nodeb) ns={self.names["nodeb"]} ;; *) echo "unknown host $host" >&2; exit 1 ;; esac
 exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec sh -c "$*"' "$host" "$@"
 """)
         script.chmod(0o755)

@@ -49,9 +49,19 @@ class GpuLikeStandIn:
     def set_progress_bar_config(self, **kwargs) -> None:
         pass
 
-    def __call__(self, prompt=None, negative_prompt=None, height=None, width=None, num_inference_steps=20,
-                 guidance_scale=7.5, num_images_per_prompt=1, generator=None, callback_on_step_end=None,
-                 output_type="pil"):
+    def __call__(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        height=None,
+        width=None,
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        num_images_per_prompt=1,
+        generator=None,
+        callback_on_step_end=None,
+        output_type="pil",
+    ):
         import numpy as np
         from PIL import Image
 
@@ -71,7 +81,9 @@ class GpuLikeStandIn:
             rng = np.random.default_rng(seed)
             base = self.bases[seed % len(self.bases)]
             dy, dx = (int(v) for v in rng.integers(0, base.shape[0], size=2))
-            images.append(Image.fromarray(np.ascontiguousarray(np.roll(base, (dy, dx), axis=(0, 1))), "RGB"))
+            images.append(
+                Image.fromarray(np.ascontiguousarray(np.roll(base, (dy, dx), axis=(0, 1))), "RGB")
+            )
         return SimpleNamespace(images=images)
 
 

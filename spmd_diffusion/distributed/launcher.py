@@ -22,8 +22,18 @@ NONE, TORCHRUN, MPI, SLURM = "none", "torchrun", "mpi", "slurm"
 
 # (rank, size, local rank, local size) variables of each MPI family, most specific first.
 MPI_VARIABLES = (
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    (
+        "MV2_COMM_WORLD_RANK",
+        "MV2_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+        "MV2_COMM_WORLD_LOCAL_SIZE",
+    ),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),
 )
@@ -58,16 +68,25 @@ def _int(env: Mapping[str, str], name: str) -> int | None:
 
 def _torchrun(env: Mapping[str, str]) -> LaunchInfo | None:
     rank, size, local = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK")
-    if "TORCHELASTIC_RUN_ID" not in env and not (rank is not None and size is not None and local is not None):
+    if "TORCHELASTIC_RUN_ID" not in env and not (
+        rank is not None and size is not None and local is not None
+    ):
         return None
     if rank is None or size is None:
         return None
-    return LaunchInfo(TORCHRUN, rank, size, local if local is not None else 0, _int(env, "LOCAL_WORLD_SIZE"))
+    return LaunchInfo(
+        TORCHRUN, rank, size, local if local is not None else 0, _int(env, "LOCAL_WORLD_SIZE")
+    )
 
 
 # Set by an MPI launcher's own per-node daemon (hydra, Open MPI, MVAPICH), never by srun's
 # PMI plugins: their presence means mpirun/mpiexec started this rank.
-MPI_LAUNCHER_ONLY = ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID", "PMI_HOSTNAME")
+MPI_LAUNCHER_ONLY = (
+    "OMPI_COMM_WORLD_RANK",
+    "MV2_COMM_WORLD_RANK",
+    "MPI_LOCALRANKID",
+    "PMI_HOSTNAME",
+)
 
 
 def _mpi(env: Mapping[str, str]) -> LaunchInfo | None:
@@ -78,7 +97,13 @@ def _mpi(env: Mapping[str, str]) -> LaunchInfo | None:
         size = _int(env, size_var)
         if size is None and rank_var == "PMIX_RANK":  # Slurm's pmix plugin sets no PMIX_SIZE
             size = _int(env, "OMPI_COMM_WORLD_SIZE") or _slurm_tasks(env)
-        return LaunchInfo(MPI, rank, size if size is not None else 0, _int(env, local_var), _int(env, local_size_var))
+        return LaunchInfo(
+            MPI,
+            rank,
+            size if size is not None else 0,
+            _int(env, local_var),
+            _int(env, local_size_var),
+        )
     return None
 
 
@@ -111,7 +136,10 @@ def _slurm(env: Mapping[str, str]) -> LaunchInfo | None:
 
 def _local_tasks(env: Mapping[str, str]) -> int | None:
     """Tasks on this node, from SLURM_STEP_TASKS_PER_NODE (``2(x3),1``) and SLURM_NODEID."""
-    spec, node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"), _int(env, "SLURM_NODEID")
+    spec, node = (
+        env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"),
+        _int(env, "SLURM_NODEID"),
+    )
     if not spec or node is None:
         return None
     counts: list[int] = []

@@ -31,7 +31,11 @@ def world_id(pmi_job_id: str) -> str:
 
 def job_segments(job_id: str, shm_dir: Path = SHM_DIR, steps: int = STEPS_CHECKED) -> list[Path]:
     """This user's segments of any step of Slurm job ``job_id`` on this node."""
-    prefixes = {f"mpich_{kind}_{world_id(f'{job_id}.{step}')}_" for step in range(steps) for kind in ("shm", "vci")}
+    prefixes = {
+        f"mpich_{kind}_{world_id(f'{job_id}.{step}')}_"
+        for step in range(steps)
+        for kind in ("shm", "vci")
+    }
     found = []
     try:
         entries = list(shm_dir.iterdir())
@@ -67,8 +71,10 @@ def main(argv: list[str]) -> int:
         return 2
     removed = remove_job_segments(argv[0])
     if removed:
-        print(f"removed {len(removed)} stale MPICH segment(s) of job {argv[0]}: "
-              + " ".join(path.name for path in removed))
+        print(
+            f"removed {len(removed)} stale MPICH segment(s) of job {argv[0]}: "
+            + " ".join(path.name for path in removed)
+        )
     return 0
 
 

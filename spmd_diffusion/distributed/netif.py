@@ -32,7 +32,9 @@ def interface_addresses() -> dict[str, str]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         for name in names:
             try:
-                packed = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+                packed = fcntl.ioctl(
+                    probe.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode())
+                )
             except OSError:
                 continue  # down, or no IPv4 address
             found[name] = socket.inet_ntoa(packed[20:24])
@@ -46,7 +48,9 @@ def is_loopback(address: str) -> bool:
 def resolve(host: str) -> list[str]:
     """IPv4 addresses of ``host`` (empty when it does not resolve)."""
     try:
-        return list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, None, socket.AF_INET)))
+        return list(
+            dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, None, socket.AF_INET))
+        )
     except OSError:
         return []
 
@@ -102,6 +106,8 @@ def gloo_interface_towards(peer_host: str | None) -> str | None:
         local = addresses[0] if addresses else None
     chosen = use_interface_for_gloo(local)
     if chosen is None:
-        logger.warning("no network interface found for gloo; set GLOO_SOCKET_IFNAME to the interface "
-                       "that reaches the other nodes")
+        logger.warning(
+            "no network interface found for gloo; set GLOO_SOCKET_IFNAME to the interface "
+            "that reaches the other nodes"
+        )
     return chosen

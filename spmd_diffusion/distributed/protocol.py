@@ -149,13 +149,17 @@ def portable_method(method: RpcMethod) -> Any:
         return method
     if callable(method):
         return ByValue(method)
-    raise TypeError(f"method must be a worker method name or a callable, got {type(method).__name__}")
+    raise TypeError(
+        f"method must be a worker method name or a callable, got {type(method).__name__}"
+    )
 
 
 def method_name(method: Any) -> str:
     if isinstance(method, str):
         return method
-    return getattr(method, "__qualname__", None) or getattr(method, "__name__", None) or repr(method)
+    return (
+        getattr(method, "__qualname__", None) or getattr(method, "__name__", None) or repr(method)
+    )
 
 
 def failure_from_exception(rank: int, exc: BaseException) -> RankFailure:
@@ -173,7 +177,9 @@ def resolve_method(worker: Any, method: Any) -> Callable[..., Any]:
     return lambda *args, **kwargs: method(worker, *args, **kwargs)
 
 
-def run_rpc(worker: Any, rank: int, method: Any, args: tuple, kwargs: dict | None, call_id: int = 0) -> RpcReply:
+def run_rpc(
+    worker: Any, rank: int, method: Any, args: tuple, kwargs: dict | None, call_id: int = 0
+) -> RpcReply:
     """Run one call on this rank's worker; an exception becomes a failure, never a crash."""
     try:
         value = resolve_method(worker, method)(*args, **(kwargs or {}))

@@ -66,7 +66,9 @@ class RayWorkerActor:
         if request.kind is MessageKind.CALL:
             return reply_to_wire(answer(self.worker, rank, request))
         error = RuntimeError(f"unexpected {request.kind.name} message for a Ray worker")
-        return reply_to_wire(RpcReply(rank, None, failure_from_exception(rank, error), request.call_id))
+        return reply_to_wire(
+            RpcReply(rank, None, failure_from_exception(rank, error), request.call_id)
+        )
 
     def _release(self) -> None:
         worker, self.worker = self.worker, None
@@ -101,7 +103,9 @@ class RayTransport(Transport):
         deadline = None if timeout is None else time.monotonic() + timeout
         while not found:
             try:
-                item = self._arrived.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                item = self._arrived.get(
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
             except queue.Empty:
                 return []
             (found if item[1] in wanted else self._held).append(item)

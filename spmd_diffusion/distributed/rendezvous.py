@@ -38,7 +38,9 @@ REACH_TIMEOUT_S = 10.0  # rank 0's store listens before START is sent: this only
 PROBE_TIMEOUT_S = 2.0
 
 
-def reach(hosts: tuple[str, ...], port: int, rank: int, timeout: float = REACH_TIMEOUT_S) -> tuple[str, str]:
+def reach(
+    hosts: tuple[str, ...], port: int, rank: int, timeout: float = REACH_TIMEOUT_S
+) -> tuple[str, str]:
     """``(host, local address)`` of the first of ``hosts`` that accepts a connection on
     ``port``; a ConnectionError naming every address after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -55,7 +57,8 @@ def reach(hosts: tuple[str, ...], port: int, rank: int, timeout: float = REACH_T
             raise ConnectionError(
                 f"rank {rank} cannot reach rank 0's rendezvous store at {tried or 'no address'}; "
                 "set MASTER_ADDR to an address of rank 0's node that every node can reach "
-                "(and GLOO_SOCKET_IFNAME to the interface that carries it)")
+                "(and GLOO_SOCKET_IFNAME to the interface that carries it)"
+            )
         time.sleep(0.5)
 
 
@@ -96,9 +99,13 @@ class RendezvousServer:
 
         base_port = envs.master_port()
         port = base_port + 1 if base_port else 0
-        self._store = TCPStore("0.0.0.0", port, None, True, timeout=STORE_TIMEOUT, wait_for_workers=False)
+        self._store = TCPStore(
+            "0.0.0.0", port, None, True, timeout=STORE_TIMEOUT, wait_for_workers=False
+        )
         hosts = (host,) if host else store_addresses()
-        self.rendezvous = Rendezvous(world_size, hosts=hosts, port=self._store.port, prefix=secrets.token_hex(16))
+        self.rendezvous = Rendezvous(
+            world_size, hosts=hosts, port=self._store.port, prefix=secrets.token_hex(16)
+        )
 
     def close(self) -> None:
         if self._directory is not None:
@@ -116,5 +123,6 @@ def store_addresses() -> tuple[str, ...]:
     if not addresses:
         raise ConnectionError(
             "this multi-node job's rank 0 has no non-loopback IPv4 address to offer the other "
-            "nodes; set MASTER_ADDR to an address of rank 0's node that every node can reach")
+            "nodes; set MASTER_ADDR to an address of rank 0's node that every node can reach"
+        )
     return addresses

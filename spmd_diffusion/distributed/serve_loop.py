@@ -78,7 +78,9 @@ class CallChannel:
             if request is None:
                 break
             if request.kind is MessageKind.SIGNAL:
-                found.append(request.args[0] if request.args and isinstance(request.args[0], dict) else {})
+                found.append(
+                    request.args[0] if request.args and isinstance(request.args[0], dict) else {}
+                )
             else:
                 self.kept.append(request)
         return found
@@ -114,10 +116,14 @@ class UnloadedWorker:
         """It wrote nothing."""
 
     def __getattr__(self, name: str) -> Any:
-        raise RuntimeError(f"this rank's worker failed to load: {type(self.error).__name__}: {self.error}")
+        raise RuntimeError(
+            f"this rank's worker failed to load: {type(self.error).__name__}: {self.error}"
+        )
 
 
-def load_worker(od_config: Any, placement: WorkerPlacement, rendezvous: Any) -> tuple[Any, RpcReply]:
+def load_worker(
+    od_config: Any, placement: WorkerPlacement, rendezvous: Any
+) -> tuple[Any, RpcReply]:
     """This rank's DiffusionWorker and the reply that tells the engine how loading went."""
     from spmd_diffusion.worker import DiffusionWorker
 
@@ -187,7 +193,9 @@ def serve_worker(worker: Any, rank: int, endpoint: WorkerEndpoint) -> RpcRequest
 
 
 def run_worker_rank(
-    endpoint: WorkerEndpoint, placement: WorkerPlacement, loaded: Callable[[Any], None] | None = None
+    endpoint: WorkerEndpoint,
+    placement: WorkerPlacement,
+    loaded: Callable[[Any], None] | None = None,
 ) -> int:
     """A worker rank's life: START (load and report) or ABORT, then serve. Returns the
     rank's exit code: 0 after a clean shutdown, an ABORT's code otherwise (before start-up,

@@ -62,4 +62,3 @@ class ShmChannel:
 
     def close(self) -> None:
         self.conn.close()
-

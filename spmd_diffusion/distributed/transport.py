@@ -24,7 +24,12 @@ from typing import Any
 
 from spmd_diffusion.distributed.control.base import Backoff, ControlPlane
 from spmd_diffusion.distributed.local_worker import LocalWorker
-from spmd_diffusion.distributed.protocol import RpcReply, RpcRequest, reply_from_wire, request_to_wire
+from spmd_diffusion.distributed.protocol import (
+    RpcReply,
+    RpcRequest,
+    reply_from_wire,
+    request_to_wire,
+)
 from spmd_diffusion.errors import ConnectionLostError, WorkerDiedError, gloo_brief
 
 
@@ -184,7 +189,11 @@ class SPMDTransport(Transport):
                 replies.extend(map(reply_from_wire, self.control.poll_replies(remote)))
             return bool(replies)
 
-        backoff = self.spinning if time.monotonic() - self.last_send < self.SPIN_AFTER_SEND_S else self.sleeping
+        backoff = (
+            self.spinning
+            if time.monotonic() - self.last_send < self.SPIN_AFTER_SEND_S
+            else self.sleeping
+        )
         backoff.wait(arrived, None if timeout is None else time.monotonic() + timeout)
         return replies
 

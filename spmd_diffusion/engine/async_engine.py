@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROGRESS_INTERVAL_S = 0.25  # a few small messages per second per replica
 
 
-
 @dataclass(eq=False)
 class Waiting:
     """One caller's request between ``generate`` and its result."""
@@ -71,7 +70,9 @@ class Waiting:
         except RuntimeError:
             pass
 
-    def resolve(self, output: DiffusionOutput | None = None, error: BaseException | None = None) -> None:
+    def resolve(
+        self, output: DiffusionOutput | None = None, error: BaseException | None = None
+    ) -> None:
         def settle() -> None:
             if self.future.done():
                 return
@@ -81,7 +82,12 @@ class Waiting:
                 self.future.set_result(output)
 
         if not self.cancelled:
-            self.tell({"event": "done" if error is None else "failed", "request_id": self.request.request_id})
+            self.tell(
+                {
+                    "event": "done" if error is None else "failed",
+                    "request_id": self.request.request_id,
+                }
+            )
         self._on_loop(settle)
 
 
@@ -96,10 +102,19 @@ class _CallerEvents(EngineHooks):
             item = self.engine._started.get(request_id)
             if item is not None:
                 item.replica = batch.replica
-                item.tell({"event": "started", "request_id": request_id, "replica": batch.replica,
-                           "batch_size": len(batch.request_ids), "batch_id": batch.batch_id})
+                item.tell(
+                    {
+                        "event": "started",
+                        "request_id": request_id,
+                        "replica": batch.replica,
+                        "batch_size": len(batch.request_ids),
+                        "batch_id": batch.batch_id,
+                    }
+                )
 
-    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+    def batch_progress(
+        self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int
+    ) -> None:
         for request_id in request_ids:
             item = self.engine._started.get(request_id)
             if item is not None:
@@ -131,7 +146,9 @@ class AsyncDiffusionEngine:
         self.od_config = od_config
         self.max_wait_s = max_wait_s
         self.policy = resolve_policy(policy or od_config.schedule)
-        self.hooks = HookList([*self.engine.hooks.hooks, *(hooks if engine is not None and hooks else [])])
+        self.hooks = HookList(
+            [*self.engine.hooks.hooks, *(hooks if engine is not None and hooks else [])]
+        )
         self._queue: list[Waiting] = []
         self._started: dict[str, Waiting] = {}
         self._changed = threading.Condition()
@@ -143,7 +160,9 @@ class AsyncDiffusionEngine:
         self.progress_interval_s = progress_interval_s
         events = HookList([self.hooks, _CallerEvents(self)])
         self.scheduler = ReplicaScheduler(self.engine.executor, self.policy, events)
-        self._dispatcher = threading.Thread(target=self._dispatch, name="spmd-diffusion-dispatcher", daemon=True)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="spmd-diffusion-dispatcher", daemon=True
+        )
         self._dispatcher.start()
 
     @property
@@ -185,21 +204,30 @@ class AsyncDiffusionEngine:
         return len(self._started)
 
     # -- callers -----------------------------------------------------------------------------
-    def _enqueue(self, request: OmniDiffusionRequest, events: asyncio.Queue | None = None) -> Waiting:
+    def _enqueue(
+        self, request: OmniDiffusionRequest, events: asyncio.Queue | None = None
+    ) -> Waiting:
         (prepared,) = self.engine.prepare([request])
         loop = asyncio.get_running_loop()
         item = Waiting(prepared, loop.create_future(), loop, time.monotonic(), events=events)
         with self._changed:
             if self._closing or self.failure is not None:
-                raise ExecutorClosedError(f"the engine is {'failed: ' + str(self.failure) if self.failure else 'closed'}")
-            if prepared.request_id in self._started or any(w.request.request_id == prepared.request_id
-                                                           for w in self._queue):
-                raise ValueError(f"duplicate request_id {prepared.request_id!r}: a request with this id is running")
+                raise ExecutorClosedError(
+                    f"the engine is {'failed: ' + str(self.failure) if self.failure else 'closed'}"
+                )
+            if prepared.request_id in self._started or any(
+                w.request.request_id == prepared.request_id for w in self._queue
+            ):
+                raise ValueError(
+                    f"duplicate request_id {prepared.request_id!r}: a request with this id is running"
+                )
             self._queue.append(item)
             self._generation += 1
             self._changed.notify_all()
         if self.hooks:
-            self.hooks.request_queued(prepared.request_id, prepared.num_images_per_prompt, item.queued_at)
+            self.hooks.request_queued(
+                prepared.request_id, prepared.num_images_per_prompt, item.queued_at
+            )
         item.tell({"event": "queued", "request_id": prepared.request_id})
         return item
 
@@ -244,11 +272,17 @@ class AsyncDiffusionEngine:
             self.hooks.request_cancelled(item.request.request_id, time.monotonic() - item.queued_at)
         elif running and item.replica is not None and self.progress_interval_s is not None:
             try:
-                if self.engine.executor.signal_replica(item.replica, {"cancel": [item.request.request_id]}):
+                if self.engine.executor.signal_replica(
+                    item.replica, {"cancel": [item.request.request_id]}
+                ):
                     self.signals_sent += 1
             except Exception as exc:  # noqa: BLE001 - the batch then runs to its end, as before
-                logger.warning("could not signal replica %d to stop %s: %s", item.replica,
-                               item.request.request_id, exc)
+                logger.warning(
+                    "could not signal replica %d to stop %s: %s",
+                    item.replica,
+                    item.request.request_id,
+                    exc,
+                )
 
     async def collective_rpc(
         self,
@@ -258,7 +292,9 @@ class AsyncDiffusionEngine:
         kwargs: dict[str, Any] | None = None,
         unique_reply_rank: int | None = None,
     ) -> Any:
-        return await asyncio.to_thread(self.engine.collective_rpc, method, timeout, args, kwargs, unique_reply_rank)
+        return await asyncio.to_thread(
+            self.engine.collective_rpc, method, timeout, args, kwargs, unique_reply_rank
+        )
 
     async def check_health(self) -> None:
         await asyncio.to_thread(self.engine.check_health)
@@ -267,7 +303,9 @@ class AsyncDiffusionEngine:
     def take(self, now: float) -> Work | float | None:
         with self._changed:
             self._seen_generation = self._generation
-            selection = self.policy.select(self._queue, self.od_config.max_batch_size, self.max_wait_s, now)
+            selection = self.policy.select(
+                self._queue, self.od_config.max_batch_size, self.max_wait_s, now
+            )
             if not selection.batch:
                 return selection.wake_at
             for item in selection.batch:
@@ -277,8 +315,12 @@ class AsyncDiffusionEngine:
         kwargs = None
         if self.progress_interval_s is not None and self.engine.executor.supports_progress:
             kwargs = {"progress": {"interval_s": self.progress_interval_s}}
-        return Work([item.request for item in selection.batch], [item.queued_at for item in selection.batch],
-                    kwargs, token=selection.batch)
+        return Work(
+            [item.request for item in selection.batch],
+            [item.queued_at for item in selection.batch],
+            kwargs,
+            token=selection.batch,
+        )
 
     def wait_for_work(self, until: float | None) -> None:
         with self._changed:
@@ -295,7 +337,9 @@ class AsyncDiffusionEngine:
                 self._started.pop(item.request.request_id, None)
         for item in work.token:
             single = by_id.get(item.request.request_id)
-            item.resolve(single or DiffusionOutput.failed([item.request.request_id], "no output returned"))
+            item.resolve(
+                single or DiffusionOutput.failed([item.request.request_id], "no output returned")
+            )
 
     def _dispatch(self) -> None:
         try:

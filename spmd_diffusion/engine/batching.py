@@ -16,7 +16,9 @@ from spmd_diffusion.request import OmniDiffusionRequest
 T = TypeVar("T")
 
 
-def chunk_requests(requests: list[OmniDiffusionRequest], max_images: int) -> list[list[OmniDiffusionRequest]]:
+def chunk_requests(
+    requests: list[OmniDiffusionRequest], max_images: int
+) -> list[list[OmniDiffusionRequest]]:
     """Fixed chunks of compatible requests, in list order, of at most ``max_images`` images
     (a request with more images than that is a chunk of its own)."""
     groups: dict[tuple[Any, ...], list[list[OmniDiffusionRequest]]] = {}
@@ -31,7 +33,9 @@ def chunk_requests(requests: list[OmniDiffusionRequest], max_images: int) -> lis
 
 
 def iter_chunks(
-    entries: Iterable[T], max_images: int, request_of: Callable[[T], OmniDiffusionRequest] = lambda entry: entry
+    entries: Iterable[T],
+    max_images: int,
+    request_of: Callable[[T], OmniDiffusionRequest] = lambda entry: entry,
 ) -> Iterator[list[T]]:
     """The chunks of :func:`chunk_requests`, read from a stream: the same chunks (the same
     requests together), emitted as each fills instead of grouped by shape, holding one open

@@ -12,9 +12,9 @@ from spmd_diffusion.distributed.protocol import RpcMethod
 from spmd_diffusion.engine.batching import chunk_requests
 from spmd_diffusion.engine.hooks import EngineHooks, HookList, load_hooks
 from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
-from spmd_diffusion.engine.watchdog import BatchWatchdog
 from spmd_diffusion.engine.scheduler import ReplicaScheduler
 from spmd_diffusion.engine.seeding import with_seed
+from spmd_diffusion.engine.watchdog import BatchWatchdog
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.executor.registry import check_executor_for_launch
 from spmd_diffusion.request import OmniDiffusionRequest
@@ -42,7 +42,9 @@ class DiffusionEngine:
     ) -> None:
         self.od_config = od_config
         self.hooks: HookList = load_hooks([*od_config.hooks, *(hooks or [])])
-        self.policy = resolve_policy(policy or od_config.schedule)  # bad names fail before workers start
+        self.policy = resolve_policy(
+            policy or od_config.schedule
+        )  # bad names fail before workers start
         executor_class = DiffusionExecutor.get_class(od_config)
         check_executor_for_launch(executor_class)
         logger.info("executor: %s", executor_class.__name__)
@@ -65,7 +67,9 @@ class DiffusionEngine:
             prepared.append(with_seed(request, self.od_config.seed))
         return prepared
 
-    def generate(self, requests: list[OmniDiffusionRequest] | OmniDiffusionRequest) -> list[DiffusionOutput]:
+    def generate(
+        self, requests: list[OmniDiffusionRequest] | OmniDiffusionRequest
+    ) -> list[DiffusionOutput]:
         """Run every request (spread over all replicas) and return their outputs in order;
         the images travel back to this process because the caller asked for them."""
         if isinstance(requests, OmniDiffusionRequest):
@@ -79,11 +83,16 @@ class DiffusionEngine:
             for single in output.split():
                 by_id[single.request_id] = single
 
-        self.scheduler.run(chunk_requests(prepared, self.od_config.max_batch_size), keep,
-                           timeout=self.od_config.generate_timeout)
+        self.scheduler.run(
+            chunk_requests(prepared, self.od_config.max_batch_size),
+            keep,
+            timeout=self.od_config.generate_timeout,
+        )
         for request in prepared:
             if request.request_id not in by_id:
-                by_id[request.request_id] = DiffusionOutput.failed([request.request_id], "no output returned")
+                by_id[request.request_id] = DiffusionOutput.failed(
+                    [request.request_id], "no output returned"
+                )
         return [by_id[r.request_id] for r in prepared]
 
     def generate_stream(
@@ -136,9 +145,13 @@ class DiffusionEngine:
             sink = written.pop(id(batch), None)
             return on_output(sink.write(output) if sink is not None else output)
 
-        self.scheduler.run_stream(self._prepared(batches), deliver_streamed, kwargs_of, timeout=timeout)
+        self.scheduler.run_stream(
+            self._prepared(batches), deliver_streamed, kwargs_of, timeout=timeout
+        )
 
-    def _prepared(self, batches: Iterable[list[OmniDiffusionRequest]]) -> Iterator[list[OmniDiffusionRequest]]:
+    def _prepared(
+        self, batches: Iterable[list[OmniDiffusionRequest]]
+    ) -> Iterator[list[OmniDiffusionRequest]]:
         for batch in batches:
             yield self.prepare(batch)
 

@@ -58,7 +58,9 @@ class EngineHooks:
     def batch_finished(self, batch: BatchInfo, seconds: float, failed: int) -> None:
         """``batch`` came back after ``seconds``; ``failed`` of its requests failed."""
 
-    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+    def batch_progress(
+        self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int
+    ) -> None:
         """``step`` of ``steps`` done in the pipeline call making ``request_ids`` (while the batch
         runs, a few times a second per replica; only where the engine asked for progress)."""
 
@@ -98,7 +100,9 @@ class HookList(EngineHooks):
             except Exception as exc:  # noqa: BLE001 - an observer never fails a request
                 if (id(hook), name) not in self._reported:
                     self._reported.add((id(hook), name))
-                    logger.warning("hook %s.%s failed (reported once): %s", type(hook).__name__, name, exc)
+                    logger.warning(
+                        "hook %s.%s failed (reported once): %s", type(hook).__name__, name, exc
+                    )
 
     def request_queued(self, request_id: str, images: int, at: float) -> None:
         self._call("request_queued", request_id, images, at)
@@ -112,7 +116,9 @@ class HookList(EngineHooks):
     def batch_finished(self, batch: BatchInfo, seconds: float, failed: int) -> None:
         self._call("batch_finished", batch, seconds, failed)
 
-    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+    def batch_progress(
+        self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int
+    ) -> None:
         self._call("batch_progress", batch, request_ids, step, steps)
 
     def request_done(self, request_id: str, images: int, queue_s: float, latency_s: float) -> None:
@@ -135,7 +141,9 @@ def _hook_factory(spec: str) -> Callable[[], Any]:
         try:
             import prometheus_client  # noqa: F401
         except ImportError:
-            raise ValueError("the prometheus hook needs prometheus-client: pip install 'spmd_diffusion[serve]'") from None
+            raise ValueError(
+                "the prometheus hook needs prometheus-client: pip install 'spmd_diffusion[serve]'"
+            ) from None
         from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
 
         return PrometheusHooks
@@ -163,7 +171,9 @@ def load_hook(spec: str | EngineHooks) -> EngineHooks:
     if isinstance(spec, EngineHooks):
         return spec
     hook = _hook_factory(spec)()
-    if not isinstance(hook, EngineHooks) and not any(hasattr(hook, n) for n in vars(EngineHooks) if n[0] != "_"):
+    if not isinstance(hook, EngineHooks) and not any(
+        hasattr(hook, n) for n in vars(EngineHooks) if n[0] != "_"
+    ):
         raise ValueError(f"hook {spec!r} is a {type(hook).__name__}, not EngineHooks")
     return hook
 

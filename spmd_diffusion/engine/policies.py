@@ -58,11 +58,15 @@ class SchedulePolicy(Protocol):
     def order(self, batches: Sequence[Sequence[OmniDiffusionRequest]]) -> list[int]:
         """Indices of ``batches`` in the order they are handed out."""
 
-    def select(self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float) -> Selection:
+    def select(
+        self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float
+    ) -> Selection:
         """The next batch from ``waiting`` (oldest first)."""
 
 
-def gather(candidates: Sequence[Queued], max_images: int, contiguous: bool = False) -> tuple[list[Queued], int]:
+def gather(
+    candidates: Sequence[Queued], max_images: int, contiguous: bool = False
+) -> tuple[list[Queued], int]:
     """Requests of the first candidate's shape, in order, up to ``max_images`` images (a
     request bigger than that goes alone). ``contiguous`` stops at the first other shape."""
     key = candidates[0].request.batch_key()
@@ -80,7 +84,9 @@ def gather(candidates: Sequence[Queued], max_images: int, contiguous: bool = Fal
     return batch, images
 
 
-def hold_or_start(batch: list[Queued], images: int, max_images: int, max_wait_s: float, now: float) -> Selection:
+def hold_or_start(
+    batch: list[Queued], images: int, max_images: int, max_wait_s: float, now: float
+) -> Selection:
     """A batch that is not full waits for company until its oldest request has waited
     ``max_wait_s``: a few milliseconds of latency buy fuller batches."""
     deadline = min(item.queued_at for item in batch) + max_wait_s
@@ -101,7 +107,9 @@ class ShapePolicy:
             rank.setdefault(batch[0].batch_key(), len(rank))
         return sorted(range(len(batches)), key=lambda index: rank[batches[index][0].batch_key()])
 
-    def select(self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float) -> Selection:
+    def select(
+        self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float
+    ) -> Selection:
         if not waiting:
             return Selection()
         batch, images = gather(waiting, max_images)
@@ -118,7 +126,9 @@ class FifoPolicy:
     def order(self, batches: Sequence[Sequence[OmniDiffusionRequest]]) -> list[int]:
         return list(range(len(batches)))
 
-    def select(self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float) -> Selection:
+    def select(
+        self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float
+    ) -> Selection:
         if not waiting:
             return Selection()
         batch, images = gather(waiting, max_images, contiguous=True)
@@ -138,7 +148,9 @@ class CostAwarePolicy:
         costs = [sum(request_cost(request) for request in batch) for batch in batches]
         return sorted(range(len(batches)), key=lambda index: -costs[index])
 
-    def select(self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float) -> Selection:
+    def select(
+        self, waiting: Sequence[Queued], max_images: int, max_wait_s: float, now: float
+    ) -> Selection:
         if not waiting:
             return Selection()
         groups: dict[tuple[Any, ...], list[Queued]] = {}
@@ -151,7 +163,11 @@ class CostAwarePolicy:
             batch, images = gather(members, max_images)
             selection = hold_or_start(batch, images, max_images, max_wait_s, now)
             if not selection.batch:
-                wake_at = selection.wake_at if wake_at is None else min(wake_at, selection.wake_at or wake_at)
+                wake_at = (
+                    selection.wake_at
+                    if wake_at is None
+                    else min(wake_at, selection.wake_at or wake_at)
+                )
                 continue
             cost = sum(request_cost(item.request) for item in batch)
             if cost > best_cost:
@@ -171,13 +187,17 @@ def resolve_policy(spec: str | SchedulePolicy | None) -> SchedulePolicy:
     if spec in POLICIES:
         return POLICIES[spec]()
     if "." not in spec and ":" not in spec:
-        raise ValueError(f"unknown schedule {spec!r}: choose {', '.join(POLICIES)} or a dotted path to a class")
+        raise ValueError(
+            f"unknown schedule {spec!r}: choose {', '.join(POLICIES)} or a dotted path to a class"
+        )
     try:
         target = import_by_path(spec)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load schedule {spec!r}: {exc}") from None
     policy = target() if isinstance(target, type) else target
-    missing = [method for method in ("order", "select") if not callable(getattr(policy, method, None))]
+    missing = [
+        method for method in ("order", "select") if not callable(getattr(policy, method, None))
+    ]
     if missing:
         raise ValueError(f"schedule {spec!r} lacks {', '.join(missing)}()")
     return policy

@@ -25,28 +25,61 @@ class PrometheusHooks(EngineHooks):
         self.registry = registry if registry is not None else CollectorRegistry()
         prefix = "spmd_diffusion"
         kwargs = {"registry": self.registry}
-        self.queue_seconds = Histogram(f"{prefix}_queue_seconds", "Time requests waited for a replica",
-                                       buckets=LATENCY_BUCKETS, **kwargs)
-        self.latency_seconds = Histogram(f"{prefix}_request_latency_seconds",
-                                         "Time from a request's arrival to its images", buckets=LATENCY_BUCKETS,
-                                         **kwargs)
-        self.batch_images = Histogram(f"{prefix}_batch_images", "Images per batch sent to a replica",
-                                      buckets=BATCH_BUCKETS, **kwargs)
-        self.step_seconds = Histogram(f"{prefix}_step_seconds", "Duration of one denoising step",
-                                      buckets=STEP_BUCKETS, **kwargs)
-        self.requests = Counter(f"{prefix}_requests", "Requests finished, by outcome", ["outcome"], **kwargs)
+        self.queue_seconds = Histogram(
+            f"{prefix}_queue_seconds",
+            "Time requests waited for a replica",
+            buckets=LATENCY_BUCKETS,
+            **kwargs,
+        )
+        self.latency_seconds = Histogram(
+            f"{prefix}_request_latency_seconds",
+            "Time from a request's arrival to its images",
+            buckets=LATENCY_BUCKETS,
+            **kwargs,
+        )
+        self.batch_images = Histogram(
+            f"{prefix}_batch_images",
+            "Images per batch sent to a replica",
+            buckets=BATCH_BUCKETS,
+            **kwargs,
+        )
+        self.step_seconds = Histogram(
+            f"{prefix}_step_seconds",
+            "Duration of one denoising step",
+            buckets=STEP_BUCKETS,
+            **kwargs,
+        )
+        self.requests = Counter(
+            f"{prefix}_requests", "Requests finished, by outcome", ["outcome"], **kwargs
+        )
         self.images = Counter(f"{prefix}_images", "Images generated", **kwargs)
-        self.busy_seconds = Counter(f"{prefix}_replica_busy_seconds", "Seconds each replica spent on batches",
-                                    ["replica"], **kwargs)
-        self.waiting = Gauge(f"{prefix}_requests_waiting", "Requests queued for a replica", **kwargs)
-        self.step_done = Gauge(f"{prefix}_replica_step", "Denoising steps done in the pipeline call a replica "
-                               "runs (0 when idle; updated a few times a second where progress is on)",
-                               ["replica"], **kwargs)
-        self.step_total = Gauge(f"{prefix}_replica_steps", "Denoising steps of the pipeline call a replica runs",
-                                ["replica"], **kwargs)
+        self.busy_seconds = Counter(
+            f"{prefix}_replica_busy_seconds",
+            "Seconds each replica spent on batches",
+            ["replica"],
+            **kwargs,
+        )
+        self.waiting = Gauge(
+            f"{prefix}_requests_waiting", "Requests queued for a replica", **kwargs
+        )
+        self.step_done = Gauge(
+            f"{prefix}_replica_step",
+            "Denoising steps done in the pipeline call a replica "
+            "runs (0 when idle; updated a few times a second where progress is on)",
+            ["replica"],
+            **kwargs,
+        )
+        self.step_total = Gauge(
+            f"{prefix}_replica_steps",
+            "Denoising steps of the pipeline call a replica runs",
+            ["replica"],
+            **kwargs,
+        )
         for outcome in ("ok", "failed", "cancelled"):
             self.requests.labels(outcome=outcome)
-        self._running: set[str] = set()  # requests in batches: a cancellation of one is not a waiting one
+        self._running: set[str] = (
+            set()
+        )  # requests in batches: a cancellation of one is not a waiting one
 
     def request_queued(self, request_id: str, images: int, at: float) -> None:
         self.waiting.inc()
@@ -56,7 +89,9 @@ class PrometheusHooks(EngineHooks):
         self.batch_images.observe(batch.images)
         self._running.update(batch.request_ids)
 
-    def batch_progress(self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int) -> None:
+    def batch_progress(
+        self, batch: BatchInfo, request_ids: tuple[str, ...], step: int, steps: int
+    ) -> None:
         self.step_done.labels(replica=str(batch.replica)).set(step)
         self.step_total.labels(replica=str(batch.replica)).set(steps)
 

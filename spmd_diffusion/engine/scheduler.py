@@ -20,8 +20,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Protocol
 
 from spmd_diffusion.data import DiffusionOutput
@@ -74,7 +74,9 @@ def failed_output(batch: Batch, error: str, rank: int | None = None) -> Diffusio
 
 def images_of(output: DiffusionOutput, position: int) -> int:
     """Images a request got (written ones count too: a sink leaves records in metadata)."""
-    return len(output.images[position]) or len(output.metadata[position].get("files", ()) if output.metadata else ())
+    return len(output.images[position]) or len(
+        output.metadata[position].get("files", ()) if output.metadata else ()
+    )
 
 
 class ListSource:
@@ -98,7 +100,9 @@ class ListSource:
         if hooks:
             for batch in batches:
                 for request in batch:
-                    hooks.request_queued(request.request_id, request.num_images_per_prompt, self.queued_at)
+                    hooks.request_queued(
+                        request.request_id, request.num_images_per_prompt, self.queued_at
+                    )
 
     def take(self, now: float) -> Work | None:
         if not self.pending:
@@ -159,7 +163,9 @@ class StreamSource:
         if self.hooks:
             for batch in window:
                 for request in batch:
-                    self.hooks.request_queued(request.request_id, request.num_images_per_prompt, now)
+                    self.hooks.request_queued(
+                        request.request_id, request.num_images_per_prompt, now
+                    )
         self.ready.extend((window[index], now) for index in self.policy.order(window))
 
     def take(self, now: float) -> Work | None:
@@ -189,13 +195,18 @@ class ReplicaScheduler:
     """Runs batches over every replica of ``executor``."""
 
     def __init__(
-        self, executor: DiffusionExecutor, policy: SchedulePolicy | str | None = None, hooks: HookList | None = None,
+        self,
+        executor: DiffusionExecutor,
+        policy: SchedulePolicy | str | None = None,
+        hooks: HookList | None = None,
         watchdog: BatchWatchdog | None = None,
     ) -> None:
         self.executor = executor
         self.policy = resolve_policy(policy)
         self.hooks = hooks if hooks is not None else HookList()
-        self.watchdog = watchdog  # per-batch deadlines (a stuck replica ends the job), else ``timeout``
+        self.watchdog = (
+            watchdog  # per-batch deadlines (a stuck replica ends the job), else ``timeout``
+        )
         self._batch_ids = 0
 
     def _output(self, call: ReplicaCall, batch: Batch) -> DiffusionOutput:
@@ -206,7 +217,9 @@ class ReplicaScheduler:
             logger.warning("batch on replica %d failed: %s", call.replica, error.brief())
             return failed_output(batch, error.brief(), error.ranks[0] if error.ranks else None)
         if not isinstance(output, DiffusionOutput):
-            return failed_output(batch, f"replica {call.replica} returned {type(output).__name__}, not an output")
+            return failed_output(
+                batch, f"replica {call.replica} returned {type(output).__name__}, not an output"
+            )
         return output
 
     def run(
@@ -233,20 +246,30 @@ class ReplicaScheduler:
     ) -> None:
         """:meth:`run` for batches read from an iterator as replicas free up (see
         :class:`StreamSource`); ``on_result(batch, output)``."""
-        self.drive(StreamSource(batches, self.policy, on_result, kwargs_for, self.hooks, window), timeout)
+        self.drive(
+            StreamSource(batches, self.policy, on_result, kwargs_for, self.hooks, window), timeout
+        )
 
-    def _start(self, replica: int, work: Work, timeout: float | None) -> tuple[ReplicaCall, Running]:
+    def _start(
+        self, replica: int, work: Work, timeout: float | None
+    ) -> tuple[ReplicaCall, Running]:
         if self.watchdog is not None:
             timeout = self.watchdog.timeout_for(replica, work.requests)
         call = self.executor.submit(replica, "generate", (work.requests,), work.kwargs, timeout)
         self._batch_ids += 1
-        info = BatchInfo(self._batch_ids, replica, tuple(r.request_id for r in work.requests),
-                         sum(r.num_images_per_prompt for r in work.requests), time.monotonic(),
-                         tuple(work.queued_at))
+        info = BatchInfo(
+            self._batch_ids,
+            replica,
+            tuple(r.request_id for r in work.requests),
+            sum(r.num_images_per_prompt for r in work.requests),
+            time.monotonic(),
+            tuple(work.queued_at),
+        )
         if self.hooks:
             self.hooks.batch_started(info)
-            call.on_note = lambda note: self.hooks.batch_progress(info, tuple(note.request_ids), note.step,
-                                                                  note.steps)
+            call.on_note = lambda note: self.hooks.batch_progress(
+                info, tuple(note.request_ids), note.step, note.steps
+            )
         return call, Running(work, info)
 
     def _report(self, running: Running, output: DiffusionOutput) -> None:
@@ -255,13 +278,19 @@ class ReplicaScheduler:
         info, now = running.info, time.monotonic()
         for step, seconds in enumerate(output.timings.get("step_s", ()) if output.timings else ()):
             self.hooks.denoising_step(info, step, seconds)
-        self.hooks.batch_finished(info, now - info.started_at, sum(e is not None for e in output.errors))
+        self.hooks.batch_finished(
+            info, now - info.started_at, sum(e is not None for e in output.errors)
+        )
         queued = dict(zip(info.request_ids, info.queued_at))
         for position, request_id in enumerate(output.request_ids):
             queued_at = queued.get(request_id, info.started_at)
             if output.errors[position] is None:
-                self.hooks.request_done(request_id, images_of(output, position), info.started_at - queued_at,
-                                        now - queued_at)
+                self.hooks.request_done(
+                    request_id,
+                    images_of(output, position),
+                    info.started_at - queued_at,
+                    now - queued_at,
+                )
             elif output.errors[position].startswith(CANCELLED):
                 self.hooks.request_cancelled(request_id, now - queued_at)
             else:
@@ -285,13 +314,18 @@ class ReplicaScheduler:
             if running:
                 slice_s = None  # every replica busy, or nothing more can come: wait for one
                 if free and not stopping and (source.may_grow or wake_at is not None):
-                    slice_s = FREE_SLICE_S if wake_at is None else max(0.0, min(FREE_SLICE_S,
-                                                                                 wake_at - time.monotonic()))
+                    slice_s = (
+                        FREE_SLICE_S
+                        if wake_at is None
+                        else max(0.0, min(FREE_SLICE_S, wake_at - time.monotonic()))
+                    )
                 finished = self.executor.wait(list(running), timeout=slice_s)
                 for call, entry in running.items():
                     if call.released and not entry.freed and call not in finished:
                         entry.freed = True  # denoised and handed to the writer: the replica is free
-                        call.released = False  # seen: the executor's wait need not return for it again
+                        call.released = (
+                            False  # seen: the executor's wait need not return for it again
+                        )
                         free.append(call.replica)
                         if self.watchdog is not None:
                             self.watchdog.denoised(call.replica)
@@ -301,8 +335,12 @@ class ReplicaScheduler:
                         free.append(call.replica)
                     output = self._output(call, entry.work.requests)
                     if self.watchdog is not None:
-                        self.watchdog.observe(call.replica, entry.work.requests, output,
-                                              time.monotonic() - entry.info.started_at)
+                        self.watchdog.observe(
+                            call.replica,
+                            entry.work.requests,
+                            output,
+                            time.monotonic() - entry.info.started_at,
+                        )
                     self._report(entry, output)
                     if consumer_error is not None:
                         continue

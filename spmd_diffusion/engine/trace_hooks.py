@@ -31,8 +31,14 @@ class TraceHooks(EngineHooks):
 
     def _write(self, event: str, at: float | None = None, **fields: Any) -> None:
         now = time.monotonic()
-        line = json.dumps({"event": event, "t": round((at if at is not None else now) - self._origin, 6), **fields},
-                          allow_nan=False)
+        line = json.dumps(
+            {
+                "event": event,
+                "t": round((at if at is not None else now) - self._origin, 6),
+                **fields,
+            },
+            allow_nan=False,
+        )
         with self._lock:
             if self._file.closed:
                 return
@@ -45,23 +51,43 @@ class TraceHooks(EngineHooks):
         self._write("request_queued", at, request_id=request_id, images=images)
 
     def batch_started(self, batch: BatchInfo) -> None:
-        self._write("batch_started", batch.started_at, batch_id=batch.batch_id, replica=batch.replica,
-                    request_ids=list(batch.request_ids), images=batch.images)
+        self._write(
+            "batch_started",
+            batch.started_at,
+            batch_id=batch.batch_id,
+            replica=batch.replica,
+            request_ids=list(batch.request_ids),
+            images=batch.images,
+        )
 
     def denoising_step(self, batch: BatchInfo, step: int, seconds: float) -> None:
         if self.steps:
-            self._write("denoising_step", batch_id=batch.batch_id, step=step, seconds=round(seconds, 6))
+            self._write(
+                "denoising_step", batch_id=batch.batch_id, step=step, seconds=round(seconds, 6)
+            )
 
     def batch_finished(self, batch: BatchInfo, seconds: float, failed: int) -> None:
-        self._write("batch_finished", batch_id=batch.batch_id, replica=batch.replica, seconds=round(seconds, 6),
-                    failed=failed)
+        self._write(
+            "batch_finished",
+            batch_id=batch.batch_id,
+            replica=batch.replica,
+            seconds=round(seconds, 6),
+            failed=failed,
+        )
 
     def request_done(self, request_id: str, images: int, queue_s: float, latency_s: float) -> None:
-        self._write("request_done", request_id=request_id, images=images, queue_s=round(queue_s, 6),
-                    latency_s=round(latency_s, 6))
+        self._write(
+            "request_done",
+            request_id=request_id,
+            images=images,
+            queue_s=round(queue_s, 6),
+            latency_s=round(latency_s, 6),
+        )
 
     def request_failed(self, request_id: str, error: str, latency_s: float) -> None:
-        self._write("request_failed", request_id=request_id, error=error, latency_s=round(latency_s, 6))
+        self._write(
+            "request_failed", request_id=request_id, error=error, latency_s=round(latency_s, 6)
+        )
 
     def request_cancelled(self, request_id: str, latency_s: float) -> None:
         self._write("request_cancelled", request_id=request_id, latency_s=round(latency_s, 6))

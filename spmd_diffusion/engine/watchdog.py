@@ -23,17 +23,34 @@ DEFAULT_STEPS = 50  # diffusers' usual default, until an output says what the pi
 class BatchWatchdog:
     """Per-batch deadlines for the replica scheduler (see the module docstring)."""
 
-    def __init__(self, batch_timeout: float | None, generate_timeout: float | None,
-                 factor: float = FACTOR, floor: float = FLOOR_S) -> None:
-        self.fixed, self.cap, self.factor, self.floor = batch_timeout, generate_timeout, factor, floor
+    def __init__(
+        self,
+        batch_timeout: float | None,
+        generate_timeout: float | None,
+        factor: float = FACTOR,
+        floor: float = FLOOR_S,
+    ) -> None:
+        self.fixed, self.cap, self.factor, self.floor = (
+            batch_timeout,
+            generate_timeout,
+            factor,
+            floor,
+        )
         self.warm_pace: float | None = None  # the slowest seconds per image-step of warm batches
-        self.first_pace: float | None = None  # the same of replicas' first batches (warm-up included)
+        self.first_pace: float | None = (
+            None  # the same of replicas' first batches (warm-up included)
+        )
         self.default_steps = DEFAULT_STEPS
         self.warm: set[int] = set()  # replicas past their first batch
 
     def _units(self, requests: Sequence[Any]) -> int:
-        return sum(request.num_images_per_prompt * (request.num_inference_steps or self.default_steps)
-                   for request in requests) or 1
+        return (
+            sum(
+                request.num_images_per_prompt * (request.num_inference_steps or self.default_steps)
+                for request in requests
+            )
+            or 1
+        )
 
     def timeout_for(self, replica: int, requests: Sequence[Any]) -> float | None:
         """Seconds the batch may take on ``replica`` (None: no limit)."""
@@ -55,7 +72,9 @@ class BatchWatchdog:
         """A finished batch: its replica is warm, and its pace (if slower) is the new bound."""
         first = replica not in self.warm
         self.warm.add(replica)
-        steps = [meta.get("num_inference_steps") for meta in (getattr(output, "metadata", None) or [])]
+        steps = [
+            meta.get("num_inference_steps") for meta in (getattr(output, "metadata", None) or [])
+        ]
         steps = [value for value in steps if isinstance(value, int)]
         if steps and all(request.num_inference_steps is None for request in requests):
             self.default_steps = max(steps)

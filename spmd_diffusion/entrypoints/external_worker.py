@@ -32,8 +32,13 @@ HANDSHAKE_TIMEOUT_S = 10.0
 BACKLOG = 64
 
 
-def authenticate(sock: socket.socket, peer: object, authkey: bytes, ready: queue.Queue,
-                 timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+def authenticate(
+    sock: socket.socket,
+    peer: object,
+    authkey: bytes,
+    ready: queue.Queue,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+) -> None:
     """Run the shared-key handshake (both directions) on ``sock``; hand the connection to the
     serving loop if it passes. A client that says nothing is cut off after ``timeout``."""
     connection = Connection(os.dup(sock.fileno()))
@@ -48,7 +53,9 @@ def authenticate(sock: socket.socket, peer: object, authkey: bytes, ready: queue
         connection.close()
         return
     except Exception as exc:  # noqa: BLE001 - gone, silent past the deadline, or garbled
-        logger.info("dropped a client from %s during the handshake: %s", peer, exc or type(exc).__name__)
+        logger.info(
+            "dropped a client from %s during the handshake: %s", peer, exc or type(exc).__name__
+        )
         connection.close()
         return
     finally:
@@ -72,8 +79,12 @@ def accept_clients(server: socket.socket, authkey: bytes, ready: queue.Queue) ->
             sock, peer = server.accept()
         except OSError:
             return  # the server socket was closed: the worker is stopping
-        threading.Thread(target=authenticate, args=(sock, peer, authkey, ready), daemon=True,
-                         name="spmd-diffusion-handshake").start()
+        threading.Thread(
+            target=authenticate,
+            args=(sock, peer, authkey, ready),
+            daemon=True,
+            name="spmd-diffusion-handshake",
+        ).start()
 
 
 def serve_external_worker(
@@ -84,13 +95,19 @@ def serve_external_worker(
     worker = DiffusionWorker(od_config, rank=rank, local_rank=rank, world_size=world_size)
     ready: queue.Queue[Connection] = queue.Queue()
     with socket.create_server(parse_address(address), backlog=BACKLOG) as server:
-        threading.Thread(target=accept_clients, args=(server, authkey, ready), daemon=True,
-                         name="spmd-diffusion-accept").start()
+        threading.Thread(
+            target=accept_clients,
+            args=(server, authkey, ready),
+            daemon=True,
+            name="spmd-diffusion-accept",
+        ).start()
         logger.info("worker rank %d listening on %s", rank, address)
         while True:
             connection = ready.get()
             with connection:
-                reason = serve_worker(worker, rank, WireEndpoint(ShmChannel(connection, threshold=REMOTE)))
+                reason = serve_worker(
+                    worker, rank, WireEndpoint(ShmChannel(connection, threshold=REMOTE))
+                )
             if reason is not None and reason.kind is MessageKind.SHUTDOWN:
                 break
     worker.shutdown()

@@ -33,7 +33,6 @@ its requests: waiting ones are dropped, running ones stop at the next step bound
 the queue (503 when full, so a flood cannot grow the server's memory without bound).
 """
 
-
 import asyncio
 import json
 import logging
@@ -60,8 +59,16 @@ from spmd_diffusion.entrypoints.http.state import (
 from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.utils.image_inputs import IMAGE_FIELDS
 
-__all__ = ["ApiError", "DiffusionServer", "ServerLimits", "build_app", "check_listen_address",
-           "images_request_model", "parse_size", "serve"]
+__all__ = [
+    "ApiError",
+    "DiffusionServer",
+    "ServerLimits",
+    "build_app",
+    "check_listen_address",
+    "images_request_model",
+    "parse_size",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +111,12 @@ def build_app(
     metrics = metrics or PrometheusHooks()
     from prometheus_client import Counter
 
-    http_requests = Counter("spmd_diffusion_http_requests", "HTTP requests by route and status",
-                            ["route", "status"], registry=metrics.registry)
+    http_requests = Counter(
+        "spmd_diffusion_http_requests",
+        "HTTP requests by route and status",
+        ["route", "status"],
+        registry=metrics.registry,
+    )
 
     class OpenAIImagesRequest(OpenAIImageFields):
         """OpenAI's ``images.generate`` body (FastAPI parses it: the prompt limit is a bound)."""
@@ -128,8 +139,13 @@ def build_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(ApiError(exc.status_code, str(exc.detail), "not_found_error"
-                                       if exc.status_code == 404 else "invalid_request_error"))
+        return error_response(
+            ApiError(
+                exc.status_code,
+                str(exc.detail),
+                "not_found_error" if exc.status_code == 404 else "invalid_request_error",
+            )
+        )
 
     @app.exception_handler(Exception)
     async def on_crash(_request: Request, exc: Exception) -> JSONResponse:
@@ -151,7 +167,11 @@ def build_app(
     async def health() -> Response:
         problem = unable_to_serve(engine)
         if problem is not None:
-            return Response(json.dumps({"status": "error", "error": problem}), 503, media_type="application/json")
+            return Response(
+                json.dumps({"status": "error", "error": problem}),
+                503,
+                media_type="application/json",
+            )
         return Response(json.dumps({"status": "ok"}), media_type="application/json")
 
     @app.get("/metrics", dependencies=[Depends(check_key)])
@@ -162,21 +182,40 @@ def build_app(
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
-                                            "owned_by": "spmd_diffusion"}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": int(started),
+                    "owned_by": "spmd_diffusion",
+                }
+            ],
+        }
 
     @app.post("/v1/images/generations", dependencies=[Depends(check_key)])
     async def images_generations(body: ImagesRequest, request: Request) -> dict[str, Any]:
         state.check_model(body.model)
         if state.video_model:
-            raise ApiError(400, f"{model_name!r} makes videos, which the images API cannot return: use "
-                                f"POST /v1/videos (a video job), or POST {GENERATE_PATH}, whose images are lists "
-                                "of frames", param="model")
+            raise ApiError(
+                400,
+                f"{model_name!r} makes videos, which the images API cannot return: use "
+                f"POST /v1/videos (a video job), or POST {GENERATE_PATH}, whose images are lists "
+                "of frames",
+                param="model",
+            )
         refuse_url(body)
         height, width = parse_size(body.size)
         try:
-            item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width, num_images_per_prompt=body.n,
-                                        lora=state.lora_specs(body.lora), **settings_of(body))
+            item = OmniDiffusionRequest(
+                prompt=body.prompt,
+                height=height,
+                width=width,
+                num_images_per_prompt=body.n,
+                lora=state.lora_specs(body.lora),
+                **settings_of(body),
+            )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         state.prepared([item])
@@ -197,16 +236,26 @@ def build_app(
     @app.post(GENERATE_PATH, dependencies=[Depends(check_key)])
     async def native_generate(request: Request) -> Response:
         body = await read_json(request)
-        if not isinstance(body, dict) or "requests" not in body or not set(body) <= {"requests", "stream"}:
-            raise ApiError(400, 'body must be {"requests": [<request>, ...]}, optionally "stream": true, '
-                                "and nothing else")
+        if (
+            not isinstance(body, dict)
+            or "requests" not in body
+            or not set(body) <= {"requests", "stream"}
+        ):
+            raise ApiError(
+                400,
+                'body must be {"requests": [<request>, ...]}, optionally "stream": true, '
+                "and nothing else",
+            )
         if not isinstance(body.get("stream", False), bool):
             raise ApiError(400, "stream must be true or false", param="stream")
         items = body["requests"]
         if not isinstance(items, list) or not items:
             raise ApiError(400, '"requests" must be a non-empty list of requests')
         if len(items) > limits.max_requests_per_call:
-            raise ApiError(400, f"{len(items)} requests in one call; the limit is {limits.max_requests_per_call}")
+            raise ApiError(
+                400,
+                f"{len(items)} requests in one call; the limit is {limits.max_requests_per_call}",
+            )
         requests = []
         for position, item in enumerate(items):
             if not isinstance(item, dict):
@@ -217,17 +266,23 @@ def build_app(
                 raise ApiError(400, f"requests[{position}]: {exc}") from None
             for name in IMAGE_FIELDS:
                 if isinstance(getattr(requests[-1], name), str):
-                    raise ApiError(400, f"requests[{position}]: {name} must be the image itself, "
-                                   '{"format": "png", "data": <base64>} or a data: URI: the server reads no files',
-                                   param=name)
+                    raise ApiError(
+                        400,
+                        f"requests[{position}]: {name} must be the image itself, "
+                        '{"format": "png", "data": <base64>} or a data: URI: the server reads no files',
+                        param=name,
+                    )
             # A client names adapters the server offers: it must not make the server read its
             # files or download from the hub.
             requests[-1].lora = state.lora_specs(requests[-1].lora, f"requests[{position}]: ")
         state.prepared(requests)
         if body.get("stream"):
             state.check_room(len(requests))
-            return StreamingResponse(event_stream(state, requests), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                event_stream(state, requests),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         merged = merge_outputs(state.named(await state.run_all(request, requests)))
         text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))
         return Response(text, media_type="application/json")
@@ -261,7 +316,9 @@ async def event_stream(state: ServingState, requests: list[OmniDiffusionRequest]
                 if output.errors and output.errors[0] is not None:
                     event.update(event="failed", error=output.errors[0])
                 else:
-                    event["output"] = await asyncio.to_thread(lambda: state.named([output])[0].to_dict())
+                    event["output"] = await asyncio.to_thread(
+                        lambda: state.named([output])[0].to_dict()
+                    )
             text = await asyncio.to_thread(json.dumps, event, allow_nan=False)
             yield f"data: {text}\n\n"
         yield "data: [DONE]\n\n"
@@ -313,9 +370,17 @@ class GuardMiddleware:
     @staticmethod
     async def _send_error(send: Callable, error: ApiError) -> None:
         body = json.dumps(error.body()).encode()
-        await send({"type": "http.response.start", "status": error.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -338,26 +403,42 @@ def check_listen_address(host: str, api_key: str | None) -> None:
     """Only loopback may go without a key: anyone who reaches the port could make the job's
     owner pay for their images (and see what others asked for)."""
     if not is_loopback(host) and not api_key:
-        raise ValueError(f"listening on {host} needs an API key (--api-key or $SPMD_DIFFUSION_API_KEY); "
-                         "without one the server listens on 127.0.0.1 only")
+        raise ValueError(
+            f"listening on {host} needs an API key (--api-key or $SPMD_DIFFUSION_API_KEY); "
+            "without one the server listens on 127.0.0.1 only"
+        )
 
 
 class DiffusionServer:
     """A bound server: ``serve_forever()`` in this thread, or ``start()`` in a background one;
     ``shutdown()`` stops it (finishing the requests in flight) and ``server_close()`` frees it."""
 
-    def __init__(self, engine: AsyncDiffusionEngine, sock: socket.socket, api_key: str | None = None,
-                 model_name: str | None = None, limits: ServerLimits = ServerLimits(),
-                 loras: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncDiffusionEngine,
+        sock: socket.socket,
+        api_key: str | None = None,
+        model_name: str | None = None,
+        limits: ServerLimits = ServerLimits(),
+        loras: dict[str, str] | None = None,
+    ) -> None:
         import uvicorn
 
         self.async_engine = engine
         self.engine = engine.engine
         self.metrics = engine.metrics_hooks()
-        self.app = build_app(engine, model_name or engine.od_config.model, api_key, self.metrics, limits, loras)
+        self.app = build_app(
+            engine, model_name or engine.od_config.model, api_key, self.metrics, limits, loras
+        )
         self.socket = sock
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_keep_alive=5,
-                                timeout_graceful_shutdown=30, access_log=False)
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=30,
+            access_log=False,
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -376,7 +457,9 @@ class DiffusionServer:
             self._stopped.set()
 
     def start(self) -> "DiffusionServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="spmd-diffusion-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="spmd-diffusion-http", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
@@ -396,10 +479,16 @@ class DiffusionServer:
             video_jobs.video_jobs.close()
 
 
-def serve(engine: DiffusionEngine | AsyncDiffusionEngine, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, model_name: str | None = None,
-          limits: ServerLimits = ServerLimits(), sock: socket.socket | None = None,
-          loras: dict[str, str] | None = None) -> DiffusionServer:
+def serve(
+    engine: DiffusionEngine | AsyncDiffusionEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    limits: ServerLimits = ServerLimits(),
+    sock: socket.socket | None = None,
+    loras: dict[str, str] | None = None,
+) -> DiffusionServer:
     """Bind the server (port 0 picks a free port; or pass a bound ``sock``); call
     ``serve_forever()`` or ``start()``. Beyond loopback an ``api_key`` is required. A plain
     :class:`DiffusionEngine` is wrapped in an async engine (and not closed by it). ``loras``:

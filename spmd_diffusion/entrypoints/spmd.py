@@ -101,5 +101,9 @@ def describe_layout(engine: DiffusionEngine) -> dict[str, Any]:
     """World size, this launch, and every rank's health (device, state)."""
     launch = detect_launcher()
     health = engine.collective_rpc("check_health")
-    return {"launcher": launch.kind, "world_size": len(health), "executor": type(engine.executor).__name__,
-            "ranks": health}
+    return {
+        "launcher": launch.kind,
+        "world_size": len(health),
+        "executor": type(engine.executor).__name__,
+        "ranks": health,
+    }

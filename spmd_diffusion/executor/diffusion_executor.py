@@ -31,7 +31,9 @@ class ReplicaCall:
     replica: int
     name: str
     on_note: Any = None  # called with each StepNote the replica sends while the call runs
-    released: bool = False  # the replica handed the batch to its output writer: it may take the next
+    released: bool = (
+        False  # the replica handed the batch to its output writer: it may take the next
+    )
 
     @property
     def done(self) -> bool:
@@ -44,7 +46,9 @@ class ReplicaCall:
 class CompletedCall(ReplicaCall):
     """A call that ran synchronously, for executors without per-replica submission."""
 
-    def __init__(self, replica: int, name: str, value: Any = None, error: BaseException | None = None) -> None:
+    def __init__(
+        self, replica: int, name: str, value: Any = None, error: BaseException | None = None
+    ) -> None:
         self.replica, self.name, self.value, self.error = replica, name, value, error
 
     @property
@@ -138,7 +142,10 @@ class DiffusionExecutor(ABC):
     def execute_model(self, requests: list[OmniDiffusionRequest]) -> DiffusionOutput | None:
         """Generate images for ``requests``; rank 0's worker returns the output."""
         return self.collective_rpc(
-            "generate", timeout=self.od_config.generate_timeout, args=(list(requests),), unique_reply_rank=0
+            "generate",
+            timeout=self.od_config.generate_timeout,
+            args=(list(requests),),
+            unique_reply_rank=0,
         )
 
     def submit(
@@ -158,7 +165,9 @@ class DiffusionExecutor(ABC):
             if method == "generate" and not kwargs:
                 value = self.execute_model(*args)
             else:
-                value = self.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs, unique_reply_rank=0)
+                value = self.collective_rpc(
+                    method, timeout=timeout, args=args, kwargs=kwargs, unique_reply_rank=0
+                )
             return CompletedCall(replica, str(method), value)
         except Exception as exc:  # noqa: BLE001 - handed to whoever reads the result
             return CompletedCall(replica, str(method), error=exc)
@@ -187,7 +196,9 @@ class DiffusionExecutor(ABC):
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Undo ``sleep`` for ``tags`` (default: everything)."""
-        self.collective_rpc("wake_up", timeout=self.od_config.startup_timeout, kwargs={"tags": tags})
+        self.collective_rpc(
+            "wake_up", timeout=self.od_config.startup_timeout, kwargs={"tags": tags}
+        )
 
     def shutdown(self) -> None:
         """Release resources. Safe to call more than once."""

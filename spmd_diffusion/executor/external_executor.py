@@ -19,7 +19,13 @@ from typing import Any
 
 from spmd_diffusion import envs
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.distributed.protocol import MessageKind, RpcMethod, RpcRequest, method_name, request_to_wire
+from spmd_diffusion.distributed.protocol import (
+    MessageKind,
+    RpcMethod,
+    RpcRequest,
+    method_name,
+    request_to_wire,
+)
 from spmd_diffusion.distributed.shm_channel import ShmChannel
 from spmd_diffusion.distributed.transport import ChannelTransport
 from spmd_diffusion.errors import SpmdDiffusionError
@@ -34,14 +40,18 @@ REMOTE = 2**62  # a channel threshold no message reaches: no shared memory acros
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"worker address must be HOST:PORT with a port in 1-65535, got {address!r}")
+        raise ValueError(
+            f"worker address must be HOST:PORT with a port in 1-65535, got {address!r}"
+        )
     return host, int(port)
 
 
 def authkey_from(config: dict[str, Any]) -> bytes:
     key = config.get("authkey") or envs.authkey()
     if not key:
-        raise ValueError(f"set executor_config['authkey'] or ${AUTHKEY_ENV} (shared with the workers)")
+        raise ValueError(
+            f"set executor_config['authkey'] or ${AUTHKEY_ENV} (shared with the workers)"
+        )
     return key.encode() if isinstance(key, str) else bytes(key)
 
 
@@ -106,7 +116,9 @@ class HTTPDiffusionExecutor(DiffusionExecutor):
     spmd = False
 
     def _init_executor(self) -> None:
-        self.base_url = str(self.od_config.executor_config.get("base_url", "http://127.0.0.1:8000")).rstrip("/")
+        self.base_url = str(
+            self.od_config.executor_config.get("base_url", "http://127.0.0.1:8000")
+        ).rstrip("/")
         self.api_key = self.od_config.executor_config.get("api_key") or envs.api_key()
 
     def _request(self, path: str, payload: Any = None, timeout: float | None = None) -> Any:
@@ -125,13 +137,17 @@ class HTTPDiffusionExecutor(DiffusionExecutor):
                 detail = detail.get("message", detail) if isinstance(detail, dict) else detail
             except (ValueError, AttributeError):
                 pass
-            raise SpmdDiffusionError(f"{self.base_url}{path} answered {exc.code}: {detail}") from None
+            raise SpmdDiffusionError(
+                f"{self.base_url}{path} answered {exc.code}: {detail}"
+            ) from None
         except urllib.error.URLError as exc:
             raise SpmdDiffusionError(f"cannot reach {self.base_url}{path}: {exc.reason}") from None
 
     def execute_model(self, requests: list[OmniDiffusionRequest]) -> DiffusionOutput:
         payload = {"requests": [request.to_dict() for request in requests]}
-        answer = self._request("/v1/diffusion/generate", payload, timeout=self.od_config.generate_timeout)
+        answer = self._request(
+            "/v1/diffusion/generate", payload, timeout=self.od_config.generate_timeout
+        )
         return DiffusionOutput.from_dict(answer)
 
     def collective_rpc(
@@ -149,7 +165,9 @@ class HTTPDiffusionExecutor(DiffusionExecutor):
         if name == "check_health":
             answer = self._request("/health", timeout=timeout or self.od_config.rpc_timeout)
             return answer if unique_reply_rank is not None else [answer]
-        raise NotImplementedError(f"HTTPDiffusionExecutor forwards only generate and check_health, not {name!r}")
+        raise NotImplementedError(
+            f"HTTPDiffusionExecutor forwards only generate and check_health, not {name!r}"
+        )
 
     def check_health(self) -> None:
         self.collective_rpc("check_health", unique_reply_rank=0)

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0
 MAIN_GUARD_HINT = (
     "the mp executor starts its worker processes with 'spawn', which imports your script again "
-    "in each of them: put the code that builds the engine under `if __name__ == \"__main__\":` "
+    'in each of them: put the code that builds the engine under `if __name__ == "__main__":` '
     "(see the README's Python example)"
 )
 
@@ -73,7 +73,9 @@ class MultiProcDiffusionExecutor(RpcExecutor):
     def _init_executor(self) -> None:
         self._open_calls()
         size = self.od_config.num_gpus
-        layout = self.od_config.parallel_layout(size)  # refuses a tp x cfg that does not divide num_gpus
+        layout = self.od_config.parallel_layout(
+            size
+        )  # refuses a tp x cfg that does not divide num_gpus
         context = multiprocessing.get_context("spawn")
         self.processes: list[Any] = []
         channels = []
@@ -94,11 +96,15 @@ class MultiProcDiffusionExecutor(RpcExecutor):
             child_end.close()
             self.processes.append(process)
             channels.append(ShmChannel(parent_end))
-        self.transport = ChannelTransport(channels, [p.sentinel for p in self.processes], self._exitcode)
+        self.transport = ChannelTransport(
+            channels, [p.sentinel for p in self.processes], self._exitcode
+        )
         self.rendezvous = RendezvousServer(size, one_node=True) if layout.replica_size > 1 else None
         try:
-            self.start_workers((self.od_config, self.rendezvous and self.rendezvous.rendezvous),
-                               self.od_config.startup_timeout)
+            self.start_workers(
+                (self.od_config, self.rendezvous and self.rendezvous.rendezvous),
+                self.od_config.startup_timeout,
+            )
         except BaseException:
             self.is_failed = True
             self.shutdown()

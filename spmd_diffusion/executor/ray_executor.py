@@ -38,8 +38,17 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Passed on to the actors: a cluster started elsewhere does not have the driver's environment.
-FORWARDED_ENV_PREFIXES = ("SPMD_DIFFUSION_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DIFFUSERS_",
-                          "OMP_NUM_THREADS", "GLOO_", "NCCL_")
+FORWARDED_ENV_PREFIXES = (
+    "SPMD_DIFFUSION_",
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "DIFFUSERS_",
+    "OMP_NUM_THREADS",
+    "GLOO_",
+    "NCCL_",
+)
 INSTALL_HINT = "the ray executor needs Ray: pip install 'spmd_diffusion[ray]'"
 
 
@@ -52,7 +61,9 @@ def import_ray() -> Any:
 
 
 def forwarded_env() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV_PREFIXES)}
+    return {
+        name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV_PREFIXES)
+    }
 
 
 def placements(bundle_nodes: list[str], use_gpus: bool) -> list[WorkerPlacement]:
@@ -73,7 +84,9 @@ def placements(bundle_nodes: list[str], use_gpus: bool) -> list[WorkerPlacement]
 
 class RayDiffusionExecutor(RpcExecutor):
     spmd = False
-    writes_outputs = True  # the actors write a batch job's images (a shared filesystem across nodes)
+    writes_outputs = (
+        True  # the actors write a batch job's images (a shared filesystem across nodes)
+    )
 
     @classmethod
     def planned_world_size(cls, od_config: OmniDiffusionConfig) -> int:
@@ -92,25 +105,48 @@ class RayDiffusionExecutor(RpcExecutor):
         layout = self.od_config.parallel_layout(size)
         strategy = str(options.get("placement_strategy", "PACK")).upper()
         if strategy not in STRATEGIES:
-            raise ValueError(f"executor_config placement_strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"executor_config placement_strategy {strategy!r} is not one of {', '.join(STRATEGIES)}"
+            )
         try:
-            self._connect(options.get("address"), size, float(options.get("num_cpus_per_worker", 1)))
+            self._connect(
+                options.get("address"), size, float(options.get("num_cpus_per_worker", 1))
+            )
             use_gpus = self._use_gpus()
-            nodes = self._reserve(size, strategy, use_gpus, float(options.get("num_cpus_per_worker", 1)),
-                                  float(options.get("placement_timeout", 60)))
+            nodes = self._reserve(
+                size,
+                strategy,
+                use_gpus,
+                float(options.get("num_cpus_per_worker", 1)),
+                float(options.get("placement_timeout", 60)),
+            )
             self._start_actors(placements(nodes, use_gpus), use_gpus)
             if layout.replica_size > 1:
                 on_driver = set(nodes) == {self.ray.get_runtime_context().get_node_id()}
-                self.rendezvous = RendezvousServer(size, one_node=on_driver,
-                                                   host=None if on_driver else self.ray.util.get_node_ip_address())
-            self.start_workers((self.od_config, self.rendezvous and self.rendezvous.rendezvous),
-                               self.od_config.startup_timeout)
+                self.rendezvous = RendezvousServer(
+                    size,
+                    one_node=on_driver,
+                    host=None if on_driver else self.ray.util.get_node_ip_address(),
+                )
+            self.start_workers(
+                (self.od_config, self.rendezvous and self.rendezvous.rendezvous),
+                self.od_config.startup_timeout,
+            )
         except BaseException:
             self.is_failed = True
             self.shutdown()
             raise
-        where = ", ".join(f"rank {rank}: pid {pid} on {node}" for rank, (pid, node) in enumerate(self.worker_places()))
-        logger.info("started %d Ray worker actor(s) (%s, %s): %s", size, strategy, "GPU" if use_gpus else "CPU", where)
+        where = ", ".join(
+            f"rank {rank}: pid {pid} on {node}"
+            for rank, (pid, node) in enumerate(self.worker_places())
+        )
+        logger.info(
+            "started %d Ray worker actor(s) (%s, %s): %s",
+            size,
+            strategy,
+            "GPU" if use_gpus else "CPU",
+            where,
+        )
 
     def _connect(self, address: str | None, size: int, cpus_per_worker: float) -> None:
         """Join the cluster at ``address`` / ``$RAY_ADDRESS``, or the one this process already
@@ -135,12 +171,16 @@ class RayDiffusionExecutor(RpcExecutor):
             raise RuntimeError(f"device {device!r} was asked for, but the Ray cluster has no GPU")
         return device != "cpu" and gpus > 0
 
-    def _reserve(self, size: int, strategy: str, use_gpus: bool, cpus: float, timeout: float) -> list[str]:
+    def _reserve(
+        self, size: int, strategy: str, use_gpus: bool, cpus: float, timeout: float
+    ) -> list[str]:
         """A placement group with a bundle per rank; the node id each bundle landed on."""
         from ray.util.placement_group import placement_group, placement_group_table
 
         bundle = {"CPU": cpus, **({"GPU": 1} if use_gpus else {})}
-        self.placement_group = placement_group([dict(bundle) for _ in range(size)], strategy=strategy)
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(size)], strategy=strategy
+        )
         ready, _ = self.ray.wait([self.placement_group.ready()], timeout=timeout)
         if not ready:
             raise RuntimeError(
@@ -159,10 +199,16 @@ class RayDiffusionExecutor(RpcExecutor):
         actor_class = self.ray.remote(RayWorkerActor)
         env = forwarded_env()
         for place in places:
-            strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=place.rank)
+            strategy = PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=place.rank
+            )
             bundle = self.placement_group.bundle_specs[place.rank]
-            options = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0), "max_restarts": 0,
-                       "scheduling_strategy": strategy}
+            options = {
+                "num_cpus": bundle["CPU"],
+                "num_gpus": bundle.get("GPU", 0),
+                "max_restarts": 0,
+                "scheduling_strategy": strategy,
+            }
             self.actors.append(actor_class.options(**options).remote(place, env))
         self.transport = RayTransport(self.actors)
 
@@ -170,7 +216,9 @@ class RayDiffusionExecutor(RpcExecutor):
     def worker_places(self) -> list[tuple[int, str]]:
         """Each rank's actor process id and node address (logged at start-up, so an operator
         knows which process is which rank)."""
-        return self.ray.get([actor.where.remote() for actor in self.actors], timeout=self.od_config.rpc_timeout)
+        return self.ray.get(
+            [actor.where.remote() for actor in self.actors], timeout=self.od_config.rpc_timeout
+        )
 
     def shutdown(self) -> None:
         """Stop the workers, kill their actors, release the placement group, and stop the

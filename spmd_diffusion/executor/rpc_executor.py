@@ -32,7 +32,12 @@ from spmd_diffusion.distributed.protocol import (
     portable_method,
 )
 from spmd_diffusion.distributed.transport import Transport
-from spmd_diffusion.errors import ExecutorClosedError, ExecutorTimeoutError, WorkerDiedError, WorkerError
+from spmd_diffusion.errors import (
+    ExecutorClosedError,
+    ExecutorTimeoutError,
+    WorkerDiedError,
+    WorkerError,
+)
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor, ReplicaCall
 from spmd_diffusion.request import OmniDiffusionRequest
 
@@ -45,8 +50,22 @@ class PendingCall(ReplicaCall):
     """One call in flight: done when every rank in ``ranks`` has replied (or, for a start-up
     call, as soon as one rank reports a failure), or when ``error`` is set."""
 
-    __slots__ = ("executor", "call_id", "name", "ranks", "reply_rank", "timeout", "deadline", "replica",
-                 "stop_at_failure", "replies", "error", "_failed", "on_note", "released")
+    __slots__ = (
+        "executor",
+        "call_id",
+        "name",
+        "ranks",
+        "reply_rank",
+        "timeout",
+        "deadline",
+        "replica",
+        "stop_at_failure",
+        "replies",
+        "error",
+        "_failed",
+        "on_note",
+        "released",
+    )
 
     def __init__(
         self,
@@ -80,8 +99,11 @@ class PendingCall(ReplicaCall):
 
     @property
     def done(self) -> bool:
-        return (self.error is not None or len(self.replies) == len(self.ranks)
-                or (self.stop_at_failure and self._failed))
+        return (
+            self.error is not None
+            or len(self.replies) == len(self.ranks)
+            or (self.stop_at_failure and self._failed)
+        )
 
     def result(self) -> Any:
         """The value (or values, one per rank, when ``reply_rank`` is None); raises the call's
@@ -112,7 +134,9 @@ class RpcExecutor(DiffusionExecutor):
     def _check_open(self) -> None:
         if self.is_closed or self.is_failed:
             state = "failed" if self.is_failed else "shut down"
-            raise ExecutorClosedError(f"{type(self).__name__} is {state}" + (f": {self.failure}" if self.failure else ""))
+            raise ExecutorClosedError(
+                f"{type(self).__name__} is {state}" + (f": {self.failure}" if self.failure else "")
+            )
 
     def _fail(self, error: BaseException) -> None:
         """The executor cannot go on (a rank died or is stuck): every call in flight fails."""
@@ -141,9 +165,24 @@ class RpcExecutor(DiffusionExecutor):
             self._check_open()
         ranks = list(ranks)
         name = method_name(method) if method is not None else KIND_NAMES[kind]
-        call = PendingCall(self, next(self._ids), name, ranks, reply_rank, timeout, replica, kind is MessageKind.START)
-        request = RpcRequest(kind, call.call_id, portable_method(method) if method is not None else None,
-                             tuple(args), kwargs, reply_rank)
+        call = PendingCall(
+            self,
+            next(self._ids),
+            name,
+            ranks,
+            reply_rank,
+            timeout,
+            replica,
+            kind is MessageKind.START,
+        )
+        request = RpcRequest(
+            kind,
+            call.call_id,
+            portable_method(method) if method is not None else None,
+            tuple(args),
+            kwargs,
+            reply_rank,
+        )
         with self._routed:
             self._calls[call.call_id] = call
         # A collective call with no deadline may run rank 0's share on this thread, after
@@ -206,7 +245,9 @@ class RpcExecutor(DiffusionExecutor):
             raise
         self._route(replies)
 
-    def _wait(self, calls: Sequence[PendingCall], timeout: float | None, every: bool) -> list[PendingCall]:
+    def _wait(
+        self, calls: Sequence[PendingCall], timeout: float | None, every: bool
+    ) -> list[PendingCall]:
         if not calls:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -227,7 +268,9 @@ class RpcExecutor(DiffusionExecutor):
                 if now >= deadline:
                     return [call for call in calls if call.done]
                 ends.append(deadline)
-            limit = max(0.0, min(POLL_SLICE_S, *(end - now for end in ends)) if ends else POLL_SLICE_S)
+            limit = max(
+                0.0, min(POLL_SLICE_S, *(end - now for end in ends)) if ends else POLL_SLICE_S
+            )
             if self._pump_lock.acquire(blocking=False):
                 try:
                     self._pump(limit)
@@ -240,7 +283,9 @@ class RpcExecutor(DiffusionExecutor):
                     if not any(call.done for call in calls):
                         self._routed.wait(max(0.001, limit))
 
-    def wait_all(self, calls: Sequence[PendingCall], timeout: float | None = None) -> list[PendingCall]:
+    def wait_all(
+        self, calls: Sequence[PendingCall], timeout: float | None = None
+    ) -> list[PendingCall]:
         return self._wait(calls, timeout, every=True)
 
     def wait(self, calls: Sequence[ReplicaCall], timeout: float | None = None) -> list[ReplicaCall]:
@@ -258,8 +303,12 @@ class RpcExecutor(DiffusionExecutor):
     ) -> Any:
         self._check_open()
         if unique_reply_rank is not None and not 0 <= unique_reply_rank < self.world_size:
-            raise ValueError(f"unique_reply_rank {unique_reply_rank} is outside 0..{self.world_size - 1}")
-        call = self.start_call(range(self.world_size), method, args, kwargs, unique_reply_rank, timeout)
+            raise ValueError(
+                f"unique_reply_rank {unique_reply_rank} is outside 0..{self.world_size - 1}"
+            )
+        call = self.start_call(
+            range(self.world_size), method, args, kwargs, unique_reply_rank, timeout
+        )
         return call.result()
 
     def submit(
@@ -280,17 +329,23 @@ class RpcExecutor(DiffusionExecutor):
             return False
         leader = self.parallel_layout.replica_ranks(replica)[0]
         with self._send_lock:
-            return self.transport.signal(leader, RpcRequest(MessageKind.SIGNAL, 0, None, (payload,)))
+            return self.transport.signal(
+                leader, RpcRequest(MessageKind.SIGNAL, 0, None, (payload,))
+            )
 
     def execute_model(self, requests: list[OmniDiffusionRequest]) -> DiffusionOutput | None:
         """Generate ``requests`` on the first replica (the engine spreads work over all)."""
-        return self.submit(0, "generate", (list(requests),), timeout=self.od_config.generate_timeout).result()
+        return self.submit(
+            0, "generate", (list(requests),), timeout=self.od_config.generate_timeout
+        ).result()
 
     def start_workers(self, args: tuple, timeout: float | None) -> None:
         """Send START to every rank and wait until all have loaded. After the first failure
         the others get a short grace to report theirs; ranks still loading after that may
         wait forever for a failed one (e.g. in a group rendezvous), so the executor fails."""
-        call = self.start_call(range(self.world_size), None, args, timeout=timeout, kind=MessageKind.START)
+        call = self.start_call(
+            range(self.world_size), None, args, timeout=timeout, kind=MessageKind.START
+        )
         self.wait_all([call])
         if call.waiting_for and call.error is None:
             call.stop_at_failure = False
@@ -309,7 +364,9 @@ class RpcExecutor(DiffusionExecutor):
     def stop_workers(self, timeout: float) -> bool:
         """SHUTDOWN to every rank; True when each acknowledged in time."""
         try:
-            call = self.start_call(range(self.world_size), None, timeout=None, kind=MessageKind.SHUTDOWN)
+            call = self.start_call(
+                range(self.world_size), None, timeout=None, kind=MessageKind.SHUTDOWN
+            )
             self._wait([call], timeout, every=True)
         except Exception:  # noqa: BLE001 - a rank that cannot be told is dealt with by the caller
             return False

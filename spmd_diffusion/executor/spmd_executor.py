@@ -22,7 +22,12 @@ from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.distributed.control import ControlPlane, RootChannel, get_control_plane
 from spmd_diffusion.distributed.launcher import detect_launcher
 from spmd_diffusion.distributed.local_worker import LocalWorker
-from spmd_diffusion.distributed.protocol import MessageKind, RpcRequest, WireEndpoint, request_to_wire
+from spmd_diffusion.distributed.protocol import (
+    MessageKind,
+    RpcRequest,
+    WireEndpoint,
+    request_to_wire,
+)
 from spmd_diffusion.distributed.rendezvous import RendezvousServer
 from spmd_diffusion.distributed.serve_loop import WorkerPlacement, run_worker_rank
 from spmd_diffusion.distributed.transport import SPMDTransport
@@ -89,7 +94,9 @@ class SPMDExecutor(RpcExecutor):
         self.control = get_control_plane(detect_launcher(), self.control_backend)
         if self.control.rank != 0:
             raise WorkerRankDone(serve_spmd_rank(self.control))
-        layout = self.od_config.parallel_layout(self.control.size)  # refuses a tp x cfg that does not divide
+        layout = self.od_config.parallel_layout(
+            self.control.size
+        )  # refuses a tp x cfg that does not divide
         self.control.serving = True
         self.local = LocalWorker(placement_of(self.control), name="spmd-diffusion-rank0-worker")
         self.transport = SPMDTransport(self.control, self.local)
@@ -98,8 +105,10 @@ class SPMDExecutor(RpcExecutor):
         try:
             if layout.replica_size > 1 and not _torch_group_exists():
                 self.rendezvous = RendezvousServer(self.control.size, self.control.one_node)
-            self.start_workers((self.od_config, self.rendezvous and self.rendezvous.rendezvous),
-                               self.od_config.startup_timeout)
+            self.start_workers(
+                (self.od_config, self.rendezvous and self.rendezvous.rendezvous),
+                self.od_config.startup_timeout,
+            )
         except BaseException:
             self.shutdown()
             raise
@@ -112,17 +121,24 @@ class SPMDExecutor(RpcExecutor):
             return
         self.is_closed = True
         atexit.unregister(self.shutdown)
-        if self.interrupted:  # Ctrl-C: every rank got it too; release any that did not, wait for none
+        if (
+            self.interrupted
+        ):  # Ctrl-C: every rank got it too; release any that did not, wait for none
             self.control.serving = False
             release_waiting_ranks(self.control, EXIT_INTERRUPTED, timeout=1.0)
             return
         if not self.is_failed and not self.stop_workers(SHUTDOWN_GRACE_S):
             self.is_failed = True
-            self.failure = self.failure or RuntimeError("a rank did not acknowledge shutdown in time")
+            self.failure = self.failure or RuntimeError(
+                "a rank did not acknowledge shutdown in time"
+            )
         if self.is_failed:
             failure = self.failure
             logger.debug("ending the job: %s", failure)  # with -v: every rank's traceback
-            logger.critical("ending the job: %s", failure.brief() if isinstance(failure, WorkerError) else failure)
+            logger.critical(
+                "ending the job: %s",
+                failure.brief() if isinstance(failure, WorkerError) else failure,
+            )
             self.control.abort(1)
             return
         self.control.flush(timeout=SHUTDOWN_GRACE_S)

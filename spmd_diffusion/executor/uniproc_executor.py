@@ -48,5 +48,9 @@ class UniProcDiffusionExecutor(RpcExecutor):
             return
         self.is_closed = True
         local = getattr(self, "local", None)
-        if local is not None and not (self.is_failed or self.interrupted) and self.stop_workers(SHUTDOWN_GRACE_S):
+        if (
+            local is not None
+            and not (self.is_failed or self.interrupted)
+            and self.stop_workers(SHUTDOWN_GRACE_S)
+        ):
             local.join(SHUTDOWN_GRACE_S)

@@ -40,15 +40,19 @@ def contact_sheet(images: list[tuple[str, Path | IO[bytes]]], columns: int = 4) 
     for position, (label, path) in enumerate(images):
         tile = _picture(path)
         scale = TILE / max(tile.size)  # small images are enlarged too, pixel for pixel
-        tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
-                           Image.NEAREST if scale > 1 else Image.LANCZOS)
+        tile = tile.resize(
+            (max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
+            Image.NEAREST if scale > 1 else Image.LANCZOS,
+        )
         x, y = (position % columns) * TILE, (position // columns) * (TILE + LABEL)
         sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
         draw.text((x + 2, y + TILE + 1), label[:20], fill="black", font=font)
     return sheet
 
 
-def write_contact_sheet(path: Path, images: list[tuple[str, Path | IO[bytes]]], columns: int = 4) -> None:
+def write_contact_sheet(
+    path: Path, images: list[tuple[str, Path | IO[bytes]]], columns: int = 4
+) -> None:
     buffer = io.BytesIO()
     contact_sheet(images, columns).save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())

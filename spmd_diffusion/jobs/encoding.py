@@ -45,10 +45,18 @@ def parameters_text(info: dict[str, Any]) -> str:
     lines = [str(info.get("prompt") or "")]
     if info.get("negative_prompt"):
         lines.append(f"Negative prompt: {info['negative_prompt']}")
-    settings = [("Steps", info.get("num_inference_steps")), ("CFG scale", info.get("guidance_scale")),
-                ("Seed", info.get("seed")),
-                ("Size", f"{info['width']}x{info['height']}" if info.get("width") and info.get("height") else None),
-                ("Model", info.get("model"))]
+    settings = [
+        ("Steps", info.get("num_inference_steps")),
+        ("CFG scale", info.get("guidance_scale")),
+        ("Seed", info.get("seed")),
+        (
+            "Size",
+            f"{info['width']}x{info['height']}"
+            if info.get("width") and info.get("height")
+            else None,
+        ),
+        ("Model", info.get("model")),
+    ]
     lines.append(", ".join(f"{name}: {value}" for name, value in settings if value is not None))
     return "\n".join(lines)
 
@@ -70,10 +78,10 @@ def join_texts(record_json: str | None, parameters: str | None) -> dict[str, Any
     if lengths is None or parameters is None:
         return record
     if "prompt" in lengths:
-        record["prompt"] = parameters[:lengths["prompt"]]
+        record["prompt"] = parameters[: lengths["prompt"]]
     if "negative_prompt" in lengths:  # right after the prompt, behind its label, when not empty
         start = lengths.get("prompt", 0) + len(NEGATIVE_LABEL)
-        record["negative_prompt"] = parameters[start:start + lengths["negative_prompt"]]
+        record["negative_prompt"] = parameters[start : start + lengths["negative_prompt"]]
     return record
 
 
@@ -89,7 +97,7 @@ def exif_parameters(exif: Image.Exif) -> str | None:
     """The ``parameters`` text of an EXIF ``UserComment`` written by :func:`_exif`."""
     comment = exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
     if isinstance(comment, bytes) and comment.startswith(EXIF_UNICODE):
-        return comment[len(EXIF_UNICODE):].decode("utf-16-be")
+        return comment[len(EXIF_UNICODE) :].decode("utf-16-be")
     return comment if isinstance(comment, str) else None
 
 
@@ -100,8 +108,12 @@ def as_pil(image: Any) -> Image.Image:
     return image
 
 
-def encode_image(image: Any, image_format: str = "png", quality: int | None = None,
-                 info: dict[str, Any] | None = None) -> bytes:
+def encode_image(
+    image: Any,
+    image_format: str = "png",
+    quality: int | None = None,
+    info: dict[str, Any] | None = None,
+) -> bytes:
     """The file bytes of ``image`` in ``image_format`` (png, jpg, webp), carrying ``info``
     (the image's record: prompt, seed, settings) when given."""
     pil = as_pil(image)
@@ -151,7 +163,9 @@ class Encoding:
 
         return self.video_format if is_video(item) else self.image_format
 
-    def encode(self, item: Any, info: dict[str, Any] | None, fps: float | None = None) -> tuple[str, bytes]:
+    def encode(
+        self, item: Any, info: dict[str, Any] | None, fps: float | None = None
+    ) -> tuple[str, bytes]:
         """(file extension, bytes) of one output item: an image, or a video at ``fps``."""
         from spmd_diffusion.jobs.video import DEFAULT_FPS, encode_video, is_video
 

@@ -18,7 +18,9 @@ def _read_umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_read_umask()  # what open() would give: others on a shared cluster can read results
+FILE_MODE = (
+    0o666 & ~_read_umask()
+)  # what open() would give: others on a shared cluster can read results
 
 
 def fsync_directory(directory: Path) -> None:
@@ -39,7 +41,9 @@ def write_atomic(path: Path, data: bytes, sync_directory: bool = True) -> None:
     vouches for any of them."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".part", dir=path.parent
+        )
     except OSError as exc:
         raise OutputWriteError.from_os_error(path, exc) from None
     try:

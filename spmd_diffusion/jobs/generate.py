@@ -41,14 +41,27 @@ from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
 from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import write_atomic, write_state
 from spmd_diffusion.jobs.lock import lock_output
-from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, fingerprint, is_done, read_manifest, shards_listed
+from spmd_diffusion.jobs.manifest import (
+    MANIFEST_NAME,
+    ManifestWriter,
+    fingerprint,
+    is_done,
+    read_manifest,
+    shards_listed,
+)
 from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink, image_info
 from spmd_diffusion.jobs.prompts import PromptItem
-from spmd_diffusion.jobs.shards import (EVENTS_KEY, SHARDS_DIR, ShardSink, close_open_shards, next_attempt,
-                                        remove_unlisted_shards)
+from spmd_diffusion.jobs.shards import (
+    EVENTS_KEY,
+    SHARDS_DIR,
+    ShardSink,
+    close_open_shards,
+    next_attempt,
+    remove_unlisted_shards,
+)
 from spmd_diffusion.jobs.sources import Columns, ItemSource, open_source
-from spmd_diffusion.request import OmniDiffusionRequest, check_prompt_length, check_seed
 from spmd_diffusion.models.lora import is_local, lora_identity, parse_lora, parse_loras
+from spmd_diffusion.request import OmniDiffusionRequest, check_prompt_length, check_seed
 from spmd_diffusion.utils.image_inputs import DATA_URI, IMAGE_FIELDS, URL
 
 logger = logging.getLogger(__name__)
@@ -81,7 +94,9 @@ class GenerateOptions:
     fail_fast: bool = False
     image_format: str = "png"  # png, jpg, webp
     quality: int | None = None  # jpg/webp (default: encoding.DEFAULT_QUALITY)
-    video_format: str | None = None  # mp4, webp, gif (None: mp4 where imageio-ffmpeg is installed, else webp)
+    video_format: str | None = (
+        None  # mp4, webp, gif (None: mp4 where imageio-ffmpeg is installed, else webp)
+    )
     num_frames: int | None = None  # video pipelines
     fps: float | None = None  # video files (default video.DEFAULT_FPS)
     output_format: str = "files"  # files, webdataset
@@ -100,15 +115,22 @@ class GenerateOptions:
     def encoding(self) -> Encoding:
         from spmd_diffusion.jobs.video import default_video_format
 
-        return Encoding(self.image_format, self.quality, self.video_format or default_video_format())
+        return Encoding(
+            self.image_format, self.quality, self.video_format or default_video_format()
+        )
 
     @property
     def columns(self) -> Columns:
         return Columns(self.prompt_column, self.id_column, self.split)
 
 
-def build_request(item: PromptItem, options: GenerateOptions, run_seed: int,
-                  config: OmniDiffusionConfig | None = None, accepted: list[Any] | None = None) -> OmniDiffusionRequest:
+def build_request(
+    item: PromptItem,
+    options: GenerateOptions,
+    run_seed: int,
+    config: OmniDiffusionConfig | None = None,
+    accepted: list[Any] | None = None,
+) -> OmniDiffusionRequest:
     """The item's request: run-wide settings, overridden by the item's own, within the
     config's limits, its seed fixed; input image and LoRA paths resolved against the prompt
     file, and the pipeline checked to take them (``accepted`` caches its call arguments)."""
@@ -125,7 +147,9 @@ def build_request(item: PromptItem, options: GenerateOptions, run_seed: int,
         "true_cfg_scale": options.true_cfg_scale,
     }
     settings.update(item.settings)
-    resolve_input_paths(settings, Path(options.prompts_file).parent if options.prompts_file else Path.cwd())
+    resolve_input_paths(
+        settings, Path(options.prompts_file).parent if options.prompts_file else Path.cwd()
+    )
     try:
         if settings.get("seed") is None:
             check_seed(run_seed)
@@ -146,7 +170,9 @@ class RequestBuilder:
     and seed. Building and checking each request from scratch cost about 20 us an item on
     the 2-vCPU VM, 20 s of a million-item job's start-up; this path costs a fraction."""
 
-    def __init__(self, options: GenerateOptions, run_seed: int, config: OmniDiffusionConfig | None = None) -> None:
+    def __init__(
+        self, options: GenerateOptions, run_seed: int, config: OmniDiffusionConfig | None = None
+    ) -> None:
         self.options = options
         self.run_seed = run_seed
         self.config = config
@@ -156,7 +182,9 @@ class RequestBuilder:
 
     def _template(self, item: PromptItem) -> dict[str, Any]:
         if self.template is None:  # the run-wide settings, checked once (as this item's)
-            self.shared = build_request(item, self.options, self.run_seed, self.config, self.accepted)
+            self.shared = build_request(
+                item, self.options, self.run_seed, self.config, self.accepted
+            )
             self.template = dict(vars(self.shared))
         return self.template
 
@@ -176,8 +204,13 @@ class RequestBuilder:
         fields = self._template(item)
         check_item_prompt(item)
         request = OmniDiffusionRequest.__new__(OmniDiffusionRequest)
-        vars(request).update(fields, prompt=item.prompt, request_id=item.id,
-                             seed=derive_seed(self.run_seed, item.id), extra={})
+        vars(request).update(
+            fields,
+            prompt=item.prompt,
+            request_id=item.id,
+            seed=derive_seed(self.run_seed, item.id),
+            extra={},
+        )
         return request
 
 
@@ -195,7 +228,12 @@ def resolve_input_paths(settings: dict[str, Any], base: Path) -> None:
     refused; a LoRA that is no file beside the prompts stays a hub id)."""
     for name in IMAGE_FIELDS:
         value = settings.get(name)
-        if isinstance(value, str) and not URL.match(value) and not DATA_URI.match(value) and value.strip():
+        if (
+            isinstance(value, str)
+            and not URL.match(value)
+            and not DATA_URI.match(value)
+            and value.strip()
+        ):
             settings[name] = os.path.abspath(base / Path(value).expanduser())
     loras = settings.get("lora")
     if isinstance(loras, (str, list)):
@@ -207,21 +245,28 @@ def resolve_input_paths(settings: dict[str, Any], base: Path) -> None:
                 resolved.append(spec)  # refused, with the file and line, when the request is built
                 continue
             local = base / Path(parsed.source).expanduser()
-            if not Path(parsed.source).is_absolute() and (is_local(parsed.source) or local.exists()):
+            if not Path(parsed.source).is_absolute() and (
+                is_local(parsed.source) or local.exists()
+            ):
                 spec = f"{os.path.abspath(local)}:{parsed.scale}"
             resolved.append(spec)
         settings["lora"] = resolved
 
 
 def build_requests(
-    items: list[PromptItem], options: GenerateOptions, run_seed: int, config: OmniDiffusionConfig | None = None
+    items: list[PromptItem],
+    options: GenerateOptions,
+    run_seed: int,
+    config: OmniDiffusionConfig | None = None,
 ) -> list[OmniDiffusionRequest]:
     """One request per item (see :func:`build_request`)."""
     accepted: list[Any] = []
     return [build_request(item, options, run_seed, config, accepted) for item in items]
 
 
-def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionConfig, accepted: list[Any]) -> None:
+def check_pipeline_takes(
+    request: OmniDiffusionRequest, config: OmniDiffusionConfig, accepted: list[Any]
+) -> None:
     """An item's inputs and the pipeline's call agree: input images only for a pipeline that
     takes them, and always for one that needs them; ``extra`` arguments the call names.
     Known before loading from the class name or model_index.json (a hub id's class is only
@@ -235,23 +280,34 @@ def check_pipeline_takes(request: OmniDiffusionRequest, config: OmniDiffusionCon
     name, arguments = accepted[0]
     missing = [field for field in required_inputs(name) if getattr(request, field) is None]
     if missing:
-        raise ValueError(f"{name} needs {' and '.join(missing)}: it edits an input image "
-                         "(a text-to-image pipeline needs none)")
+        raise ValueError(
+            f"{name} needs {' and '.join(missing)}: it edits an input image "
+            "(a text-to-image pipeline needs none)"
+        )
     unknown = sorted(set(request.extra) - arguments)
     if unknown:
         raise ValueError(f"{name} takes no argument {', '.join(map(repr, unknown))} (extra)")
-    wanted = [name for name in (*IMAGE_FIELDS, "strength", "num_frames", "true_cfg_scale")
-              if getattr(request, name) is not None]
+    wanted = [
+        name
+        for name in (*IMAGE_FIELDS, "strength", "num_frames", "true_cfg_scale")
+        if getattr(request, name) is not None
+    ]
     refused = [field for field in wanted if field not in arguments]
     if "num_frames" in refused:
-        raise ValueError(f"{name} takes no num_frames: it makes images; num_frames is for video pipelines "
-                         "(e.g. --model tiny-video, a WanPipeline)")
+        raise ValueError(
+            f"{name} takes no num_frames: it makes images; num_frames is for video pipelines "
+            "(e.g. --model tiny-video, a WanPipeline)"
+        )
     if "true_cfg_scale" in refused:
-        raise ValueError(f"{name} takes no true_cfg_scale: it guides with guidance_scale (true CFG is for "
-                         "Qwen-Image and Flux pipelines)")
+        raise ValueError(
+            f"{name} takes no true_cfg_scale: it guides with guidance_scale (true CFG is for "
+            "Qwen-Image and Flux pipelines)"
+        )
     if refused:
-        raise ValueError(f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
-                         "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)")
+        raise ValueError(
+            f"{name} takes no {', '.join(refused)}: load an image-to-image or inpainting pipeline "
+            "(e.g. --model-class-name StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline)"
+        )
 
 
 def required_inputs(pipeline: str) -> tuple[str, ...]:
@@ -292,7 +348,11 @@ class GuidanceCheck:
         if not config.cfg_parallel:
             return
         from spmd_diffusion.models.guidance import guidance_of
-        from spmd_diffusion.models.loader import call_defaults, declared_pipeline_class, denoiser_config
+        from spmd_diffusion.models.loader import (
+            call_defaults,
+            declared_pipeline_class,
+            denoiser_config,
+        )
 
         self.pipeline = declared_pipeline_class(config.model, config.model_class_name)
         found = denoiser_config(config.model) if self.pipeline else None
@@ -302,14 +362,20 @@ class GuidanceCheck:
     def add(self, request: OmniDiffusionRequest) -> None:
         if self.rule is None or self.guided:
             return
-        settings = {name: getattr(request, name) if getattr(request, name) is not None else self.defaults.get(name)
-                    for name in ("guidance_scale", "true_cfg_scale")}
+        settings = {
+            name: getattr(request, name)
+            if getattr(request, name) is not None
+            else self.defaults.get(name)
+            for name in ("guidance_scale", "true_cfg_scale")
+        }
         self.guided = self.rule.guided({**settings, "negative_prompt": request.negative_prompt})
 
     def check(self) -> None:
         if self.rule is not None and not self.guided:
-            raise InputError(f"--cfg-parallel: no item runs classifier-free guidance, so one rank of every pair "
-                             f"would idle ({self.rule.describe(self.pipeline)}); drop --cfg-parallel or guide")
+            raise InputError(
+                f"--cfg-parallel: no item runs classifier-free guidance, so one rank of every pair "
+                f"would idle ({self.rule.describe(self.pipeline)}); drop --cfg-parallel or guide"
+            )
 
 
 def input_fields(request: OmniDiffusionRequest) -> dict[str, Any]:
@@ -317,7 +383,9 @@ def input_fields(request: OmniDiffusionRequest) -> dict[str, Any]:
     (the strength the pipeline used comes back with the batch, see ``image_info``)."""
     if request.image is None:
         return {}
-    fields = {name: getattr(request, name) for name in IMAGE_FIELDS if getattr(request, name) is not None}
+    fields = {
+        name: getattr(request, name) for name in IMAGE_FIELDS if getattr(request, name) is not None
+    }
     return {**fields, "strength": request.strength}
 
 
@@ -325,12 +393,20 @@ def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[
     """The run-wide settings that change pixels or files, for the resume fingerprint (model
     and output options only when set, so a plain run's fingerprints stay what they were;
     offload moves weights but changes no pixel, so it is not one of them)."""
-    settings = {"model_class_name": config.model_class_name, "dtype": config.dtype,
-                "batch_invariant": config.batch_invariant, "images_per_batch": options.images_per_batch,
-                "variant": config.variant, "revision": config.revision}
+    settings = {
+        "model_class_name": config.model_class_name,
+        "dtype": config.dtype,
+        "batch_invariant": config.batch_invariant,
+        "images_per_batch": options.images_per_batch,
+        "variant": config.variant,
+        "revision": config.revision,
+    }
     if options.image_format != "png" or options.output_format != "files":
-        settings["output"] = {"image_format": options.image_format, "output_format": options.output_format,
-                              "quality": options.quality if options.image_format != "png" else None}
+        settings["output"] = {
+            "image_format": options.image_format,
+            "output_format": options.output_format,
+            "quality": options.quality if options.image_format != "png" else None,
+        }
     if config.lora:
         settings["lora"] = [lora_identity(spec) for spec in parse_loras(config.lora)]
     if config.quantize is not None and config.quantize_components != ["denoiser"]:
@@ -352,8 +428,12 @@ def check_output_dir(output_dir: Path) -> None:
     """Refuse an output directory the job could not write, before any model loads."""
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output {str(output_dir)!r} exists and is not a directory")
-    for name, kind in ((MANIFEST_NAME, "file"), ("run.json", "file"), (IMAGES_DIR, "directory"),
-                       (SHARDS_DIR, "directory")):
+    for name, kind in (
+        (MANIFEST_NAME, "file"),
+        ("run.json", "file"),
+        (IMAGES_DIR, "directory"),
+        (SHARDS_DIR, "directory"),
+    ):
         path = output_dir / name
         if path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
             raise InputError(f"--output {str(output_dir)!r}: {name} exists and is not a {kind}")
@@ -361,12 +441,16 @@ def check_output_dir(output_dir: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--output {str(output_dir)!r} is not writable (checked {str(existing)!r})")
+        raise InputError(
+            f"--output {str(output_dir)!r} is not writable (checked {str(existing)!r})"
+        )
     try:  # what the mode bits do not say (/proc, a read-only mount, a full quota): create a file
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as exc:
-        raise InputError(f"--output {str(output_dir)!r}: cannot create files in {str(existing)!r} "
-                         f"({exc.strerror or exc})") from None
+        raise InputError(
+            f"--output {str(output_dir)!r}: cannot create files in {str(existing)!r} "
+            f"({exc.strerror or exc})"
+        ) from None
 
 
 class IdCheck:
@@ -394,7 +478,9 @@ class IdCheck:
         for item in source:
             if self.digest(item.id) in repeated:
                 if item.id in first:
-                    raise InputError(f"{source.name}:{item.line}: id {item.id!r} repeats line {first[item.id]}")
+                    raise InputError(
+                        f"{source.name}:{item.line}: id {item.id!r} repeats line {first[item.id]}"
+                    )
                 first[item.id] = item.line
 
 
@@ -422,15 +508,20 @@ class GeneratePlan:
 
     def chunks(self) -> Iterator[list[Entry]]:
         """Every fixed batch of the item list (see :func:`iter_chunks`)."""
-        return iter_chunks(self.entries(), self.options.images_per_batch, request_of=lambda entry: entry[1])
+        return iter_chunks(
+            self.entries(), self.options.images_per_batch, request_of=lambda entry: entry[1]
+        )
 
     def needs_running(self, chunk: list[Entry]) -> int:
         """Images of ``chunk`` not done before (a batch is redone whole when any is missing:
         batch composition, and so every pixel, stays what a full run would give)."""
         if not self.done:
             return sum(request.num_images_per_prompt for _, request in chunk)
-        return sum((request.request_id, k) not in self.done
-                   for _, request in chunk for k in range(request.num_images_per_prompt))
+        return sum(
+            (request.request_id, k) not in self.done
+            for _, request in chunk
+            for k in range(request.num_images_per_prompt)
+        )
 
     def batches(self) -> Iterator[list[Entry]]:
         """The batches this run must run, in item order, read from the input as needed."""
@@ -478,8 +569,11 @@ def _plan_resume(plan: GeneratePlan, latest: dict[tuple[str, int], Any], ids: Id
             plan.items += 1
             plan.images_total += request.num_images_per_prompt
             expected = fingerprint(request, plan.config.model, settings)
-            plan.done.update((request.request_id, k) for k in range(request.num_images_per_prompt)
-                             if is_done(latest.get((request.request_id, k)), expected, plan.output_dir, sizes))
+            plan.done.update(
+                (request.request_id, k)
+                for k in range(request.num_images_per_prompt)
+                if is_done(latest.get((request.request_id, k)), expected, plan.output_dir, sizes)
+            )
         missing = plan.needs_running(chunk)
         if missing:
             plan.batches_to_run += 1
@@ -567,8 +661,12 @@ class GenerateJob:
         self.layout = layout
         self.stats = JobStats()
         self.settings = run_settings(plan.options, plan.config)
-        self.parallel: dict[str, Any] | None = None  # run.json's "parallel": what each parallel flag did
-        self.memory: list[dict[str, Any]] = []  # run.json's "memory": each rank's weights, peak and levers
+        self.parallel: dict[str, Any] | None = (
+            None  # run.json's "parallel": what each parallel flag did
+        )
+        self.memory: list[
+            dict[str, Any]
+        ] = []  # run.json's "memory": each rank's weights, peak and levers
         self.compile_seconds: float | None = None  # with --compile: the slowest rank's compile time
         self.done_by_id: dict[str, set[int]] = {}
         for request_id, index in plan.done:
@@ -582,12 +680,20 @@ class GenerateJob:
 
     def describe(self, item: PromptItem, request: OmniDiffusionRequest) -> dict[str, Any]:
         """What each of the request's image records says about it (see ``image_info``)."""
-        return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
-                "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
-                "true_cfg_scale": request.true_cfg_scale,
-                "height": request.height, "width": request.width, "model": self.plan.config.model,
-                "fingerprint": fingerprint(request, self.plan.config.model, self.settings), "meta": item.meta,
-                **input_fields(request)}
+        return {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": request.seed,
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "true_cfg_scale": request.true_cfg_scale,
+            "height": request.height,
+            "width": request.width,
+            "model": self.plan.config.model,
+            "fingerprint": fingerprint(request, self.plan.config.model, self.settings),
+            "meta": item.meta,
+            **input_fields(request),
+        }
 
     def batches(self) -> Iterator[list[OmniDiffusionRequest]]:
         """The plan's batches, read lazily; each request is registered as in flight."""
@@ -595,20 +701,34 @@ class GenerateJob:
             for item, request in chunk:
                 done = self.done_by_id.get(request.request_id, ())
                 self.in_flight[request.request_id] = InFlight(
-                    request, self.describe(item, request),
-                    [k for k in range(request.num_images_per_prompt) if k not in done])
+                    request,
+                    self.describe(item, request),
+                    [k for k in range(request.num_images_per_prompt) if k not in done],
+                )
             yield [request for _, request in chunk]
 
     def sink(self, batch: list[OmniDiffusionRequest]) -> ImageFileSink | ShardSink:
         """Where the replica running ``batch`` writes its images (skipping those already done)."""
         options = self.plan.options
-        skip = frozenset((r.request_id, k) for r in batch for k in self.done_by_id.get(r.request_id, ()))
+        skip = frozenset(
+            (r.request_id, k) for r in batch for k in self.done_by_id.get(r.request_id, ())
+        )
         counts = {r.request_id: r.num_images_per_prompt for r in batch}
-        described = {r.request_id: self.in_flight[r.request_id].described for r in batch
-                     if r.request_id in self.in_flight}
+        described = {
+            r.request_id: self.in_flight[r.request_id].described
+            for r in batch
+            if r.request_id in self.in_flight
+        }
         if self.shards:
-            return ShardSink(str(self.plan.output_dir), self.plan.attempt, options.shard_size, counts, skip,
-                             options.encoding, described)
+            return ShardSink(
+                str(self.plan.output_dir),
+                self.plan.attempt,
+                options.shard_size,
+                counts,
+                skip,
+                options.encoding,
+                described,
+            )
         return ImageFileSink(str(self.plan.output_dir), counts, skip, options.encoding, described)
 
     previous_run: dict[str, Any] | None = None
@@ -633,9 +753,15 @@ class GenerateJob:
                 timing["steady_images_per_second"] = round(later / steady, 4)
         return timing
 
-    def _write_run_json(self, status: str, started: float, seconds: float | None = None,
-                        missing: list[tuple[str, int]] | None = None, missing_count: int = 0,
-                        error: str | None = None) -> None:
+    def _write_run_json(
+        self,
+        status: str,
+        started: float,
+        seconds: float | None = None,
+        missing: list[tuple[str, int]] | None = None,
+        missing_count: int = 0,
+        error: str | None = None,
+    ) -> None:
         stats = self.stats
         made = stats.images_ok + stats.images_failed
         record = {
@@ -669,7 +795,9 @@ class GenerateJob:
             record["attempt"] = self.previous_run.get("attempt", 1) + 1
             record["previous_run"] = self.previous_run
         if missing:
-            record["missing"] = [{"id": request_id, "index": index} for request_id, index in missing[:MISSING_LISTED]]
+            record["missing"] = [
+                {"id": request_id, "index": index} for request_id, index in missing[:MISSING_LISTED]
+            ]
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
             record["images_per_second"] = round(made / seconds, 4) if seconds > 0 else None
@@ -679,25 +807,40 @@ class GenerateJob:
                 # time is what the run lost to it.
                 record["compile_seconds"] = round(self.compile_seconds, 3)
                 steady = seconds - self.compile_seconds
-                record["images_per_second_excluding_compile"] = round(made / steady, 4) if steady > 0 else None
-        write_state(self.plan.output_dir / "run.json", (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode())
+                record["images_per_second_excluding_compile"] = (
+                    round(made / steady, 4) if steady > 0 else None
+                )
+        write_state(
+            self.plan.output_dir / "run.json",
+            (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode(),
+        )
 
-    def _record(self, flight: InFlight, index: int, output: DiffusionOutput, position: int,
-                files: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    def _record(
+        self,
+        flight: InFlight,
+        index: int,
+        output: DiffusionOutput,
+        position: int,
+        files: dict[int, dict[str, Any]],
+    ) -> dict[str, Any]:
         """The manifest line of image ``index`` of a request (ok when its file was written;
         pending when it went into a shard that is not complete yet)."""
         request = flight.request
         settings = output.metadata[position]
         record = image_info(request.request_id, index, flight.described, output, position)
         meta = record.pop("meta")
-        record.update({
-            "path": None,
-            "status": "error",
-            "error": output.errors[position],
-            "seconds": round(settings.get("seconds", 0.0) / max(1, request.num_images_per_prompt), 4),
-            "rank": settings.get("rank", output.rank),
-            "meta": meta,
-        })
+        record.update(
+            {
+                "path": None,
+                "status": "error",
+                "error": output.errors[position],
+                "seconds": round(
+                    settings.get("seconds", 0.0) / max(1, request.num_images_per_prompt), 4
+                ),
+                "rank": settings.get("rank", output.rank),
+                "meta": meta,
+            }
+        )
         written = files.get(index)
         if record["error"] is None and written is not None:
             written = {key: value for key, value in written.items() if key != "index"}
@@ -728,8 +871,11 @@ class GenerateJob:
                 records.append(record)
         for failed in events.get("failed", ()):
             for record in self.pending.pop(failed["path"], ()):
-                record.update(status="error", error=f"its shard could not be written: {failed['error']}",
-                              path=None)
+                record.update(
+                    status="error",
+                    error=f"its shard could not be written: {failed['error']}",
+                    path=None,
+                )
                 records.append(record)
         return records
 
@@ -757,8 +903,12 @@ class GenerateJob:
     def _close_shards(self, engine: Any, writer: ManifestWriter) -> None:
         """Every leader closes its last shard; their images get their lines."""
         attempt = self.plan.attempt
-        results = engine.collective_rpc(close_open_shards, args=(str(self.plan.output_dir), attempt))
-        results.append(close_open_shards(None, str(self.plan.output_dir), attempt))  # sinks that ran here
+        results = engine.collective_rpc(
+            close_open_shards, args=(str(self.plan.output_dir), attempt)
+        )
+        results.append(
+            close_open_shards(None, str(self.plan.output_dir), attempt)
+        )  # sinks that ran here
         for events in results:
             records = self._shard_events(events)
             for record in records:
@@ -768,17 +918,28 @@ class GenerateJob:
     def _prepare_shards(self) -> None:
         """Before writing: delete partial shards and those no ok manifest line lists (their
         images are not done, so they are made again into new shards)."""
-        listed = shards_listed(self.plan.output_dir / MANIFEST_NAME) if self.plan.options.resume else set()
+        listed = (
+            shards_listed(self.plan.output_dir / MANIFEST_NAME)
+            if self.plan.options.resume
+            else set()
+        )
         removed = remove_unlisted_shards(self.plan.output_dir, listed)
         if removed:
-            logger.info("removed %d partial or unlisted shard(s); their images are made again", removed)
+            logger.info(
+                "removed %d partial or unlisted shard(s); their images are made again", removed
+            )
 
     def _write_shard_index(self) -> None:
         """``shards.txt``: every complete shard the manifest lists, one path a line (what
         ``webdataset.WebDataset`` takes)."""
-        listed = sorted(path for path in shards_listed(self.plan.output_dir / MANIFEST_NAME)
-                        if (self.plan.output_dir / path).is_file())
-        write_atomic(self.plan.output_dir / SHARDS_INDEX, "".join(f"{path}\n" for path in listed).encode())
+        listed = sorted(
+            path
+            for path in shards_listed(self.plan.output_dir / MANIFEST_NAME)
+            if (self.plan.output_dir / path).is_file()
+        )
+        write_atomic(
+            self.plan.output_dir / SHARDS_INDEX, "".join(f"{path}\n" for path in listed).encode()
+        )
 
     def run(self, engine: Any) -> int:
         from tqdm import tqdm
@@ -786,20 +947,30 @@ class GenerateJob:
         plan = self.plan
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        self.previous_run = previous_run(plan.output_dir / "run.json") if plan.options.resume else None
+        self.previous_run = (
+            previous_run(plan.output_dir / "run.json") if plan.options.resume else None
+        )
         self._write_run_json("running", started)
         if self.shards:
             self._prepare_shards()
         writer = ManifestWriter(plan.output_dir, fresh=not plan.options.resume)
         if plan.done:
             logger.info("resuming: %d of %d images already done", len(plan.done), plan.images_total)
-        bar = tqdm(total=plan.images_to_make, unit="img", desc="generate", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=plan.images_to_make,
+            unit="img",
+            desc="generate",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
         def on_output(output: DiffusionOutput) -> bool:
             before = self.stats.images_arrived
             writer.append(self._records(output))
             bar.update(self.stats.images_arrived - before)
-            if self.first_output is None:  # the first batch carries the warm-up (kernels, allocator)
+            if (
+                self.first_output is None
+            ):  # the first batch carries the warm-up (kernels, allocator)
                 self.first_output = (time.time(), self.stats.images_arrived)
             if plan.options.fail_fast and self.stats.images_failed:
                 self.stats.stopped = True
@@ -814,7 +985,9 @@ class GenerateJob:
             self._write_run_json("interrupted", started, time.time() - started)
             raise
         except Exception as exc:  # a fault that ends the job (a worker died, a timeout): say so
-            self._write_run_json("failed", started, time.time() - started, error=f"{type(exc).__name__}: {exc}")
+            self._write_run_json(
+                "failed", started, time.time() - started, error=f"{type(exc).__name__}: {exc}"
+            )
             raise
         finally:
             bar.close()
@@ -826,25 +999,51 @@ class GenerateJob:
             except OutputWriteError as exc:  # the books cannot be closed: the job stops here
                 self._write_run_json("failed", started, seconds, error=str(exc))
                 raise
-        stats = engine.collective_rpc("get_cache_stats")  # one call at the end: memory, parallel, compile
-        self.memory = [rank["memory"] for rank in stats if isinstance(rank, dict) and rank.get("memory")]
-        loads = [float(rank["load_seconds"]) for rank in stats if isinstance(rank, dict) and "load_seconds" in rank]
+        stats = engine.collective_rpc(
+            "get_cache_stats"
+        )  # one call at the end: memory, parallel, compile
+        self.memory = [
+            rank["memory"] for rank in stats if isinstance(rank, dict) and rank.get("memory")
+        ]
+        loads = [
+            float(rank["load_seconds"])
+            for rank in stats
+            if isinstance(rank, dict) and "load_seconds" in rank
+        ]
         self.load_seconds = max(loads) if loads else None
         if plan.config.replica_size > 1:
-            from spmd_diffusion.parallel import merge_parallel_stats  # torch: only where a replica has ranks
+            from spmd_diffusion.parallel import (
+                merge_parallel_stats,
+            )  # torch: only where a replica has ranks
 
             self.parallel = merge_parallel_stats(stats)
         if plan.config.compile:
             self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
-            ordered = sorted(self.stats.sheet, key=lambda entry: (entry[1]["id"], entry[1]["index"]))  # not arrival
+            ordered = sorted(
+                self.stats.sheet, key=lambda entry: (entry[1]["id"], entry[1]["index"])
+            )  # not arrival
             try:
-                write_contact_sheet(plan.output_dir / "contact_sheet.png",
-                                    [(label, self._sheet_image(record)) for label, record in ordered])
-            except OutputWriteError as exc:  # a convenience: the images and their records are what counts
+                write_contact_sheet(
+                    plan.output_dir / "contact_sheet.png",
+                    [(label, self._sheet_image(record)) for label, record in ordered],
+                )
+            except (
+                OutputWriteError
+            ) as exc:  # a convenience: the images and their records are what counts
                 logger.warning("no contact sheet: %s", exc)
-        missing = sorted([(request_id, k) for request_id, flight in self.in_flight.items() for k in flight.expected]
-                         + [(record["id"], record["index"]) for records in self.pending.values() for record in records])
+        missing = sorted(
+            [
+                (request_id, k)
+                for request_id, flight in self.in_flight.items()
+                for k in flight.expected
+            ]
+            + [
+                (record["id"], record["index"])
+                for records in self.pending.values()
+                for record in records
+            ]
+        )
         missing_count = plan.images_to_make - self.stats.images_ok - self.stats.images_failed
         status = self._status(missing, missing_count)
         self._write_run_json(status, started, seconds, missing, missing_count)
@@ -868,12 +1067,18 @@ class GenerateJob:
         if self.stats.stopped:
             return "stopped"
         if missing or missing_count > 0:
-            logger.error("%d planned image(s) have no record: %s", max(missing_count, len(missing)),
-                         ", ".join(f"{i}[{k}]" for i, k in missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            logger.error(
+                "%d planned image(s) have no record: %s",
+                max(missing_count, len(missing)),
+                ", ".join(f"{i}[{k}]" for i, k in missing[:20])
+                + (" ..." if len(missing) > 20 else ""),
+            )
             return "incomplete"
         return "items_failed" if self.stats.items_failed else "complete"
 
-    def _print_summary(self, seconds: float, missing: list[tuple[str, int]], missing_count: int) -> None:
+    def _print_summary(
+        self, seconds: float, missing: list[tuple[str, int]], missing_count: int
+    ) -> None:
         stats, made = self.stats, self.stats.images_ok + self.stats.images_failed
         rows = [
             ("items", self.plan.items),
@@ -885,21 +1090,35 @@ class GenerateJob:
         ]
         if self.compile_seconds is not None:
             steady = seconds - self.compile_seconds
-            rows += [("compile seconds", f"{self.compile_seconds:.1f}"),
-                     ("images/s excluding compile", f"{made / steady:.2f}" if steady > 0 else "-")]
+            rows += [
+                ("compile seconds", f"{self.compile_seconds:.1f}"),
+                ("images/s excluding compile", f"{made / steady:.2f}" if steady > 0 else "-"),
+            ]
         rows += [
-            ("layout", f"{self.layout.get('replicas', 1)} replica(s) x {self.layout.get('replica_size', 1)} rank(s)"),
+            (
+                "layout",
+                f"{self.layout.get('replicas', 1)} replica(s) x {self.layout.get('replica_size', 1)} rank(s)",
+            ),
             *(parallel_rows(self.parallel) if self.parallel is not None else []),
             *memory_rows(self.memory),
         ]
         if self.shards:
             rows.append(("shards written", stats.shards_written))
         if missing_count > 0:
-            rows.append(("images missing", f"{missing_count}: " + ", ".join(sorted({i for i, _ in missing})[:10])))
-        rows += [(f"images by rank {rank}", count) for rank, count in sorted(stats.per_rank.items())]
+            rows.append(
+                (
+                    "images missing",
+                    f"{missing_count}: " + ", ".join(sorted({i for i, _ in missing})[:10]),
+                )
+            )
+        rows += [
+            (f"images by rank {rank}", count) for rank, count in sorted(stats.per_rank.items())
+        ]
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value}" for name, value in rows]
-        print("summary\n" + "\n".join(lines) + f"\n  output: {self.plan.output_dir}", file=sys.stderr)
+        print(
+            "summary\n" + "\n".join(lines) + f"\n  output: {self.plan.output_dir}", file=sys.stderr
+        )
 
 
 def memory_rows(memory: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -913,10 +1132,18 @@ def memory_rows(memory: list[dict[str, Any]]) -> list[tuple[str, str]]:
             return f"{rank['peak_allocated_bytes'] / mib:.0f} MiB allocated ({rank['peak_reserved_bytes'] / mib:.0f} reserved)"
         return f"{rank['peak_rss_bytes'] / mib:.0f} MiB resident"
 
-    rows = [(f"memory rank {rank['rank']}", f"peak {peak(rank)}, denoiser weights "
-             f"{rank.get('denoiser_weight_bytes', 0) / mib:.1f} MiB") for rank in memory[:8]]
+    rows = [
+        (
+            f"memory rank {rank['rank']}",
+            f"peak {peak(rank)}, denoiser weights "
+            f"{rank.get('denoiser_weight_bytes', 0) / mib:.1f} MiB",
+        )
+        for rank in memory[:8]
+    ]
     levers = memory[0].get("levers") or {}
-    rows.append(("memory levers", ", ".join(f"{name}={value}" for name, value in levers.items()) or "none"))
+    rows.append(
+        ("memory levers", ", ".join(f"{name}={value}" for name, value in levers.items()) or "none")
+    )
     return rows
 
 
@@ -940,10 +1167,16 @@ def previous_run(path: Path) -> dict[str, Any] | None:
     status = record.get("status")
     if status == "running":
         status = "killed"
-        logger.warning("the previous run (started %s) ended without closing its books: it was killed; resuming",
-                       record.get("started_at", "?"))
-    summary = {"status": status, "started_at": record.get("started_at"), "attempt": record.get("attempt", 1),
-               "totals": record.get("totals")}
+        logger.warning(
+            "the previous run (started %s) ended without closing its books: it was killed; resuming",
+            record.get("started_at", "?"),
+        )
+    summary = {
+        "status": status,
+        "started_at": record.get("started_at"),
+        "attempt": record.get("attempt", 1),
+        "totals": record.get("totals"),
+    }
     if record.get("error"):
         summary["error"] = record["error"]
     return summary

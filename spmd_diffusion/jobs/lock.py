@@ -59,15 +59,25 @@ def lock_output(output_dir: Path) -> OutputLock:
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EAGAIN):
             handle.close()
-            raise InputError(f"--output {str(output_dir)!r} is in use by another job ({_holder(path)}); "
-                             "wait for it to end or give another --output") from None
+            raise InputError(
+                f"--output {str(output_dir)!r} is in use by another job ({_holder(path)}); "
+                "wait for it to end or give another --output"
+            ) from None
         if exc.errno in UNSUPPORTED:
             return OutputLock(handle, path)  # no locks on this filesystem: nothing to enforce
         handle.close()
         raise
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    handle.write(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+        + "\n"
+    )
     handle.flush()
     return OutputLock(handle, path)

@@ -25,7 +25,9 @@ from spmd_diffusion.utils.image_inputs import image_identity
 MANIFEST_NAME = "manifest.jsonl"
 
 
-def fingerprint(request: OmniDiffusionRequest, model: str, settings: dict[str, Any] | None = None) -> str:
+def fingerprint(
+    request: OmniDiffusionRequest, model: str, settings: dict[str, Any] | None = None
+) -> str:
     """What determines an item's pixels (besides the software): a changed setting means redo.
     ``settings`` holds the run-wide ones (dtype, pipeline class, batch invariance, images per
     batch: batch composition changes the last bits)."""
@@ -41,10 +43,21 @@ def fingerprint(request: OmniDiffusionRequest, model: str, settings: dict[str, A
         "images": request.num_images_per_prompt,
         "extra": request.extra,
         **({"run": settings} if settings else {}),
-        **({"inputs": input_basis(request)} if request.image is not None or request.strength is not None else {}),
-        **({"lora": [lora_identity(spec) for spec in parse_loras(request.lora)]} if request.lora is not None else {}),
-        **({"video": {"frames": request.num_frames, "fps": request.fps}}
-           if request.num_frames is not None or request.fps is not None else {}),
+        **(
+            {"inputs": input_basis(request)}
+            if request.image is not None or request.strength is not None
+            else {}
+        ),
+        **(
+            {"lora": [lora_identity(spec) for spec in parse_loras(request.lora)]}
+            if request.lora is not None
+            else {}
+        ),
+        **(
+            {"video": {"frames": request.num_frames, "fps": request.fps}}
+            if request.num_frames is not None or request.fps is not None
+            else {}
+        ),
         **({"true_cfg": request.true_cfg_scale} if request.true_cfg_scale is not None else {}),
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=repr).encode()).hexdigest()[:16]
@@ -53,8 +66,11 @@ def fingerprint(request: OmniDiffusionRequest, model: str, settings: dict[str, A
 def input_basis(request: OmniDiffusionRequest) -> dict[str, Any]:
     """An image-to-image item's inputs: each file by path, size and modification time (its
     pixels are not read on rank 0), and the strength."""
-    return {"image": image_identity(request.image), "mask_image": image_identity(request.mask_image),
-            "strength": request.strength}
+    return {
+        "image": image_identity(request.image),
+        "mask_image": image_identity(request.mask_image),
+        "strength": request.strength,
+    }
 
 
 @dataclass(frozen=True)
@@ -105,8 +121,11 @@ def _read_line(text: str, latest: dict[tuple[str, int], ManifestEntry]) -> None:
     try:
         record = json.loads(text)
         entry = ManifestEntry(
-            str(record["id"]), int(record["index"]), str(record["status"]),
-            str(record.get("fingerprint", "")), record.get("path"),
+            str(record["id"]),
+            int(record["index"]),
+            str(record["status"]),
+            str(record.get("fingerprint", "")),
+            record.get("path"),
             int(record["bytes"]) if record.get("bytes") is not None else None,
             int(record["shard_bytes"]) if record.get("shard_bytes") is not None else None,
         )
@@ -128,20 +147,35 @@ def shards_listed(path: Path) -> set[str]:
                 record = json.loads(text)
             except ValueError:
                 continue
-            if isinstance(record, dict) and record.get("status") == "ok" and isinstance(record.get("path"), str):
+            if (
+                isinstance(record, dict)
+                and record.get("status") == "ok"
+                and isinstance(record.get("path"), str)
+            ):
                 listed.add(record["path"])
     return listed
 
 
-def is_done(entry: ManifestEntry | None, expected: str, output_dir: Path,
-            sizes: dict[str, int | None] | None = None) -> bool:
+def is_done(
+    entry: ManifestEntry | None,
+    expected: str,
+    output_dir: Path,
+    sizes: dict[str, int | None] | None = None,
+) -> bool:
     """An image is done: its latest line is ok, with this run's fingerprint, its file intact."""
-    return (entry is not None and entry.status == "ok" and entry.fingerprint == expected
-            and entry.file_is_intact(output_dir, sizes))
+    return (
+        entry is not None
+        and entry.status == "ok"
+        and entry.fingerprint == expected
+        and entry.file_is_intact(output_dir, sizes)
+    )
 
 
 def done_images(
-    output_dir: Path, requests: list[OmniDiffusionRequest], model: str, settings: dict[str, Any] | None = None
+    output_dir: Path,
+    requests: list[OmniDiffusionRequest],
+    model: str,
+    settings: dict[str, Any] | None = None,
 ) -> set[tuple[str, int]]:
     """Images of ``requests`` that a previous run finished (ok, same settings, file intact)."""
     latest = read_manifest(output_dir / MANIFEST_NAME)
@@ -163,7 +197,11 @@ class ManifestWriter:
 
     def append(self, records: list[dict[str, Any]]) -> None:
         if records:
-            self.log.write("".join(json.dumps(record, default=repr, allow_nan=False) + "\n" for record in records))
+            self.log.write(
+                "".join(
+                    json.dumps(record, default=repr, allow_nan=False) + "\n" for record in records
+                )
+            )
 
     def close(self) -> None:
         self.log.close()

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
-from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.errors import OutputWriteError
+from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import fsync_directory, write_atomic
 
 IMAGES_DIR = "images"
@@ -37,8 +37,9 @@ def image_name(item_id: str, index: int, count: int, extension: str = "png") -> 
     return f"{item_id}.{extension}" if count == 1 else f"{item_id}_{index}.{extension}"
 
 
-def image_info(request_id: str, index: int, described: dict[str, Any], output: DiffusionOutput,
-               position: int) -> dict[str, Any]:
+def image_info(
+    request_id: str, index: int, described: dict[str, Any], output: DiffusionOutput, position: int
+) -> dict[str, Any]:
     """What an image is: id, index, prompt, seed and every setting it was made with (the
     part of its manifest record known where it is made, so the leader that writes the file
     and rank 0 that writes the manifest say the same)."""
@@ -53,7 +54,9 @@ def image_info(request_id: str, index: int, described: dict[str, Any], output: D
         "prompt": described.get("prompt"),
         "negative_prompt": described.get("negative_prompt"),
         "seed": seed,
-        "num_inference_steps": settings.get("num_inference_steps", described.get("num_inference_steps")),
+        "num_inference_steps": settings.get(
+            "num_inference_steps", described.get("num_inference_steps")
+        ),
         "guidance_scale": settings.get("guidance_scale", described.get("guidance_scale")),
         **({"true_cfg_scale": settings["true_cfg_scale"]} if "true_cfg_scale" in settings else {}),
         "height": settings.get("height", described.get("height")),
@@ -63,7 +66,9 @@ def image_info(request_id: str, index: int, described: dict[str, Any], output: D
         **({"lora": settings["lora"]} if settings.get("lora") else {}),
         **({"cache": settings["cache"]} if settings.get("cache") else {}),
         **({"quantize": settings["quantize"]} if settings.get("quantize") else {}),
-        **{name: settings[name] for name in ("num_frames", "fps") if settings.get(name) is not None},
+        **{
+            name: settings[name] for name in ("num_frames", "fps") if settings.get(name) is not None
+        },
         "model": described.get("model"),
         "fingerprint": described.get("fingerprint"),
         "meta": described.get("meta", {}),
@@ -74,7 +79,9 @@ def _inputs(described: dict[str, Any], settings: dict[str, Any]) -> dict[str, An
     """An image-to-image or inpainting item's input paths, and the strength it ran with."""
     if described.get("image") is None:
         return {}
-    fields = {name: described[name] for name in ("image", "mask_image") if described.get(name) is not None}
+    fields = {
+        name: described[name] for name in ("image", "mask_image") if described.get(name) is not None
+    }
     return {**fields, "strength": settings.get("strength", described.get("strength"))}
 
 
@@ -116,7 +123,11 @@ class ImageFileSink:
     def _sync_names(self, metadata: list[dict[str, Any]], errors: list[str | None]) -> None:
         """One directory sync for the whole batch's new names (each file's data was synced as
         it was written), before any record leaves; if it fails, no file of the batch is vouched for."""
-        directories = {(Path(self.output_dir) / record["path"]).parent for meta in metadata for record in meta["files"]}
+        directories = {
+            (Path(self.output_dir) / record["path"]).parent
+            for meta in metadata
+            for record in meta["files"]
+        }
         try:
             for directory in sorted(directories):
                 fsync_directory(directory)
@@ -134,10 +145,25 @@ class ImageFileSink:
         for index, image in enumerate(images):
             if (request_id, index) in self.skip:
                 continue
-            info = image_info(request_id, index, described, output, position) if described is not None else None
-            extension, data = self.encoding.encode(image, info, output.metadata[position].get("fps"))
+            info = (
+                image_info(request_id, index, described, output, position)
+                if described is not None
+                else None
+            )
+            extension, data = self.encoding.encode(
+                image, info, output.metadata[position].get("fps")
+            )
             relative = Path(IMAGES_DIR) / image_name(request_id, index, count, extension)
-            write_atomic(Path(self.output_dir) / relative, data, sync_directory=False)  # synced per batch
-            records.append({"index": index, "path": str(relative), "sha256": hashlib.sha256(data).hexdigest(),
-                            "bytes": len(data), "written_by": output.rank})
+            write_atomic(
+                Path(self.output_dir) / relative, data, sync_directory=False
+            )  # synced per batch
+            records.append(
+                {
+                    "index": index,
+                    "path": str(relative),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "bytes": len(data),
+                    "written_by": output.rank,
+                }
+            )
         return records

@@ -46,7 +46,9 @@ def _item(record: dict[str, Any], line: int, where: str) -> PromptItem:
         raise InputError(f"{where}: 'prompt' is required and must be a non-empty string")
     raw_id = record.get("id")
     if isinstance(raw_id, str) and not raw_id.strip():
-        raise InputError(f"{where}: id is empty: give the item an id, or leave the key out for its line number")
+        raise InputError(
+            f"{where}: id is empty: give the item an id, or leave the key out for its line number"
+        )
     item_id = str(raw_id).strip() if raw_id is not None else f"{line:0{ID_WIDTH}d}"
     if not ID_PATTERN.match(item_id):
         raise InputError(
@@ -73,12 +75,14 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     with stream:
         for number, raw in enumerate(stream, start=1):
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                                 "save the file as UTF-8") from None
+                raise InputError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                    "save the file as UTF-8"
+                ) from None
             if "\x00" in text:
                 raise InputError(f"{path}:{number}: holds a NUL byte: this is not a text file")
             yield number, text
@@ -104,7 +108,9 @@ def parse_json_line(text: str, where: str) -> Any:
 def _read_txt(path: Path) -> Iterator[PromptItem]:
     for number, text in text_lines(path):
         if text.strip():
-            yield PromptItem(f"{number:0{ID_WIDTH}d}", text.strip(), number, where=f"{path}:{number}")
+            yield PromptItem(
+                f"{number:0{ID_WIDTH}d}", text.strip(), number, where=f"{path}:{number}"
+            )
 
 
 def _read_jsonl(path: Path) -> Iterator[PromptItem]:
@@ -151,8 +157,10 @@ def _read_csv(path: Path) -> Iterator[PromptItem]:
         for number, row in enumerate(reader, start=1):
             where = f"{path}:{reader.line_num}"  # the file's line (a quoted cell may span lines)
             if EXTRA_CELLS in row:
-                raise InputError(f"{where}: {len(fieldnames) + len(row[EXTRA_CELLS])} cells, but the header "
-                                 f"has {len(fieldnames)} columns")
+                raise InputError(
+                    f"{where}: {len(fieldnames) + len(row[EXTRA_CELLS])} cells, but the header "
+                    f"has {len(fieldnames)} columns"
+                )
             if not (row.get("id") or "").strip():
                 row.pop("id", None)  # an empty id cell is no id: the item takes its line number
             yield _item(_numbers(row), number, where)
@@ -163,7 +171,9 @@ def _read_csv(path: Path) -> Iterator[PromptItem]:
 READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
 
 
-def iter_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()) -> Iterator[PromptItem]:
+def iter_items(
+    prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()
+) -> Iterator[PromptItem]:
     """The work items in order, read lazily (ids are not checked for repeats here: see
     :func:`read_items`, or the job's streaming check)."""
     if prompts_file and prompts:
@@ -176,8 +186,11 @@ def iter_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = 
         if reader is None:
             raise InputError(f"prompt file {prompts_file!r}: use .txt, .jsonl or .csv")
         return reader(path)
-    return (PromptItem(f"{n:0{ID_WIDTH}d}", text, n, where=f"--prompt #{n}")
-            for n, text in enumerate(prompts, start=1) if text.strip())
+    return (
+        PromptItem(f"{n:0{ID_WIDTH}d}", text, n, where=f"--prompt #{n}")
+        for n, text in enumerate(prompts, start=1)
+        if text.strip()
+    )
 
 
 def check_unique(items: Iterable[PromptItem], source: str) -> list[PromptItem]:
@@ -192,7 +205,9 @@ def check_unique(items: Iterable[PromptItem], source: str) -> list[PromptItem]:
     return listed
 
 
-def read_items(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()) -> list[PromptItem]:
+def read_items(
+    prompts_file: str | None, prompts: tuple[str, ...] | list[str] = ()
+) -> list[PromptItem]:
     """The work items, in order, as a list (for small inputs; jobs stream): ids are unique."""
     source = str(Path(prompts_file)) if prompts_file else "--prompt"
     items = check_unique(iter_items(prompts_file, prompts), source)

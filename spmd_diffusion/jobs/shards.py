@@ -83,8 +83,14 @@ class ShardWriter:
         sample = {"__key__": key, extension: data, "json": json.dumps(info, default=repr).encode()}
         self.tar.write(sample)
         self.images += 1
-        record = {"index": info["index"], "path": self.relative, "key": key, "member": f"{key}.{extension}",
-                  "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        record = {
+            "index": info["index"],
+            "path": self.relative,
+            "key": key,
+            "member": f"{key}.{extension}",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
         if self.images >= self.shard_size:
             self.close()
         return record
@@ -100,7 +106,9 @@ class ShardWriter:
         final = self.directory / self.name
         os.replace(self.directory / (self.name + ".part"), final)
         fsync_directory(self.directory)
-        self.events["closed"].append({"path": self.relative, "bytes": final.stat().st_size, "images": self.images})
+        self.events["closed"].append(
+            {"path": self.relative, "bytes": final.stat().st_size, "images": self.images}
+        )
         self.tar = self.stream = None
 
     def abort(self, error: str) -> None:
@@ -131,7 +139,9 @@ def _writer(output_dir: str, attempt: int, rank: int | None, shard_size: int) ->
     return _WRITERS[key]
 
 
-def close_open_shards(_worker: Any, output_dir: str, attempt: int) -> dict[str, list[dict[str, Any]]]:
+def close_open_shards(
+    _worker: Any, output_dir: str, attempt: int
+) -> dict[str, list[dict[str, Any]]]:
     """Close every open shard this process writes for ``output_dir`` / ``attempt`` and
     return what rank 0 has not heard yet (called on every rank at the end of a job)."""
     events: dict[str, list[dict[str, Any]]] = {"closed": [], "failed": []}
@@ -181,9 +191,13 @@ class ShardSink:
                 metadata[position]["files"] = files
             if metadata:
                 metadata[0][EVENTS_KEY] = writer.take_events()
-        return dataclasses.replace(output, images=[[] for _ in output.request_ids], errors=errors, metadata=metadata)
+        return dataclasses.replace(
+            output, images=[[] for _ in output.request_ids], errors=errors, metadata=metadata
+        )
 
-    def _write_request(self, writer: ShardWriter, output: DiffusionOutput, position: int) -> list[dict[str, Any]]:
+    def _write_request(
+        self, writer: ShardWriter, output: DiffusionOutput, position: int
+    ) -> list[dict[str, Any]]:
         request_id, images = output.request_ids[position], output.images[position]
         count = self.counts.get(request_id, len(images))
         described = self.described.get(request_id, {})
@@ -192,7 +206,9 @@ class ShardSink:
             if (request_id, index) in self.skip:
                 continue
             info = image_info(request_id, index, described, output, position)
-            extension, data = self.encoding.encode(image, info, output.metadata[position].get("fps"))
+            extension, data = self.encoding.encode(
+                image, info, output.metadata[position].get("fps")
+            )
             record = writer.add(shard_key(request_id, index, count), extension, data, info)
             records.append({**record, "written_by": output.rank})
         return records
@@ -201,15 +217,21 @@ class ShardSink:
 def shard_files(output_dir: Path) -> list[Path]:
     """Every final shard in ``output_dir`` (not the .part files)."""
     directory = output_dir / SHARDS_DIR
-    return sorted(path for path in directory.glob("*.tar") if SHARD_NAME.match(path.name)) \
-        if directory.is_dir() else []
+    return (
+        sorted(path for path in directory.glob("*.tar") if SHARD_NAME.match(path.name))
+        if directory.is_dir()
+        else []
+    )
 
 
 def next_attempt(output_dir: Path) -> int:
     """One more than any attempt whose shards (final or partial) are in ``output_dir``."""
     directory = output_dir / SHARDS_DIR
-    attempts = [int(match.group(1)) for path in (directory.iterdir() if directory.is_dir() else ())
-                if (match := SHARD_NAME.match(path.name.removesuffix(".part")))]
+    attempts = [
+        int(match.group(1))
+        for path in (directory.iterdir() if directory.is_dir() else ())
+        if (match := SHARD_NAME.match(path.name.removesuffix(".part")))
+    ]
     return max(attempts, default=-1) + 1
 
 
@@ -219,9 +241,11 @@ def remove_unlisted_shards(output_dir: Path, listed: set[str]) -> int:
     made again. Returns how many were removed."""
     directory = output_dir / SHARDS_DIR
     removed = 0
-    for path in (sorted(directory.iterdir()) if directory.is_dir() else ()):
+    for path in sorted(directory.iterdir()) if directory.is_dir() else ():
         relative = f"{SHARDS_DIR}/{path.name}"
-        if SHARD_NAME.match(path.name.removesuffix(".part")) and (path.name.endswith(".part") or relative not in listed):
+        if SHARD_NAME.match(path.name.removesuffix(".part")) and (
+            path.name.endswith(".part") or relative not in listed
+        ):
             path.unlink()
             removed += 1
     return removed

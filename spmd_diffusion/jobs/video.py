@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import os
 import json
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -30,8 +30,10 @@ from PIL import Image, ImageSequence
 
 VIDEO_FORMATS = ("mp4", "webp", "gif")
 DEFAULT_FPS = 16  # Wan's own examples export at 16 frames/s
-MP4_EXTRA = ("--video-format mp4 needs the video extra (pip install 'spmd-diffusion[video]': imageio-ffmpeg, "
-             "which bundles an ffmpeg with libx264); webp and gif need nothing")
+MP4_EXTRA = (
+    "--video-format mp4 needs the video extra (pip install 'spmd-diffusion[video]': imageio-ffmpeg, "
+    "which bundles an ffmpeg with libx264); webp and gif need nothing"
+)
 
 
 def mp4_available() -> bool:
@@ -45,7 +47,9 @@ def default_video_format() -> str:
 
 def check_video_format(video_format: str) -> None:
     if video_format not in VIDEO_FORMATS:
-        raise ValueError(f"video format must be one of {', '.join(VIDEO_FORMATS)}, not {video_format!r}")
+        raise ValueError(
+            f"video format must be one of {', '.join(VIDEO_FORMATS)}, not {video_format!r}"
+        )
     if video_format == "mp4" and not mp4_available():
         raise ValueError(MP4_EXTRA)
 
@@ -75,8 +79,13 @@ def _frame_ms(fps: float) -> int:
     return max(1, round(1000 / fps))
 
 
-def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, quality: int | None = None,
-                 info: dict[str, Any] | None = None) -> bytes:
+def encode_video(
+    video: Any,
+    video_format: str,
+    fps: float = DEFAULT_FPS,
+    quality: int | None = None,
+    info: dict[str, Any] | None = None,
+) -> bytes:
     """The file bytes of ``video`` (frames) in ``video_format``, carrying ``info`` when given
     (less what images leave out too: ``encoding.NOT_EMBEDDED``)."""
     from spmd_diffusion.jobs.encoding import DEFAULT_QUALITY, NOT_EMBEDDED, _exif, split_texts
@@ -90,7 +99,12 @@ def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, qualit
         return _encode_mp4(frames, fps, quality, split_texts(info) if info is not None else None)
     pictures = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
-    options: dict[str, Any] = {"save_all": True, "append_images": pictures[1:], "duration": _frame_ms(fps), "loop": 0}
+    options: dict[str, Any] = {
+        "save_all": True,
+        "append_images": pictures[1:],
+        "duration": _frame_ms(fps),
+        "loop": 0,
+    }
     if video_format == "webp":
         options.update(quality=quality, lossless=quality == 100)
         if info is not None:
@@ -103,7 +117,9 @@ def encode_video(video: Any, video_format: str, fps: float = DEFAULT_FPS, qualit
     return buffer.getvalue()
 
 
-def _encode_mp4(frames: list[np.ndarray], fps: float, quality: int, texts: tuple[str, str] | None) -> bytes:
+def _encode_mp4(
+    frames: list[np.ndarray], fps: float, quality: int, texts: tuple[str, str] | None
+) -> bytes:
     import imageio_ffmpeg
 
     # imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, Python code run between fork
@@ -121,11 +137,25 @@ def _encode_mp4(frames: list[np.ndarray], fps: float, quality: int, texts: tuple
     with tempfile.TemporaryDirectory(prefix="spmd-video-") as directory:
         path = str(Path(directory) / "video.mp4")
         writer = imageio_ffmpeg.write_frames(
-            path, (width, height), fps=fps, codec="libx264", quality=max(1.0, quality / 10),
+            path,
+            (width, height),
+            fps=fps,
+            codec="libx264",
+            quality=max(1.0, quality / 10),
             macro_block_size=2,  # yuv420p needs even sides; sizes are multiples of 8 anyway
             ffmpeg_log_level="error",
-            output_params=[*tags, "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact",
-                           "-map_metadata", "-1"])
+            output_params=[
+                *tags,
+                "-threads",
+                "1",
+                "-fflags",
+                "+bitexact",
+                "-flags:v",
+                "+bitexact",
+                "-map_metadata",
+                "-1",
+            ],
+        )
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
@@ -187,8 +217,21 @@ def read_video_record(data: bytes, video_format: str) -> dict[str, Any] | None:
         import imageio_ffmpeg
 
         with _mp4_file(data) as path:
-            done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path,
-                                   "-f", "ffmetadata", "-"], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    imageio_ffmpeg.get_ffmpeg_exe(),
+                    "-v",
+                    "error",
+                    "-i",
+                    path,
+                    "-f",
+                    "ffmetadata",
+                    "-",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
         tags = ffmetadata_tags(done.stdout)
         return join_texts(tags.get("comment"), tags.get("description"))
     with Image.open(io.BytesIO(data)) as video:
@@ -201,7 +244,10 @@ def read_video_record(data: bytes, video_format: str) -> dict[str, Any] | None:
 
 def frame_strip(frames: list[Image.Image], count: int = 4) -> Image.Image:
     """``count`` frames spread over the video, side by side: a video's tile in the contact sheet."""
-    picks = [frames[round(k * (len(frames) - 1) / max(1, count - 1))] for k in range(min(count, len(frames)))]
+    picks = [
+        frames[round(k * (len(frames) - 1) / max(1, count - 1))]
+        for k in range(min(count, len(frames)))
+    ]
     width, height = picks[0].size
     strip = Image.new("RGB", (width * len(picks), height), "white")
     for position, frame in enumerate(picks):

@@ -11,8 +11,14 @@ from typing import Any
 
 # Pipelines that pack 2x2 latent patches into one token themselves (the transformer's own
 # patch_size is 1 for Flux, 2 for Qwen-Image, where the pipeline does the packing).
-PACKED = {"FluxTransformer2DModel": 2, "Flux2Transformer2DModel": 2, "QwenImageTransformer2DModel": 2}
-BY_ROWS = ("SanaTransformer2DModel",)  # convolutions over the token image: the split falls between rows
+PACKED = {
+    "FluxTransformer2DModel": 2,
+    "Flux2Transformer2DModel": 2,
+    "QwenImageTransformer2DModel": 2,
+}
+BY_ROWS = (
+    "SanaTransformer2DModel",
+)  # convolutions over the token image: the split falls between rows
 
 
 @dataclass(frozen=True)
@@ -26,12 +32,16 @@ class TokenGrid:
         """Why an image of this size cannot be split over ``ranks`` sequence ranks, or None."""
         rows, cols = height // self.scale, width // self.scale
         if self.by_rows and rows % ranks:
-            return (f"a {width}x{height} image is {rows} rows of tokens, which do not split evenly over {ranks} "
-                    f"sequence-parallel ranks; use a height that is a multiple of {self.scale * ranks}")
+            return (
+                f"a {width}x{height} image is {rows} rows of tokens, which do not split evenly over {ranks} "
+                f"sequence-parallel ranks; use a height that is a multiple of {self.scale * ranks}"
+            )
         if not self.by_rows and (rows * cols) % ranks:
             step = self.scale * ranks
-            return (f"a {width}x{height} image is {rows}x{cols} = {rows * cols} tokens, which do not split evenly over "
-                    f"{ranks} sequence-parallel ranks; use a height or width that is a multiple of {step}")
+            return (
+                f"a {width}x{height} image is {rows}x{cols} = {rows * cols} tokens, which do not split evenly over "
+                f"{ranks} sequence-parallel ranks; use a height or width that is a multiple of {step}"
+            )
         return None
 
 
@@ -42,9 +52,13 @@ def vae_scale(vae: str, config: dict[str, Any]) -> int | None:
     if vae == "AutoencoderDC" and config.get("encoder_block_out_channels"):
         return 2 ** (len(config["encoder_block_out_channels"]) - 1)
     if vae in ("AutoencoderKLWan", "AutoencoderKLQwenImage"):
-        return config.get("scale_factor_spatial") or 2 ** len(config.get("temperal_downsample") or ())
+        return config.get("scale_factor_spatial") or 2 ** len(
+            config.get("temperal_downsample") or ()
+        )
     if vae == "AutoencoderKLLTXVideo":
-        return int(config.get("patch_size") or 1) * 2 ** sum(bool(x) for x in config.get("spatio_temporal_scaling") or ())
+        return int(config.get("patch_size") or 1) * 2 ** sum(
+            bool(x) for x in config.get("spatio_temporal_scaling") or ()
+        )
     return None
 
 
@@ -73,4 +87,3 @@ def default_size(model: str) -> tuple[int | None, int | None]:
 
     defaults = model_call_defaults(model)
     return defaults.get("height"), defaults.get("width")
-

@@ -43,7 +43,9 @@ class Guidance:
         """The guidance values the pipeline really uses; None for one it ignores."""
         used: dict[str, Any] = {}
         if self.switch == "true_cfg_scale":
-            used["true_cfg_scale"] = settings.get("true_cfg_scale") if self.guided(settings) else None
+            used["true_cfg_scale"] = (
+                settings.get("true_cfg_scale") if self.guided(settings) else None
+            )
             used["guidance_scale"] = settings.get("guidance_scale") if self.embedded else None
         else:
             used["guidance_scale"] = settings.get("guidance_scale")
@@ -53,7 +55,9 @@ class Guidance:
         """How this pipeline guides, for messages."""
         if self.switch == "true_cfg_scale":
             embedding = "; its guidance_scale feeds a guidance embedding" if self.embedded else ""
-            return f"{pipeline} guides only with true_cfg_scale > 1 and a negative prompt{embedding}"
+            return (
+                f"{pipeline} guides only with true_cfg_scale > 1 and a negative prompt{embedding}"
+            )
         return f"{pipeline} guides when guidance_scale > 1"
 
 
@@ -68,13 +72,17 @@ PREFIXES = (  # class-name prefix -> (kind, switch, needs a negative prompt)
 )
 
 
-def guidance_of(pipeline: str | None, denoiser_config: dict[str, Any] | None = None) -> Guidance | None:
+def guidance_of(
+    pipeline: str | None, denoiser_config: dict[str, Any] | None = None
+) -> Guidance | None:
     """The guidance rule of a pipeline class (None: a class the tool makes no claim about).
     ``denoiser_config`` (its transformer's config) says whether guidance is embedded."""
     if not pipeline:
         return None
     for prefix, kind, switch, negative in PREFIXES:
         if pipeline.startswith(prefix):
-            embedded = bool((denoiser_config or {}).get("guidance_embeds")) and switch == "true_cfg_scale"
+            embedded = (
+                bool((denoiser_config or {}).get("guidance_embeds")) and switch == "true_cfg_scale"
+            )
             return Guidance(kind, switch, negative, embedded)
     return None

@@ -101,7 +101,9 @@ def check_model_files(directory: Path) -> None:
     try:
         index = json.loads((directory / "model_index.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{directory / 'model_index.json'} is not a readable JSON file ({exc})") from None
+        raise ValueError(
+            f"{directory / 'model_index.json'} is not a readable JSON file ({exc})"
+        ) from None
     if not isinstance(index, dict):
         raise ValueError(f"{directory / 'model_index.json'} is not a JSON object")
     for weights in sorted(directory.glob("*/*.safetensors")):
@@ -120,8 +122,11 @@ def _safetensors_problem(path: Path) -> str | None:
             header = json.loads(handle.read(length))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         return f"its header does not parse ({exc})"
-    ends = [entry["data_offsets"][1] for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
     needed = 8 + length + max(ends, default=0)
     return f"truncated: {size} bytes, {needed} needed" if needed > size else None
 
@@ -176,7 +181,9 @@ def declared_pipeline_class(model: str, class_name: str | None) -> str | None:
     if model in TINY_PIPELINES:
         return TINY_PIPELINES[model]
     try:
-        name = json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("_class_name")
+        name = json.loads((Path(model).expanduser() / "model_index.json").read_text()).get(
+            "_class_name"
+        )
     except (OSError, ValueError, AttributeError):
         return None
     return name if isinstance(name, str) else None
@@ -208,8 +215,14 @@ def component_names(model: str) -> list[str] | None:
         index = json.loads((Path(resolve_model_path(model)) / "model_index.json").read_text())
     except (OSError, ValueError):
         return None
-    return [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
-            and len(value) == 2 and value[0] is not None]
+    return [
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and len(value) == 2
+        and value[0] is not None
+    ]
 
 
 def denoiser_config(model: str) -> tuple[str, dict[str, Any]] | None:
@@ -295,8 +308,11 @@ def call_defaults(model: str, pipeline: str | None) -> dict[str, Any]:
     cls = getattr(diffusers, pipeline or "", None)
     defaults: dict[str, Any] = {}
     if cls is not None and callable(getattr(cls, "__call__", None)):
-        defaults = {p.name: p.default for p in inspect.signature(cls.__call__).parameters.values()
-                    if p.default is not inspect.Parameter.empty}
+        defaults = {
+            p.name: p.default
+            for p in inspect.signature(cls.__call__).parameters.values()
+            if p.default is not inspect.Parameter.empty
+        }
     return {**defaults, **model_call_defaults(model)}
 
 
@@ -313,7 +329,9 @@ def _dtype_argument() -> str:
         from diffusers.utils import deprecation_utils
     except ImportError:
         return "torch_dtype"
-    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    return (
+        "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    )
 
 
 def load_pipeline(

@@ -52,7 +52,9 @@ def parse_loras(specs: Any, name: str = "lora") -> list[LoraSpec]:
     if isinstance(specs, str):
         specs = [specs]
     if not isinstance(specs, (list, tuple)):
-        raise ValueError(f"{name} must be a list of PATH_OR_ID[:scale] strings, got {type(specs).__name__}")
+        raise ValueError(
+            f"{name} must be a list of PATH_OR_ID[:scale] strings, got {type(specs).__name__}"
+        )
     parsed = [parse_lora(spec) for spec in specs]
     sources = [spec.source for spec in parsed]
     repeated = sorted({source for source in sources if sources.count(source) > 1})
@@ -66,8 +68,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 def is_local(source: str) -> bool:
     """A path rather than a hub id: it exists, starts like a path, or names a weights file."""
-    return (source.startswith(("/", ".", "~")) or source.lower().endswith(WEIGHT_SUFFIXES)
-            or Path(source).expanduser().exists())
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.lower().endswith(WEIGHT_SUFFIXES)
+        or Path(source).expanduser().exists()
+    )
 
 
 def check_lora_source(source: str) -> None:
@@ -88,8 +93,11 @@ def lora_identity(spec: LoraSpec) -> dict[str, Any]:
         stat = path.stat()
         identity["files"] = [[path.name, stat.st_size, stat.st_mtime_ns]]
     elif path.is_dir():
-        identity["files"] = sorted([entry.name, entry.stat().st_size, entry.stat().st_mtime_ns]
-                                   for entry in path.iterdir() if entry.is_file())
+        identity["files"] = sorted(
+            [entry.name, entry.stat().st_size, entry.stat().st_mtime_ns]
+            for entry in path.iterdir()
+            if entry.is_file()
+        )
     return identity
 
 
@@ -101,7 +109,9 @@ class LoraAdapters:
     (``delete_adapters``) and reloaded from its file when asked for again. ``pinned``: the
     run's own adapters, never evicted."""
 
-    def __init__(self, pipeline: Any, max_loaded: int | None = None, pinned: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, pipeline: Any, max_loaded: int | None = None, pinned: tuple[str, ...] = ()
+    ) -> None:
         self.pipeline = pipeline
         self.max_loaded = max_loaded
         self.pinned = set(pinned)
@@ -122,7 +132,9 @@ class LoraAdapters:
 
     def _load(self, spec: LoraSpec, wanted: tuple[LoraSpec, ...] = ()) -> None:
         if spec.adapter_name in self.loaded:
-            self.loaded[spec.adapter_name] = self.loaded.pop(spec.adapter_name)  # most recently used
+            self.loaded[spec.adapter_name] = self.loaded.pop(
+                spec.adapter_name
+            )  # most recently used
             return
         if not hasattr(self.pipeline, "load_lora_weights"):
             raise ValueError(f"{type(self.pipeline).__name__} does not load LoRA weights")
@@ -130,7 +142,9 @@ class LoraAdapters:
         path = Path(source)
         if path.is_file():  # diffusers takes a directory plus weight_name for one file
             self._evict_for(wanted)
-            self.pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=spec.adapter_name)
+            self.pipeline.load_lora_weights(
+                str(path.parent), weight_name=path.name, adapter_name=spec.adapter_name
+            )
         else:
             self._evict_for(wanted)
             self.pipeline.load_lora_weights(source, adapter_name=spec.adapter_name)
@@ -148,6 +162,8 @@ class LoraAdapters:
                 self.pipeline.disable_lora()
         else:
             self.pipeline.enable_lora()
-            self.pipeline.set_adapters([spec.adapter_name for spec in wanted],
-                                       adapter_weights=[spec.scale for spec in wanted])
+            self.pipeline.set_adapters(
+                [spec.adapter_name for spec in wanted],
+                adapter_weights=[spec.scale for spec in wanted],
+            )
         self.active = wanted

@@ -17,15 +17,24 @@ logger = logging.getLogger(__name__)
 def check_attention_backend(name: str) -> None:
     """A backend diffusers' attention dispatcher knows, whose packages are installed."""
     try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+        from diffusers.models.attention_dispatch import (
+            AttentionBackendName,
+            _check_attention_backend_requirements,
+        )
     except ImportError:
-        raise ValueError("attention_backend needs diffusers' attention dispatcher (diffusers >= 0.35); "
-                         "this diffusers has none") from None
-    names = sorted(member.value for member in AttentionBackendName if not member.value.startswith("_"))
+        raise ValueError(
+            "attention_backend needs diffusers' attention dispatcher (diffusers >= 0.35); "
+            "this diffusers has none"
+        ) from None
+    names = sorted(
+        member.value for member in AttentionBackendName if not member.value.startswith("_")
+    )
     try:
         backend = AttentionBackendName(name.lower())
     except ValueError:
-        raise ValueError(f"attention_backend {name!r} is not one of diffusers' backends: {', '.join(names)}") from None
+        raise ValueError(
+            f"attention_backend {name!r} is not one of diffusers' backends: {', '.join(names)}"
+        ) from None
     try:
         _check_attention_backend_requirements(backend)
     except (RuntimeError, ImportError) as exc:
@@ -35,17 +44,18 @@ def check_attention_backend(name: str) -> None:
 def check_model_options(config: Any) -> None:
     """Everything about the model options that can be known before loading: the scheduler
     and its options, LoRA paths, the attention backend, an accelerator for offload."""
+    from spmd_diffusion.models.loader import check_pipeline_class
     from spmd_diffusion.models.lora import check_lora_source, parse_loras
     from spmd_diffusion.models.schedulers import check_scheduler
-
-    from spmd_diffusion.models.loader import check_pipeline_class
 
     check_pipeline_class(config.model_class_name)
     if config.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {config.device}: this machine has no CUDA device (use --device cpu or auto)")
+            raise ValueError(
+                f"--device {config.device}: this machine has no CUDA device (use --device cpu or auto)"
+            )
     if config.scheduler is not None:
         check_scheduler(config.scheduler, config.scheduler_options)
     for spec in parse_loras(config.lora):
@@ -57,9 +67,11 @@ def check_model_options(config: Any) -> None:
         from spmd_diffusion.models.step_cache import check_cache_for_pipeline, parse_cache
 
         denoiser = denoiser_config(config.model)
-        check_cache_for_pipeline(parse_cache(config.cache), declared_pipeline_class(config.model,
-                                                                                    config.model_class_name),
-                                 denoiser[0] if denoiser else None)
+        check_cache_for_pipeline(
+            parse_cache(config.cache),
+            declared_pipeline_class(config.model, config.model_class_name),
+            denoiser[0] if denoiser else None,
+        )
     if config.ulysses_degree * config.ring_degree > 1:
         check_sequence_parallel(config)
     if config.vae_parallel:
@@ -71,8 +83,10 @@ def check_model_options(config: Any) -> None:
 
         if not torch.cuda.is_available():
             # diffusers refuses too ("requires accelerator, but not found"), but only after loading.
-            raise ValueError(f"--offload {config.offload} moves models between the CPU and a GPU, and this machine "
-                             "has none: on a CPU the whole pipeline already lives in host memory, run without it")
+            raise ValueError(
+                f"--offload {config.offload} moves models between the CPU and a GPU, and this machine "
+                "has none: on a CPU the whole pipeline already lives in host memory, run without it"
+            )
 
 
 def check_sequence_parallel(config: Any) -> None:
@@ -85,14 +99,23 @@ def check_sequence_parallel(config: Any) -> None:
     if found is None:
         return
     name, denoiser = found
-    flags = " ".join(f"--{flag} {value}" for flag, value in (("ulysses", config.ulysses_degree),
-                                                            ("ring", config.ring_degree)) if value > 1)
+    flags = " ".join(
+        f"--{flag} {value}"
+        for flag, value in (("ulysses", config.ulysses_degree), ("ring", config.ring_degree))
+        if value > 1
+    )
     problem = refusal(name, denoiser, config.ulysses_degree, config.ring_degree)
     heads = denoiser.get("num_attention_heads")
-    if problem is None and config.tensor_parallel_size > 1 and isinstance(heads, int) \
-            and heads % (config.tensor_parallel_size * config.ulysses_degree):
-        problem = (f"--tp {config.tensor_parallel_size} x --ulysses {config.ulysses_degree} split attention heads, "
-                   f"and {name} has {heads} heads")
+    if (
+        problem is None
+        and config.tensor_parallel_size > 1
+        and isinstance(heads, int)
+        and heads % (config.tensor_parallel_size * config.ulysses_degree)
+    ):
+        problem = (
+            f"--tp {config.tensor_parallel_size} x --ulysses {config.ulysses_degree} split attention heads, "
+            f"and {name} has {heads} heads"
+        )
     if problem is not None:
         raise ValueError(f"{flags}: {problem}")
 
@@ -109,7 +132,9 @@ def check_quantize(config: Any) -> None:
     available = component_names(config.model)
     if available is not None:
         resolve_components(config.quantize_components, available)
-    wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    wants_gpu = config.device.startswith("cuda") or (
+        config.device == "auto" and torch.cuda.is_available()
+    )
     probe(config.quantize, "cuda" if wants_gpu else "cpu")
 
 
@@ -164,11 +189,19 @@ def set_attention_backend(pipeline: Any, backend: str) -> int:
     for name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and hasattr(component, "set_attention_backend"):
             component.set_attention_backend(backend)
-            taken += sum(1 for module in component.modules()
-                         if getattr(getattr(module, "processor", None), "_attention_backend", None) is not None)
+            taken += sum(
+                1
+                for module in component.modules()
+                if getattr(getattr(module, "processor", None), "_attention_backend", None)
+                is not None
+            )
     if not taken:
-        logger.warning("attention backend %s: no attention module of %s uses diffusers' dispatcher, so it runs "
-                       "as before", backend, type(pipeline).__name__)
+        logger.warning(
+            "attention backend %s: no attention module of %s uses diffusers' dispatcher, so it runs "
+            "as before",
+            backend,
+            type(pipeline).__name__,
+        )
     return taken
 
 
@@ -183,8 +216,13 @@ def place_pipeline(pipeline: Any, config: Any, device: Any) -> Any:
     if config.offload == "group":
         # Groups of blocks moved to the GPU just before they run, on a side CUDA stream so
         # the copy of the next group overlaps the compute of this one.
-        pipeline.enable_group_offload(onload_device=device, offload_device="cpu", offload_type="block_level",
-                                      num_blocks_per_group=1, use_stream=True)
+        pipeline.enable_group_offload(
+            onload_device=device,
+            offload_device="cpu",
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
         return pipeline
     return pipeline.to(device)
 
@@ -195,7 +233,9 @@ def compile_denoiser(pipeline: Any) -> None:
 
     name, module = denoiser_of(pipeline)
     if module is None:
-        raise ValueError(f"compile: {type(pipeline).__name__} has no unet or transformer to compile")
+        raise ValueError(
+            f"compile: {type(pipeline).__name__} has no unet or transformer to compile"
+        )
     setattr(pipeline, name, torch.compile(module))
 
 

@@ -51,8 +51,14 @@ def check_package(kind: str) -> None:
     """The kind's package is installed (found, not imported)."""
     package = KINDS[kind][0]
     if importlib.util.find_spec(package) is None:
-        install = "pip install 'spmd-diffusion[quant]'" if package == "torchao" else "pip install bitsandbytes"
-        raise ValueError(f"quantize {kind} needs the {package} package, which is not installed: {install}")
+        install = (
+            "pip install 'spmd-diffusion[quant]'"
+            if package == "torchao"
+            else "pip install bitsandbytes"
+        )
+        raise ValueError(
+            f"quantize {kind} needs the {package} package, which is not installed: {install}"
+        )
 
 
 def _import_torchao() -> Any:
@@ -82,7 +88,9 @@ def pipeline_config(kind: str, components: list[str]) -> Any:
     """``PipelineQuantizationConfig`` over the named components (already resolved)."""
     from diffusers import PipelineQuantizationConfig
 
-    return PipelineQuantizationConfig(quant_mapping={name: backend_config(kind) for name in components})
+    return PipelineQuantizationConfig(
+        quant_mapping={name: backend_config(kind) for name in components}
+    )
 
 
 def resolve_components(components: list[str], available: list[str]) -> list[str]:
@@ -90,10 +98,14 @@ def resolve_components(components: list[str], available: list[str]) -> list[str]
     resolved = []
     for name in components:
         if name == DENOISER:
-            name = next((candidate for candidate in ("transformer", "unet") if candidate in available), name)
+            name = next(
+                (candidate for candidate in ("transformer", "unet") if candidate in available), name
+            )
         if name not in available:
-            raise ValueError(f"quantize_components: {name!r} is not a component of this pipeline "
-                             f"({', '.join(available)})")
+            raise ValueError(
+                f"quantize_components: {name!r} is not a component of this pipeline "
+                f"({', '.join(available)})"
+            )
         resolved.append(name)
     return resolved
 
@@ -106,13 +118,17 @@ def probe(kind: str, device: str) -> None:
     package, name = KINDS[kind]
     if package == "bitsandbytes":
         if not device.startswith("cuda"):
-            raise ValueError(f"quantize {kind} needs a GPU: diffusers' bitsandbytes quantizer runs on CUDA only "
-                             "(on CPUs use int8wo or int8dq)")
+            raise ValueError(
+                f"quantize {kind} needs a GPU: diffusers' bitsandbytes quantizer runs on CUDA only "
+                "(on CPUs use int8wo or int8dq)"
+            )
         check_package(kind)
         try:
             import bitsandbytes  # noqa: F401 - the backend imports and finds its CUDA library
         except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"quantize {kind} cannot run here: bitsandbytes failed to load ({exc})") from None
+            raise ValueError(
+                f"quantize {kind} cannot run here: bitsandbytes failed to load ({exc})"
+            ) from None
         return
     check_package(kind)
     try:

@@ -20,8 +20,10 @@ def scheduler_class(name: str) -> Any:
 
     cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler, "
-                         "DPMSolverMultistepScheduler, UniPCMultistepScheduler)")
+        raise ValueError(
+            f"scheduler {name!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler, "
+            "DPMSolverMultistepScheduler, UniPCMultistepScheduler)"
+        )
     return cls
 
 
@@ -44,7 +46,9 @@ def check_scheduler(name: str, options: dict[str, Any]) -> None:
     accepted = {param for param in inspect.signature(cls.__init__).parameters if param != "self"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"{name} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
+        raise ValueError(
+            f"{name} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}"
+        )
 
 
 def set_scheduler(pipeline: Any, name: str, options: dict[str, Any]) -> None:

@@ -46,9 +46,12 @@ CACHE_KINDS = {"first-block": 0.05, "taylorseer": 5, "pab": 2, "faster": 2}
 CONTEXT_NAME = "batch"
 # diffusers' default TaylorSeer patterns end in "attn" and are matched whole, so they miss
 # attention layers named attn1/attn2 (PixArt, Wan, ...): these match both.
-TAYLORSEER_IDENTIFIERS = [r"^blocks\.\d+\.attn\d*$", r"^transformer_blocks\.\d+\.attn\d*$",
-                          r"^single_transformer_blocks\.\d+\.attn\d*$",
-                          r"^temporal_transformer_blocks\.\d+\.attn\d*$"]
+TAYLORSEER_IDENTIFIERS = [
+    r"^blocks\.\d+\.attn\d*$",
+    r"^transformer_blocks\.\d+\.attn\d*$",
+    r"^single_transformer_blocks\.\d+\.attn\d*$",
+    r"^temporal_transformer_blocks\.\d+\.attn\d*$",
+]
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,13 @@ def _runs_branches_apart(pipeline: Any) -> bool:
         return True  # unknown: the safe answer
 
 
-def build_cache_config(spec: CacheSpec, pipeline: Any, denoiser: Any, timestep: TimestepProbe,
-                       guidance_split: bool = False) -> Any:
+def build_cache_config(
+    spec: CacheSpec,
+    pipeline: Any,
+    denoiser: Any,
+    timestep: TimestepProbe,
+    guidance_split: bool = False,
+) -> Any:
     """diffusers' config object for ``spec`` on this pipeline's denoiser. ``guidance_split``:
     CFG parallel runs the two guidance branches on two ranks at once, so FasterCache's skip of
     the unconditional branch would save no time -- and it would hand each rank a batch other
@@ -130,33 +138,53 @@ def build_cache_config(spec: CacheSpec, pipeline: Any, denoiser: Any, timestep: 
     if spec.kind == "taylorseer":
         import torch
 
-        return hooks.TaylorSeerCacheConfig(cache_interval=int(setting), taylor_factors_dtype=torch.float32,
-                                           cache_identifiers=TAYLORSEER_IDENTIFIERS)
+        return hooks.TaylorSeerCacheConfig(
+            cache_interval=int(setting),
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=TAYLORSEER_IDENTIFIERS,
+        )
     if spec.kind == "pab":
         return hooks.PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=int(setting), temporal_attention_block_skip_range=2 * int(setting),
-            cross_attention_block_skip_range=3 * int(setting), current_timestep_callback=timestep)
+            spatial_attention_block_skip_range=int(setting),
+            temporal_attention_block_skip_range=2 * int(setting),
+            cross_attention_block_skip_range=3 * int(setting),
+            current_timestep_callback=timestep,
+        )
     patch = getattr(getattr(denoiser, "config", None), "patch_size", None)
-    video = (isinstance(patch, (tuple, list)) and len(patch) == 3) or "3D" in type(denoiser).__name__
+    video = (isinstance(patch, (tuple, list)) and len(patch) == 3) or "3D" in type(
+        denoiser
+    ).__name__
     return hooks.FasterCacheConfig(
-        spatial_attention_block_skip_range=int(setting), current_timestep_callback=timestep,
-        tensor_format="BCFHW" if video else "BCHW", is_guidance_distilled=guidance_split or _runs_branches_apart(pipeline))
+        spatial_attention_block_skip_range=int(setting),
+        current_timestep_callback=timestep,
+        tensor_format="BCFHW" if video else "BCHW",
+        is_guidance_distilled=guidance_split or _runs_branches_apart(pipeline),
+    )
 
 
-APPLY = {"first-block": "apply_first_block_cache", "taylorseer": "apply_taylorseer_cache",
-         "pab": "apply_pyramid_attention_broadcast", "faster": "apply_faster_cache"}
+APPLY = {
+    "first-block": "apply_first_block_cache",
+    "taylorseer": "apply_taylorseer_cache",
+    "pab": "apply_pyramid_attention_broadcast",
+    "faster": "apply_faster_cache",
+}
 
 
 def hooked_modules(denoiser: Any) -> int:
     """How many sub-modules of the denoiser carry a diffusers hook."""
-    return sum(1 for name, module in denoiser.named_modules()
-               if name and getattr(getattr(module, "_diffusers_hook", None), "hooks", None))
+    return sum(
+        1
+        for name, module in denoiser.named_modules()
+        if name and getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+    )
 
 
 class StepCache:
     """The cache hooks of one denoiser, applied once at load time; ``call()`` per pipeline call."""
 
-    def __init__(self, spec: CacheSpec, pipeline: Any, denoiser: Any, guidance_split: bool = False) -> None:
+    def __init__(
+        self, spec: CacheSpec, pipeline: Any, denoiser: Any, guidance_split: bool = False
+    ) -> None:
         from diffusers import hooks
 
         self.spec = spec
@@ -166,14 +194,18 @@ class StepCache:
         try:
             getattr(hooks, APPLY[spec.kind])(denoiser, config)
         except (ValueError, IndexError, KeyError, AttributeError) as exc:
-            raise ValueError(f"cache {spec.kind} does not apply to {type(denoiser).__name__}: "
-                             f"{type(exc).__name__}: {exc}") from None
+            raise ValueError(
+                f"cache {spec.kind} does not apply to {type(denoiser).__name__}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         registry = hooks.HookRegistry.check_if_exists_or_initialize(denoiser)
         registry.invalidate_child_registries_cache()  # as enable_cache does: the new block hooks must get contexts
         self.modules = hooked_modules(denoiser)
         if not self.modules and not registry.hooks:
-            raise ValueError(f"cache {spec.kind}: no block of {type(denoiser).__name__} takes this cache "
-                             "(diffusers' hooks found no transformer block or attention layer to wrap)")
+            raise ValueError(
+                f"cache {spec.kind}: no block of {type(denoiser).__name__} takes this cache "
+                "(diffusers' hooks found no transformer block or attention layer to wrap)"
+            )
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
@@ -185,7 +217,9 @@ class StepCache:
             with CacheMixin.cache_context(self.denoiser, CONTEXT_NAME):
                 yield
         finally:
-            HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
+            HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(
+                recurse=True
+            )
             self.timestep.timestep = 1000.0
 
     def report(self) -> dict[str, Any]:
@@ -196,19 +230,37 @@ UNET_KINDS = ("pab",)
 # (denoiser class, kind) -> why diffusers' hooks cannot run there: found by running every kind
 # on every embedded family (tests/test_step_cache.py keeps the table honest).
 UNSUPPORTED = {
-    ("SD3Transformer2DModel", "first-block"): "SD3's last block returns no text stream (context_pre_only), which "
-                                              "diffusers' first-block cache subtracts",
-    ("SanaTransformer2DModel", "first-block"): "diffusers' first-block cache has no block registry for Sana's blocks",
-    ("SD3Transformer2DModel", "faster"): "diffusers' FasterCache splits SD3's guidance batch by the wrong size",
-    ("FluxTransformer2DModel", "faster"): "diffusers' FasterCache finds no guidance batch in Flux's calls",
-    ("QwenImageTransformer2DModel", "faster"): "diffusers' FasterCache finds no guidance batch in Qwen-Image's "
-                                               "calls (one per branch)",
-    ("LTXVideoTransformer3DModel", "faster"): "diffusers' FasterCache's attention hook does not fit LTX's "
-                                              "full-width attention layout",
+    (
+        "SD3Transformer2DModel",
+        "first-block",
+    ): "SD3's last block returns no text stream (context_pre_only), which "
+    "diffusers' first-block cache subtracts",
+    (
+        "SanaTransformer2DModel",
+        "first-block",
+    ): "diffusers' first-block cache has no block registry for Sana's blocks",
+    (
+        "SD3Transformer2DModel",
+        "faster",
+    ): "diffusers' FasterCache splits SD3's guidance batch by the wrong size",
+    (
+        "FluxTransformer2DModel",
+        "faster",
+    ): "diffusers' FasterCache finds no guidance batch in Flux's calls",
+    (
+        "QwenImageTransformer2DModel",
+        "faster",
+    ): "diffusers' FasterCache finds no guidance batch in Qwen-Image's calls (one per branch)",
+    (
+        "LTXVideoTransformer3DModel",
+        "faster",
+    ): "diffusers' FasterCache's attention hook does not fit LTX's full-width attention layout",
 }
 
 
-def check_cache_for_pipeline(spec: CacheSpec, class_name: str | None, denoiser_class: str | None = None) -> None:
+def check_cache_for_pipeline(
+    spec: CacheSpec, class_name: str | None, denoiser_class: str | None = None
+) -> None:
     """Before loading: the block caches need a transformer denoiser. A UNet pipeline's
     transformer blocks sit deep inside its down/up blocks, where first-block cache and
     TaylorSeer find nothing to wrap and FasterCache splits the scalar timestep; only
@@ -219,15 +271,19 @@ def check_cache_for_pipeline(spec: CacheSpec, class_name: str | None, denoiser_c
     why = UNSUPPORTED.get((denoiser_class or "", spec.kind))
     if why is not None:
         runs = [kind for kind in CACHE_KINDS if (denoiser_class, kind) not in UNSUPPORTED]
-        raise ValueError(f"cache {spec.kind} cannot run on {denoiser_class}: {why}; it takes --cache "
-                         f"{' / '.join(runs)}")
+        raise ValueError(
+            f"cache {spec.kind} cannot run on {denoiser_class}: {why}; it takes --cache "
+            f"{' / '.join(runs)}"
+        )
     cls = getattr(diffusers, class_name, None) if class_name else None
     if cls is None or spec.kind in UNET_KINDS:
         return
     parameters = inspect.signature(cls.__init__).parameters
     if "unet" in parameters and "transformer" not in parameters:
-        raise ValueError(f"cache {spec.kind} needs a transformer denoiser and {class_name} has a UNet; "
-                         f"use --cache {' or '.join(UNET_KINDS)} for UNet pipelines")
+        raise ValueError(
+            f"cache {spec.kind} needs a transformer denoiser and {class_name} has a UNet; "
+            f"use --cache {' or '.join(UNET_KINDS)} for UNet pipelines"
+        )
 
 
 def enable_step_cache(pipeline: Any, text: str, guidance_split: bool = False) -> StepCache:

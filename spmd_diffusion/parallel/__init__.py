@@ -49,7 +49,6 @@ from spmd_diffusion.parallel.mesh import (
     replica_index,
 )
 from spmd_diffusion.parallel.sequence_parallel import SPReport, enable_sequence_parallel
-from spmd_diffusion.parallel.vae_parallel import VAEReport, enable_vae_parallel
 from spmd_diffusion.parallel.tensor_parallel import (
     TPReport,
     apply_tensor_parallel,
@@ -57,6 +56,7 @@ from spmd_diffusion.parallel.tensor_parallel import (
     gated_row_order,
     param_bytes,
 )
+from spmd_diffusion.parallel.vae_parallel import VAEReport, enable_vae_parallel
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -99,8 +99,10 @@ class ParallelReport:
 
     def summary(self) -> str:
         layout = self.layout
-        lines = [f"parallel layout dp={layout.dp} cfg={layout.cfg} ring={layout.ring} ulysses={layout.ulysses} "
-                 f"tp={layout.tp} (pipeline.{self.denoiser})"]
+        lines = [
+            f"parallel layout dp={layout.dp} cfg={layout.cfg} ring={layout.ring} ulysses={layout.ulysses} "
+            f"tp={layout.tp} (pipeline.{self.denoiser})"
+        ]
         if self.tp is not None:
             lines.append(self.tp.summary())
         if self.sp is not None:
@@ -108,8 +110,10 @@ class ParallelReport:
         if self.vae is not None:
             lines.append(self.vae.summary())
         if self.cfg is not None:
-            lines.append("cfg parallel on the pair: guided calls split (doubled batches halved, branch calls paired); "
-                         "what ran is counted in run.json")
+            lines.append(
+                "cfg parallel on the pair: guided calls split (doubled batches halved, branch calls paired); "
+                "what ran is counted in run.json"
+            )
         return "\n".join(lines)
 
     def describe(self) -> dict[str, Any]:
@@ -130,14 +134,27 @@ def merge_parallel_stats(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
     """run.json's ``"parallel"`` from every rank's ``get_cache_stats()``: the layout, the TP
     plan (the same on every rank), and the CFG and sequence-parallel call counts of the
     replica leaders summed (every rank of a replica makes the same calls)."""
-    reports = [rank["parallel"] for rank in ranks if isinstance(rank, dict) and rank.get("parallel")]
+    reports = [
+        rank["parallel"] for rank in ranks if isinstance(rank, dict) and rank.get("parallel")
+    ]
     if not reports:
         return None
-    layout = ParallelLayout(**{k: reports[0]["layout"][k] for k in ("world_size", "tp", "cfg", "ulysses", "ring")})
-    leaders = [rank["parallel"] for rank in ranks if rank.get("parallel") and layout.is_replica_leader(rank["rank"])]
-    merged = {key: value for key, value in reports[0].items() if key in ("layout", "denoiser", "tp")}
+    layout = ParallelLayout(
+        **{k: reports[0]["layout"][k] for k in ("world_size", "tp", "cfg", "ulysses", "ring")}
+    )
+    leaders = [
+        rank["parallel"]
+        for rank in ranks
+        if rank.get("parallel") and layout.is_replica_leader(rank["rank"])
+    ]
+    merged = {
+        key: value for key, value in reports[0].items() if key in ("layout", "denoiser", "tp")
+    }
     if "cfg" in reports[0]:
-        merged["cfg"] = {name: sum(report["cfg"][name] for report in leaders) for name in ("split_calls", "whole_calls")}
+        merged["cfg"] = {
+            name: sum(report["cfg"][name] for report in leaders)
+            for name in ("split_calls", "whole_calls")
+        }
     if "vae" in reports[0]:
         merged["vae"] = dict(reports[0]["vae"])
         for name in ("split_decoder_calls", "whole_decoder_calls"):
@@ -145,7 +162,8 @@ def merge_parallel_stats(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
     if "sp" in reports[0]:
         merged["sp"] = dict(reports[0]["sp"])
         merged["sp"]["sequence_parallel_attention_calls"] = sum(
-            report["sp"]["sequence_parallel_attention_calls"] for report in leaders)
+            report["sp"]["sequence_parallel_attention_calls"] for report in leaders
+        )
     return merged
 
 
@@ -154,22 +172,42 @@ def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     if "tp" in merged:
         tp = merged["tp"]
-        rows.append(("tensor parallel", f"tp={tp['degree']}: {len(tp['sharded']['attention'])} attention + "
-                     f"{len(tp['sharded']['feedforward'])} feed-forward, {len(tp['sharded']['modulation'])} "
-                     f"modulation sharded ({tp['plan']} plan), {len(tp['replicated'])} replicated, "
-                     f"{tp['param_fraction']:.2f}x denoiser parameters per rank"))
+        rows.append(
+            (
+                "tensor parallel",
+                f"tp={tp['degree']}: {len(tp['sharded']['attention'])} attention + "
+                f"{len(tp['sharded']['feedforward'])} feed-forward, {len(tp['sharded']['modulation'])} "
+                f"modulation sharded ({tp['plan']} plan), {len(tp['replicated'])} replicated, "
+                f"{tp['param_fraction']:.2f}x denoiser parameters per rank",
+            )
+        )
     if "sp" in merged:
         sp = merged["sp"]
-        rows.append(("sequence parallel", f"ulysses={sp['ulysses']} ring={sp['ring']}: "
-                     f"{sp['sequence_parallel_attention_calls']} attention calls over the whole sequence"))
+        rows.append(
+            (
+                "sequence parallel",
+                f"ulysses={sp['ulysses']} ring={sp['ring']}: "
+                f"{sp['sequence_parallel_attention_calls']} attention calls over the whole sequence",
+            )
+        )
     if "vae" in merged:
         vae = merged["vae"]
-        rows.append(("vae parallel", f"{vae['split_decoder_calls']} decoder calls split over {vae['ranks']} ranks "
-                     f"(a video's: one per latent frame), {vae['whole_decoder_calls']} whole"))
+        rows.append(
+            (
+                "vae parallel",
+                f"{vae['split_decoder_calls']} decoder calls split over {vae['ranks']} ranks "
+                f"(a video's: one per latent frame), {vae['whole_decoder_calls']} whole",
+            )
+        )
     if "cfg" in merged:
         cfg = merged["cfg"]
-        rows.append(("cfg parallel", f"{cfg['split_calls']} guided denoiser calls split over the pair, "
-                     f"{cfg['whole_calls']} whole"))
+        rows.append(
+            (
+                "cfg parallel",
+                f"{cfg['split_calls']} guided denoiser calls split over the pair, "
+                f"{cfg['whole_calls']} whole",
+            )
+        )
     return rows
 
 
@@ -179,11 +217,14 @@ def denoiser_of(pipeline: Any) -> tuple[str, Any]:
         module = getattr(pipeline, name, None)
         if module is not None:
             return name, module
-    raise ValueError(f"{type(pipeline).__name__} has neither a transformer nor a unet to parallelize")
+    raise ValueError(
+        f"{type(pipeline).__name__} has neither a transformer nor a unet to parallelize"
+    )
 
 
-def parallelize_pipeline(pipeline: Any, layout: ParallelLayout, mesh: DeviceMesh,
-                         vae_parallel: bool = False) -> ParallelReport:
+def parallelize_pipeline(
+    pipeline: Any, layout: ParallelLayout, mesh: DeviceMesh, vae_parallel: bool = False
+) -> ParallelReport:
     """Apply tensor parallelism (tp > 1), sequence parallelism (ring x ulysses > 1) and CFG
     parallelism (cfg == 2) to the pipeline's denoiser, in place, in that order (the CFG split
     of the batch wraps everything), and with ``vae_parallel`` split the VAE's decodes over
@@ -192,10 +233,18 @@ def parallelize_pipeline(pipeline: Any, layout: ParallelLayout, mesh: DeviceMesh
     check_mesh(layout, mesh)
     name, denoiser = denoiser_of(pipeline)
     tp_report = apply_tensor_parallel(denoiser, mesh["tp"]) if layout.tp > 1 else None
-    sp_report = enable_sequence_parallel(denoiser, mesh, layout.ulysses, layout.ring) if layout.sp > 1 else None
+    sp_report = (
+        enable_sequence_parallel(denoiser, mesh, layout.ulysses, layout.ring)
+        if layout.sp > 1
+        else None
+    )
     cfg = enable_cfg_parallel(denoiser, mesh["cfg"]) if layout.cfg == 2 else None
     vae = None
     if vae_parallel and layout.replica_size > 1:
         replica = mesh["cfg", "ring", "ulysses", "tp"]._flatten("replica")
-        vae = enable_vae_parallel(pipeline.vae, replica.get_group(), replica.get_local_rank(), replica.size())
-    return ParallelReport(layout=layout, denoiser=name, tp=tp_report, cfg=cfg, sp=sp_report, vae=vae)
+        vae = enable_vae_parallel(
+            pipeline.vae, replica.get_group(), replica.get_local_rank(), replica.size()
+        )
+    return ParallelReport(
+        layout=layout, denoiser=name, tp=tp_report, cfg=cfg, sp=sp_report, vae=vae
+    )

@@ -34,8 +34,9 @@ the split decision and the all-gather are then the same on both, so neither wait
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -82,10 +83,20 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 def same(first: Any, second: Any) -> bool:
     """Exact equality of call arguments (tensors: same shape, dtype and values)."""
     if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
-        return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and first.shape == second.shape
-                and first.dtype == second.dtype and first.device == second.device and torch.equal(first, second))
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(second, torch.Tensor)
+            and first.shape == second.shape
+            and first.dtype == second.dtype
+            and first.device == second.device
+            and torch.equal(first, second)
+        )
     if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
-        return type(first) is type(second) and len(first) == len(second) and all(map(same, first, second))
+        return (
+            type(first) is type(second)
+            and len(first) == len(second)
+            and all(map(same, first, second))
+        )
     if isinstance(first, dict) and isinstance(second, dict):
         return first.keys() == second.keys() and all(same(first[key], second[key]) for key in first)
     try:
@@ -101,7 +112,9 @@ def _call(args: tuple, kwargs: dict) -> dict[Any, Any]:
 
 def _split_call(call: dict[Any, Any]) -> tuple[tuple, dict]:
     positions = sorted(key for key in call if isinstance(key, int))
-    return tuple(call[i] for i in positions), {k: v for k, v in call.items() if not isinstance(k, int)}
+    return tuple(call[i] for i in positions), {
+        k: v for k, v in call.items() if not isinstance(k, int)
+    }
 
 
 @dataclass
@@ -128,7 +141,9 @@ class BranchPairing:
         if not all(same(first[key], second[key]) for key in sample_keys):
             return None
         changed = {key: second[key] for key in first if not same(first[key], second[key])}
-        if not changed or not all(isinstance(value, torch.Tensor) or value is None for value in changed.values()):
+        if not changed or not all(
+            isinstance(value, torch.Tensor) or value is None for value in changed.values()
+        ):
             return None
         return changed
 
@@ -242,7 +257,9 @@ class CFGParallel:
     def _gather_pair(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from torch.distributed.tensor import DTensor, Shard
 
-        shard = DTensor.from_local(local.contiguous().unsqueeze(0), self.mesh, [Shard(0)], run_check=False)
+        shard = DTensor.from_local(
+            local.contiguous().unsqueeze(0), self.mesh, [Shard(0)], run_check=False
+        )
         both = shard.full_tensor()
         return both[0], both[1]
 
@@ -261,7 +278,9 @@ def _as_mesh(cfg_group: DeviceMesh | ProcessGroup, denoiser: nn.Module) -> Devic
 
     if isinstance(cfg_group, DeviceMesh):
         if cfg_group.ndim != 1:
-            raise ValueError(f"the cfg mesh must be 1-D (mesh['cfg']), got a {cfg_group.ndim}-D mesh")
+            raise ValueError(
+                f"the cfg mesh must be 1-D (mesh['cfg']), got a {cfg_group.ndim}-D mesh"
+            )
         return cfg_group
     device = next(denoiser.parameters()).device
     return DeviceMesh.from_group(cfg_group, device.type)

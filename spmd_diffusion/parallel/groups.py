@@ -26,7 +26,12 @@ class ParallelContext:
 
 
 def join_parallel_groups(
-    od_config: OmniDiffusionConfig, rank: int, world_size: int, device: Any, store: Any | None, one_node: bool = False
+    od_config: OmniDiffusionConfig,
+    rank: int,
+    world_size: int,
+    device: Any,
+    store: Any | None,
+    one_node: bool = False,
 ) -> ParallelContext | None:
     """The layout and mesh of this job, or None when replicas are single ranks. On one node
     the group's sockets stay on loopback (see :func:`spmd_diffusion.envs.keep_on_loopback`)."""
@@ -42,12 +47,19 @@ def join_parallel_groups(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if store is None:
-            raise RuntimeError("tensor/CFG parallelism needs a rendezvous store or a torch.distributed group")
+            raise RuntimeError(
+                "tensor/CFG parallelism needs a rendezvous store or a torch.distributed group"
+            )
         envs.keep_on_loopback(one_node)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=od_config.startup_timeout or envs.init_timeout())
-        dist.init_process_group(backend, store=dist.PrefixStore("parallel", store), rank=rank, world_size=world_size,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore("parallel", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
     mesh = build_device_mesh(layout, device.type)
     logger.info("parallel layout dp=%d cfg=%d tp=%d", layout.dp, layout.cfg, layout.tp)
     return ParallelContext(layout, mesh)

@@ -44,7 +44,9 @@ class ParallelLayout:
         for name in ("tp", "ulysses", "ring"):
             _positive_int(name, getattr(self, name))
         if self.cfg not in CFG_SIZES or isinstance(self.cfg, bool):
-            raise ValueError(f"cfg must be 1 (off) or 2 (guidance branches on two ranks), got {self.cfg!r}")
+            raise ValueError(
+                f"cfg must be 1 (off) or 2 (guidance branches on two ranks), got {self.cfg!r}"
+            )
         per_replica = self.replica_size
         if self.world_size % per_replica:
             raise ValueError(
@@ -115,8 +117,15 @@ class ParallelLayout:
 
     def describe(self) -> dict[str, int]:
         """The layout as run.json's ``"parallel"."layout"`` gives it."""
-        return {"world_size": self.world_size, "dp": self.dp, "cfg": self.cfg, "sp": self.sp,
-                "ulysses": self.ulysses, "ring": self.ring, "tp": self.tp}
+        return {
+            "world_size": self.world_size,
+            "dp": self.dp,
+            "cfg": self.cfg,
+            "sp": self.sp,
+            "ulysses": self.ulysses,
+            "ring": self.ring,
+            "tp": self.tp,
+        }
 
 
 def replica_index(layout: ParallelLayout, rank: int) -> int:

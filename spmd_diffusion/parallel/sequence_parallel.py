@@ -30,8 +30,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from spmd_diffusion.parallel.sp_attention import SequenceGroups, install_native_lse
 from spmd_diffusion.parallel.sp_processors import (
@@ -71,8 +72,10 @@ class SequencePlan:
 def _inputs(**entries: tuple[int, int, bool]) -> dict:
     from diffusers.models._modeling_parallel import ContextParallelInput
 
-    return {name: ContextParallelInput(split_dim=dim, expected_dims=dims, split_output=output)
-            for name, (dim, dims, output) in entries.items()}
+    return {
+        name: ContextParallelInput(split_dim=dim, expected_dims=dims, split_output=output)
+        for name, (dim, dims, output) in entries.items()
+    }
 
 
 def _output(dim: int, dims: int) -> Any:
@@ -84,7 +87,9 @@ def _output(dim: int, dims: int) -> Any:
 def _split_output_of(module: str, dim: int, dims: int, index: int = 0) -> dict:
     from diffusers.models._modeling_parallel import ContextParallelInput
 
-    return {module: {index: ContextParallelInput(split_dim=dim, expected_dims=dims, split_output=True)}}
+    return {
+        module: {index: ContextParallelInput(split_dim=dim, expected_dims=dims, split_output=True)}
+    }
 
 
 def _model_plan(class_name: str) -> Callable[[], dict]:
@@ -97,9 +102,14 @@ def _model_plan(class_name: str) -> Callable[[], dict]:
 
 
 def _ltx_plan() -> dict:
-    return {"": _inputs(hidden_states=(1, 3, False)),
-            "rope": {**_split_output_of("rope", 1, 3, 0)["rope"], **_split_output_of("rope", 1, 3, 1)["rope"]},
-            "proj_out": _output(1, 3)}
+    return {
+        "": _inputs(hidden_states=(1, 3, False)),
+        "rope": {
+            **_split_output_of("rope", 1, 3, 0)["rope"],
+            **_split_output_of("rope", 1, 3, 1)["rope"],
+        },
+        "proj_out": _output(1, 3),
+    }
 
 
 def _patch_plan(embed: str) -> Callable[[], dict]:
@@ -110,34 +120,56 @@ def _patch_plan(embed: str) -> Callable[[], dict]:
 
 
 def _qwen_plan() -> dict:
-    return {"transformer_blocks.0": _inputs(hidden_states=(1, 3, False)),
-            "transformer_blocks.*": _inputs(modulate_index=(1, 2, False)),
-            **_split_output_of("pos_embed", 0, 2, 0),
-            "proj_out": _output(1, 3)}
+    return {
+        "transformer_blocks.0": _inputs(hidden_states=(1, 3, False)),
+        "transformer_blocks.*": _inputs(modulate_index=(1, 2, False)),
+        **_split_output_of("pos_embed", 0, 2, 0),
+        "proj_out": _output(1, 3),
+    }
 
 
 PLANS: dict[str, SequencePlan] = {
-    "FluxTransformer2DModel": SequencePlan(_model_plan("FluxTransformer2DModel"), {"*": None},
-                                           "diffusers' plan: image and text tokens split"),
-    "Flux2Transformer2DModel": SequencePlan(_model_plan("Flux2Transformer2DModel"), {"*": None},
-                                            "diffusers' plan: image and text tokens split"),
-    "WanTransformer3DModel": SequencePlan(_model_plan("WanTransformer3DModel"), {"blocks.*.attn1": None},
-                                          "diffusers' plan: video tokens split, cross-attention local"),
-    "LTXVideoTransformer3DModel": SequencePlan(_ltx_plan, {"transformer_blocks.*.attn1": None},
-                                               "video tokens split, cross-attention local"),
-    "SD3Transformer2DModel": SequencePlan(_patch_plan("pos_embed"), {"transformer_blocks.*.attn": JointProcessor,
-                                                                     "transformer_blocks.*.attn2": JointProcessor},
-                                          "own plan: image tokens split, text whole on every rank"),
-    "QwenImageTransformer2DModel": SequencePlan(_qwen_plan, {"transformer_blocks.*.attn": QwenJointProcessor},
-                                                "own plan: image tokens split, masked text whole on every rank"),
-    "PixArtTransformer2DModel": SequencePlan(_patch_plan("pos_embed"),
-                                             {"transformer_blocks.*.attn1": SelfAttentionProcessor},
-                                             "own plan: image tokens split, cross-attention local"),
-    "SanaTransformer2DModel": SequencePlan(_patch_plan("patch_embed"),
-                                           {"transformer_blocks.*.attn1": LinearAttentionProcessor},
-                                           "own plan: rows of tokens split, linear attention's key-value sums "
-                                           "all-reduced, GLUMBConv with halo rows", ulysses_heads=False,
-                                           sana_hooks=True),
+    "FluxTransformer2DModel": SequencePlan(
+        _model_plan("FluxTransformer2DModel"),
+        {"*": None},
+        "diffusers' plan: image and text tokens split",
+    ),
+    "Flux2Transformer2DModel": SequencePlan(
+        _model_plan("Flux2Transformer2DModel"),
+        {"*": None},
+        "diffusers' plan: image and text tokens split",
+    ),
+    "WanTransformer3DModel": SequencePlan(
+        _model_plan("WanTransformer3DModel"),
+        {"blocks.*.attn1": None},
+        "diffusers' plan: video tokens split, cross-attention local",
+    ),
+    "LTXVideoTransformer3DModel": SequencePlan(
+        _ltx_plan, {"transformer_blocks.*.attn1": None}, "video tokens split, cross-attention local"
+    ),
+    "SD3Transformer2DModel": SequencePlan(
+        _patch_plan("pos_embed"),
+        {"transformer_blocks.*.attn": JointProcessor, "transformer_blocks.*.attn2": JointProcessor},
+        "own plan: image tokens split, text whole on every rank",
+    ),
+    "QwenImageTransformer2DModel": SequencePlan(
+        _qwen_plan,
+        {"transformer_blocks.*.attn": QwenJointProcessor},
+        "own plan: image tokens split, masked text whole on every rank",
+    ),
+    "PixArtTransformer2DModel": SequencePlan(
+        _patch_plan("pos_embed"),
+        {"transformer_blocks.*.attn1": SelfAttentionProcessor},
+        "own plan: image tokens split, cross-attention local",
+    ),
+    "SanaTransformer2DModel": SequencePlan(
+        _patch_plan("patch_embed"),
+        {"transformer_blocks.*.attn1": LinearAttentionProcessor},
+        "own plan: rows of tokens split, linear attention's key-value sums "
+        "all-reduced, GLUMBConv with halo rows",
+        ulysses_heads=False,
+        sana_hooks=True,
+    ),
 }
 
 
@@ -149,8 +181,10 @@ def refusal(class_name: str, config: dict[str, Any], ulysses: int, ring: int) ->
     """Why ``--ulysses``/``--ring`` cannot run on a denoiser of this class and config (read
     from its config.json before loading), or None."""
     if class_name.startswith("UNet"):
-        return (f"sequence parallelism splits a transformer's tokens; {class_name} is a UNet, whose convolutions "
-                "and resampling mix neighbouring tokens at every level: use data parallel (more ranks) or --tp")
+        return (
+            f"sequence parallelism splits a transformer's tokens; {class_name} is a UNet, whose convolutions "
+            "and resampling mix neighbouring tokens at every level: use data parallel (more ranks) or --tp"
+        )
     plan = plan_for(class_name)
     if plan is None:
         return f"{class_name} has no sequence-parallel plan (plans exist for {', '.join(sorted(PLANS))})"
@@ -173,13 +207,20 @@ class SPReport:
     counter: CallCounter = field(default_factory=CallCounter, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        return {"ulysses": self.ulysses, "ring": self.ring, "degree": self.ulysses * self.ring,
-                "plan": self.plan, "attention_modules": self.attention_modules,
-                "sequence_parallel_attention_calls": self.counter.calls}
+        return {
+            "ulysses": self.ulysses,
+            "ring": self.ring,
+            "degree": self.ulysses * self.ring,
+            "plan": self.plan,
+            "attention_modules": self.attention_modules,
+            "sequence_parallel_attention_calls": self.counter.calls,
+        }
 
     def summary(self) -> str:
-        return (f"sequence parallel ulysses={self.ulysses} ring={self.ring} on {self.denoiser}: {self.plan}; "
-                f"{self.attention_modules} attention modules see the whole sequence")
+        return (
+            f"sequence parallel ulysses={self.ulysses} ring={self.ring} on {self.denoiser}: {self.plan}; "
+            f"{self.attention_modules} attention modules see the whole sequence"
+        )
 
 
 def sequence_groups(context: Any) -> SequenceGroups:
@@ -187,18 +228,29 @@ def sequence_groups(context: Any) -> SequenceGroups:
     sequence in) groups of this rank's replica, from a set-up ``ContextParallelConfig``."""
     ulysses, ring, flat = context._ulysses_mesh, context._ring_mesh, context._flattened_mesh
     return SequenceGroups(
-        ulysses=ulysses.get_group(), ulysses_size=ulysses.size(), ulysses_rank=ulysses.get_local_rank(),
-        ring=ring.get_group(), ring_size=ring.size(), ring_rank=ring.get_local_rank(),
-        flat=flat.get_group(), flat_size=flat.size(), flat_rank=flat.get_local_rank(),
+        ulysses=ulysses.get_group(),
+        ulysses_size=ulysses.size(),
+        ulysses_rank=ulysses.get_local_rank(),
+        ring=ring.get_group(),
+        ring_size=ring.size(),
+        ring_rank=ring.get_local_rank(),
+        flat=flat.get_group(),
+        flat_size=flat.size(),
+        flat_rank=flat.get_local_rank(),
     )
 
 
 def _matching(denoiser: Any, pattern: str) -> list[tuple[str, Any]]:
-    return [(name, module) for name, module in denoiser.named_modules()
-            if name and fnmatch.fnmatchcase(name, pattern) and hasattr(module, "processor")]
+    return [
+        (name, module)
+        for name, module in denoiser.named_modules()
+        if name and fnmatch.fnmatchcase(name, pattern) and hasattr(module, "processor")
+    ]
 
 
-def _diffusers_config(mesh: DeviceMesh, ulysses: int, ring: int, rank: int, world: int, device: Any) -> Any:
+def _diffusers_config(
+    mesh: DeviceMesh, ulysses: int, ring: int, rank: int, world: int, device: Any
+) -> Any:
     from diffusers import ContextParallelConfig
     from diffusers.models._modeling_parallel import ParallelConfig
 
@@ -221,7 +273,9 @@ def enable_sequence_parallel(denoiser: Any, mesh: DeviceMesh, ulysses: int, ring
     if problem is not None or plan is None:
         raise ValueError(problem)
     # diffusers' hooks still call the name torch deprecated; the warning would repeat every step.
-    warnings.filterwarnings("ignore", message=r".*all_gather_tensor. is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_tensor. is deprecated", category=FutureWarning
+    )
     device = next(denoiser.parameters()).device
     config = _diffusers_config(mesh, ulysses, ring, dist.get_rank(), dist.get_world_size(), device)
     groups = sequence_groups(config.context_parallel_config)
@@ -263,6 +317,8 @@ def _apply_sana_hooks(denoiser: Any, groups: SequenceGroups) -> None:
 
     height_hook, halo_hook = make_hooks(groups)
     for block in denoiser.transformer_blocks:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(height_hook(), "spmd_sp_local_height")
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(
+            height_hook(), "spmd_sp_local_height"
+        )
         conv = block.ff.conv_depth
         HookRegistry.check_if_exists_or_initialize(conv).register_hook(halo_hook(), "spmd_sp_halo")

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 
-
 # torch >= 2.9 names it all_gather_single (all_gather_tensor is deprecated there).
 _ALL_GATHER = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
@@ -47,19 +46,28 @@ class SequenceGroups:
     flat_rank: int
 
 
-def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
-                       attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) for (batch, seq, heads, dim) inputs; lse is (batch, seq, heads)."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
     if q.device.type == "cuda":
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, attn_mask, True, scale=scale)
+            q, k, v, attn_mask, True, scale=scale
+        )
         lse = lse[..., : q.shape[2]]  # the kernel pads the sequence of its log-sum-exp
     elif q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale)
+            q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
+        )
     else:
         scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
         if attn_mask is not None:
@@ -82,11 +90,35 @@ def install_native_lse() -> None:
         return
     _NATIVE_OP = attention_dispatch._native_attention_forward_op
 
-    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    def forward_op(
+        ctx,
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+        return_lse=False,
+        _save_ctx=True,
+        _parallel_config=None,
+    ):
         if not return_lse or dropout_p or is_causal or enable_gqa:
-            return _NATIVE_OP(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                              return_lse, _save_ctx, _parallel_config)
+            return _NATIVE_OP(
+                ctx,
+                query,
+                key,
+                value,
+                attn_mask,
+                dropout_p,
+                is_causal,
+                scale,
+                enable_gqa,
+                return_lse,
+                _save_ctx,
+                _parallel_config,
+            )
         return attention_with_lse(query, key, value, scale, attn_mask)
 
     attention_dispatch._native_attention_forward_op = forward_op
@@ -95,7 +127,9 @@ def install_native_lse() -> None:
 def seq_to_heads(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     """(B, S/size, H, D) sequence shards -> (B, S, H/size, D) head shards (all-to-all)."""
     batch, seq, heads, dim = tensor.shape
-    chunks = tensor.reshape(batch, seq, size, heads // size, dim).permute(2, 1, 0, 3, 4).contiguous()
+    chunks = (
+        tensor.reshape(batch, seq, size, heads // size, dim).permute(2, 1, 0, 3, 4).contiguous()
+    )
     gathered = funcol.wait_tensor(funcol.all_to_all_single(chunks, None, None, group))
     return gathered.reshape(size * seq, batch, heads // size, dim).permute(1, 0, 2, 3)
 
@@ -103,7 +137,9 @@ def seq_to_heads(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
 def heads_to_seq(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     """(B, S, H/size, D) head shards -> (B, S/size, H, D) sequence shards (all-to-all)."""
     batch, seq, heads, dim = tensor.shape
-    chunks = tensor.reshape(batch, size, seq // size, heads, dim).permute(1, 2, 0, 3, 4).contiguous()
+    chunks = (
+        tensor.reshape(batch, size, seq // size, heads, dim).permute(1, 2, 0, 3, 4).contiguous()
+    )
     gathered = funcol.wait_tensor(funcol.all_to_all_single(chunks, None, None, group))
     return gathered.permute(2, 1, 0, 3, 4).reshape(batch, seq // size, size * heads, dim)
 
@@ -113,7 +149,12 @@ def gather_heads(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     return torch.cat(all_gather(tensor, 0, group).chunk(size, dim=0), dim=2)
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, prev_out: torch.Tensor | None, prev_lse: torch.Tensor | None):
+def _merge(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    prev_out: torch.Tensor | None,
+    prev_lse: torch.Tensor | None,
+):
     out, lse = out.float(), lse.float().unsqueeze(-1)
     if prev_out is None:
         return out, lse
@@ -151,12 +192,20 @@ def joint_attention(
         keys = k if text is None else torch.cat([k, text[1]], dim=1)
         values = v if text is None else torch.cat([v, text[2]], dim=1)
         mask = _text_mask(text_mask, k.shape[1])
-        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask, scale=scale).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask,
+            scale=scale,
+        ).transpose(1, 2)
     else:
         out = _ring(queries, k, v, text, text_mask, groups, scale)
     out = out.to(q.dtype)
-    image_out, text_out = out[:, :image_queries], (out[:, image_queries:] if text is not None else None)
+    image_out, text_out = (
+        out[:, :image_queries],
+        (out[:, image_queries:] if text is not None else None),
+    )
     if groups.ulysses_size > 1:
         image_out = heads_to_seq(image_out, groups.ulysses, groups.ulysses_size)
         if text_out is not None:
@@ -173,7 +222,10 @@ def _ring(queries, k, v, text, text_mask, groups: SequenceGroups, scale):
     out = lse = None
     for step in range(size):
         source = (groups.ring_rank + step) % size
-        keys, values = (chunks[source][: k.numel()].view_as(k), chunks[source][k.numel():].view_as(v))
+        keys, values = (
+            chunks[source][: k.numel()].view_as(k),
+            chunks[source][k.numel() :].view_as(v),
+        )
         mask = None
         if step == 0 and text is not None:
             mask = _text_mask(text_mask, keys.shape[1])

@@ -37,19 +37,32 @@ class JointProcessor:
     def __init__(self, groups: SequenceGroups, counter: CallCounter) -> None:
         self.groups, self.counter = groups, counter
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         if attention_mask is not None:
             raise ValueError("sequence-parallel joint attention takes no attention mask")
         self.counter.calls += 1
-        image = [_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v)]
+        image = [
+            _heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        ]
         image[0], image[1] = _norm(attn.norm_q, image[0]), _norm(attn.norm_k, image[1])
         text = None
         if encoder_hidden_states is not None:
-            text = [_heads(proj(encoder_hidden_states), attn.heads)
-                    for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+            text = [
+                _heads(proj(encoder_hidden_states), attn.heads)
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            ]
             text[0], text[1] = _norm(attn.norm_added_q, text[0]), _norm(attn.norm_added_k, text[1])
-        image_out, text_out = joint_attention(tuple(image), tuple(text) if text else None, self.groups)
+        image_out, text_out = joint_attention(
+            tuple(image), tuple(text) if text else None, self.groups
+        )
         hidden_states = attn.to_out[1](attn.to_out[0](image_out.flatten(2)))
         if text_out is None:
             return hidden_states
@@ -66,18 +79,31 @@ class QwenJointProcessor:
     def __init__(self, groups: SequenceGroups, counter: CallCounter) -> None:
         self.groups, self.counter = groups, counter
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 encoder_hidden_states_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
         if encoder_hidden_states is None or attention_mask is not None:
-            raise ValueError("Qwen-Image attention needs the text stream and takes no external attention mask")
+            raise ValueError(
+                "Qwen-Image attention needs the text stream and takes no external attention mask"
+            )
         self.counter.calls += 1
         head_dim = attn.inner_dim // attn.heads
-        image = [proj(hidden_states).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
-        text = [proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+        image = [
+            proj(hidden_states).unflatten(-1, (-1, head_dim))
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
+        ]
+        text = [
+            proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        ]
         image[0], image[1] = _norm(attn.norm_q, image[0]), _norm(attn.norm_k, image[1])
         text[0], text[1] = _norm(attn.norm_added_q, text[0]), _norm(attn.norm_added_k, text[1])
         if image_rotary_emb is not None:
@@ -85,7 +111,9 @@ class QwenJointProcessor:
             for pos in (0, 1):
                 image[pos] = apply_rotary_emb_qwen(image[pos], image_freqs, use_real=False)
                 text[pos] = apply_rotary_emb_qwen(text[pos], text_freqs, use_real=False)
-        image_out, text_out = joint_attention(tuple(image), tuple(text), self.groups, text_mask=encoder_hidden_states_mask)
+        image_out, text_out = joint_attention(
+            tuple(image), tuple(text), self.groups, text_mask=encoder_hidden_states_mask
+        )
         image_out = attn.to_out[0](image_out.flatten(2).contiguous())
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)
@@ -98,12 +126,21 @@ class SelfAttentionProcessor:
     def __init__(self, groups: SequenceGroups, counter: CallCounter) -> None:
         self.groups, self.counter = groups, counter
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("sequence-parallel self-attention takes no context and no mask")
         self.counter.calls += 1
-        image = [_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v)]
+        image = [
+            _heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        ]
         image[0], image[1] = _norm(attn.norm_q, image[0]), _norm(attn.norm_k, image[1])
         out, _ = joint_attention(tuple(image), None, self.groups)
         out = attn.to_out[1](attn.to_out[0](out.flatten(2).to(hidden_states.dtype)))
@@ -118,13 +155,22 @@ class LinearAttentionProcessor:
     def __init__(self, groups: SequenceGroups, counter: CallCounter) -> None:
         self.groups, self.counter = groups, counter
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("sequence-parallel linear attention is self-attention only")
         self.counter.calls += 1
         dtype = hidden_states.dtype
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (
+            attn.to_q(hidden_states),
+            attn.to_k(hidden_states),
+            attn.to_v(hidden_states),
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -133,7 +179,9 @@ class LinearAttentionProcessor:
         key = F.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)).float()
         value = value.transpose(1, 2).unflatten(1, (attn.heads, -1)).float()
         value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)
-        scores = funcol.wait_tensor(funcol.all_reduce(torch.matmul(value, key), "sum", self.groups.flat))
+        scores = funcol.wait_tensor(
+            funcol.all_reduce(torch.matmul(value, key), "sum", self.groups.flat)
+        )
         out = torch.matmul(scores, query)
         out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
         out = attn.to_out[1](attn.to_out[0](out.flatten(1, 2).transpose(1, 2).to(dtype)))
@@ -186,6 +234,8 @@ def make_hooks(groups: SequenceGroups) -> tuple[Any, Any]:
 
 def _local_rows(height: int, groups: SequenceGroups) -> int:
     if height % groups.flat_size:
-        raise ValueError(f"the latent image has {height} rows of tokens, which do not split evenly over "
-                         f"{groups.flat_size} sequence-parallel ranks")
+        raise ValueError(
+            f"the latent image has {height} rows of tokens, which do not split evenly over "
+            f"{groups.flat_size} sequence-parallel ranks"
+        )
     return height // groups.flat_size

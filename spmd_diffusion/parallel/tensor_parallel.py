@@ -94,8 +94,12 @@ class TPPlan:
     feedforward: list[str] = field(default_factory=list)
     gated: dict[str, int] = field(default_factory=dict)  # gated proj path -> half width
     skipped: dict[str, str] = field(default_factory=dict)  # module path -> why left replicated
-    packed: dict[str, list[int]] = field(default_factory=dict)  # rowwise path -> widths of its input blocks
-    norms: dict[str, int] = field(default_factory=dict)  # norm path -> full width (qk-norm across heads)
+    packed: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # rowwise path -> widths of its input blocks
+    norms: dict[str, int] = field(
+        default_factory=dict
+    )  # norm path -> full width (qk-norm across heads)
     modulation: list[str] = field(default_factory=list)  # adaLN modulation Linears (gathered)
     convs: list[str] = field(default_factory=list)  # GLUMBConv feed-forwards
     source: str = "derived"  # "derived" from the module tree, or "model" (the class's own _tp_plan)
@@ -122,11 +126,18 @@ class TPReport:
 
     def describe(self) -> dict[str, Any]:
         """run.json's ``"parallel"."tp"``: what was sharded, what stayed whole and why."""
-        return {"degree": self.tp, "plan": self.source,
-                "sharded": {"attention": self.attention, "feedforward": self.feedforward,
-                            "modulation": self.modulation, "norms": self.norms},
-                "replicated": [{"module": path, "why": why} for path, why in self.skipped.items()],
-                "param_fraction": round(self.param_ratio, 4)}
+        return {
+            "degree": self.tp,
+            "plan": self.source,
+            "sharded": {
+                "attention": self.attention,
+                "feedforward": self.feedforward,
+                "modulation": self.modulation,
+                "norms": self.norms,
+            },
+            "replicated": [{"module": path, "why": why} for path, why in self.skipped.items()],
+            "param_fraction": round(self.param_ratio, 4),
+        }
 
     def summary(self) -> str:
         mib = 2**20
@@ -170,7 +181,9 @@ def _linear(module: nn.Module, path: str) -> nn.Linear | None:
             return None
         if name.isdigit():
             children = module if isinstance(module, (nn.ModuleList, nn.Sequential)) else None
-            module = children[int(name)] if children is not None and int(name) < len(children) else None
+            module = (
+                children[int(name)] if children is not None and int(name) < len(children) else None
+            )
         else:
             module = getattr(module, name, None)
     return module if isinstance(module, nn.Linear) else None
@@ -178,10 +191,9 @@ def _linear(module: nn.Module, path: str) -> nn.Linear | None:
 
 def is_attention(module: nn.Module) -> bool:
     """diffusers attention layout: q/k/v Linear projections and an integer ``heads``."""
-    return (
-        all(isinstance(getattr(module, name, None), nn.Linear) for name in ("to_q", "to_k", "to_v"))
-        and isinstance(getattr(module, "heads", None), int)
-    )
+    return all(
+        isinstance(getattr(module, name, None), nn.Linear) for name in ("to_q", "to_k", "to_v")
+    ) and isinstance(getattr(module, "heads", None), int)
 
 
 def is_feedforward(module: nn.Module) -> bool:
@@ -202,7 +214,9 @@ def _norm_width(norm: nn.Module) -> int | None:
     return weight.numel() if isinstance(weight, torch.Tensor) else None
 
 
-def _plan_attention(plan: TPPlan, path: str, attn: nn.Module, errors: list[str], pre_only: bool = False) -> bool:
+def _plan_attention(
+    plan: TPPlan, path: str, attn: nn.Module, errors: list[str], pre_only: bool = False
+) -> bool:
     """Plan one attention module; ``pre_only``: it has no output projection because its
     parent (a single-stream block) projects its output together with an MLP's."""
     heads, inner = attn.heads, attn.to_q.out_features
@@ -232,7 +246,9 @@ def _plan_attention(plan: TPPlan, path: str, attn: nn.Module, errors: list[str],
     if norms is None:
         return False
     if heads % plan.tp:
-        errors.append(f"{path} ({type(attn).__name__}): heads={heads} is not divisible by tp={plan.tp}")
+        errors.append(
+            f"{path} ({type(attn).__name__}): heads={heads} is not divisible by tp={plan.tp}"
+        )
         return False
     plan.attention[path] = heads
     plan.norms.update(norms)
@@ -243,7 +259,9 @@ def _plan_attention(plan: TPPlan, path: str, attn: nn.Module, errors: list[str],
     return True
 
 
-def _plan_qk_norms(plan: TPPlan, path: str, attn: nn.Module, head_dim: int, inner: int) -> dict[str, int] | None:
+def _plan_qk_norms(
+    plan: TPPlan, path: str, attn: nn.Module, head_dim: int, inner: int
+) -> dict[str, int] | None:
     """The qk-norms to shard (an RMSNorm over all heads), or None when one cannot follow
     the heads (a LayerNorm across heads, or any other width): the attention stays whole."""
     norms: dict[str, int] = {}
@@ -264,15 +282,23 @@ def is_single_stream(module: nn.Module) -> bool:
     """Flux's single-stream block layout: an attention without output projection and an MLP
     (``proj_mlp``) whose outputs are concatenated into ``proj_out``."""
     attn, mlp, out = (getattr(module, name, None) for name in ("attn", "proj_mlp", "proj_out"))
-    return (isinstance(mlp, nn.Linear) and isinstance(out, nn.Linear) and attn is not None and is_attention(attn)
-            and _linear(attn, "to_out.0") is None and _linear(attn, "to_out") is None
-            and out.in_features == attn.to_q.out_features + mlp.out_features)
+    return (
+        isinstance(mlp, nn.Linear)
+        and isinstance(out, nn.Linear)
+        and attn is not None
+        and is_attention(attn)
+        and _linear(attn, "to_out.0") is None
+        and _linear(attn, "to_out") is None
+        and out.in_features == attn.to_q.out_features + mlp.out_features
+    )
 
 
 def _plan_single_stream(plan: TPPlan, path: str, block: nn.Module, errors: list[str]) -> None:
     inner, width = block.attn.to_q.out_features, block.proj_mlp.out_features
     if width % plan.tp:
-        errors.append(f"{path} (single-stream block): mlp width {width} is not divisible by tp={plan.tp}")
+        errors.append(
+            f"{path} (single-stream block): mlp width {width} is not divisible by tp={plan.tp}"
+        )
         return
     if not _plan_attention(plan, f"{path}.attn", block.attn, errors, pre_only=True):
         plan.skipped.setdefault(f"{path}.proj_mlp", "its block's attention stays whole")
@@ -285,17 +311,23 @@ def _plan_single_stream(plan: TPPlan, path: str, block: nn.Module, errors: list[
 
 def is_conv_ffn(module: nn.Module) -> bool:
     """Sana's GLUMBConv: 1x1 conv to [hidden; gate], depthwise 3x3, gate, 1x1 conv back."""
-    return all(isinstance(getattr(module, name, None), nn.Conv2d) for name in ("conv_inverted", "conv_depth",
-                                                                                 "conv_point"))
+    return all(
+        isinstance(getattr(module, name, None), nn.Conv2d)
+        for name in ("conv_inverted", "conv_depth", "conv_point")
+    )
 
 
 def _plan_conv_ffn(plan: TPPlan, path: str, ffn: nn.Module, errors: list[str]) -> None:
     hidden = ffn.conv_point.in_channels
     if ffn.conv_point.bias is not None or ffn.conv_depth.groups != ffn.conv_depth.in_channels:
-        plan.skipped[path] = "conv feed-forward is not [1x1 conv, depthwise conv, gate, 1x1 conv without bias]"
+        plan.skipped[path] = (
+            "conv feed-forward is not [1x1 conv, depthwise conv, gate, 1x1 conv without bias]"
+        )
         return
     if hidden % plan.tp:
-        errors.append(f"{path} (GLUMBConv): hidden channels {hidden} are not divisible by tp={plan.tp}")
+        errors.append(
+            f"{path} (GLUMBConv): hidden channels {hidden} are not divisible by tp={plan.tp}"
+        )
         return
     plan.convs.append(path)
     plan.feedforward.append(path)
@@ -309,7 +341,11 @@ def _plan_modulation(plan: TPPlan, denoiser: nn.Module) -> None:
             linear, target = getattr(module, "linear", None), f"{path}.linear"
         elif path.endswith("_mod") and isinstance(module, nn.Sequential) and len(module):
             linear, target = module[-1], f"{path}.{len(module) - 1}"  # Qwen-Image: SiLU then Linear
-        if isinstance(linear, nn.Linear) and linear.out_features % plan.tp == 0 and target not in plan.styles:
+        if (
+            isinstance(linear, nn.Linear)
+            and linear.out_features % plan.tp == 0
+            and target not in plan.styles
+        ):
             plan.styles[target] = GATHERED
             plan.modulation.append(target)
 
@@ -323,7 +359,9 @@ def _plan_feedforward(plan: TPPlan, path: str, ff: nn.Module, errors: list[str])
         plan.skipped[path] = f"activation {kind} is not a known elementwise diffusers activation"
         return
     if len(linears) != 1 or any(
-        not isinstance(layer, PASSIVE_LAYERS) for i, layer in enumerate(net) if i not in (0, linears[0])
+        not isinstance(layer, PASSIVE_LAYERS)
+        for i, layer in enumerate(net)
+        if i not in (0, linears[0])
     ):
         plan.skipped[path] = "net is not [activation, dropout, Linear(, dropout)]"
         return
@@ -331,10 +369,14 @@ def _plan_feedforward(plan: TPPlan, path: str, ff: nn.Module, errors: list[str])
     width, proj_width = out.in_features, act.proj.out_features
     gated = kind in GATED_ACTIVATIONS
     if proj_width != (2 * width if gated else width):
-        plan.skipped[path] = f"{kind} projection width {proj_width} does not match the output's input {width}"
+        plan.skipped[path] = (
+            f"{kind} projection width {proj_width} does not match the output's input {width}"
+        )
         return
     if width % plan.tp:
-        errors.append(f"{path} (FeedForward): hidden width {width} is not divisible by tp={plan.tp}")
+        errors.append(
+            f"{path} (FeedForward): hidden width {width} is not divisible by tp={plan.tp}"
+        )
         return
     plan.feedforward.append(path)
     plan.styles[f"{path}.net.0.proj"] = COLWISE
@@ -368,16 +410,25 @@ def _plan_derived(plan: TPPlan, denoiser: nn.Module, errors: list[str]) -> None:
     for path, module in denoiser.named_modules():
         if not path or any(path.startswith(prefix + ".") for prefix in claimed):
             continue
-        planner = (_plan_single_stream if is_single_stream(module) else
-                   _plan_attention if is_attention(module) else
-                   _plan_feedforward if is_feedforward(module) else
-                   _plan_conv_ffn if is_conv_ffn(module) else None)
+        planner = (
+            _plan_single_stream
+            if is_single_stream(module)
+            else _plan_attention
+            if is_attention(module)
+            else _plan_feedforward
+            if is_feedforward(module)
+            else _plan_conv_ffn
+            if is_conv_ffn(module)
+            else None
+        )
         if planner is not None:
             planner(plan, path, module, errors)
             claimed.append(path)
 
 
-def _plan_from_model(plan: TPPlan, denoiser: nn.Module, model_plan: dict[str, Any], errors: list[str]) -> None:
+def _plan_from_model(
+    plan: TPPlan, denoiser: nn.Module, model_plan: dict[str, Any], errors: list[str]
+) -> None:
     """Linear styles from diffusers' ``_tp_plan`` (glob patterns -> colwise / rowwise /
     PackedRowwiseParallel); the attention modules whose q is colwise get their heads (and
     qk-norms across heads) planned as in the derived plan."""
@@ -392,27 +443,42 @@ def _plan_from_model(plan: TPPlan, denoiser: nn.Module, model_plan: dict[str, An
                 plan.styles[path] = kind
             elif kind == "PackedRowwiseParallel":
                 plan.styles[path] = ROWWISE
-                blocks = getattr(style, "blocks", None) or denoiser.get_submodule(path)._tp_packed_row_blocks
+                blocks = (
+                    getattr(style, "blocks", None)
+                    or denoiser.get_submodule(path)._tp_packed_row_blocks
+                )
                 total = denoiser.get_submodule(path).in_features
                 plan.packed[path] = [total * block // sum(blocks) for block in blocks]
             else:
-                raise ValueError(f"{type(denoiser).__name__}._tp_plan uses {kind} for {path}, which this tool "
-                                 "does not run; build the plan from the module tree instead")
-    for path in [path for path, kind in plan.styles.items() if path.endswith(".to_q") and kind == COLWISE]:
+                raise ValueError(
+                    f"{type(denoiser).__name__}._tp_plan uses {kind} for {path}, which this tool "
+                    "does not run; build the plan from the module tree instead"
+                )
+    for path in [
+        path for path, kind in plan.styles.items() if path.endswith(".to_q") and kind == COLWISE
+    ]:
         attention = path.rsplit(".", 1)[0]
         attn = denoiser.get_submodule(attention)
         heads, inner = attn.heads, attn.to_q.out_features
         norms = _plan_qk_norms(plan, attention, attn, inner // heads, inner)
         if heads % plan.tp:
-            errors.append(f"{attention} ({type(attn).__name__}): heads={heads} is not divisible by tp={plan.tp}")
+            errors.append(
+                f"{attention} ({type(attn).__name__}): heads={heads} is not divisible by tp={plan.tp}"
+            )
         elif norms is not None:
             plan.attention[attention] = heads
             plan.norms.update(norms)
-    plan.feedforward = sorted({path.rsplit(".net.0.proj", 1)[0] if ".net.0.proj" in path else path
-                               for path, kind in plan.styles.items() if kind == COLWISE
-                               and (path.endswith(".net.0.proj") or path.endswith(".proj_mlp"))})
+    plan.feedforward = sorted(
+        {
+            path.rsplit(".net.0.proj", 1)[0] if ".net.0.proj" in path else path
+            for path, kind in plan.styles.items()
+            if kind == COLWISE and (path.endswith(".net.0.proj") or path.endswith(".proj_mlp"))
+        }
+    )
     for path in plan.feedforward:
-        width = denoiser.get_submodule(path + ".net.0.proj" if not path.endswith("proj_mlp") else path).out_features
+        width = denoiser.get_submodule(
+            path + ".net.0.proj" if not path.endswith("proj_mlp") else path
+        ).out_features
         if width % plan.tp:
             errors.append(f"{path}: hidden width {width} is not divisible by tp={plan.tp}")
 
@@ -458,10 +524,17 @@ def _styles(plan: TPPlan, dtensor_forward: bool) -> dict[str, Any]:
     if dtensor_forward:
         from torch.distributed.tensor import Replicate
 
-        made = {COLWISE: ColwiseParallel, ROWWISE: RowwiseParallel,
-                GATHERED: lambda: ColwiseParallel(output_layouts=Replicate())}
+        made = {
+            COLWISE: ColwiseParallel,
+            ROWWISE: RowwiseParallel,
+            GATHERED: lambda: ColwiseParallel(output_layouts=Replicate()),
+        }
     else:
-        made = {COLWISE: LocalColwiseParallel, ROWWISE: LocalRowwiseParallel, GATHERED: LocalColwiseGather}
+        made = {
+            COLWISE: LocalColwiseParallel,
+            ROWWISE: LocalRowwiseParallel,
+            GATHERED: LocalColwiseGather,
+        }
     return {path: made[kind]() for path, kind in plan.styles.items()}
 
 
@@ -497,7 +570,9 @@ def apply_tensor_parallel(
     rank, group = tp_mesh.get_local_rank(), tp_mesh.get_group()
     for path in plan.attention:
         attn = denoiser.get_submodule(path)
-        slice_full_width_rotary(attn, attn.to_q.weight.shape[0], rank, tp)  # global rows: DTensor shape
+        slice_full_width_rotary(
+            attn, attn.to_q.weight.shape[0], rank, tp
+        )  # global rows: DTensor shape
         _localise_heads(attn, tp)
     for path, width in plan.norms.items():
         parent, _, name = path.rpartition(".")

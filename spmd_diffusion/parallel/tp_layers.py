@@ -48,8 +48,9 @@ class LocalColwiseGather(ColwiseParallel):
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(f"{type(self).__name__} supports nn.Linear only")
         self._partition_linear_fn("", module, device_mesh)
-        module.forward = functools.partial(_colwise_gather_forward, module, device_mesh.get_group(),
-                                           device_mesh.size())
+        module.forward = functools.partial(
+            _colwise_gather_forward, module, device_mesh.get_group(), device_mesh.size()
+        )
         return module
 
 
@@ -70,7 +71,9 @@ def _colwise_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, module.weight.to_local(), bias)
 
 
-def _colwise_gather_forward(module: nn.Linear, group: Any, size: int, hidden: torch.Tensor) -> torch.Tensor:
+def _colwise_gather_forward(
+    module: nn.Linear, group: Any, size: int, hidden: torch.Tensor
+) -> torch.Tensor:
     from spmd_diffusion.parallel.sp_attention import all_gather
 
     local = _colwise_forward(module, hidden)
@@ -94,10 +97,16 @@ class ShardedRMSNorm(nn.Module):
         self.eps = getattr(norm, "eps", None)
         weight = getattr(norm, "weight", None)
         bias = getattr(norm, "bias", None)
-        self.weight = nn.Parameter(weight.detach()[rank * block:(rank + 1) * block].clone()) \
-            if isinstance(weight, torch.Tensor) else None
-        self.bias = nn.Parameter(bias.detach()[rank * block:(rank + 1) * block].clone()) \
-            if isinstance(bias, torch.Tensor) else None
+        self.weight = (
+            nn.Parameter(weight.detach()[rank * block : (rank + 1) * block].clone())
+            if isinstance(weight, torch.Tensor)
+            else None
+        )
+        self.bias = (
+            nn.Parameter(bias.detach()[rank * block : (rank + 1) * block].clone())
+            if isinstance(bias, torch.Tensor)
+            else None
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         dtype = hidden.dtype
@@ -122,9 +131,12 @@ def slice_full_width_rotary(attn: nn.Module, width: int, rank: int, size: int) -
     block = width // size
 
     def local(value: Any) -> Any:
-        if isinstance(value, tuple) and value and all(isinstance(t, torch.Tensor) and t.shape[-1] == width
-                                                      for t in value):
-            return tuple(t[..., rank * block:(rank + 1) * block] for t in value)
+        if (
+            isinstance(value, tuple)
+            and value
+            and all(isinstance(t, torch.Tensor) and t.shape[-1] == width for t in value)
+        ):
+            return tuple(t[..., rank * block : (rank + 1) * block] for t in value)
         return value
 
     class LocalRotaryHook(ModelHook):
@@ -137,10 +149,14 @@ def slice_full_width_rotary(attn: nn.Module, width: int, rank: int, size: int) -
                 args = (*args[:3], local(args[3]), *args[4:])
             return args, kwargs
 
-    HookRegistry.check_if_exists_or_initialize(attn).register_hook(LocalRotaryHook(), "spmd_tp_local_rotary")
+    HookRegistry.check_if_exists_or_initialize(attn).register_hook(
+        LocalRotaryHook(), "spmd_tp_local_rotary"
+    )
 
 
-def _take(tensor: torch.Tensor, order: torch.Tensor | None, rank: int, size: int, dim: int = 0) -> nn.Parameter:
+def _take(
+    tensor: torch.Tensor, order: torch.Tensor | None, rank: int, size: int, dim: int = 0
+) -> nn.Parameter:
     if order is not None:
         tensor = tensor.index_select(dim, order.to(tensor.device))
     return nn.Parameter(tensor.detach().chunk(size, dim=dim)[rank].clone())
@@ -171,4 +187,6 @@ def shard_conv_ffn(ffn: nn.Module, rank: int, size: int, group: Any, order: torc
         def post_forward(self, module: Any, output: torch.Tensor) -> torch.Tensor:
             return funcol.wait_tensor(funcol.all_reduce(output, "sum", group))
 
-    HookRegistry.check_if_exists_or_initialize(point).register_hook(AllReduceHook(), "spmd_tp_all_reduce")
+    HookRegistry.check_if_exists_or_initialize(point).register_hook(
+        AllReduceHook(), "spmd_tp_all_reduce"
+    )

@@ -40,8 +40,10 @@ def vae_refusal(vae_class: str | None) -> str | None:
     """Why ``--vae-parallel`` cannot split this VAE's decode, or None."""
     if vae_class is None or vae_class in SUPPORTED:
         return None
-    return (f"--vae-parallel splits the decode of the KL autoencoder (SD, SDXL, PixArt, SD3, Flux) and of the "
-            f"causal 3-D VAE of Wan and Qwen-Image ({', '.join(SUPPORTED)}); this pipeline's VAE is {vae_class}")
+    return (
+        f"--vae-parallel splits the decode of the KL autoencoder (SD, SDXL, PixArt, SD3, Flux) and of the "
+        f"causal 3-D VAE of Wan and Qwen-Image ({', '.join(SUPPORTED)}); this pipeline's VAE is {vae_class}"
+    )
 
 
 @dataclass
@@ -57,7 +59,11 @@ class VAEState:
     whole_decoder_calls: int = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"ranks": self.size, "split_decoder_calls": self.split_decoder_calls, "whole_decoder_calls": self.whole_decoder_calls}
+        return {
+            "ranks": self.size,
+            "split_decoder_calls": self.split_decoder_calls,
+            "whole_decoder_calls": self.whole_decoder_calls,
+        }
 
 
 @dataclass
@@ -69,26 +75,38 @@ class VAEReport:
     attentions: int = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"vae": self.vae, "halo_convs": self.convs, "synced_group_norms": self.norms,
-                "gathered_attentions": self.attentions, **self.state.describe()}
+        return {
+            "vae": self.vae,
+            "halo_convs": self.convs,
+            "synced_group_norms": self.norms,
+            "gathered_attentions": self.attentions,
+            **self.state.describe(),
+        }
 
     def summary(self) -> str:
-        return (f"vae parallel decode over {self.state.size} ranks ({self.vae}): {self.convs} convolutions with halo "
-                f"rows, {self.norms} group norms and {self.attentions} attentions over the whole image")
+        return (
+            f"vae parallel decode over {self.state.size} ranks ({self.vae}): {self.convs} convolutions with halo "
+            f"rows, {self.norms} group norms and {self.attentions} attentions over the whole image"
+        )
 
 
-def neighbour_rows(tensor: torch.Tensor, rows: int, state: VAEState,
-                   dim: int = 2) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def neighbour_rows(
+    tensor: torch.Tensor, rows: int, state: VAEState, dim: int = 2
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The ``rows`` rows (along ``dim``) just above and below this rank's band (None at the
     image's edges)."""
-    edges = torch.cat([tensor.narrow(dim, 0, rows), tensor.narrow(dim, tensor.shape[dim] - rows, rows)], dim=dim)
+    edges = torch.cat(
+        [tensor.narrow(dim, 0, rows), tensor.narrow(dim, tensor.shape[dim] - rows, rows)], dim=dim
+    )
     gathered = all_gather(edges.contiguous(), 0, state.group).chunk(state.size)
     above = gathered[state.rank - 1].narrow(dim, rows, rows) if state.rank > 0 else None
     below = gathered[state.rank + 1].narrow(dim, 0, rows) if state.rank + 1 < state.size else None
     return above, below
 
 
-def causal_conv(conv: nn.Conv3d, frames: torch.Tensor, cache: torch.Tensor | None, state: VAEState) -> torch.Tensor:
+def causal_conv(
+    conv: nn.Conv3d, frames: torch.Tensor, cache: torch.Tensor | None, state: VAEState
+) -> torch.Tensor:
     """A causal 3-D convolution of the Wan/Qwen-Image VAE (``_padding``: width, height, time
     front/back; earlier frames from ``cache``) on a band of rows: the band's rows are padded
     with the neighbours' rows of the cached and new frames instead of zeros."""
@@ -100,7 +118,9 @@ def causal_conv(conv: nn.Conv3d, frames: torch.Tensor, cache: torch.Tensor | Non
     if state.active and rows:
         above, below = neighbour_rows(frames, rows, state, dim=3)
         zeros = torch.zeros_like(frames.narrow(3, 0, rows))
-        frames = torch.cat([zeros if above is None else above, frames, zeros if below is None else below], dim=3)
+        frames = torch.cat(
+            [zeros if above is None else above, frames, zeros if below is None else below], dim=3
+        )
         padding[2] = padding[3] = 0
     return nn.Conv3d.forward(conv, F.pad(frames, padding))
 
@@ -110,12 +130,21 @@ def frame_attention(block: nn.Module, x: torch.Tensor, state: VAEState) -> torch
     band's keys and values."""
     identity, (batch, channels, time, height, width) = x, x.shape
     x = block.norm(x.permute(0, 2, 1, 3, 4).reshape(batch * time, channels, height, width))
-    qkv = block.to_qkv(x).reshape(batch * time, 1, channels * 3, -1).permute(0, 1, 3, 2).contiguous()
+    qkv = (
+        block.to_qkv(x).reshape(batch * time, 1, channels * 3, -1).permute(0, 1, 3, 2).contiguous()
+    )
     q, k, v = qkv.chunk(3, dim=-1)
     if state.active:
-        k, v = all_gather(k.contiguous(), 2, state.group), all_gather(v.contiguous(), 2, state.group)
-    x = F.scaled_dot_product_attention(q, k, v).squeeze(1).permute(0, 2, 1).reshape(batch * time, channels, height,
-                                                                                    width)
+        k, v = (
+            all_gather(k.contiguous(), 2, state.group),
+            all_gather(v.contiguous(), 2, state.group),
+        )
+    x = (
+        F.scaled_dot_product_attention(q, k, v)
+        .squeeze(1)
+        .permute(0, 2, 1)
+        .reshape(batch * time, channels, height, width)
+    )
     x = block.proj(x).view(batch, time, channels, height, width).permute(0, 2, 1, 3, 4)
     return x + identity
 
@@ -129,11 +158,15 @@ def halo_conv(conv: nn.Conv2d, band: torch.Tensor, state: VAEState) -> torch.Ten
     above, below = neighbour_rows(band, rows, state)
     side = (0, conv.padding[1])
     if above is not None:
-        slab = torch.cat([above, band[:, :, :2 * rows]], dim=2)
-        out[:, :, :rows] = F.conv2d(slab, conv.weight, conv.bias, 1, side, conv.dilation, conv.groups)
+        slab = torch.cat([above, band[:, :, : 2 * rows]], dim=2)
+        out[:, :, :rows] = F.conv2d(
+            slab, conv.weight, conv.bias, 1, side, conv.dilation, conv.groups
+        )
     if below is not None:
-        slab = torch.cat([band[:, :, -2 * rows:], below], dim=2)
-        out[:, :, -rows:] = F.conv2d(slab, conv.weight, conv.bias, 1, side, conv.dilation, conv.groups)
+        slab = torch.cat([band[:, :, -2 * rows :], below], dim=2)
+        out[:, :, -rows:] = F.conv2d(
+            slab, conv.weight, conv.bias, 1, side, conv.dilation, conv.groups
+        )
     return out
 
 
@@ -151,8 +184,13 @@ def synced_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, state: VAEState)
     total = counts.sum(0)
     global_mean = (means * counts).sum(0) / total
     global_var = ((variances + (means - global_mean).pow(2)) * counts).sum(0) / total
-    normed = F.batch_norm(grouped.unsqueeze(0), global_mean.to(hidden.dtype), global_var.to(hidden.dtype),
-                          training=False, eps=norm.eps).reshape(hidden.shape)
+    normed = F.batch_norm(
+        grouped.unsqueeze(0),
+        global_mean.to(hidden.dtype),
+        global_var.to(hidden.dtype),
+        training=False,
+        eps=norm.eps,
+    ).reshape(hidden.shape)
     if norm.affine:
         shape = (1, channels) + (1,) * (hidden.dim() - 2)
         normed.mul_(norm.weight.reshape(shape)).add_(norm.bias.reshape(shape))
@@ -166,17 +204,35 @@ class GatheredAttentionProcessor:
     def __init__(self, state: VAEState) -> None:
         self.state = state
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
-                 attention_mask: Any = None, temb: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Any = None,
+        attention_mask: Any = None,
+        temb: Any = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         residual, (batch, channels, height, width) = hidden_states, hidden_states.shape
         hidden = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden = attn.group_norm(hidden.transpose(1, 2)).transpose(1, 2)
         query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
         if self.state.active:
-            key, value = all_gather(key, 1, self.state.group), all_gather(value, 1, self.state.group)
-        query, key, value = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).flatten(2).to(query.dtype)
+            key, value = (
+                all_gather(key, 1, self.state.group),
+                all_gather(value, 1, self.state.group),
+            )
+        query, key, value = (
+            x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value)
+        )
+        out = (
+            F.scaled_dot_product_attention(query, key, value)
+            .transpose(1, 2)
+            .flatten(2)
+            .to(query.dtype)
+        )
         out = attn.to_out[1](attn.to_out[0](out))
         out = out.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
@@ -195,7 +251,9 @@ def _hooks(state: VAEState) -> tuple[type, ...]:
 
         def pre_forward(self, module: Any, latent: torch.Tensor, *args: Any, **kwargs: Any):
             rows = latent.shape[-2] if latent.dim() >= 4 else 0
-            state.active = rows % state.size == 0 and rows // state.size >= 2  # a 3x3 halo needs 2 own rows
+            state.active = (
+                rows % state.size == 0 and rows // state.size >= 2
+            )  # a 3x3 halo needs 2 own rows
             if state.active:
                 latent = latent.chunk(state.size, dim=-2)[state.rank].contiguous()
                 state.split_decoder_calls += 1
@@ -206,7 +264,9 @@ def _hooks(state: VAEState) -> tuple[type, ...]:
         def post_forward(self, module: Any, output: torch.Tensor) -> torch.Tensor:
             if state.active:
                 state.active = False
-                output = all_gather(output.movedim(-2, 0), 0, state.group).movedim(0, -2).contiguous()
+                output = (
+                    all_gather(output.movedim(-2, 0), 0, state.group).movedim(0, -2).contiguous()
+                )
             return output
 
     class HaloHook(ModelHook):
@@ -222,13 +282,17 @@ def _hooks(state: VAEState) -> tuple[type, ...]:
 
         def new_forward(self, module: Any, hidden: torch.Tensor) -> torch.Tensor:
             if not state.active:
-                return F.group_norm(hidden, module.num_groups, module.weight, module.bias, module.eps)
+                return F.group_norm(
+                    hidden, module.num_groups, module.weight, module.bias, module.eps
+                )
             return synced_group_norm(module, hidden, state)
 
     class CausalConvHook(ModelHook):
         _is_stateful = False
 
-        def new_forward(self, module: Any, frames: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        def new_forward(
+            self, module: Any, frames: torch.Tensor, cache_x: torch.Tensor | None = None
+        ) -> torch.Tensor:
             return causal_conv(module, frames, cache_x, state)
 
     class FrameAttentionHook(ModelHook):
@@ -254,23 +318,46 @@ def enable_vae_parallel(vae: nn.Module, group: Any, rank: int, size: int) -> VAE
     decoder = vae.decoder
     for module in decoder.modules():
         registry = None
-        if type(module).__name__.endswith("CausalConv3d") and len(getattr(module, "_padding", ())) == 6:
+        if (
+            type(module).__name__.endswith("CausalConv3d")
+            and len(getattr(module, "_padding", ())) == 6
+        ):
             if module.stride != (1, 1, 1):
-                raise ValueError(f"--vae-parallel: a decoder convolution with stride {module.stride} cannot take "
-                                 "halo rows")
-            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), causal_hook(), "spmd_vae_halo"
+                raise ValueError(
+                    f"--vae-parallel: a decoder convolution with stride {module.stride} cannot take "
+                    "halo rows"
+                )
+            registry, hook, name = (
+                HookRegistry.check_if_exists_or_initialize(module),
+                causal_hook(),
+                "spmd_vae_halo",
+            )
             report.convs += 1
         elif isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
             if module.stride[0] != 1 or module.padding[0] != module.kernel_size[0] // 2:
-                raise ValueError(f"--vae-parallel: a decoder convolution with stride {module.stride} and padding "
-                                 f"{module.padding} cannot take halo rows")
-            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), halo_hook(), "spmd_vae_halo"
+                raise ValueError(
+                    f"--vae-parallel: a decoder convolution with stride {module.stride} and padding "
+                    f"{module.padding} cannot take halo rows"
+                )
+            registry, hook, name = (
+                HookRegistry.check_if_exists_or_initialize(module),
+                halo_hook(),
+                "spmd_vae_halo",
+            )
             report.convs += 1
         elif isinstance(module, nn.GroupNorm):
-            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), norm_hook(), "spmd_vae_norm"
+            registry, hook, name = (
+                HookRegistry.check_if_exists_or_initialize(module),
+                norm_hook(),
+                "spmd_vae_norm",
+            )
             report.norms += 1
         elif type(module).__name__.endswith("AttentionBlock") and hasattr(module, "to_qkv"):
-            registry, hook, name = HookRegistry.check_if_exists_or_initialize(module), attention_hook(), "spmd_vae_attn"
+            registry, hook, name = (
+                HookRegistry.check_if_exists_or_initialize(module),
+                attention_hook(),
+                "spmd_vae_attn",
+            )
             report.attentions += 1
         elif hasattr(module, "set_processor") and hasattr(module, "to_q"):
             module.set_processor(GatheredAttentionProcessor(state))

@@ -47,20 +47,26 @@ def normalize_image_input(name: str, value: Any) -> ImageInput | None:
         if DATA_URI.match(value):
             return _checked_encoded(name, {"format": "png", "data": value.split(",", 1)[1]})
         if URL.match(value):
-            raise ValueError(f"{name} {value!r} is a URL: jobs run offline and fetch nothing; download the "
-                             "image and give its path (or, over HTTP, its base64 bytes)")
+            raise ValueError(
+                f"{name} {value!r} is a URL: jobs run offline and fetch nothing; download the "
+                "image and give its path (or, over HTTP, its base64 bytes)"
+            )
         if not value.strip():
             raise ValueError(f"{name} must be a file path, not an empty string")
         return value
     if isinstance(value, dict):
         return _checked_encoded(name, value)
-    raise ValueError(f"{name} must be a file path, a PIL image or {{\"format\": \"png\", \"data\": <base64>}}, "
-                     f"got {type(value).__name__}")
+    raise ValueError(
+        f'{name} must be a file path, a PIL image or {{"format": "png", "data": <base64>}}, '
+        f"got {type(value).__name__}"
+    )
 
 
 def _checked_encoded(name: str, value: dict[str, Any]) -> dict[str, Any]:
     if set(value) != {"format", "data"} or not isinstance(value.get("data"), str):
-        raise ValueError(f"{name} as an object must be {{\"format\": \"png\", \"data\": <base64 string>}}")
+        raise ValueError(
+            f'{name} as an object must be {{"format": "png", "data": <base64 string>}}'
+        )
     try:
         base64.b64decode(value["data"], validate=True)
     except (binascii.Error, ValueError):
@@ -90,7 +96,13 @@ def image_size(name: str, value: ImageInput) -> tuple[int, int]:
     try:
         with _open(value) as opened:
             return opened.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as exc:
         what = f"file {value!r}" if isinstance(value, str) else "data"
         reason = "" if isinstance(exc, UnidentifiedImageError) else f" ({exc})"
         raise ValueError(f"{name} {what} is not an image Pillow can read{reason}") from None
@@ -106,11 +118,17 @@ def check_image_inputs(request: Any, max_size: int | None = None) -> None:
             continue
         width, height = sizes[name] = image_size(name, value)
         if max_size is not None and max(width, height) > max_size:
-            raise ValueError(f"{name} is {width}x{height}, above the limit of {max_size} (max_image_size)")
-    if len(sizes) == 2 and len(set(sizes.values())) == 2:  # diffusers would resize the mask silently
+            raise ValueError(
+                f"{name} is {width}x{height}, above the limit of {max_size} (max_image_size)"
+            )
+    if (
+        len(sizes) == 2 and len(set(sizes.values())) == 2
+    ):  # diffusers would resize the mask silently
         (iw, ih), (mw, mh) = sizes["image"], sizes["mask_image"]
-        raise ValueError(f"mask_image is {mw}x{mh} and image is {iw}x{ih}: an inpainting mask must have its "
-                         "image's size")
+        raise ValueError(
+            f"mask_image is {mw}x{mh} and image is {iw}x{ih}: an inpainting mask must have its "
+            "image's size"
+        )
 
 
 def load_image_input(value: ImageInput, mode: str) -> Any:

@@ -20,8 +20,12 @@ FORMAT = "[rank %(rank)s] %(asctime)s %(levelname)s %(name)s: %(message)s"
 # enums torchao registers, diffusers' note that it cannot import torchao's tensor types for old
 # checkpoints, transformers' fallback to PIL image processors without torchvision (the
 # pipelines' feature extractors). Errors still show; -v shows everything.
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
-                 "transformers.utils.import_utils")
+QUIET_LOGGERS = (
+    "torchao",
+    "torch.utils._pytree",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+    "transformers.utils.import_utils",
+)
 
 
 # Libraries whose log lines may quote a whole prompt (diffusers' "The following part of your
@@ -37,8 +41,13 @@ def _clipped_records(make: Callable[..., logging.LogRecord]) -> Callable[..., lo
         if record.name.split(".", 1)[0] in QUOTING_LIBRARIES:
             message = record.getMessage()
             if len(message) > MAX_LIBRARY_LINE:
-                record.msg, record.args = (f"{message[:MAX_LIBRARY_LINE]}... "
-                                           f"({len(message) - MAX_LIBRARY_LINE} characters more)"), None
+                record.msg, record.args = (
+                    (
+                        f"{message[:MAX_LIBRARY_LINE]}... "
+                        f"({len(message) - MAX_LIBRARY_LINE} characters more)"
+                    ),
+                    None,
+                )
         return record
 
     make_record._spmd_diffusion = True  # type: ignore[attr-defined]

@@ -24,7 +24,11 @@ def _rows(value: Any, batch: int, index: int) -> Any:
         return value[index : index + 1]
     if isinstance(value, dict):
         return {key: _rows(item, batch, index) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and value and any(isinstance(v, torch.Tensor) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and any(isinstance(v, torch.Tensor) for v in value)
+    ):
         return type(value)(_rows(item, batch, index) for item in value)
     return value
 
@@ -64,7 +68,8 @@ def row_by_row(forward: Callable[..., Any]) -> Callable[..., Any]:
         if batch is None or batch == 1:
             return forward(*args, **kwargs)
         outputs = [
-            forward(*_rows(args, batch, index), **_rows(kwargs, batch, index)) for index in range(batch)
+            forward(*_rows(args, batch, index), **_rows(kwargs, batch, index))
+            for index in range(batch)
         ]
         return _concat(outputs)
 

@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from spmd_diffusion.errors import ConnectionLostError, gloo_brief, peer_lost
 from spmd_diffusion.data import DEFERRED, DiffusionOutput, OmniDiffusionConfig, OutputsPending
-from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
+from spmd_diffusion.errors import ConnectionLostError, gloo_brief, peer_lost
 from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.models.loader import model_call_defaults
+from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
+from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
 from spmd_diffusion.worker.output_writer import CLOSE_TIMEOUT_S, OutputWriter
 from spmd_diffusion.worker.step_watch import (
     DEFAULT_INTERVAL_S,
@@ -28,7 +29,6 @@ from spmd_diffusion.worker.step_watch import (
     cancelled_error,
     replica_agreement,
 )
-from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,11 @@ class DiffusionWorker:
 
         # Collective over the job when tp x cfg > 1: every rank builds its worker in step.
         self.parallel = join_parallel_groups(
-            od_config, rank, world_size, self.device, store,
+            od_config,
+            rank,
+            world_size,
+            self.device,
+            store,
             one_node=local_world_size == world_size if one_node is None else one_node,
         )
         self.torch_dtype = resolve_dtype(od_config.dtype, self.device)
@@ -89,7 +93,11 @@ class DiffusionWorker:
     # -- loading -------------------------------------------------------------------------
     def _load(self) -> None:
         from spmd_diffusion.models.lora import LoraAdapters, parse_loras
-        from spmd_diffusion.models.options import apply_model_options, compile_denoiser, place_pipeline
+        from spmd_diffusion.models.options import (
+            apply_model_options,
+            compile_denoiser,
+            place_pipeline,
+        )
 
         start = time.perf_counter()
         config = self.od_config
@@ -103,27 +111,37 @@ class DiffusionWorker:
         )
         self.model_report = apply_model_options(pipeline, config)
         run_loras = parse_loras(config.lora)
-        self.adapters = LoraAdapters(pipeline, config.max_loras, tuple(spec.adapter_name for spec in run_loras))
+        self.adapters = LoraAdapters(
+            pipeline, config.max_loras, tuple(spec.adapter_name for spec in run_loras)
+        )
         self.adapters.activate(run_loras)  # loaded before placing: they move with the weights
         self.pipeline = place_pipeline(pipeline, config, self.device)
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
         self.call_defaults = model_call_defaults(config.model)
         from spmd_diffusion.models.guidance import guidance_of
 
-        self.guidance = guidance_of(type(pipeline).__name__, dict(getattr(self.denoiser, "config", {}) or {}))
+        self.guidance = guidance_of(
+            type(pipeline).__name__, dict(getattr(self.denoiser, "config", {}) or {})
+        )
         self.parallel_report = None
         if self.parallel is not None:
             from spmd_diffusion.parallel import parallelize_pipeline
 
-            self.parallel_report = parallelize_pipeline(self.pipeline, self.parallel.layout, self.parallel.mesh,
-                                                        vae_parallel=config.vae_parallel)
+            self.parallel_report = parallelize_pipeline(
+                self.pipeline,
+                self.parallel.layout,
+                self.parallel.mesh,
+                vae_parallel=config.vae_parallel,
+            )
             logger.info("%s", self.parallel_report.summary())
         self.step_cache = None
         if config.cache is not None:
             from spmd_diffusion.models.step_cache import enable_step_cache
 
             # After TP sharding (the hooks wrap the sharded blocks) and before compile.
-            self.step_cache = enable_step_cache(self.pipeline, config.cache, guidance_split=config.cfg_parallel)
+            self.step_cache = enable_step_cache(
+                self.pipeline, config.cache, guidance_split=config.cfg_parallel
+            )
             self.model_report.update(self.step_cache.report())
         if config.batch_invariant:
             from spmd_diffusion.worker.batch_invariance import make_batch_invariant
@@ -132,7 +150,9 @@ class DiffusionWorker:
         if config.compile:
             compile_denoiser(self.pipeline)  # last: it compiles the layers as patched above
         self.load_seconds = time.perf_counter() - start
-        logger.info("loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds)
+        logger.info(
+            "loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds
+        )
 
     def _quantization_config(self) -> Any:
         """diffusers' PipelineQuantizationConfig for ``--quantize`` (None without it)."""
@@ -142,8 +162,14 @@ class DiffusionWorker:
         from spmd_diffusion.models.loader import component_names
         from spmd_diffusion.models.quantization import pipeline_config, resolve_components
 
-        available = component_names(config.model) or ["transformer", "unet", "vae", "text_encoder", "text_encoder_2",
-                                                      "text_encoder_3"]
+        available = component_names(config.model) or [
+            "transformer",
+            "unet",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "text_encoder_3",
+        ]
         components = resolve_components(config.quantize_components, available)
         self.quantized_components = components
         return pipeline_config(config.quantize, components)
@@ -166,10 +192,19 @@ class DiffusionWorker:
         if self.device.type == "cuda":
             report["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             report["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
-        report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        levers = {"quantize": config.quantize, "offload": config.offload, "vae_tiling": config.vae_tiling,
-                  "vae_slicing": config.vae_slicing, "vae_parallel": config.vae_parallel,
-                  "tensor_parallel": config.tensor_parallel_size if config.tensor_parallel_size > 1 else None}
+        report["peak_rss_bytes"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )  # Linux: KiB
+        levers = {
+            "quantize": config.quantize,
+            "offload": config.offload,
+            "vae_tiling": config.vae_tiling,
+            "vae_slicing": config.vae_slicing,
+            "vae_parallel": config.vae_parallel,
+            "tensor_parallel": config.tensor_parallel_size
+            if config.tensor_parallel_size > 1
+            else None,
+        }
         report["levers"] = {name: value for name, value in levers.items() if value}
         if config.quantize is not None:
             report["quantized_components"] = getattr(self, "quantized_components", [])
@@ -199,7 +234,9 @@ class DiffusionWorker:
         side = sample * scale if isinstance(sample, int) and isinstance(scale, int) else None
         return self.call_defaults.get("width", side), self.call_defaults.get("height", side)
 
-    def effective_settings(self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    def effective_settings(
+        self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
         """The settings a request really runs with: its own, else the pipeline's defaults.
         ``size`` is the (width, height) an input image gives the output (see ``_output_size``)."""
 
@@ -207,29 +244,42 @@ class DiffusionWorker:
             return fallback if value is None else value
 
         default_width, default_height = self._default_size()
-        width, height = size if size is not None else (pick(request.width, default_width),
-                                                       pick(request.height, default_height))
+        width, height = (
+            size
+            if size is not None
+            else (pick(request.width, default_width), pick(request.height, default_height))
+        )
         settings = {
-            "num_inference_steps": pick(request.num_inference_steps, self._default("num_inference_steps")),
+            "num_inference_steps": pick(
+                request.num_inference_steps, self._default("num_inference_steps")
+            ),
             "guidance_scale": pick(request.guidance_scale, self._default("guidance_scale")),
             "height": height,
             "width": width,
         }
-        if self._accepts("true_cfg_scale") or request.true_cfg_scale is not None:  # refused below if not taken
-            settings["true_cfg_scale"] = pick(request.true_cfg_scale, self._default("true_cfg_scale"))
+        if (
+            self._accepts("true_cfg_scale") or request.true_cfg_scale is not None
+        ):  # refused below if not taken
+            settings["true_cfg_scale"] = pick(
+                request.true_cfg_scale, self._default("true_cfg_scale")
+            )
         if request.image is not None:
             settings["strength"] = pick(request.strength, self._default("strength"))
         if self.makes_video:
             settings["num_frames"] = pick(request.num_frames, self._default("num_frames"))
         return settings
 
-    def recorded_settings(self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    def recorded_settings(
+        self, request: OmniDiffusionRequest, size: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
         """The settings an image's record gives: those it ran with, and of the guidance values
         only those the pipeline used (Qwen-Image ignores guidance_scale; true CFG needs a
         negative prompt): None for a value it ignored."""
         settings = self.effective_settings(request, size)
         if self.guidance is not None:
-            settings.update(self.guidance.used({**settings, "negative_prompt": request.negative_prompt}))
+            settings.update(
+                self.guidance.used({**settings, "negative_prompt": request.negative_prompt})
+            )
         return settings
 
     @property
@@ -255,7 +305,9 @@ class DiffusionWorker:
         active LoRA adapters (for the manifest). A pipeline without a scheduler (a custom
         class, the benchmarks' stand-in) has None."""
         scheduler = getattr(self.pipeline, "scheduler", None)
-        facts: dict[str, Any] = {"scheduler": None if scheduler is None else type(scheduler).__name__}
+        facts: dict[str, Any] = {
+            "scheduler": None if scheduler is None else type(scheduler).__name__
+        }
         if self.od_config.cache is not None:
             facts["cache"] = self.od_config.cache
         if self.od_config.quantize is not None:
@@ -263,7 +315,9 @@ class DiffusionWorker:
         if self.makes_video:
             from spmd_diffusion.jobs.video import DEFAULT_FPS
 
-            facts["fps"] = request.fps or DEFAULT_FPS  # the file's frame rate, not a pipeline argument
+            facts["fps"] = (
+                request.fps or DEFAULT_FPS
+            )  # the file's frame rate, not a pipeline argument
         loras = self._loras(request)
         if loras:
             facts["lora"] = [{"source": spec.source, "scale": spec.scale} for spec in loras]
@@ -285,9 +339,13 @@ class DiffusionWorker:
         from spmd_diffusion.utils.image_inputs import image_size
 
         width, height = image_size("image", request.image)
-        height, width = processor.get_default_height_width(None, request.height or height, request.width or width)
+        height, width = processor.get_default_height_width(
+            None, request.height or height, request.width or width
+        )
         if min(width, height) < 8:
-            raise ValueError(f"the input image is {width}x{height} after rounding: too small for the VAE")
+            raise ValueError(
+                f"the input image is {width}x{height} after rounding: too small for the VAE"
+            )
         return (width, height)
 
     def _accepts(self, name: str) -> bool:
@@ -295,8 +353,12 @@ class DiffusionWorker:
         param = self._call_params.get(name)
         return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
 
-    def _input_images(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob],
-                      size: tuple[int, int] | None) -> dict[str, Any]:
+    def _input_images(
+        self,
+        requests: list[OmniDiffusionRequest],
+        jobs: list[ImageJob],
+        size: tuple[int, int] | None,
+    ) -> dict[str, Any]:
         """``image`` / ``mask_image`` for one pipeline call: decoded here, for this batch only.
         A pipeline that takes no height/width gets its input already at the output size."""
         from spmd_diffusion.utils.image_inputs import load_image_input
@@ -331,11 +393,15 @@ class DiffusionWorker:
         settings = self.effective_settings(first, size)
         settings.pop("strength", None)  # passed below only when the request sets it
         for name in ("height", "width"):
-            if not self._accepts(name) and (first.image is not None or getattr(first, name) is None):
+            if not self._accepts(name) and (
+                first.image is not None or getattr(first, name) is None
+            ):
                 # The pipeline sizes its output from the input image (resized to the size
                 # asked for), or has a size of its own: height/width are not its arguments.
                 settings.pop(name)
-        kwargs: dict[str, Any] = {key: value for key, value in settings.items() if value is not None}
+        kwargs: dict[str, Any] = {
+            key: value for key, value in settings.items() if value is not None
+        }
         kwargs.update(self._input_images(requests, jobs, size))
         if first.strength is not None:
             kwargs["strength"] = first.strength
@@ -344,7 +410,11 @@ class DiffusionWorker:
         if any(negatives):
             kwargs["negative_prompt"] = [negative or "" for negative in negatives]
         # One output per prompt entry (the batch lists a prompt once per image it wants).
-        count = "num_videos_per_prompt" if self._accepts("num_videos_per_prompt") else "num_images_per_prompt"
+        count = (
+            "num_videos_per_prompt"
+            if self._accepts("num_videos_per_prompt")
+            else "num_images_per_prompt"
+        )
         kwargs[count] = 1
         # A CPU generator per image: reproducible across devices and batch positions.
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
@@ -352,7 +422,9 @@ class DiffusionWorker:
             kwargs["use_resolution_binning"] = False  # honour the requested size exactly
         if "clean_caption" in self._call_params:
             kwargs["clean_caption"] = False  # needs optional packages; prompts are used as given
-        if (step_callback is not None or after_step is not None) and "callback_on_step_end" in self._call_params:
+        if (
+            step_callback is not None or after_step is not None
+        ) and "callback_on_step_end" in self._call_params:
 
             def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
                 if step_callback is not None:
@@ -384,7 +456,9 @@ class DiffusionWorker:
 
         from spmd_diffusion.utils.images import as_frames
 
-        self.adapters.activate(self._loras(requests[jobs[0].request_pos]))  # one set per batch (batch_key)
+        self.adapters.activate(
+            self._loras(requests[jobs[0].request_pos])
+        )  # one set per batch (batch_key)
         kwargs = self._pipeline_kwargs(requests, jobs, step_callback, size, after_step)
         cached = self.step_cache.call() if self.step_cache is not None else contextlib.nullcontext()
         if self.parallel_report is not None and self.parallel_report.cfg is not None:
@@ -408,8 +482,12 @@ class DiffusionWorker:
         if self._agreement is None and self.parallel is not None:
             self._agreement = [replica_agreement(self.parallel.mesh)]
         agree = self._agreement[0] if self._agreement else None
-        return StepWatch(self.call_channel, float(progress.get("interval_s", DEFAULT_INTERVAL_S)),
-                         self.is_replica_leader, agree)
+        return StepWatch(
+            self.call_channel,
+            float(progress.get("interval_s", DEFAULT_INTERVAL_S)),
+            self.is_replica_leader,
+            agree,
+        )
 
     def _steps_of(self, requests: list[OmniDiffusionRequest], jobs: list[ImageJob]) -> int | None:
         steps = self.effective_settings(requests[jobs[0].request_pos])["num_inference_steps"]
@@ -435,7 +513,9 @@ class DiffusionWorker:
         if self._closed:
             raise RuntimeError(f"worker rank {self.rank} is shut down")
         if self.sleep_level:
-            raise RuntimeError(f"worker rank {self.rank} is asleep (level {self.sleep_level}); call wake_up first")
+            raise RuntimeError(
+                f"worker rank {self.rank} is asleep (level {self.sleep_level}); call wake_up first"
+            )
 
     @property
     def is_replica_leader(self) -> bool:
@@ -465,7 +545,9 @@ class DiffusionWorker:
         start = time.perf_counter()
         unseeded = [request.request_id for request in requests if request.seed is None]
         if unseeded:
-            raise ValueError(f"request(s) {', '.join(unseeded)} have no seed: the engine fixes seeds before dispatch")
+            raise ValueError(
+                f"request(s) {', '.join(unseeded)} have no seed: the engine fixes seeds before dispatch"
+            )
         images: list[dict[int, Any]] = [{} for _ in requests]
         errors: list[str | None] = [None] * len(requests)
         seconds = [0.0] * len(requests)
@@ -489,24 +571,34 @@ class DiffusionWorker:
             try:
                 if watch is not None and watch.all_cancelled(ids):
                     raise CallCancelled(", ".join(ids))
-                produced = self._run_batch(requests, jobs, self._step_timer(step_seconds, step_callback),
-                                           sizes[jobs[0].request_pos],
-                                           None if watch is None else watch.watch(ids, self._steps_of(requests, jobs)))
+                produced = self._run_batch(
+                    requests,
+                    jobs,
+                    self._step_timer(step_seconds, step_callback),
+                    sizes[jobs[0].request_pos],
+                    None if watch is None else watch.watch(ids, self._steps_of(requests, jobs)),
+                )
             except CallCancelled:
                 for pos in sorted({job.request_pos for job in jobs}):
                     errors[pos] = cancelled_error(requests[pos].request_id)
                 pipeline_seconds += time.perf_counter() - batch_start
                 continue
             except Exception as exc:  # noqa: BLE001 - isolate the failing request
-                if peer_lost(exc):  # a rank of this replica died: the job ends, the item is not at fault
+                if peer_lost(
+                    exc
+                ):  # a rank of this replica died: the job ends, the item is not at fault
                     raise ConnectionLostError(gloo_brief(exc)) from exc
                 positions = sorted({job.request_pos for job in jobs})
                 if len(positions) > 1:
                     # Rerun each request alone, so one bad request does not sink the rest.
-                    pending[:0] = [[job for job in jobs if job.request_pos == pos] for pos in positions]
+                    pending[:0] = [
+                        [job for job in jobs if job.request_pos == pos] for pos in positions
+                    ]
                     continue
                 errors[positions[0]] = f"{type(exc).__name__}: {exc}"
-                logger.warning("request %s failed: %s", requests[positions[0]].request_id, errors[positions[0]])
+                logger.warning(
+                    "request %s failed: %s", requests[positions[0]].request_id, errors[positions[0]]
+                )
                 continue
             elapsed = time.perf_counter() - batch_start
             pipeline_seconds += elapsed
@@ -522,12 +614,20 @@ class DiffusionWorker:
             errors=errors,
             seeds=[request.image_seeds() for request in requests],
             metadata=[
-                {**self.recorded_settings(request, sizes[i] or None), **self.model_facts(request),
-                 **self._made_frames(images[i]), "seconds": round(seconds[i], 6), "rank": self.rank}
+                {
+                    **self.recorded_settings(request, sizes[i] or None),
+                    **self.model_facts(request),
+                    **self._made_frames(images[i]),
+                    "seconds": round(seconds[i], 6),
+                    "rank": self.rank,
+                }
                 for i, request in enumerate(requests)
             ],
-            timings={"total_s": time.perf_counter() - start, "pipeline_s": pipeline_seconds,
-                     "step_s": [round(seconds, 6) for seconds in step_seconds]},
+            timings={
+                "total_s": time.perf_counter() - start,
+                "pipeline_s": pipeline_seconds,
+                "step_s": [round(seconds, 6) for seconds in step_seconds],
+            },
             rank=self.rank,
         )
         self.images_generated += sum(len(per_request) for per_request in output.images)
@@ -557,8 +657,10 @@ class DiffusionWorker:
         if self._closed:
             raise RuntimeError(f"worker rank {self.rank} is shut down")
         if level == 1 and self.parallel is not None:
-            raise ValueError("sleep level 1 is not supported with tensor/CFG parallelism (sharded "
-                             "weights are bound to their device); use level 2")
+            raise ValueError(
+                "sleep level 1 is not supported with tensor/CFG parallelism (sharded "
+                "weights are bound to their device); use level 2"
+            )
         if level == 1 and self.sleep_level == 0:
             self.pipeline.to("cpu")
         elif level == 2 and self.sleep_level < 2:
@@ -602,7 +704,9 @@ class DiffusionWorker:
             "load_seconds": round(self.load_seconds, 3),
             "images_generated": self.images_generated,
             "requests_failed": self.requests_failed,
-            "lora_adapters_loaded": len(self.adapters.loaded) if getattr(self, "adapters", None) else 0,
+            "lora_adapters_loaded": len(self.adapters.loaded)
+            if getattr(self, "adapters", None)
+            else 0,
             "lora_evictions": self.adapters.evictions if getattr(self, "adapters", None) else 0,
             **getattr(self, "model_report", {}),
         }
@@ -627,7 +731,11 @@ class DiffusionWorker:
             raise RuntimeError(f"worker rank {self.rank} is shut down")
         if self.pipeline is None and self.sleep_level != 2:
             raise RuntimeError(f"worker rank {self.rank} has no pipeline loaded")
-        return {"rank": self.rank, "status": "asleep" if self.sleep_level else "ok", "device": str(self.device)}
+        return {
+            "rank": self.rank,
+            "status": "asleep" if self.sleep_level else "ok",
+            "device": str(self.device),
+        }
 
     def shutdown(self) -> None:
         """Finish writing, then release the pipeline; calling it again does nothing."""

@@ -34,7 +34,9 @@ class OutputWriter:
 
     def __init__(self, depth: int = QUEUE_DEPTH) -> None:
         self._jobs: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="spmd-diffusion-output-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="spmd-diffusion-output-writer", daemon=True
+        )
         self._thread.start()
 
     def submit(self, sink: Any, output: Any, answer: Callable[..., None]) -> None:

@@ -42,7 +42,9 @@ def replica_agreement(mesh: Any) -> Callable[[bool], bool] | None:
     import torch
     import torch.distributed as dist
 
-    groups = [mesh[name].get_group() for name in ("cfg", "ring", "ulysses", "tp") if mesh[name].size() > 1]
+    groups = [
+        mesh[name].get_group() for name in ("cfg", "ring", "ulysses", "tp") if mesh[name].size() > 1
+    ]
     if not groups:
         return None
 
@@ -58,8 +60,9 @@ def replica_agreement(mesh: Any) -> Callable[[bool], bool] | None:
 class StepWatch:
     """One ``generate`` call's notes and cancellations (see the module docstring)."""
 
-    def __init__(self, channel: Any, interval_s: float, leader: bool,
-                 agree: Callable[[bool], bool] | None) -> None:
+    def __init__(
+        self, channel: Any, interval_s: float, leader: bool, agree: Callable[[bool], bool] | None
+    ) -> None:
         self.channel = channel if leader else None
         self.interval_s = interval_s
         self.agree = agree
@@ -77,7 +80,9 @@ class StepWatch:
         stop = self.channel is not None and set(request_ids) <= self.cancelled
         return self.agree(stop) if self.agree is not None else stop
 
-    def watch(self, request_ids: tuple[str, ...], steps: int | None) -> Callable[[int, int | None], None]:
+    def watch(
+        self, request_ids: tuple[str, ...], steps: int | None
+    ) -> Callable[[int, int | None], None]:
         """The step callback of one pipeline call making ``request_ids``: ``(step, total)``."""
         last_note = [0.0]
 

@@ -56,7 +56,10 @@ class _GatedSource:
 
 
 def _patch_scheduler(module) -> None:
-    directory, after = Path(os.environ["SPMD_TEST_GATE_DIR"]), int(os.environ.get("SPMD_TEST_GATE_AFTER", "1"))
+    directory, after = (
+        Path(os.environ["SPMD_TEST_GATE_DIR"]),
+        int(os.environ.get("SPMD_TEST_GATE_AFTER", "1")),
+    )
     ranks = int(os.environ.get("SPMD_TEST_GATE_RANKS", "1"))
     original = module.ReplicaScheduler.drive
 
@@ -101,7 +104,9 @@ def hold_for_signal(module, at_step: int):
                 return inner(step, total)
             finally:
                 if self.cancelled:
-                    holds[0] = 0  # the cancellation came (maybe before the hold): later batches run freely
+                    holds[0] = (
+                        0  # the cancellation came (maybe before the hold): later batches run freely
+                    )
 
         return after_step
 

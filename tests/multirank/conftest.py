@@ -24,7 +24,9 @@ def engine(executor_name):
     from spmd_diffusion import OmniDiffusionConfig
     from spmd_diffusion.entrypoints.spmd import spmd_engine
 
-    with spmd_engine(OmniDiffusionConfig(model="tiny-unet", executor_class=executor_name)) as engine:
+    with spmd_engine(
+        OmniDiffusionConfig(model="tiny-unet", executor_class=executor_name)
+    ) as engine:
         yield engine
 
 

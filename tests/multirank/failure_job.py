@@ -25,7 +25,9 @@ def kill_rank_1(worker) -> None:
 
 def exit_on_rank_1(worker) -> None:
     if worker.rank == 1:
-        raise SystemExit("rank 1 gives up")  # not an Exception: RPC error handling does not catch it
+        raise SystemExit(
+            "rank 1 gives up"
+        )  # not an Exception: RPC error handling does not catch it
 
 
 def stall_on_rank_1(worker) -> None:

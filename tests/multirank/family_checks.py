@@ -17,11 +17,22 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from parallel_checks import max_difference, verdict_on_all_ranks  # the world fixture comes with parallel_checks
+from parallel_checks import (
+    max_difference,
+    verdict_on_all_ranks,
+)  # the world fixture comes with parallel_checks
 
 from spmd_diffusion.models.tiny import CALL_DEFAULTS
 
-SP_FAMILIES = ("tiny-dit", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-sana", "tiny-video", "tiny-ltx")
+SP_FAMILIES = (
+    "tiny-dit",
+    "tiny-sd3",
+    "tiny-flux",
+    "tiny-qwen-image",
+    "tiny-sana",
+    "tiny-video",
+    "tiny-ltx",
+)
 ALL_FAMILIES = ("tiny-unet", "tiny-sdxl", *SP_FAMILIES)
 # Families whose guidance doubles the batch (CFG parallel splits it) or calls the denoiser per
 # branch (Qwen-Image with a negative prompt, Wan): every one but guidance-distilled Flux.
@@ -50,17 +61,27 @@ def sp_generate(pipeline: Any, family: str) -> np.ndarray:
     """Two prompts (different lengths: masked text in Qwen-Image), fixed seeds, guided where
     the family guides, 64x64 (9 frames for videos), float pixels in [0, 1]."""
     params = inspect.signature(pipeline.__call__).parameters
-    kwargs: dict[str, Any] = {**CALL_DEFAULTS.get(family.removeprefix("tiny-"), {}), "height": 64, "width": 64}
-    kwargs.update({name: False for name in ("use_resolution_binning", "clean_caption") if name in params})
+    kwargs: dict[str, Any] = {
+        **CALL_DEFAULTS.get(family.removeprefix("tiny-"), {}),
+        "height": 64,
+        "width": 64,
+    }
+    kwargs.update(
+        {name: False for name in ("use_resolution_binning", "clean_caption") if name in params}
+    )
     if family in GUIDED_FAMILIES:
         kwargs["negative_prompt"] = ["blurry", "a dull grey picture"]
         kwargs["guidance_scale"] = 4.5
         if "true_cfg_scale" in params:
             kwargs["true_cfg_scale"] = 4.0
     with torch.inference_mode():
-        result = pipeline(prompt=["a red cube on a table", "a blue sphere over the sea"],
-                          generator=[torch.Generator("cpu").manual_seed(seed) for seed in (21, 22)],
-                          num_inference_steps=SP_STEPS, output_type="np", **kwargs)
+        result = pipeline(
+            prompt=["a red cube on a table", "a blue sphere over the sea"],
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in (21, 22)],
+            num_inference_steps=SP_STEPS,
+            output_type="np",
+            **kwargs,
+        )
     images = result.frames if hasattr(result, "frames") else result.images
     return np.asarray(images, dtype=np.float64)
 
@@ -102,7 +123,10 @@ def test_sequence_parallel_matches_single_rank(family, layout_name, sp_reference
         difference = max_difference(sp_generate(pipeline, family), sp_references[family])
         calls = report.sp.counter.calls
         ok = difference <= SP_TOLERANCE and calls > 0 and report.sp.attention_modules > 0
-        return ok, f"max difference {difference:.2e}; {calls} sequence-parallel attention calls; {report.summary()}"
+        return (
+            ok,
+            f"max difference {difference:.2e}; {calls} sequence-parallel attention calls; {report.summary()}",
+        )
 
     verdict_on_all_ranks(body)
 
@@ -112,7 +136,9 @@ def test_a_unet_is_refused_naming_the_reason(world):
 
     assert "UNet" in refusal("UNet2DConditionModel", {}, 2, 1)
     assert "4 heads" in refusal("FluxTransformer2DModel", {"num_attention_heads": 4}, 3, 1)
-    assert refusal("SanaTransformer2DModel", {"num_attention_heads": 3}, 2, 1) is None  # linear attention
+    assert (
+        refusal("SanaTransformer2DModel", {"num_attention_heads": 3}, 2, 1) is None
+    )  # linear attention
     assert "no sequence-parallel plan" in refusal("HunyuanDiT2DModel", {}, 1, 2)
 
 
@@ -145,8 +171,13 @@ def test_tensor_parallel_shards_every_block_of_every_family(family, sp_reference
         report = parallelize_pipeline(pipeline, layout, mesh)
         difference = max_difference(sp_generate(pipeline, family), sp_references[family])
         unet = family in ("tiny-unet", "tiny-sdxl")
-        ok = (difference <= SP_TOLERANCE and not report.tp.skipped and report.tp.attention and report.tp.feedforward
-              and report.tp.param_ratio < (0.95 if unet else 0.7))
+        ok = (
+            difference <= SP_TOLERANCE
+            and not report.tp.skipped
+            and report.tp.attention
+            and report.tp.feedforward
+            and report.tp.param_ratio < (0.95 if unet else 0.7)
+        )
         return ok, f"max difference {difference:.2e}; {report.tp.summary()}"
 
     verdict_on_all_ranks(body)
@@ -166,8 +197,10 @@ def test_cfg_parallel_splits_every_guided_family(family, sp_references, cfg_pair
         difference = max_difference(sp_generate(pipeline, family), sp_references[family])
         calls = (report.cfg.split_calls, report.cfg.whole_calls)
         expected = (2 * (SP_STEPS - 1), 2) if family in BRANCH_FAMILIES else (SP_STEPS, 0)
-        return difference <= SP_TOLERANCE and calls == expected, \
-            f"max difference {difference:.2e}; (split, whole) calls {calls}, expected {expected}"
+        return (
+            difference <= SP_TOLERANCE and calls == expected,
+            f"max difference {difference:.2e}; (split, whole) calls {calls}, expected {expected}",
+        )
 
     verdict_on_all_ranks(body)
 
@@ -193,13 +226,24 @@ def test_tp2_with_cfg2_on_every_guided_family(family, sp_references, tp_cfg_pair
         report = parallelize_pipeline(pipeline, layout, mesh)
         difference = max_difference(sp_generate(pipeline, family), sp_references[family])
         ok = difference <= SP_TOLERANCE and report.cfg.split_calls > 0 and not report.tp.skipped
-        return ok, f"max difference {difference:.2e}; cfg calls {report.cfg.split_calls}/{report.cfg.whole_calls}"
+        return (
+            ok,
+            f"max difference {difference:.2e}; cfg calls {report.cfg.split_calls}/{report.cfg.whole_calls}",
+        )
 
     verdict_on_all_ranks(body)
 
 
 # The KL autoencoder's families, and the causal 3-D VAE's (Wan, Qwen-Image)
-VAE_FAMILIES = ("tiny-unet", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-flux", "tiny-video", "tiny-qwen-image")
+VAE_FAMILIES = (
+    "tiny-unet",
+    "tiny-sdxl",
+    "tiny-dit",
+    "tiny-sd3",
+    "tiny-flux",
+    "tiny-video",
+    "tiny-qwen-image",
+)
 
 
 @pytest.mark.parametrize("family", VAE_FAMILIES)
@@ -215,9 +259,15 @@ def test_vae_parallel_decode_matches_single_rank(family, sp_references, tp_pair_
         report = parallelize_pipeline(pipeline, layout, mesh, vae_parallel=True)
         difference = max_difference(sp_generate(pipeline, family), sp_references[family])
         vae = report.vae.describe()
-        calls = 3 if family == "tiny-video" else 1  # a video decodes one latent frame per call (9 frames: 3)
-        ok = difference <= SP_TOLERANCE and vae["split_decoder_calls"] == calls and vae["whole_decoder_calls"] == 0 \
+        calls = (
+            3 if family == "tiny-video" else 1
+        )  # a video decodes one latent frame per call (9 frames: 3)
+        ok = (
+            difference <= SP_TOLERANCE
+            and vae["split_decoder_calls"] == calls
+            and vae["whole_decoder_calls"] == 0
             and vae["halo_convs"] > 0
+        )
         return ok, f"max difference {difference:.2e}; {vae}"
 
     verdict_on_all_ranks(body)
@@ -235,8 +285,9 @@ def test_vae_parallel_over_a_four_rank_replica(family, sp_references, tp_cfg_pai
         report = parallelize_pipeline(pipeline, layout, mesh, vae_parallel=True)
         difference = max_difference(sp_generate(pipeline, family), sp_references[family])
         vae = report.vae.describe()
-        return difference <= SP_TOLERANCE and vae["ranks"] == 4 and vae["whole_decoder_calls"] == 0, \
-            f"max difference {difference:.2e}; {vae}"
+        return difference <= SP_TOLERANCE and vae["ranks"] == 4 and vae[
+            "whole_decoder_calls"
+        ] == 0, f"max difference {difference:.2e}; {vae}"
 
     verdict_on_all_ranks(body)
 
@@ -245,8 +296,12 @@ def load_quantized(family: str) -> Any:
     from spmd_diffusion.models import ensure_tiny_model, load_pipeline
     from spmd_diffusion.models.quantization import pipeline_config
 
-    return load_pipeline(str(ensure_tiny_model(family)), None, torch.float32,
-                         quantization_config=pipeline_config("int8wo", ["transformer"]))
+    return load_pipeline(
+        str(ensure_tiny_model(family)),
+        None,
+        torch.float32,
+        quantization_config=pipeline_config("int8wo", ["transformer"]),
+    )
 
 
 @pytest.mark.parametrize("layout_name", ["ulysses2", "ring2-cfg2", "cfg2"])

@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 from helpers import small_requests
 
-FAMILIES = ("tiny-unet", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-sana",
-            "tiny-video", "tiny-ltx")
+FAMILIES = (
+    "tiny-unet",
+    "tiny-sdxl",
+    "tiny-dit",
+    "tiny-sd3",
+    "tiny-flux",
+    "tiny-qwen-image",
+    "tiny-sana",
+    "tiny-video",
+    "tiny-ltx",
+)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -20,7 +29,9 @@ def family_engine(request, executor_name):
     from spmd_diffusion import OmniDiffusionConfig
     from spmd_diffusion.entrypoints.spmd import spmd_engine
 
-    config = OmniDiffusionConfig(model=request.param, executor_class=executor_name, max_batch_size=2)
+    config = OmniDiffusionConfig(
+        model=request.param, executor_class=executor_name, max_batch_size=2
+    )
     with spmd_engine(config) as engine:
         yield engine
 
@@ -38,8 +49,11 @@ def test_every_family_runs_data_parallel_with_the_one_rank_images(family_engine)
     outputs = family_engine.generate(requests)
     assert all(output.ok for output in outputs), [output.errors for output in outputs]
     assert {output.rank for output in outputs} == {0, 1}, "both replicas made images"
-    reference = UniProcDiffusionExecutor(family_engine.od_config.__class__(
-        **{**family_engine.od_config.to_dict(), "executor_class": "uni"}))
+    reference = UniProcDiffusionExecutor(
+        family_engine.od_config.__class__(
+            **{**family_engine.od_config.to_dict(), "executor_class": "uni"}
+        )
+    )
     try:
         expected = reference.execute_model(requests).split()
     finally:

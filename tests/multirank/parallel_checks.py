@@ -15,7 +15,8 @@ import inspect
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +26,17 @@ from spmd_diffusion.distributed.launcher import MPI, TORCHRUN, detect_launcher
 
 FAMILIES = ("tiny-unet", "tiny-dit")
 # Every family the multi-rank checks load (sequence_checks too): built before the group forms.
-BUILT_FAMILIES = ("tiny-unet", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-sana",
-                  "tiny-video", "tiny-ltx")
+BUILT_FAMILIES = (
+    "tiny-unet",
+    "tiny-sdxl",
+    "tiny-dit",
+    "tiny-sd3",
+    "tiny-flux",
+    "tiny-qwen-image",
+    "tiny-sana",
+    "tiny-video",
+    "tiny-ltx",
+)
 PROMPTS = ["a red cube on a table", "a blue sphere"]
 SEEDS = [11, 12]
 GUIDED, UNGUIDED = 4.5, 1.0
@@ -62,7 +72,11 @@ def init_world(kind: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group(
-        "gloo", init_method="env://", rank=comm.rank, world_size=comm.size, timeout=COLLECTIVE_TIMEOUT
+        "gloo",
+        init_method="env://",
+        rank=comm.rank,
+        world_size=comm.size,
+        timeout=COLLECTIVE_TIMEOUT,
     )
 
 
@@ -193,7 +207,9 @@ def test_plain_split_of_geglu_is_wrong(references, tp_mesh):
         pipeline = load("tiny-unet")
         report = apply_tensor_parallel(pipeline.unet, mesh["tp"], permute_gated=False)
         difference = max_difference(generate(pipeline, GUIDED), references["tiny-unet", GUIDED])
-        return difference > 20 * TOLERANCE and len(report.gated) > 0, f"max difference {difference:.3f}"
+        return difference > 20 * TOLERANCE and len(
+            report.gated
+        ) > 0, f"max difference {difference:.3f}"
 
     verdict_on_all_ranks(body)
 
@@ -229,7 +245,10 @@ def test_cfg_parallel_without_guidance_runs_unchanged(family, references, cfg_me
         denoiser = report.cfg.denoiser
         removed = disable_cfg_parallel(denoiser) and "forward" not in denoiser.__dict__
         ok = difference == 0.0 and calls == (0, STEPS) and removed
-        return ok, f"max difference {difference:.2e}; (split, whole) calls {calls}; removed {removed}"
+        return (
+            ok,
+            f"max difference {difference:.2e}; (split, whole) calls {calls}; removed {removed}",
+        )
 
     verdict_on_all_ranks(body)
 
@@ -307,8 +326,16 @@ def test_tp2_joint_attention_denoisers_match_unsharded(build, tp_mesh):
         with torch.inference_mode():
             got = model(**inputs, return_dict=False)[0]
         difference = float((got - expected).abs().max())
-        joint = [path for path in report.attention if getattr(model.get_submodule(path), "add_q_proj", None) is not None]
-        ok = difference <= 1e-5 and joint and all("pre_only" in why for why in report.skipped.values())
+        joint = [
+            path
+            for path in report.attention
+            if getattr(model.get_submodule(path), "add_q_proj", None) is not None
+        ]
+        ok = (
+            difference <= 1e-5
+            and joint
+            and all("pre_only" in why for why in report.skipped.values())
+        )
         return ok, f"max difference {difference:.2e}; {report.summary()}"
 
     verdict_on_all_ranks(body)
@@ -363,7 +390,9 @@ def cached_references(world) -> dict[tuple[str, bool], np.ndarray]:
 
 @pytest.mark.parametrize("spec", CACHES)
 @pytest.mark.parametrize("mesh_name", ["tp_mesh", "cfg_mesh"])
-def test_step_cache_under_tp_or_cfg_matches_single_rank_cached(spec, mesh_name, cached_references, request):
+def test_step_cache_under_tp_or_cfg_matches_single_rank_cached(
+    spec, mesh_name, cached_references, request
+):
     """The hooks wrap the sharded blocks (TP) or see each rank's guidance half (CFG): the
     images are the single-rank cached ones, twice in a row (hook state is reset per call), and
     no rank skips a collective the other runs (first-block's skip decision is the same on
@@ -389,7 +418,9 @@ def test_step_cache_under_tp_or_cfg_matches_single_rank_cached(spec, mesh_name, 
     verdict_on_all_ranks(body)
 
 
-@pytest.mark.parametrize("degrees", [{"tp": 2}, {"cfg": 2}, {"ulysses": 2}], ids=["tp2", "cfg2", "ulysses2"])
+@pytest.mark.parametrize(
+    "degrees", [{"tp": 2}, {"cfg": 2}, {"ulysses": 2}], ids=["tp2", "cfg2", "ulysses2"]
+)
 def test_a_parallelized_pipeline_is_freed_once_dropped(degrees, world):
     """Nothing outside the pipeline keeps it alive after TP/CFG/SP and a step cache: no
     global registry of wrappers, processors or hooks (what DiffusionWorker.shutdown and

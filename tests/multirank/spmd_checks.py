@@ -45,7 +45,9 @@ def test_worker_exception_on_rank_1_is_one_typed_error(root_engine):
 
 
 def test_large_replies(root_engine):
-    blob = root_engine.collective_rpc(lambda worker: bytes([worker.rank]) * (12 << 20), unique_reply_rank=1)
+    blob = root_engine.collective_rpc(
+        lambda worker: bytes([worker.rank]) * (12 << 20), unique_reply_rank=1
+    )
     assert len(blob) == 12 << 20 and blob[:1] == b"\x01"
 
 

@@ -6,7 +6,9 @@ from family_dp_checks import *  # noqa: F403 - the shared checks are this module
 from spmd_diffusion.distributed.launcher import TORCHRUN, detect_launcher
 
 pytestmark = [
-    pytest.mark.skipif(detect_launcher().kind != TORCHRUN, reason="needs torchrun --nproc-per-node 2"),
+    pytest.mark.skipif(
+        detect_launcher().kind != TORCHRUN, reason="needs torchrun --nproc-per-node 2"
+    ),
     pytest.mark.timeout(600),
 ]
 

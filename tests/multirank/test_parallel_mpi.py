@@ -7,9 +7,9 @@ torch.distributed is initialised here from MPI: rank and size from mpi4py, MASTE
 """
 
 import pytest
+from family_checks import *  # noqa: F403 - sequence and CFG parallel on every family
 from parallel_checks import *  # noqa: F403 - the shared checks are this module's tests
 from parallel_checks import HARD_TIMEOUT
-from family_checks import *  # noqa: F403 - sequence and CFG parallel on every family
 
 from spmd_diffusion.distributed.launcher import MPI
 

@@ -5,7 +5,12 @@ microsecond) and torch.distributed (a gloo CPU group, for torchrun and for srun 
 usable MPI). The RPC requests and replies of the SPMD executors travel here; tensors never do.
 """
 
-from spmd_diffusion.distributed.control.base import Backoff, ControlPlane, RootChannel, get_control_plane
+from spmd_diffusion.distributed.control.base import (
+    Backoff,
+    ControlPlane,
+    RootChannel,
+    get_control_plane,
+)
 from spmd_diffusion.errors import LaunchError
 
 __all__ = ["Backoff", "ControlPlane", "LaunchError", "RootChannel", "get_control_plane"]

@@ -138,7 +138,9 @@ class ControlPlane(ABC):
         """End the whole job now (every rank), with exit code ``code``."""
 
     def describe(self) -> str:
-        return f"{self.kind} rank {self.rank}/{self.size} (local {self.local_rank}/{self.local_size})"
+        return (
+            f"{self.kind} rank {self.rank}/{self.size} (local {self.local_rank}/{self.local_size})"
+        )
 
 
 class RootChannel:
@@ -171,7 +173,9 @@ def get_control_plane(launch: LaunchInfo, backend: str | None = None) -> Control
         backend = default_backend(launch)
     if _INSTANCE is not None:
         if _INSTANCE.kind != backend:
-            raise LaunchError(f"this process already uses the {_INSTANCE.kind} control plane, not {backend}")
+            raise LaunchError(
+                f"this process already uses the {_INSTANCE.kind} control plane, not {backend}"
+            )
         return _INSTANCE
     if backend == "mpi":
         from spmd_diffusion.distributed.control.mpi_control import MPIControl

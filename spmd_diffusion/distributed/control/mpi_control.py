@@ -111,7 +111,9 @@ class MPIControl(ControlPlane):
         arrived = []
         with self.lock:
             while True:
-                message = self.comm.Improbe(source=self.MPI.ANY_SOURCE, tag=TAG_REPLY, status=self.status)
+                message = self.comm.Improbe(
+                    source=self.MPI.ANY_SOURCE, tag=TAG_REPLY, status=self.status
+                )
                 if message is None:
                     break
                 arrived.append(self._receive(message, self.status))

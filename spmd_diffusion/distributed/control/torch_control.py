@@ -30,6 +30,7 @@ from collections.abc import Collection
 from typing import Any
 
 from spmd_diffusion import envs
+from spmd_diffusion.distributed import netif
 from spmd_diffusion.distributed.control.base import (
     SLOT_BYTES,
     ControlPlane,
@@ -37,7 +38,6 @@ from spmd_diffusion.distributed.control.base import (
     slot_length,
     slot_payload,
 )
-from spmd_diffusion.distributed import netif
 from spmd_diffusion.distributed.launcher import SLURM, TORCHRUN, LaunchInfo, first_slurm_host
 from spmd_diffusion.errors import ConnectionLostError, LaunchError, gloo_brief
 
@@ -72,7 +72,8 @@ def init_default_group(launch: LaunchInfo) -> None:
         raise LaunchError(
             f"the torchrun executor needs torch.distributed's rendezvous, which {launch.kind} does "
             "not set up: start the job with torchrun or srun, set MASTER_ADDR and MASTER_PORT, "
-            "or use the mpi executor")
+            "or use the mpi executor"
+        )
     one_node = launch.local_world_size == launch.world_size
     envs.keep_on_loopback(one_node)
     if not one_node:
@@ -80,14 +81,17 @@ def init_default_group(launch: LaunchInfo) -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=envs.init_timeout())
     try:
-        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+        dist.init_process_group(
+            backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+        )
     except Exception as exc:  # noqa: BLE001 - torch's errors do not say where they tried to meet
         where = f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
         raise LaunchError(
             f"rank {launch.rank} could not join torch.distributed at {where} within "
             f"{timeout.total_seconds():g} s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "set MASTER_ADDR to an address of rank 0's node that every node can reach, and "
-            "GLOO_SOCKET_IFNAME to the interface that carries it") from exc
+            "GLOO_SOCKET_IFNAME to the interface that carries it"
+        ) from exc
 
 
 class TorchControl(ControlPlane):
@@ -133,14 +137,20 @@ class TorchControl(ControlPlane):
     # -- rank 0 ------------------------------------------------------------------------------
     def send(self, rank: int, obj: Any) -> None:
         slot, rest = encode_slot(obj)
-        parts = [(self._tensor(slot), TAG_REQUEST)] + ([(self._tensor(rest), TAG_REQUEST_REST)] if rest else [])
+        parts = [(self._tensor(slot), TAG_REQUEST)] + (
+            [(self._tensor(rest), TAG_REQUEST_REST)] if rest else []
+        )
         with self.lock:
             if self._receiver is None:
-                self._receiver = threading.Thread(target=self._receive_replies, name="spmd-diffusion-replies",
-                                                  daemon=True)
+                self._receiver = threading.Thread(
+                    target=self._receive_replies, name="spmd-diffusion-replies", daemon=True
+                )
                 self._receiver.start()
             try:
-                works = [self.dist.isend(tensor, dst=rank, group=self.group, tag=tag) for tensor, tag in parts]
+                works = [
+                    self.dist.isend(tensor, dst=rank, group=self.group, tag=tag)
+                    for tensor, tag in parts
+                ]
             except RuntimeError as exc:  # gloo: the pair to ``rank`` is closed (it died)
                 raise ConnectionLostError(gloo_brief(exc), rank) from exc
             self._sending.setdefault(rank, deque()).append((works, parts))
@@ -181,14 +191,18 @@ class TorchControl(ControlPlane):
                 item = self._replies.get_nowait()
             except queue.Empty:
                 return arrived
-            if isinstance(item, Exception):  # gloo does not say which rank: with two, it is the other
+            if isinstance(
+                item, Exception
+            ):  # gloo does not say which rank: with two, it is the other
                 raise ConnectionLostError(gloo_brief(item), 1 if self.size == 2 else None) from item
             arrived.append(item)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every send has been received (the ranks are draining their queues)."""
         with self.lock:
-            works = [work for pending in self._sending.values() for works, _ in pending for work in works]
+            works = [
+                work for pending in self._sending.values() for works, _ in pending for work in works
+            ]
         done = threading.Event()
 
         def wait_all() -> None:

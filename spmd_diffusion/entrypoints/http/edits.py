@@ -47,7 +47,9 @@ def encoded(data: bytes) -> dict[str, Any]:
 
 
 def has_alpha(image: Any) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    return image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
 
 
 def mask_from_alpha(data: bytes) -> bytes | None:
@@ -80,14 +82,21 @@ async def read_form(request: Request) -> tuple[dict[str, str], list[bytes], byte
             elif key == "mask" and mask is None:
                 mask = await value.read()
             else:
-                raise ApiError(400, f"unexpected file field {key!r} (image and mask only)", param=key)
+                raise ApiError(
+                    400, f"unexpected file field {key!r} (image and mask only)", param=key
+                )
         elif key in fields or key in IMAGE_KEYS or key == "mask":
-            raise ApiError(400, f"{key} must be given once, as {'a file' if key in (*IMAGE_KEYS, 'mask') else 'text'}",
-                           param=key)
+            raise ApiError(
+                400,
+                f"{key} must be given once, as {'a file' if key in (*IMAGE_KEYS, 'mask') else 'text'}",
+                param=key,
+            )
         else:
             fields[key] = value
     if not images:
-        raise ApiError(400, "image is required: the picture to edit, as a file field", param="image")
+        raise ApiError(
+            400, "image is required: the picture to edit, as a file field", param="image"
+        )
     if len(images) > MAX_EDIT_IMAGES:
         raise ApiError(400, f"{len(images)} images; the limit is {MAX_EDIT_IMAGES}", param="image")
     return fields, images, mask
@@ -106,18 +115,30 @@ def edits_router(state: ServingState) -> APIRouter:
         items = await asyncio.to_thread(build_items, body, images, mask, height, width, state)
         state.prepared(items)
         outputs = await state.run_all(request, items)
-        failed = next((error for output in outputs for error in output.errors if error is not None), None)
+        failed = next(
+            (error for output in outputs for error in output.errors if error is not None), None
+        )
         if failed is not None:
             raise ApiError(500, failed, "server_error")
         encoded_images = await asyncio.to_thread(
-            lambda: [png_base64(image) for output in outputs for image in output.images[0]])
-        return {"created": int(time.time()), "data": [{"b64_json": data} for data in encoded_images]}
+            lambda: [png_base64(image) for output in outputs for image in output.images[0]]
+        )
+        return {
+            "created": int(time.time()),
+            "data": [{"b64_json": data} for data in encoded_images],
+        }
 
     return router
 
 
-def build_items(body: Any, images: list[bytes], mask: bytes | None, height: int | None, width: int | None,
-                state: ServingState) -> list[OmniDiffusionRequest]:
+def build_items(
+    body: Any,
+    images: list[bytes],
+    mask: bytes | None,
+    height: int | None,
+    width: int | None,
+    state: ServingState,
+) -> list[OmniDiffusionRequest]:
     """One request per input image (``n`` images each); off the event loop (masks are decoded)."""
     takes_mask = state.needs_mask()
     shared_mask = None
@@ -132,13 +153,26 @@ def build_items(body: Any, images: list[bytes], mask: bytes | None, height: int 
             except Exception:  # noqa: BLE001 - not an image: the request's own check says so below
                 own = None
             if own is None:
-                raise ApiError(400, f"{state.pipeline_call()[0]} inpaints: send a mask (transparent or white "
-                               "where to edit) or an image whose transparency marks it", param="mask")
+                raise ApiError(
+                    400,
+                    f"{state.pipeline_call()[0]} inpaints: send a mask (transparent or white "
+                    "where to edit) or an image whose transparency marks it",
+                    param="mask",
+                )
             item_mask = encoded(own)
         try:
-            items.append(OmniDiffusionRequest(prompt=body.prompt, image=encoded(data), mask_image=item_mask,
-                                              height=height, width=width, num_images_per_prompt=body.n,
-                                              lora=state.lora_specs(body.lora), **settings_of(body)))
+            items.append(
+                OmniDiffusionRequest(
+                    prompt=body.prompt,
+                    image=encoded(data),
+                    mask_image=item_mask,
+                    height=height,
+                    width=width,
+                    num_images_per_prompt=body.n,
+                    lora=state.lora_specs(body.lora),
+                    **settings_of(body),
+                )
+            )
         except ValueError as exc:
             where = f"image[{position}]: " if len(images) > 1 else ""
             raise ApiError(400, f"{where}{exc}") from None

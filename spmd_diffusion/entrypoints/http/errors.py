@@ -11,13 +11,32 @@ from spmd_diffusion.utils.images import image_png_bytes
 class ApiError(Exception):
     """A failure with its HTTP status, in OpenAI's error shape."""
 
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.error_type, self.code, self.param = status, message, error_type, code, param
+        self.status, self.message, self.error_type, self.code, self.param = (
+            status,
+            message,
+            error_type,
+            code,
+            param,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def invalid(errors: list[dict[str, Any]]) -> ApiError:
@@ -35,7 +54,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
         return None, None
     width, sep, height = size.lower().partition("x")
     if not sep or not width.isdigit() or not height.isdigit():
-        raise ApiError(400, f"size must look like 512x512 (width x height), got {size!r}", param="size")
+        raise ApiError(
+            400, f"size must look like 512x512 (width x height), got {size!r}", param="size"
+        )
     return int(height), int(width)
 
 

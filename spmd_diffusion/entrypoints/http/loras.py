@@ -44,15 +44,19 @@ def lora_catalog(named: dict[str, str], directory: str | None) -> dict[str, str]
             raise ValueError(f"--lora-dir {directory!r} is not a directory")
         for entry in sorted(root.iterdir()):
             is_weights = entry.is_file() and entry.suffix.lower() in WEIGHT_SUFFIXES
-            holds_weights = entry.is_dir() and any(child.suffix.lower() in WEIGHT_SUFFIXES for child in entry.iterdir())
+            holds_weights = entry.is_dir() and any(
+                child.suffix.lower() in WEIGHT_SUFFIXES for child in entry.iterdir()
+            )
             name = entry.stem if entry.is_file() else entry.name
             if (is_weights or holds_weights) and NAME.match(name):
                 catalog[name] = str(entry.resolve())
     for name, path in named.items():
         resolved = Path(path).expanduser()
         if not resolved.exists():
-            raise ValueError(f"--lora {name}={path}: {path!r} does not exist (a served adapter is a local file "
-                             "or directory)")
+            raise ValueError(
+                f"--lora {name}={path}: {path!r} does not exist (a served adapter is a local file "
+                "or directory)"
+            )
         catalog[name] = str(resolved.resolve())
     return catalog
 
@@ -65,9 +69,14 @@ def resolve_loras(value: Any, catalog: dict[str, str]) -> list[str] | None:
     specs = parse_loras(value)
     unknown = [spec.source for spec in specs if spec.source not in catalog]
     if unknown:
-        offered = ", ".join(sorted(catalog)[:20]) or "none (start the server with --lora NAME=PATH or --lora-dir)"
-        raise ValueError(f"unknown LoRA {', '.join(map(repr, unknown))}: a request names adapters this server "
-                         f"offers ({offered}), never a path")
+        offered = (
+            ", ".join(sorted(catalog)[:20])
+            or "none (start the server with --lora NAME=PATH or --lora-dir)"
+        )
+        raise ValueError(
+            f"unknown LoRA {', '.join(map(repr, unknown))}: a request names adapters this server "
+            f"offers ({offered}), never a path"
+        )
     return [f"{catalog[spec.source]}:{spec.scale:g}" for spec in specs]
 
 
@@ -76,5 +85,10 @@ def name_loras(metadata: list[dict[str, Any]], catalog: dict[str, str]) -> None:
     names = {path: name for name, path in catalog.items()}
     for record in metadata:
         if record.get("lora"):
-            record["lora"] = [{"name": names.get(entry.get("source"), Path(str(entry.get("source"))).name),
-                               "scale": entry["scale"]} for entry in record["lora"]]
+            record["lora"] = [
+                {
+                    "name": names.get(entry.get("source"), Path(str(entry.get("source"))).name),
+                    "scale": entry["scale"],
+                }
+                for entry in record["lora"]
+            ]

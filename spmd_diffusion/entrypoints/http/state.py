@@ -55,8 +55,11 @@ class OpenAIImageFields(BaseModel):
 
 def refuse_url(body: Any) -> None:
     if body.response_format == "url":
-        raise ApiError(400, "response_format url is not supported: images are returned as b64_json",
-                       param="response_format")
+        raise ApiError(
+            400,
+            "response_format url is not supported: images are returned as b64_json",
+            param="response_format",
+        )
 
 
 def images_request_model(base: type, limits: ServerLimits) -> type:
@@ -76,7 +79,10 @@ def images_request_model(base: type, limits: ServerLimits) -> type:
             bounds["allow_inf_nan"] = False
         if setting.max_length is not None:
             bounds["max_length"] = min(setting.max_length, limits.max_prompt_chars)
-        fields[setting.http] = (types[setting.kind] | None, Field(None, description=setting.help, **bounds))
+        fields[setting.http] = (
+            types[setting.kind] | None,
+            Field(None, description=setting.help, **bounds),
+        )
     return create_model(base.__name__.removeprefix("OpenAI"), __base__=base, **fields)
 
 
@@ -102,8 +108,14 @@ def unable_to_serve(engine: AsyncDiffusionEngine) -> str | None:
 class ServingState:
     """One server's engine, name, key and limits, and the request steps its routes share."""
 
-    def __init__(self, engine: AsyncDiffusionEngine, model_name: str, api_key: str | None,
-                 limits: ServerLimits, loras: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncDiffusionEngine,
+        model_name: str,
+        api_key: str | None,
+        limits: ServerLimits,
+        loras: dict[str, str] | None = None,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
@@ -119,8 +131,14 @@ class ServingState:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "missing or wrong API key (Authorization: Bearer <key>)",
+                code="invalid_api_key",
+            )
 
     def lora_specs(self, value: Any, where: str = "") -> list[str] | None:
         """A client's ``lora`` names as the worker's specs (400 for a name not offered)."""
@@ -148,22 +166,32 @@ class ServingState:
         except ValidationError as exc:
             raise invalid(exc.errors()) from None
         if len(body.prompt) > self.limits.max_prompt_chars:
-            raise ApiError(400, f"prompt: at most {self.limits.max_prompt_chars} characters", param="prompt")
+            raise ApiError(
+                400, f"prompt: at most {self.limits.max_prompt_chars} characters", param="prompt"
+            )
         self.check_model(body.model)
         return body
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, self.model_name):
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           code="model_not_found", param="model")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
 
     def check_room(self, count: int) -> None:
         engine = self.engine
         if engine.failure is not None:
             raise ApiError(503, f"the engine failed: {engine.failure}", "server_error")
         if engine.queued + count > self.limits.max_queued_requests:
-            raise ApiError(503, f"the server is full ({engine.queued} requests waiting); retry later",
-                           "server_error", code="overloaded")
+            raise ApiError(
+                503,
+                f"the server is full ({engine.queued} requests waiting); retry later",
+                "server_error",
+                code="overloaded",
+            )
 
     def pipeline_call(self) -> tuple[str, set[str]] | None:
         """The loaded pipeline's class name and call arguments (None: not known before loading)."""
@@ -199,7 +227,9 @@ class ServingState:
         except (TypeError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def run_all(self, request: Request, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
+    async def run_all(
+        self, request: Request, requests: list[OmniDiffusionRequest]
+    ) -> list[DiffusionOutput]:
         """Every request's output; a client that goes away cancels its requests."""
         self.check_room(len(requests))
         tasks = [asyncio.ensure_future(self.engine.generate(item)) for item in requests]

@@ -79,10 +79,21 @@ class VideoJob:
     task: asyncio.Task | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "video", "model": self.model, "status": self.status,
-                "progress": self.progress, "created_at": self.created_at, "completed_at": self.completed_at,
-                "expires_at": self.expires_at, "prompt": self.request.prompt, "seconds": f"{self.seconds:g}",
-                "size": self.size, "error": self.error, "remixed_from_video_id": None}
+        return {
+            "id": self.id,
+            "object": "video",
+            "model": self.model,
+            "status": self.status,
+            "progress": self.progress,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "expires_at": self.expires_at,
+            "prompt": self.request.prompt,
+            "seconds": f"{self.seconds:g}",
+            "size": self.size,
+            "error": self.error,
+            "remixed_from_video_id": None,
+        }
 
     @property
     def finished(self) -> bool:
@@ -100,7 +111,11 @@ class VideoJobs:
     def sweep(self) -> None:
         """Forget finished jobs past their expiry, deleting their files."""
         now = time.time()
-        for job in [job for job in self.jobs.values() if job.expires_at is not None and job.expires_at <= now]:
+        for job in [
+            job
+            for job in self.jobs.values()
+            if job.expires_at is not None and job.expires_at <= now
+        ]:
             self.forget(job)
 
     def forget(self, job: VideoJob) -> None:
@@ -123,16 +138,26 @@ class VideoJobs:
         self.sweep()
         job = self.jobs.get(video_id)
         if job is None:
-            raise ApiError(404, f"no video job {video_id!r} (unknown, deleted or expired)", "not_found_error",
-                           param="video_id")
+            raise ApiError(
+                404,
+                f"no video job {video_id!r} (unknown, deleted or expired)",
+                "not_found_error",
+                param="video_id",
+            )
         return job
 
     def create(self, job_request: OmniDiffusionRequest, seconds: float, size: str) -> VideoJob:
         self.sweep()
         if self.held >= self.state.limits.max_video_jobs:
-            raise ApiError(429, f"{self.held} video jobs are queued, running or waiting to be fetched (the "
-                                "limit): fetch or delete finished ones, or retry later", code="too_many_jobs")
-        job = VideoJob("video_" + secrets.token_hex(12), job_request, self.state.model_name, seconds, size)
+            raise ApiError(
+                429,
+                f"{self.held} video jobs are queued, running or waiting to be fetched (the "
+                "limit): fetch or delete finished ones, or retry later",
+                code="too_many_jobs",
+            )
+        job = VideoJob(
+            "video_" + secrets.token_hex(12), job_request, self.state.model_name, seconds, size
+        )
         self.jobs[job.id] = job
         job.task = asyncio.ensure_future(self.follow(job))
         return job
@@ -176,7 +201,9 @@ class VideoJobs:
             self.directory = Path(tempfile.mkdtemp(prefix="spmd-diffusion-videos-"))
         video_format = default_video_format()
         metadata = output.metadata[0] if output.metadata else {}
-        data = encode_video(output.images[0][0], video_format, fps=metadata.get("fps") or job.request.fps or 16)
+        data = encode_video(
+            output.images[0][0], video_format, fps=metadata.get("fps") or job.request.fps or 16
+        )
         path = self.directory / f"{job.id}.{video_format}"
         partial = path.with_suffix(".partial")
         partial.write_bytes(data)
@@ -194,7 +221,9 @@ class VideoJobs:
 async def read_fields(request: Request) -> dict[str, Any]:
     """The body's fields: a multipart form (the ``openai`` client) or a JSON object."""
     kind = request.headers.get("content-type", "")
-    if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
+    if kind.startswith("multipart/form-data") or kind.startswith(
+        "application/x-www-form-urlencoded"
+    ):
         try:
             form = await request.form(max_files=1, max_fields=64)
         except Exception as exc:  # noqa: BLE001 - python-multipart's and starlette's parse errors alike
@@ -202,8 +231,11 @@ async def read_fields(request: Request) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                raise ApiError(400, f"{key}: this server's video pipeline takes no input file (text-to-video)",
-                               param=key)
+                raise ApiError(
+                    400,
+                    f"{key}: this server's video pipeline takes no input file (text-to-video)",
+                    param=key,
+                )
             if key in fields:
                 raise ApiError(400, f"{key} must be given once", param=key)
             fields[key] = value
@@ -225,16 +257,24 @@ def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
     async def create_video(request: Request) -> dict[str, Any]:
         body = state.validated(VideoRequest, await read_fields(request))
         if not state.video_model:
-            raise ApiError(400, f"{state.model_name!r} makes images, not videos: use POST /v1/images/generations",
-                           param="model")
+            raise ApiError(
+                400,
+                f"{state.model_name!r} makes images, not videos: use POST /v1/images/generations",
+                param="model",
+            )
         height, width = parse_size(body.size)
         settings = settings_of(body)
         fps = settings.get("fps") or 16
         if settings.get("num_frames") is None and body.seconds is not None:
             settings["num_frames"] = max(1, round(body.seconds * fps))
         try:
-            item = OmniDiffusionRequest(prompt=body.prompt, height=height, width=width,
-                                        lora=state.lora_specs(body.lora), **settings)
+            item = OmniDiffusionRequest(
+                prompt=body.prompt,
+                height=height,
+                width=width,
+                lora=state.lora_specs(body.lora),
+                **settings,
+            )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         state.prepared([item])
@@ -247,9 +287,16 @@ def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
     @router.get(VIDEOS_PATH)
     async def list_videos() -> dict[str, Any]:
         jobs.sweep()
-        data = sorted((job.describe() for job in jobs.jobs.values()), key=lambda job: -job["created_at"])
-        return {"object": "list", "data": data, "has_more": False,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        data = sorted(
+            (job.describe() for job in jobs.jobs.values()), key=lambda job: -job["created_at"]
+        )
+        return {
+            "object": "list",
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
 
     @router.get(VIDEOS_PATH + "/{video_id}")
     async def retrieve_video(video_id: str) -> dict[str, Any]:
@@ -259,15 +306,27 @@ def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
     async def video_content(video_id: str, variant: str = "video") -> Response:
         job = jobs.get(video_id)
         if variant != "video":
-            raise ApiError(400, f"variant {variant!r} is not served: only the video itself", param="variant")
+            raise ApiError(
+                400, f"variant {variant!r} is not served: only the video itself", param="variant"
+            )
         if job.status != "completed":
-            raise ApiError(409, f"video job {video_id} is {job.status}: its content exists once it is completed"
-                           + (f" ({job.error['message']})" if job.error else ""), code="video_not_ready")
+            raise ApiError(
+                409,
+                f"video job {video_id} is {job.status}: its content exists once it is completed"
+                + (f" ({job.error['message']})" if job.error else ""),
+                code="video_not_ready",
+            )
         if job.path is None or job.fetched:  # fetched: its file goes once this response is sent
-            raise ApiError(410, f"video job {video_id}'s file was already fetched", code="video_fetched")
+            raise ApiError(
+                410, f"video job {video_id}'s file was already fetched", code="video_fetched"
+            )
         job.fetched = True
-        return FileResponse(job.path, media_type=MEDIA_TYPES[job.video_format],
-                            filename=f"{video_id}.{job.video_format}", background=BackgroundTask(jobs.release_file, job))
+        return FileResponse(
+            job.path,
+            media_type=MEDIA_TYPES[job.video_format],
+            filename=f"{video_id}.{job.video_format}",
+            background=BackgroundTask(jobs.release_file, job),
+        )
 
     @router.delete(VIDEOS_PATH + "/{video_id}")
     async def delete_video(video_id: str) -> dict[str, Any]:

@@ -58,21 +58,26 @@ def is_openai_batch(path: Path) -> bool:
     return False
 
 
-def open_source(prompts_file: str | None, prompts: tuple[str, ...] | list[str] = (),
-                columns: Columns = Columns()) -> ItemSource:
+def open_source(
+    prompts_file: str | None,
+    prompts: tuple[str, ...] | list[str] = (),
+    columns: Columns = Columns(),
+) -> ItemSource:
     """The source ``--prompts`` / ``--prompt`` name; a missing or unknown input is an
     InputError (raised here, or on the first read)."""
     if prompts_file and prompts:
         raise InputError("give --prompts FILE or --prompt TEXT, not both")
     if not prompts_file and not prompts:
-        raise InputError("nothing to generate: give --prompts FILE (txt, jsonl, csv, parquet, a datasets "
-                         "directory or hf:NAME) or --prompt TEXT (repeatable)")
+        raise InputError(
+            "nothing to generate: give --prompts FILE (txt, jsonl, csv, parquet, a datasets "
+            "directory or hf:NAME) or --prompt TEXT (repeatable)"
+        )
     if not prompts_file:
         return ItemSource("--prompt", lambda: iter_items(None, prompts))
     if prompts_file.startswith(HUB_PREFIX):
         from spmd_diffusion.jobs.sources.tables import hub_dataset_source
 
-        return hub_dataset_source(prompts_file[len(HUB_PREFIX):], columns)
+        return hub_dataset_source(prompts_file[len(HUB_PREFIX) :], columns)
     path = Path(prompts_file)
     if path.is_dir():
         from spmd_diffusion.jobs.sources.tables import dataset_dir_source
@@ -90,6 +95,8 @@ def open_source(prompts_file: str | None, prompts: tuple[str, ...] | list[str] =
 
         return ItemSource(str(path), lambda: read_openai_batch(path))
     if suffix not in (".txt", ".jsonl", ".csv"):
-        raise InputError(f"prompt file {prompts_file!r}: use .txt, .jsonl, .csv, .parquet, a datasets "
-                         "directory or hf:NAME")
+        raise InputError(
+            f"prompt file {prompts_file!r}: use .txt, .jsonl, .csv, .parquet, a datasets "
+            "directory or hf:NAME"
+        )
     return ItemSource(str(path), lambda: iter_items(prompts_file))

@@ -21,8 +21,12 @@ from spmd_diffusion.jobs.prompts import PromptItem, _item, parse_json_line, text
 IMAGES_URL = "/v1/images/generations"
 SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # body key -> prompt-file key (the names _item knows)
-BODY_KEYS = {"negative_prompt": "negative_prompt", "num_inference_steps": "steps", "guidance_scale": "guidance",
-             "seed": "seed"}
+BODY_KEYS = {
+    "negative_prompt": "negative_prompt",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "seed": "seed",
+}
 
 
 def _size(value: Any, where: str) -> dict[str, int]:
@@ -44,15 +48,20 @@ def openai_item(record: Any, number: int, where: str) -> PromptItem:
         raise InputError(f"{where}: 'custom_id' is required and must be a non-empty string")
     url = record.get("url", IMAGES_URL)
     if url != IMAGES_URL or record.get("method", "POST") != "POST":
-        raise InputError(f"{where}: only POST {IMAGES_URL} requests can run here, not "
-                         f"{record.get('method', 'POST')} {url}")
+        raise InputError(
+            f"{where}: only POST {IMAGES_URL} requests can run here, not "
+            f"{record.get('method', 'POST')} {url}"
+        )
     if not isinstance(body, dict):
         raise InputError(f"{where}: 'body' must be a JSON object (the images request)")
     fields = {"id": custom_id, "prompt": body.get("prompt"), **_size(body.get("size"), where)}
-    fields.update({key: body[name] for name, key in BODY_KEYS.items() if body.get(name) is not None})
+    fields.update(
+        {key: body[name] for name, key in BODY_KEYS.items() if body.get(name) is not None}
+    )
     item = _item(fields, number, where)
-    item.meta = {key: value for key, value in body.items()
-                 if key not in ("prompt", "size", "n", *BODY_KEYS)}
+    item.meta = {
+        key: value for key, value in body.items() if key not in ("prompt", "size", "n", *BODY_KEYS)
+    }
     count = body.get("n")
     if count is not None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -17,12 +17,17 @@ from typing import Any
 
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.prompts import SETTING_KEYS, PromptItem, _item
-from spmd_diffusion.request_settings import BY_KEY
 from spmd_diffusion.jobs.sources import Columns, ItemSource
+from spmd_diffusion.request_settings import BY_KEY
 
 BATCH_ROWS = 4096
 # The column types a setting's kind may come in (a float setting may be an integer column).
-COLUMN_KINDS = {"int": ("integer",), "float": ("integer", "number"), "text": ("text",), "path": ("text",)}
+COLUMN_KINDS = {
+    "int": ("integer",),
+    "float": ("integer", "number"),
+    "text": ("text",),
+    "path": ("text",),
+}
 
 
 def _kind(arrow_type: Any) -> str:
@@ -50,11 +55,15 @@ def plan_columns(schema: Any, columns: Columns, where: str) -> dict[str, str]:
 
     def need(name: str, what: str, allowed: tuple[str, ...]) -> None:
         if name not in kinds:
-            raise InputError(f"{where}: no column {name!r} for the {what} (columns: {available}); "
-                             f"name it with --{what}-column")
+            raise InputError(
+                f"{where}: no column {name!r} for the {what} (columns: {available}); "
+                f"name it with --{what}-column"
+            )
         if kinds[name] not in (*allowed, "null"):
-            raise InputError(f"{where}: column {name!r} holds {schema.field(name).type}, but the {what} must be "
-                             f"{' or '.join(allowed)}")
+            raise InputError(
+                f"{where}: column {name!r} holds {schema.field(name).type}, but the {what} must be "
+                f"{' or '.join(allowed)}"
+            )
 
     need(columns.prompt, "prompt", ("text",))
     mapping = {columns.prompt: "prompt"}
@@ -66,11 +75,17 @@ def plan_columns(schema: Any, columns: Columns, where: str) -> dict[str, str]:
         if key in kinds and key not in mapping:
             allowed = COLUMN_KINDS[BY_KEY[key].kind]
             if kinds[key] not in (*allowed, "null"):
-                raise InputError(f"{where}: column {key!r} holds {schema.field(key).type}, but {key} must be "
-                                 f"{' or '.join(allowed)}")
+                raise InputError(
+                    f"{where}: column {key!r} holds {schema.field(key).type}, but {key} must be "
+                    f"{' or '.join(allowed)}"
+                )
             mapping[key] = key
     for name, kind in kinds.items():
-        if name not in mapping and kind in ("text", "integer", "number", "boolean") and name not in ("prompt", "id"):
+        if (
+            name not in mapping
+            and kind in ("text", "integer", "number", "boolean")
+            and name not in ("prompt", "id")
+        ):
             mapping[name] = name  # kept as metadata
     return mapping
 
@@ -123,12 +138,16 @@ def _split(loaded: Any, columns: Columns, where: str) -> Any:
 
     if not isinstance(loaded, DatasetDict):
         if columns.split not in (None, getattr(loaded, "split", None)) and columns.split != "train":
-            raise InputError(f"{where}: holds one dataset, not splits; drop --split {columns.split}")
+            raise InputError(
+                f"{where}: holds one dataset, not splits; drop --split {columns.split}"
+            )
         return loaded
     names = list(loaded)
     split = columns.split or ("train" if "train" in loaded or len(names) != 1 else names[0])
     if split not in loaded:
-        raise InputError(f"{where}: no split {split!r} (splits: {', '.join(names)}); choose one with --split")
+        raise InputError(
+            f"{where}: no split {split!r} (splits: {', '.join(names)}); choose one with --split"
+        )
     return loaded[split]
 
 
@@ -148,8 +167,10 @@ def dataset_dir_source(path: Path, columns: Columns) -> ItemSource:
     try:
         from datasets import load_from_disk
     except ImportError:
-        raise InputError(f"{where}: reading a datasets directory needs the 'datasets' package "
-                         "(pip install 'spmd_diffusion[datasets]')") from None
+        raise InputError(
+            f"{where}: reading a datasets directory needs the 'datasets' package "
+            "(pip install 'spmd_diffusion[datasets]')"
+        ) from None
     try:
         loaded = load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
@@ -163,10 +184,14 @@ def hub_dataset_source(name: str, columns: Columns) -> ItemSource:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise InputError(f"{where}: reading a hub dataset needs the 'datasets' package "
-                         "(pip install 'spmd_diffusion[datasets]')") from None
+        raise InputError(
+            f"{where}: reading a hub dataset needs the 'datasets' package "
+            "(pip install 'spmd_diffusion[datasets]')"
+        ) from None
     try:
         loaded = load_dataset(name, split=columns.split or "train")
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not found/not cached"
-        raise InputError(f"{where}: cannot load the dataset ({type(exc).__name__}: {exc})") from None
+        raise InputError(
+            f"{where}: cannot load the dataset ({type(exc).__name__}: {exc})"
+        ) from None
     return _dataset_source(loaded, columns, where)

@@ -39,7 +39,14 @@ CALL_DEFAULTS = {
     "qwen-image": {"height": 64, "width": 64, **SMALL_TEXT},
     "sana": {"height": 64, "width": 64, **SMALL_TEXT},
 }
-__all__ = ["ARCHES", "BUILDERS", "CALL_DEFAULTS", "TINY_MODEL_VERSION", "make_tiny_model", "write_tiny_clip_tokenizer"]
+__all__ = [
+    "ARCHES",
+    "BUILDERS",
+    "CALL_DEFAULTS",
+    "TINY_MODEL_VERSION",
+    "make_tiny_model",
+    "write_tiny_clip_tokenizer",
+]
 
 
 def _apply_umask(directory: Path) -> None:
@@ -59,8 +66,12 @@ def check_saved_weights(pipeline, directory: Path) -> None:
     import torch
 
     for name, component in pipeline.components.items():
-        if isinstance(component, torch.nn.Module) and not any((directory / name).glob("*.safetensors")):
-            raise RuntimeError(f"tiny model component {name!r} was saved without weights in {directory}")
+        if isinstance(component, torch.nn.Module) and not any(
+            (directory / name).glob("*.safetensors")
+        ):
+            raise RuntimeError(
+                f"tiny model component {name!r} was saved without weights in {directory}"
+            )
 
 
 def build_in_subprocess(directory: Path, arch: str) -> None:
@@ -70,7 +81,8 @@ def build_in_subprocess(directory: Path, arch: str) -> None:
 
     subprocess.run(
         [sys.executable, "-m", "spmd_diffusion", "make-tiny-model", str(directory), "--arch", arch],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
 
 
@@ -96,8 +108,14 @@ def make_tiny_model(directory: str | os.PathLike, arch: str = "unet", seed: int 
         pipeline.save_pretrained(str(staging / "model"), safe_serialization=True)
         check_saved_weights(pipeline, staging / "model")
         (staging / "model" / "tiny_model.json").write_text(
-            json.dumps({"arch": arch, "seed": seed, "version": TINY_MODEL_VERSION,
-                        **({"call_defaults": CALL_DEFAULTS[arch]} if arch in CALL_DEFAULTS else {})})
+            json.dumps(
+                {
+                    "arch": arch,
+                    "seed": seed,
+                    "version": TINY_MODEL_VERSION,
+                    **({"call_defaults": CALL_DEFAULTS[arch]} if arch in CALL_DEFAULTS else {}),
+                }
+            )
         )
         _apply_umask(staging / "model")
         if target.exists():

@@ -54,20 +54,22 @@ def gemma2_encoder(tokenizer, hidden: int = HIDDEN):
     """Gemma 2 decoder used as a text encoder (Sana)."""
     from transformers import Gemma2Config, Gemma2Model
 
-    return Gemma2Model(Gemma2Config(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=max(len(tokenizer), 128),
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attn_implementation="eager",
-    ))
+    return Gemma2Model(
+        Gemma2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=max(len(tokenizer), 128),
+            max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            attn_implementation="eager",
+        )
+    )
 
 
 def qwen25_vl_encoder(tokenizer, hidden: int = HIDDEN):
@@ -78,17 +80,33 @@ def qwen25_vl_encoder(tokenizer, hidden: int = HIDDEN):
     vocab = max(len(tokenizer), 300)
     config = Qwen2_5_VLConfig(
         text_config={
-            "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab,
             "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-            "rope_theta": 1000000.0, "max_position_embeddings": 2048,
-            "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 2048,
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": hidden},
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+        },
         vocab_size=vocab,
-        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
-        vision_end_token_id=vocab - 4, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return Qwen2_5_VLForConditionalGeneration(config)

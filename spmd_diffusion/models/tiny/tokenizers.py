@@ -61,8 +61,21 @@ def gemma_tokenizer(max_length: int = 4096):
     """Gemma's BPE tokenizer over characters, with its special tokens (Sana)."""
     from transformers import GemmaTokenizer
 
-    vocab = {token: index for index, token in enumerate(
-        ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "\u2581"))}
+    vocab = {
+        token: index
+        for index, token in enumerate(
+            (
+                "<pad>",
+                "<eos>",
+                "<bos>",
+                "<unk>",
+                "<mask>",
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "\u2581",
+            )
+        )
+    }
     for c in CHARACTERS:
         vocab.setdefault(c, len(vocab))
     merges = [("\u2581", "a"), ("\u2581", "t"), ("o", "f")]
@@ -74,9 +87,38 @@ def gemma_tokenizer(max_length: int = 4096):
 # Qwen-Image drops the first 34 tokens of its prompt template (the system prompt, in the real
 # Qwen2 tokenizer); the tiny tokenizer knows the template's words, so it drops exactly those too.
 QWEN_TEMPLATE_WORDS = (
-    "system", "\n", "Describe", " the", " image", " by", " detailing", " the", " color", ",", " shape", ",",
-    " size", ",", " texture", ",", " quantity", ",", " text", ",", " spatial", " relationships", " of", " the",
-    " objects", " and", " background", ":", "\n", "user", "\n", "assistant",
+    "system",
+    "\n",
+    "Describe",
+    " the",
+    " image",
+    " by",
+    " detailing",
+    " the",
+    " color",
+    ",",
+    " shape",
+    ",",
+    " size",
+    ",",
+    " texture",
+    ",",
+    " quantity",
+    ",",
+    " text",
+    ",",
+    " spatial",
+    " relationships",
+    " of",
+    " the",
+    " objects",
+    " and",
+    " background",
+    ":",
+    "\n",
+    "user",
+    "\n",
+    "assistant",
 )
 
 
@@ -88,7 +130,9 @@ def qwen2_tokenizer(max_length: int = 1024):
     alphabet = bytes_to_unicode()
     vocab = {c: index for index, c in enumerate(alphabet.values())}
     merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(QWEN_TEMPLATE_WORDS):  # each word: its byte characters merged left to right
+    for word in dict.fromkeys(
+        QWEN_TEMPLATE_WORDS
+    ):  # each word: its byte characters merged left to right
         encoded = "".join(alphabet[b] for b in word.encode())
         for end in range(2, len(encoded) + 1):
             merge = (encoded[: end - 1], encoded[end - 1])

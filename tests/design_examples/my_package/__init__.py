@@ -11,9 +11,9 @@ from __future__ import annotations
 from PIL import Image
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig  # noqa: F401 - as in the guide
+from spmd_diffusion.distributed.protocol import collect_replies, run_rpc
 from spmd_diffusion.executor import DiffusionExecutor
 from spmd_diffusion.request import OmniDiffusionRequest  # noqa: F401 - as in the guide
-from spmd_diffusion.distributed.protocol import collect_replies, run_rpc
 
 
 class EchoWorker:
@@ -28,7 +28,10 @@ class EchoWorker:
     def generate(self, requests):
         return DiffusionOutput(
             request_ids=[r.request_id for r in requests],
-            images=[[Image.new("RGB", (r.width or 64, r.height or 64), (128, 128, 128))] for r in requests],
+            images=[
+                [Image.new("RGB", (r.width or 64, r.height or 64), (128, 128, 128))]
+                for r in requests
+            ],
             rank=self.rank,
         )
 
@@ -71,14 +74,15 @@ class HTTPDiffusionExecutor(DiffusionExecutor):
 
     def _init_executor(self) -> None:
         import requests
+
         self.session = requests.Session()
-        self.base_url = self.od_config.executor_config.get("base_url", "http://inference-server:8000")
+        self.base_url = self.od_config.executor_config.get(
+            "base_url", "http://inference-server:8000"
+        )
 
     def execute_model(self, requests):
         payload = {"requests": [r.to_dict() for r in requests]}
         response = self.session.post(
-            f"{self.base_url}/v1/diffusion/generate",
-            json=payload,
-            timeout=300
+            f"{self.base_url}/v1/diffusion/generate", json=payload, timeout=300
         )
         return DiffusionOutput.from_dict(response.json())
