@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from spmd_diffusion.exit_codes import EXIT_INTERRUPTED, EXIT_TERMINATED
+
 
 class SpmdDiffusionError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -177,10 +179,6 @@ class ConnectionLostError(WorkerDiedError):
 class Terminated(KeyboardInterrupt):
     """The job received SIGTERM (Slurm's time limit, scancel, a requeue): it stops the way
     Ctrl-C stops it, so ``run.json`` says why and a rerun resumes."""
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def interrupt_exit_code(exc: BaseException) -> int:

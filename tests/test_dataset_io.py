@@ -482,7 +482,7 @@ def test_a_stream_is_read_as_replicas_free_up_and_sinks_write_on_rank_0(tmp_path
 def test_table_columns_take_each_settings_declared_kind(tmp_path):
     """Path settings (image, mask_image, lora) are text columns, num_frames an integer one."""
     pq = pytest.importorskip("pyarrow.parquet")
-    from spmd_diffusion.jobs.generate import Columns
+    from spmd_diffusion.jobs.sources import Columns
     from spmd_diffusion.jobs.sources.tables import plan_columns
 
     write_parquet(

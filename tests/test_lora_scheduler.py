@@ -233,7 +233,8 @@ def test_a_lora_changes_the_image_and_scale_0_gives_the_base_image(lora_job, pla
         timeout=60,
     )
     assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr[-3000:]
-    from spmd_diffusion.jobs.generate import GenerateOptions, plan_generation
+    from spmd_diffusion.jobs.generate import plan_generation
+    from spmd_diffusion.jobs.options import GenerateOptions
 
     options = GenerateOptions(
         output=str(zero), prompts_file=prompts, steps=2, height=32, width=32, batch_size=4

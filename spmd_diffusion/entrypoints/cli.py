@@ -28,13 +28,9 @@ from spmd_diffusion import __version__
 from spmd_diffusion.data import DEFAULT_MODEL, DTYPES, OmniDiffusionConfig
 from spmd_diffusion.distributed.launcher import detect_launcher
 from spmd_diffusion.errors import Terminated, interrupt_exit_code
+from spmd_diffusion.exit_codes import EXIT_FATAL, EXIT_OK
 from spmd_diffusion.models.tiny.families import BUILDERS as TINY_BUILDERS
 from spmd_diffusion.request_settings import FLAG_SETTINGS, Setting
-
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3
 
 logger = logging.getLogger("spmd_diffusion.entrypoints.cli")
 

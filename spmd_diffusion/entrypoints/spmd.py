@@ -21,10 +21,9 @@ from spmd_diffusion.distributed.control import ControlPlane, LaunchError, get_co
 from spmd_diffusion.distributed.launcher import LaunchInfo, detect_launcher
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.executor.spmd_executor import release_waiting_ranks, serve_spmd_rank
+from spmd_diffusion.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 
 @contextlib.contextmanager

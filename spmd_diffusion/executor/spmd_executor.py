@@ -31,8 +31,9 @@ from spmd_diffusion.distributed.protocol import (
 from spmd_diffusion.distributed.rendezvous import RendezvousServer
 from spmd_diffusion.distributed.serve_loop import WorkerPlacement, run_worker_rank
 from spmd_diffusion.distributed.transport import SPMDTransport
-from spmd_diffusion.errors import EXIT_INTERRUPTED, WorkerError, interrupt_exit_code
+from spmd_diffusion.errors import WorkerError, interrupt_exit_code
 from spmd_diffusion.executor.rpc_executor import RpcExecutor
+from spmd_diffusion.exit_codes import EXIT_INTERRUPTED
 
 logger = logging.getLogger(__name__)
 

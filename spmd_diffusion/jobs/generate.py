@@ -37,8 +37,8 @@ from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.engine.batching import ChunkCounter, iter_chunks
 from spmd_diffusion.engine.seeding import derive_seed
 from spmd_diffusion.errors import InputError, OutputWriteError
+from spmd_diffusion.exit_codes import EXIT_OK, EXIT_PARTIAL
 from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
-from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import write_atomic, write_state
 from spmd_diffusion.jobs.lock import lock_output
 from spmd_diffusion.jobs.manifest import (
@@ -49,6 +49,7 @@ from spmd_diffusion.jobs.manifest import (
     read_manifest,
     shards_listed,
 )
+from spmd_diffusion.jobs.options import GenerateOptions
 from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink, image_info
 from spmd_diffusion.jobs.prompts import PromptItem
 from spmd_diffusion.jobs.shards import (
@@ -59,69 +60,18 @@ from spmd_diffusion.jobs.shards import (
     next_attempt,
     remove_unlisted_shards,
 )
-from spmd_diffusion.jobs.sources import Columns, ItemSource, open_source
+from spmd_diffusion.jobs.sources import ItemSource, open_source
 from spmd_diffusion.models.lora import is_local, lora_identity, parse_lora, parse_loras
 from spmd_diffusion.request import OmniDiffusionRequest, check_prompt_length, check_seed
 from spmd_diffusion.utils.image_inputs import DATA_URI, IMAGE_FIELDS, URL
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 CONTACT_SHEET_IMAGES = 16
 OUTPUT_FORMATS = ("files", "webdataset")
 SHARDS_INDEX = "shards.txt"
 
 Entry = tuple[PromptItem, OmniDiffusionRequest]
-
-
-@dataclass
-class GenerateOptions:
-    """The generation settings of one run (item files may override the per-item ones)."""
-
-    output: str
-    prompts_file: str | None = None
-    prompts: tuple[str, ...] = ()
-    steps: int | None = None
-    guidance: float | None = None
-    true_cfg_scale: float | None = None  # Qwen-Image, Flux: true CFG with a negative prompt
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    strength: float | None = None
-    images_per_prompt: int = 1
-    batch_size: int = 4  # prompts per batch
-    resume: bool = True
-    fail_fast: bool = False
-    image_format: str = "png"  # png, jpg, webp
-    quality: int | None = None  # jpg/webp (default: encoding.DEFAULT_QUALITY)
-    video_format: str | None = (
-        None  # mp4, webp, gif (None: mp4 where imageio-ffmpeg is installed, else webp)
-    )
-    num_frames: int | None = None  # video pipelines
-    fps: float | None = None  # video files (default video.DEFAULT_FPS)
-    output_format: str = "files"  # files, webdataset
-    shard_size: int = 1000  # images per WebDataset shard
-    prompt_column: str = "prompt"
-    id_column: str | None = None
-    split: str | None = None
-
-    @property
-    def images_per_batch(self) -> int:
-        """A batch is the unit a replica takes and one pipeline call: ``batch_size`` prompts of
-        ``images_per_prompt`` images each (it becomes ``OmniDiffusionConfig.max_batch_size``)."""
-        return self.batch_size * self.images_per_prompt
-
-    @property
-    def encoding(self) -> Encoding:
-        from spmd_diffusion.jobs.video import default_video_format
-
-        return Encoding(
-            self.image_format, self.quality, self.video_format or default_video_format()
-        )
-
-    @property
-    def columns(self) -> Columns:
-        return Columns(self.prompt_column, self.id_column, self.split)
 
 
 def build_request(
