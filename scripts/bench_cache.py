@@ -18,6 +18,9 @@ the uncached image of the same request (same prompt, seed and size), on [0, 1] p
 one JSON object.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch); project modules load
+# where used (models, models.loader): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import argparse

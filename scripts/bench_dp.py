@@ -18,6 +18,9 @@ from "model loaded" to "last image written"); the table reports images/s (median
 ``--repeats``) and the ratios.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (accelerate, torch); project modules load
+# where used (models): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import argparse

@@ -26,12 +26,16 @@ and an ``--items``-line file, stopping each job there (the difference is what re
 checking the larger file costs before any model loads).
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (numpy); optional extras load only where
+# used (webdataset)
+
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -211,7 +215,6 @@ def time_to_first_output(
 ) -> dict[str, Any]:
     """Start a job, wait for its first pipeline call and first manifest line, then stop it:
     the start-up alone (the planning pass over the whole input included)."""
-    import signal
 
     command, env, stamps = job_command(ranks, prompts, output, workdir, args, output_format)
     start = time.time()

@@ -14,6 +14,8 @@ Run::
     timeout 1800 python scripts/bench_memory.py --json /tmp/memory.json
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers)
+
 from __future__ import annotations
 
 import argparse

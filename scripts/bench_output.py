@@ -39,14 +39,19 @@ function), and the CLI entry is ``spmd_diffusion.cli.main`` or
 goes first on ``sys.path``, so a worktree benchmarks its own code.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL, numpy); project modules load where
+# used (spmd_diffusion): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -224,9 +229,6 @@ def rank_main(cli_args: list[str]) -> None:
         raise SystemExit(f"found no load_pipeline to patch in {LOADER_MODULES}")
     main = cli_main()
     if os.environ.get(STAMPS_ENV):
-        import atexit
-        import resource
-
         import spmd_diffusion
 
         stamps = Path(os.environ[STAMPS_ENV])

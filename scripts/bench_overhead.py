@@ -23,6 +23,9 @@ ratios to ``plain``. Medians over ``--repeats``. The goal (issue 25): every laun
 the plain loop at 512x512 (only overlapping output with the next batch gets past 1).
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (numpy); test-local or optional helpers
+# (bench_output)
+
 from __future__ import annotations
 
 import argparse

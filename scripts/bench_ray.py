@@ -12,6 +12,9 @@ not timed, then:
   alternating rounds in one process.
 """
 
+# ruff: noqa: PLC0415 - optional extras load only where used (ray); project modules load where used
+# (spmd_diffusion, models): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import argparse

@@ -13,9 +13,14 @@ one table. Measured in the same run:
   first call after that idle period.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch); project modules load where used
+# (spmd_diffusion, distributed.control.mpi_control, entrypoints.spmd): they pull in heavy modules or
+# import back into this one; test-local or optional helpers (bench_rpc)
+
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -78,7 +83,6 @@ def raw_mpi_idle(worker, idle: float) -> float:
 
 
 def raw_gloo_loop(worker, calls: int) -> float:
-    import datetime
 
     import torch.distributed as dist
 

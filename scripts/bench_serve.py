@@ -18,10 +18,13 @@ all three, so the model, the workers and the machine are the same; each client s
 the serial run, and p50/p95 latency per request.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL, numpy)
+
 from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import os
 import statistics
@@ -240,7 +243,6 @@ def video_row(args: argparse.Namespace) -> dict[str, float]:
 
 
 def edit_row(args: argparse.Namespace) -> dict[str, float]:
-    import io
 
     import numpy as np
     from PIL import Image

@@ -29,6 +29,9 @@ Run (2 ranks, hard timeout)::
 Rank 0 prints a markdown table and one JSON line (``--json PATH`` also writes it).
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers); optional extras load only where
+# used (mpi4py)
+
 from __future__ import annotations
 
 import argparse

@@ -32,18 +32,23 @@ the end), and OUT/logs.tar.gz (every step's log, run.json, bench.json and manife
 Uses only the CLI, the helper scripts and the package's public API.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL, numpy)
+
 from __future__ import annotations
 
 import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -732,7 +737,6 @@ def read_run_json(output: Path) -> dict:
 
 def devices_seen(log: Path) -> list[str]:
     """The devices the workers said they loaded on ("loaded X on cuda:0 in 1.2 s")."""
-    import re
 
     if not log.exists():
         return []
@@ -747,7 +751,6 @@ def warm_estimate(output: Path, batch: int) -> dict | None:
     An estimate: the engine has no warm-up, the plain loop's rate excludes its warm-up. For
     one replica only (with several, the first batches overlap and no single excess applies).
     """
-    import statistics
 
     manifest, run_json = output / "manifest.jsonl", output / "run.json"
     if not manifest.exists() or not run_json.exists():
@@ -1137,8 +1140,6 @@ def main() -> int:
         try:
             phase()
         except Exception as exc:  # noqa: BLE001 - record and go on to the next phase
-            import traceback
-
             checker.results.setdefault("errors", []).append(f"{title}: {exc!r}")
             traceback.print_exc()
     checker.save(probe)

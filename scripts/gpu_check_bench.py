@@ -19,6 +19,8 @@ i.e. what the loop would have taken without a warm-up, which is what ``run.json`
 engine run measures (it has no warm-up). Only public diffusers API.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch)
+
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,9 @@ scripts/gpu_check.sh). Weights are initialised on ``--device`` (a GPU initialise
 Only public diffusers/transformers API and ``spmd_diffusion.models.ensure_tiny_model``.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch, transformers); project
+# modules load where used (models): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import argparse

@@ -11,6 +11,9 @@ milliseconds of a SIGKILL on one node (measured: 20 ms), and reported here as
 :class:`~spmd_diffusion.errors.WorkerDiedError` naming the rank.
 """
 
+# ruff: noqa: PLC0415 - optional extras load only where used (ray); project modules load where used
+# (utils.logs): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import os

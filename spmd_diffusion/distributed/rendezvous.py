@@ -18,6 +18,8 @@ results, nothing that is unpickled -- and it is opened only when replicas span s
   can reach none fails within :data:`REACH_TIMEOUT_S`, naming the addresses.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 import datetime

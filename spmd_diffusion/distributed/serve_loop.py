@@ -7,6 +7,9 @@ to stop. :func:`run_worker_rank` adds the start of a rank's life: wait for START
 load the worker, report how that went.
 """
 
+# ruff: noqa: PLC0415 - project modules load where used (worker): they pull in heavy modules or
+# import back into this one
+
 from __future__ import annotations
 
 import logging

@@ -16,6 +16,10 @@ dotted path ``package.module:Class`` / ``package.module.Class`` (called with no 
 or by an entry point in the group ``spmd_diffusion.hooks``.
 """
 
+# ruff: noqa: PLC0415 - optional extras load only where used (prometheus_client); project modules
+# load where used (engine.prometheus_hooks, engine.trace_hooks): they pull in heavy modules or
+# import back into this one
+
 from __future__ import annotations
 
 import logging

@@ -5,6 +5,8 @@ batch job) never mix their numbers. ``serve`` shows it at ``/metrics``; ``genera
 --metrics-port`` serves it on loopback.
 """
 
+# ruff: noqa: PLC0415 - optional extras load only where used (prometheus_client)
+
 from __future__ import annotations
 
 from spmd_diffusion.engine.hooks import BatchInfo, EngineHooks

@@ -10,6 +10,9 @@ for executors that only implement ``collective_rpc`` or ``execute_model``:
 - ``wait(calls, timeout)``: the handles that have finished.
 """
 
+# ruff: noqa: PLC0415 - project modules load where used (executor.registry, parallel.mesh): they
+# pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -7,6 +7,9 @@ processes' sentinels, so a worker that dies fails the pending call at once. Work
 replicas span several processes meet in a file store (nothing listens on the network).
 """
 
+# ruff: noqa: PLC0415 - project modules load where used (errors, utils.logs): they pull in heavy
+# modules or import back into this one
+
 from __future__ import annotations
 
 import logging

@@ -21,6 +21,9 @@ else in a TCP store on the driver (at its Ray node address, keys under a secret 
 and form gloo groups on CPUs and NCCL groups on GPUs.
 """
 
+# ruff: noqa: PLC0415 - optional extras load only where used (ray); project modules load where used
+# (distributed.ray_worker): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,9 @@
 a size whose tokens do not split evenly over the ranks is refused with the item's file:line
 instead of failing after loading."""
 
+# ruff: noqa: PLC0415 - project modules load where used (models.loader): they pull in heavy modules
+# or import back into this one
+
 from __future__ import annotations
 
 import functools

@@ -5,13 +5,19 @@ into a cache), a local directory written by ``save_pretrained``, or a hub id. Lo
 goes through diffusers' real ``from_pretrained``.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, transformers)
+
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import inspect
 import json
+import os
 import re
 import sys
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +256,6 @@ def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] |
 
 
 def _call_arguments_of(name: str) -> set[str] | None:
-    import inspect
 
     import diffusers
 
@@ -265,7 +270,6 @@ SIGNATURES_FILE = "pipeline_call_arguments.json"
 
 
 def _diffusers_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("diffusers")
@@ -283,8 +287,6 @@ def _signature_cache() -> dict[str, Any]:
 
 def _remember_signature(key: str, arguments: list[str] | None) -> None:
     """Add one entry (written whole and renamed into place: concurrent jobs never see a part)."""
-    import os
-    import tempfile
 
     directory = Path(envs.cache_dir())
     try:
@@ -301,7 +303,6 @@ def _remember_signature(key: str, arguments: list[str] | None) -> None:
 def call_defaults(model: str, pipeline: str | None) -> dict[str, Any]:
     """The defaults a call of ``pipeline`` (a diffusers class name) runs with where a request
     sets nothing: the model's own call defaults, else the ``__call__`` signature's."""
-    import inspect
 
     import diffusers
 

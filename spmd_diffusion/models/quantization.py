@@ -23,6 +23,8 @@ the machine cannot run is refused with the backend's own reason (the GPU capabil
 missing kernel package) instead of failing on every rank after loading.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (bitsandbytes, diffusers, torch, torchao)
+
 from __future__ import annotations
 
 import importlib.util

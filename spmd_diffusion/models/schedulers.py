@@ -7,6 +7,8 @@ key it does not know, and a misspelt option silently doing nothing would be wors
 error.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers)
+
 from __future__ import annotations
 
 import inspect

@@ -10,6 +10,9 @@ Checks read only an image's header (format and size), never its pixels, so rank 
 a whole job's inputs before any model loads; pixels are decoded on the worker that uses them.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL); project modules load where used
+# (utils.images): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import base64

@@ -4,6 +4,8 @@ Rank 0 logs at INFO; other ranks at WARNING unless ``SPMD_DIFFUSION_LOG_LEVEL`` 
 otherwise, so an 8-rank job does not print everything eight times.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (tqdm)
+
 from __future__ import annotations
 
 import logging

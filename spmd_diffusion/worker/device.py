@@ -1,5 +1,7 @@
 """Device and dtype choice for one rank."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 from typing import Any

@@ -16,6 +16,8 @@ every step by a one-element all-reduce over each mesh dimension of the replica (
 gloo, also beside NCCL).
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 import time

@@ -8,8 +8,12 @@ order, and the members of a tensor-parallel replica never disagree about what co
 (a broadcast for collective calls beside point-to-point work would give no such order).
 """
 
+# ruff: noqa: PLC0415 - project modules load where used (distributed.control.mpi_control,
+# distributed.control.torch_control): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import time
 from abc import ABC, abstractmethod
@@ -201,8 +205,6 @@ def default_backend(launch: LaunchInfo, env: Mapping[str, str] | None = None) ->
     if launch.kind == TORCHRUN:
         return "torch"
     if launch.kind == SLURM:
-        import importlib.util
-
         env = envs.environment() if env is None else env
         has_pmi = "PMI_RANK" in env or "PMIX_RANK" in env
         return "mpi" if has_pmi and importlib.util.find_spec("mpi4py") else "torch"

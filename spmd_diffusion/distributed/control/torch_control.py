@@ -16,6 +16,8 @@ its own very long timeout: an idle worker may wait hours for the next call, whic
 count as a failure.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 import atexit

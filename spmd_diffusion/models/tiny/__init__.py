@@ -14,11 +14,15 @@ fixed seed, so every rank and every machine builds bit-identical models. The lay
 - ``video``: Wan 2.1 text-to-video; ``ltx``: LTX-Video.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch)
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -76,8 +80,6 @@ def check_saved_weights(pipeline, directory: Path) -> None:
 
 def build_in_subprocess(directory: Path, arch: str) -> None:
     """Build in a fresh process: this one has joined a process group (see check_saved_weights)."""
-    import subprocess
-    import sys
 
     subprocess.run(
         [sys.executable, "-m", "spmd_diffusion", "make-tiny-model", str(directory), "--arch", arch],

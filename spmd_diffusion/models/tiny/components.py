@@ -5,6 +5,8 @@ head count divides by 4 and every image sequence by 4, so 2- and 4-way tensor, s
 CFG parallel layouts all apply.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, transformers)
+
 from __future__ import annotations
 
 VOCAB_SIZE = 1000

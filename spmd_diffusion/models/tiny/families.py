@@ -6,6 +6,8 @@ saves and marks it. Denoisers have 4 heads of width 8 and 2+ blocks of every blo
 real model has, so every parallel mode applies to them as to the real model.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers)
+
 from __future__ import annotations
 
 from pathlib import Path

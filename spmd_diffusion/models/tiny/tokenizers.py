@@ -2,6 +2,8 @@
 family's own tokenizer class (CLIP and Qwen2 byte-level BPE, T5 unigram, Gemma BPE), so a
 saved tiny model loads through the same tokenizer code as the real checkpoint."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (transformers)
+
 from __future__ import annotations
 
 import json
