@@ -55,7 +55,7 @@ class Transport(ABC):
         self.send(rank, request)
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most transports hold nothing to release
         """Release the channels (the workers' lives are their executor's business)."""
 
 

@@ -139,7 +139,8 @@ class DiffusionExecutor(ABC):
         rank raises one :class:`~spmd_diffusion.errors.WorkerError` naming the rank(s).
         """
         raise NotImplementedError(
-            f"{type(self).__name__} does not implement collective_rpc; override it (or execute_model)"
+            f"{type(self).__name__} does not implement collective_rpc; "
+            "override it (or execute_model)"
         )
 
     def execute_model(self, requests: list[OmniDiffusionRequest]) -> DiffusionOutput | None:

@@ -109,7 +109,8 @@ class RayDiffusionExecutor(RpcExecutor):
         strategy = str(options.get("placement_strategy", "PACK")).upper()
         if strategy not in STRATEGIES:
             raise ValueError(
-                f"executor_config placement_strategy {strategy!r} is not one of {', '.join(STRATEGIES)}"
+                f"executor_config placement_strategy {strategy!r} is not one of "
+                f"{', '.join(STRATEGIES)}"
             )
         try:
             self._connect(
@@ -187,9 +188,9 @@ class RayDiffusionExecutor(RpcExecutor):
         ready, _ = self.ray.wait([self.placement_group.ready()], timeout=timeout)
         if not ready:
             raise RuntimeError(
-                f"the Ray cluster could not place {size} worker(s) of {bundle} ({strategy}) within {timeout:g} s; "
-                f"it has {self.ray.available_resources()} available: ask for fewer workers (--num-gpus) "
-                "or add nodes"
+                f"the Ray cluster could not place {size} worker(s) of {bundle} ({strategy}) "
+                f"within {timeout:g} s; it has {self.ray.available_resources()} available: "
+                "ask for fewer workers (--num-gpus) or add nodes"
             )
         table = placement_group_table(self.placement_group)
         return [table["bundles_to_node_id"][index] for index in range(size)]

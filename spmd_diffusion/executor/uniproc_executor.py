@@ -29,7 +29,8 @@ class UniProcDiffusionExecutor(RpcExecutor):
         self._open_calls()
         if self.od_config.num_gpus != 1:
             raise ValueError(
-                f"the uni executor runs one worker in this process, but num_gpus={self.od_config.num_gpus}: "
+                "the uni executor runs one worker in this process, but "
+                f"num_gpus={self.od_config.num_gpus}: "
                 "use executor_class 'mp' for several workers"
             )
         self.od_config.parallel_layout(1)  # refuses tp/cfg-parallel, which need several ranks

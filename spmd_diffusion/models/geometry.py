@@ -36,14 +36,16 @@ class TokenGrid:
         rows, cols = height // self.scale, width // self.scale
         if self.by_rows and rows % ranks:
             return (
-                f"a {width}x{height} image is {rows} rows of tokens, which do not split evenly over {ranks} "
-                f"sequence-parallel ranks; use a height that is a multiple of {self.scale * ranks}"
+                f"a {width}x{height} image is {rows} rows of tokens, which do not split evenly "
+                f"over {ranks} sequence-parallel ranks; use a height that is a multiple of "
+                f"{self.scale * ranks}"
             )
         if not self.by_rows and (rows * cols) % ranks:
             step = self.scale * ranks
             return (
-                f"a {width}x{height} image is {rows}x{cols} = {rows * cols} tokens, which do not split evenly over "
-                f"{ranks} sequence-parallel ranks; use a height or width that is a multiple of {step}"
+                f"a {width}x{height} image is {rows}x{cols} = {rows * cols} tokens, which do not "
+                f"split evenly over {ranks} sequence-parallel ranks; use a height or width that "
+                f"is a multiple of {step}"
             )
         return None
 

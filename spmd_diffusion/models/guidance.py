@@ -33,7 +33,8 @@ class Guidance:
     embedded: bool = False
 
     def guided(self, settings: dict[str, Any]) -> bool:
-        """Does a call with these settings (the values it runs with) run classifier-free guidance?"""
+        """Does a call with these settings (the values it runs with) run classifier-free
+        guidance?"""
         scale = settings.get(self.switch)
         if scale is None or scale <= 1:
             return False

@@ -96,7 +96,8 @@ def check_model_reference(model: str) -> None:
     if not HUB_ID.match(model):
         names = ", ".join(TINY_MODELS)
         raise ValueError(
-            f"unknown model {model!r}: give a local pipeline directory, a hub id (org/name) or one of {names}"
+            f"unknown model {model!r}: give a local pipeline directory, a hub id (org/name) "
+            f"or one of {names}"
         )
 
 
@@ -260,7 +261,7 @@ def _call_arguments_of(name: str) -> set[str] | None:
     import diffusers
 
     cls = getattr(diffusers, name, None)
-    if cls is None or not callable(getattr(cls, "__call__", None)):
+    if cls is None or not callable(cls):
         return None
     parameters = inspect.signature(cls.__call__).parameters.values()
     return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
@@ -308,7 +309,7 @@ def call_defaults(model: str, pipeline: str | None) -> dict[str, Any]:
 
     cls = getattr(diffusers, pipeline or "", None)
     defaults: dict[str, Any] = {}
-    if cls is not None and callable(getattr(cls, "__call__", None)):
+    if cls is not None and callable(cls):
         defaults = {
             p.name: p.default
             for p in inspect.signature(cls.__call__).parameters.values()

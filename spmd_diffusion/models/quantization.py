@@ -5,17 +5,18 @@ PipelineQuantizationConfig(quant_mapping={component: <backend config>}))``: the 
 quantized while they are read, every rank its own copy, so a replica of any layout gets the
 same weights. Kinds and what they map to:
 
-==========  ==========================================================  ===================
-kind        backend config                                              runs on
-==========  ==========================================================  ===================
-int8wo      torchao ``Int8WeightOnlyConfig()``                           CPU, GPU
-int8dq      torchao ``Int8DynamicActivationInt8WeightConfig()``          CPU, GPU
-int4wo      torchao ``Int4WeightOnlyConfig()``                           where torchao's int4 kernels are installed
-float8wo    torchao ``Float8WeightOnlyConfig()``                         CPU, GPU
-float8dq    torchao ``Float8DynamicActivationFloat8WeightConfig()``      GPUs of compute capability 8.9+
-bnb-nf4     bitsandbytes ``load_in_4bit``, NF4                           where bitsandbytes runs (CUDA)
-bnb-int8    bitsandbytes ``load_in_8bit`` (LLM.int8())                   where bitsandbytes runs (CUDA)
-==========  ==========================================================  ===================
+==========  ==================================================  ======================
+kind        backend config                                      runs on
+==========  ==================================================  ======================
+int8wo      torchao ``Int8WeightOnlyConfig()``                   CPU, GPU
+int8dq      torchao ``Int8DynamicActivationInt8WeightConfig()``  CPU, GPU
+int4wo      torchao ``Int4WeightOnlyConfig()``                   torchao's int4 kernels
+float8wo    torchao ``Float8WeightOnlyConfig()``                 CPU, GPU
+float8dq    torchao ``Float8DynamicActivationFloat8WeightConfig()``
+                                                                GPUs of compute cap. 8.9+
+bnb-nf4     bitsandbytes ``load_in_4bit``, NF4                   bitsandbytes (CUDA)
+bnb-int8    bitsandbytes ``load_in_8bit`` (LLM.int8())           bitsandbytes (CUDA)
+==========  ==================================================  ======================
 
 Before any model loads, rank 0 checks the kind: a known name, its package installed, and a
 probe -- a small Linear quantized the same way and run once on the job's device -- so a kind

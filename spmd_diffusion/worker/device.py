@@ -37,6 +37,7 @@ def check_one_gpu_per_rank(ranks_on_node: int, gpus: int) -> None:
     every item. Refuse it up front, with what to do instead."""
     if gpus and ranks_on_node > gpus:
         raise ValueError(
-            f"tensor/CFG parallelism needs one GPU per rank, but {ranks_on_node} ranks on this node share "
+            f"tensor/CFG parallelism needs one GPU per rank, but {ranks_on_node} ranks on this "
+            "node share "
             f"{gpus} GPU(s): start at most {gpus} rank(s) per node, or use --device cpu"
         )

@@ -90,7 +90,7 @@ def init_default_group(launch: LaunchInfo) -> None:
         where = f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
         raise LaunchError(
             f"rank {launch.rank} could not join torch.distributed at {where} within "
-            f"{timeout.total_seconds():g} s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"{timeout.total_seconds():g} s ({type(exc).__name__}: {_first_line(exc)}); "
             "set MASTER_ADDR to an address of rank 0's node that every node can reach, and "
             "GLOO_SOCKET_IFNAME to the interface that carries it"
         ) from exc
@@ -233,3 +233,8 @@ class TorchControl(ControlPlane):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
