@@ -6,9 +6,9 @@ main thread keeps scheduling the other replicas and keeping the books.
 
 A collective call with no timeout may instead run on the caller's own thread
 (:meth:`LocalWorker.run_inline`) when the worker is idle and nothing is queued before it:
-the same order, without a thread hand-off. Measured at 2 MPI ranks, the hand-off made a
-no-op ``collective_rpc`` cost 153 us instead of about 30 (the uni executor: 69 us instead
-of 3-5): two thread wake-ups and a contended GIL per call.
+the same order, without a thread hand-off: two thread wake-ups and a contended GIL per call
+made a no-op ``collective_rpc`` several times dearer (benchmarks/RESULTS.md, "Measurements
+behind design choices").
 """
 
 from __future__ import annotations

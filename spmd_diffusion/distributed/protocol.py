@@ -7,8 +7,9 @@ serve loop (:mod:`.serve_loop`) answers them, so a call runs and fails the same 
 every executor.
 
 Both are NamedTuples. Across a process boundary they travel as plain tuples (the kind as an
-int): measured, pickling and unpickling a request and its reply costs 22 us as NamedTuples
-with an IntEnum and 2.7 us as plain tuples, on an RPC path whose raw MPI floor is ~20 us.
+int): pickling NamedTuples with an IntEnum costs about as much as the raw MPI round trip
+itself, plain tuples a tenth of it (benchmarks/RESULTS.md, "Measurements behind design
+choices").
 They only ever travel over channels that the job itself opened (a pipe to its own child,
 the launcher's MPI or gloo group, or a socket authenticated with a shared key).
 """

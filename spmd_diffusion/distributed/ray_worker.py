@@ -7,7 +7,7 @@ ranks of a tensor-parallel replica agree on what they run next without a serve l
 
 Replies come back as Ray objects (large images through Ray's object store, not a pipe).
 An actor that dies fails its pending calls with Ray's ``RayActorError``, seen within tens of
-milliseconds of a SIGKILL on one node (measured: 20 ms), and reported here as
+milliseconds of a SIGKILL on one node, and reported here as
 :class:`~spmd_diffusion.errors.WorkerDiedError` naming the rank.
 """
 
@@ -83,8 +83,8 @@ class RayTransport(Transport):
     """Requests as actor calls; each reply arrives through its object ref's future.
 
     A done-callback per call puts the finished future in one queue, so a poll blocks on that
-    queue instead of scanning every ref in flight with ``ray.wait``: measured at 2 actors,
-    ``ray.wait`` + ``ray.get`` per poll cost 2.1x a raw ``ray.get`` of the same calls."""
+    queue instead of scanning every ref in flight with ``ray.wait``, which doubled the cost of
+    a call (benchmarks/RESULTS.md, "Measurements behind design choices")."""
 
     def __init__(self, actors: list[Any]) -> None:
         self.actors = actors

@@ -8,7 +8,7 @@ caller went away or the engine closed). Times are ``time.monotonic()`` seconds o
 
 Steps run on the replica; their durations come back with the batch's output and are
 reported when the batch finishes (one message to rank 0 per step would cost an RPC per
-step, 50-300 us on the control planes here, against steps of a few ms on small models).
+step, a visible share of a small model's step).
 
 A hook that raises is logged once and never fails a request: observers must not be able
 to lose results. Hooks are named by built-in name (``prometheus``, ``trace:PATH``), by a

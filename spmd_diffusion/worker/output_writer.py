@@ -1,8 +1,8 @@
 """The replica leader's output writer: a batch's files are written while the next batch runs.
 
-Without it the leader encoded and wrote a batch's images (25 ms per 512x512 PNG, 140-340 ms
-per 1024x1024 one on the development VM) before starting the next batch, with the device
-idle meanwhile. Now ``generate`` hands the output and its sink to this thread and returns
+Without it the leader encoded and wrote a batch's images (tens of milliseconds per 512x512
+PNG, hundreds per 1024x1024 one) before starting the next batch, with the device idle
+meanwhile. Now ``generate`` hands the output and its sink to this thread and returns
 at once (the engine is told the replica is free: ``OutputsPending``); the thread writes the
 files (each durable before its record leaves: the sink's atomic writes) and then answers the
 batch's call with the records, exactly the answer the call would have given. A failure in

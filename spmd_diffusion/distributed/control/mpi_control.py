@@ -11,8 +11,8 @@
 
 mpi4py is imported here only, with the thread level "multiple": on rank 0 the engine's
 threads talk MPI (one at a time, under ``self.lock``) while rank 0's own worker thread may
-run a user's callable that uses MPI too. Measured with pip's MPICH 5.0.2 at 2 ranks, a
-bcast + gather round trip costs the same under "serialized" and "multiple" (14-19 us).
+run a user's callable that uses MPI too. With pip's MPICH a round trip costs the same under
+"serialized" and "multiple" (benchmarks/RESULTS.md, "Measurements behind design choices").
 """
 
 # ruff: noqa: PLC0415 - optional extras load only where used (mpi4py)

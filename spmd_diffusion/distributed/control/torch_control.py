@@ -5,8 +5,8 @@ followed by the rest when they do not fit (gloo must know a message's size to re
 Idle ranks block inside gloo (a socket wait, not a spin).
 
 Rank 0 sends with ``isend``: a gloo send completes only once the receiver has posted its
-receive (measured: a blocking 1 KiB send to a busy rank returned when that rank got to it,
-2 s later), and rank 0 must never wait for a busy rank. gloo's works do not report
+receive (a blocking 1 KiB send to a busy rank returns only when that rank gets to it, seconds
+later), and rank 0 must never wait for a busy rank. gloo's works do not report
 completion unless waited on, so rank 0 keeps each rank's sends in order and retires them as
 that rank's replies come back: every request gets exactly one reply, in order, so the k-th
 reply of a rank means its k-th request has arrived. Replies are received by one thread
@@ -181,7 +181,8 @@ class TorchControl(ControlPlane):
     def share_inbox(self, inbox: Any) -> bool:
         """Replies go straight into ``inbox`` (rank 0's own worker replies there too), so the
         engine blocks on one queue instead of polling: a polling thread holds the GIL that
-        the reply thread needs (measured: 2.8 ms per call that way, against 0.7-0.9 ms)."""
+        the reply thread needs, which tripled a call's cost (benchmarks/RESULTS.md,
+        "Measurements behind design choices")."""
         with self.lock:
             self._replies = inbox
         return True
