@@ -1,6 +1,7 @@
 """``--compile``: what torch.compile of the denoiser costs once and gains per image.
 
-    python scripts/bench_compile.py [--model tiny-unet] [--steps 4] [--size 64] [--batches 8] [--batch-size 2]
+    python scripts/bench_compile.py [--model tiny-unet] [--steps 4] [--size 64]
+                                    [--batches 8] [--batch-size 2]
 
 In one process, on the device the worker picks (the CPU here; a GPU where there is one):
 an eager worker and a ``compile=True`` worker (``OmniDiffusionConfig.compile``, the same code

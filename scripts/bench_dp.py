@@ -173,7 +173,8 @@ def baseline_worker(args: argparse.Namespace) -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes != int(os.environ["WORLD_SIZE"]):
         raise SystemExit(
-            f"accelerate sees {state.num_processes} processes, torchrun started {os.environ['WORLD_SIZE']}"
+            f"accelerate sees {state.num_processes} processes, "
+            f"torchrun started {os.environ['WORLD_SIZE']}"
         )
     pipeline = load_pipeline(args.model, None, torch.float32).to(state.device)
     items = [json.loads(line) for line in Path(args.prompt_file).read_text().splitlines()]
@@ -196,7 +197,7 @@ def baseline_worker(args: argparse.Namespace) -> None:
                     width=64,
                     generator=generators,
                 ).images
-                for (index, _), image in zip(batch, images):
+                for (index, _), image in zip(batch, images, strict=True):
                     image.save(out / f"{index:06d}.png")
     dist.barrier()
     seconds = time.perf_counter() - start
@@ -247,8 +248,8 @@ def main() -> None:
             results[workload] = rates
 
     print(
-        "| workload | 1 rank (img/s) | 2 ranks (img/s) | baseline 2 procs (img/s) | 2 ranks / 1 rank "
-        "| 2 ranks / baseline | ceiling: 2 independent jobs / 1 rank |"
+        "| workload | 1 rank (img/s) | 2 ranks (img/s) | baseline 2 procs (img/s) "
+        "| 2 ranks / 1 rank | 2 ranks / baseline | ceiling: 2 independent jobs / 1 rank |"
     )
     print("|---|---|---|---|---|---|---|")
     for workload, rates in results.items():
@@ -257,7 +258,8 @@ def main() -> None:
             for k in ("1 rank", "2 ranks", "baseline 2 procs", "ceiling")
         )
         print(
-            f"| {workload} | {one:.2f} | {two:.2f} | {base:.2f} | {two / one:.2f}x | {two / base:.2f}x | {top / one:.2f}x |"
+            f"| {workload} | {one:.2f} | {two:.2f} | {base:.2f} | {two / one:.2f}x "
+            f"| {two / base:.2f}x | {top / one:.2f}x |"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

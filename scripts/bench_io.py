@@ -69,7 +69,8 @@ def rss_kib() -> int:
 
 
 def sample_rank0(samples: Path, manifest: Path) -> None:
-    """Every SAMPLE_EVERY_S: (time, rank 0's RSS, manifest lines so far), appended to ``samples``."""
+    """Every SAMPLE_EVERY_S: (time, rank 0's RSS, manifest lines so far), appended to
+    ``samples``."""
     lines, offset = 0, 0
     with open(samples, "a") as out:
         while True:

@@ -99,7 +99,8 @@ def main() -> None:
         base_bytes = storage_bytes(plain)
         results["fp32"] = {"weight_bytes": base_bytes, "seconds": base_s}
         print(
-            "| kind | weights (MiB) | vs fp32 | denoiser call (s) | speed vs fp32 | PSNR vs fp32 (dB) |"
+            "| kind | weights (MiB) | vs fp32 | denoiser call (s) | speed vs fp32 "
+            "| PSNR vs fp32 (dB) |"
         )
         print("|---|---:|---:|---:|---:|---:|")
         print(f"| fp32 | {base_bytes / 2**20:.1f} | 1.00x | {base_s:.3f} | 1.00x | - |")
@@ -126,8 +127,8 @@ def main() -> None:
             }
             results["kinds"][kind] = row
             print(
-                f"| {kind} | {stored / 2**20:.1f} | {row['weight_fraction']:.2f}x | {seconds:.3f} | "
-                f"{row['speed']:.2f}x | {row['psnr_db']:.1f} |",
+                f"| {kind} | {stored / 2**20:.1f} | {row['weight_fraction']:.2f}x "
+                f"| {seconds:.3f} | {row['speed']:.2f}x | {row['psnr_db']:.1f} |",
                 flush=True,
             )
     line = json.dumps(results)

@@ -430,7 +430,8 @@ def main() -> None:
         start = time.perf_counter()
         bases = make_bases(args.size)
         print(
-            f"stand-in bases: {BASES} of {args.size}x{args.size} in {time.perf_counter() - start:.1f} s",
+            f"stand-in bases: {BASES} of {args.size}x{args.size} "
+            f"in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
         bases_file = workdir / "bases.npy"
@@ -453,9 +454,11 @@ def main() -> None:
                 result["repeat"] = repeat
                 runs.append(result)
                 print(
-                    f"repeat {repeat} ranks {ranks}: {result['run_json_images_per_second']:.2f} img/s "
-                    f"(run.json), {result['phase_images_per_second']:.2f} img/s (generate phase), "
-                    f"wall {result['wall_seconds']:.1f} s, images per rank {result['images_per_rank']}, "
+                    f"repeat {repeat} ranks {ranks}: "
+                    f"{result['run_json_images_per_second']:.2f} img/s (run.json), "
+                    f"{result['phase_images_per_second']:.2f} img/s (generate phase), "
+                    f"wall {result['wall_seconds']:.1f} s, "
+                    f"images per rank {result['images_per_rank']}, "
                     f"peak RSS MiB per rank {result['peak_rss_mib']}",
                     file=sys.stderr,
                 )
@@ -483,7 +486,8 @@ def main() -> None:
 
     m = info["machine"]
     print(
-        f"\nbench_output: {args.images} images of {args.size}x{args.size}, --batch-size {args.batch_size}, "
+        f"\nbench_output: {args.images} images of {args.size}x{args.size}, "
+        f"--batch-size {args.batch_size}, "
         f"median of {args.repeats} interleaved repeats, OMP_NUM_THREADS=1"
     )
     print(f"command: {info['command']}")
@@ -497,12 +501,14 @@ def main() -> None:
     )
     patch = runs[0]["patch"]
     print(
-        f"package: {patch['package']}; loader patched in {', '.join(patch['patched'])}; CLI {patch['cli']}"
+        f"package: {patch['package']}; loader patched in {', '.join(patch['patched'])}; "
+        f"CLI {patch['cli']}"
     )
     e = info["png_encode_ms"]
     print(
-        f"PNG encode of one stand-in image, one core: {e['median']} ms median ({e['min']}-{e['max']} ms "
-        f"over 8), {runs[0]['mean_png_bytes'] / 2**20:.2f} MiB per file"
+        f"PNG encode of one stand-in image, one core: {e['median']} ms median "
+        f"({e['min']}-{e['max']} ms over 8), "
+        f"{runs[0]['mean_png_bytes'] / 2**20:.2f} MiB per file"
     )
     print()
     print(

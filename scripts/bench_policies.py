@@ -85,14 +85,16 @@ def main() -> None:
                 idle[name].append(end - min(busy.last_finish.values()))
     baseline = statistics.median(times["shape"])
     print(
-        f"{len(requests)} items in {len(batches)} batches of <= {args.batch_size}, {args.replicas} replicas "
-        f"(mp, CPU, 1 thread each), {args.size}x{args.size}, median of {args.repeats}"
+        f"{len(requests)} items in {len(batches)} batches of <= {args.batch_size}, "
+        f"{args.replicas} replicas (mp, CPU, 1 thread each), {args.size}x{args.size}, "
+        f"median of {args.repeats}"
     )
     print(f"{'policy':8s} {'seconds':>8s} {'x shape speed':>14s} {'idle tail s':>12s}")
     for name in times:
         seconds = statistics.median(times[name])
         print(
-            f"{name:8s} {seconds:8.2f} {baseline / seconds:14.2f} {statistics.median(idle[name]):12.2f}"
+            f"{name:8s} {seconds:8.2f} {baseline / seconds:14.2f} "
+            f"{statistics.median(idle[name]):12.2f}"
         )
 
 

@@ -128,11 +128,14 @@ def multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, s
     parts = []
     for name, value in fields.items():
         parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            ).encode()
         )
     for name, data in files.items():
         parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
             "Content-Type: image/png\r\n\r\n".encode()
             + data
             + b"\r\n"
@@ -300,19 +303,23 @@ def edit_row(args: argparse.Namespace) -> dict[str, float]:
 
 def main_mixed(args: argparse.Namespace) -> None:
     print(
-        f"short requests one at a time: {args.short} alone, then {args.short} beside one long job on the other "
-        f"replica; {args.steps} steps, 64x64, 2 replicas (mp, CPU), batches of 1"
+        f"short requests one at a time: {args.short} alone, "
+        f"then {args.short} beside one long job on the other replica; "
+        f"{args.steps} steps, 64x64, 2 replicas (mp, CPU), batches of 1"
     )
     print(
-        f"{'load':46s} {'p50 alone':>9s} {'p50 mixed':>9s} {'x':>5s} {'p95 alone':>9s} {'p95 mixed':>9s} {'x':>5s}"
+        f"{'load':46s} {'p50 alone':>9s} {'p50 mixed':>9s} {'x':>5s} "
+        f"{'p95 alone':>9s} {'p95 mixed':>9s} {'x':>5s}"
     )
     for name, row in (
         ("short 1-frame videos + one long video job", video_row(args)),
         ("short edits + one long edit", edit_row(args)),
     ):
         print(
-            f"{name:46s} {row['p50_alone']:9.3f} {row['p50_beside']:9.3f} {row['p50_beside'] / row['p50_alone']:5.2f} "
-            f"{row['p95_alone']:9.3f} {row['p95_beside']:9.3f} {row['p95_beside'] / row['p95_alone']:5.2f}"
+            f"{name:46s} {row['p50_alone']:9.3f} {row['p50_beside']:9.3f} "
+            f"{row['p50_beside'] / row['p50_alone']:5.2f} "
+            f"{row['p95_alone']:9.3f} {row['p95_beside']:9.3f} "
+            f"{row['p95_beside'] / row['p95_alone']:5.2f}"
         )
 
 

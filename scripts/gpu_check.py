@@ -145,7 +145,8 @@ class Checker:
         display: str | None = None,
         output: Path | None = None,
     ) -> dict:
-        """Start one command in its own process session; ``finish`` waits for it (with a timeout)."""
+        """Start one command in its own process session; ``finish`` waits for it (with a
+        timeout)."""
         step = {
             "part": part,
             "name": name,
@@ -880,7 +881,8 @@ def classify_refusal(step: dict, logs: Path) -> dict:
         entry["outcome"] = f"stopped with an error line (exit {step.get('rc')}{extra})"
     else:
         entry["outcome"] = (
-            f"crashed (exit {step.get('rc')}{', traceback' if step.get('traceback') else ''}), no error line"
+            f"crashed (exit {step.get('rc')}"
+            f"{', traceback' if step.get('traceback') else ''}), no error line"
         )
     return entry
 
@@ -896,7 +898,8 @@ def render_summary(results: dict) -> str:
     lines = [
         f"# GPU check ({results['mode']})",
         "",
-        f"- date: {probe.get('date', '-')}; device: {probe.get('gpu', 'none')}; CPU cores: {os.cpu_count()}",
+        f"- date: {probe.get('date', '-')}; device: {probe.get('gpu', 'none')}; "
+        f"CPU cores: {os.cpu_count()}",
         f"- versions: {json.dumps(probe.get('versions', {}))}",
         f"- MPI: {probe.get('mpi', '-')}",
         f"- gpu_check.py wall time: {results['wall_seconds']} s",
@@ -909,13 +912,13 @@ def render_summary(results: dict) -> str:
             lines += [f"_{a['note']}_", ""]
         if a.get("ranks_default_placement"):
             lines += [
-                f"Default placement (--device auto, --dtype auto) under mpiexec -n 2, from get_cache_stats: "
-                f"{json.dumps(a['ranks_default_placement'])}",
+                "Default placement (--device auto, --dtype auto) under mpiexec -n 2, "
+                f"from get_cache_stats: {json.dumps(a['ranks_default_placement'])}",
                 "",
             ]
         lines += [
-            "| model | no launcher img/s | mpiexec -n 2 img/s | images per rank (n=2) | byte-identical | "
-            "max pixel diff | flat images | device |",
+            "| model | no launcher img/s | mpiexec -n 2 img/s | images per rank (n=2) "
+            "| byte-identical | max pixel diff | flat images | device |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for model, entry in a.get("models", {}).items():
@@ -927,9 +930,11 @@ def render_summary(results: dict) -> str:
             )
             lines.append(
                 f"| {model} | {fmt(one.get('images_per_second'))} ({one.get('status')}) | "
-                f"{fmt(two.get('images_per_second'))} ({two.get('status')}) | {fmt(two.get('images_per_rank'))} | "
-                f"{fmt(cmp_.get('byte_identical'))}/{fmt(cmp_.get('images'))} | {fmt(cmp_.get('max_pixel_diff'))} | "
-                f"{fmt(health.get('flat_images'))} | {','.join(one.get('device_seen', []) + two.get('device_seen', []))} |"
+                f"{fmt(two.get('images_per_second'))} ({two.get('status')}) | "
+                f"{fmt(two.get('images_per_rank'))} | "
+                f"{fmt(cmp_.get('byte_identical'))}/{fmt(cmp_.get('images'))} | "
+                f"{fmt(cmp_.get('max_pixel_diff'))} | {fmt(health.get('flat_images'))} | "
+                f"{','.join(one.get('device_seen', []) + two.get('device_seen', []))} |"
             )
         lines.append("")
     b = parts.get("b")
@@ -940,28 +945,32 @@ def render_summary(results: dict) -> str:
         if b.get("model"):
             m = b["model"]
             lines += [
-                f"Model: {m['layout']}, {m['dtype']}, parameters {json.dumps(m['parameters'])}, built in "
-                f"{m['total_seconds']} s on {m['built_on']}.",
+                f"Model: {m['layout']}, {m['dtype']}, parameters {json.dumps(m['parameters'])}, "
+                f"built in {m['total_seconds']} s on {m['built_on']}.",
                 "",
             ]
         plain = b.get("plain") or {}
         lines += [
-            "Throughput excludes model load. Plain loop: its batches after one warm-up batch, PNGs saved "
-            "after each batch (`cold` adds back what the first batch cost over a warm one; `pipeline only` "
-            "leaves the PNG saving out). Engine rows: run.json `seconds` (engine ready to last image "
-            "written; the first batch is cold: no warm-up); `warm est.` takes out what each replica's first "
-            "batch cost over a warm batch (from the manifest).",
+            "Throughput excludes model load. Plain loop: its batches after one warm-up batch, "
+            "PNGs saved after each batch (`cold` adds back what the first batch cost over a warm "
+            "one; `pipeline only` leaves the PNG saving out). Engine rows: run.json `seconds` "
+            "(engine ready to last image written; the first batch is cold: no warm-up); "
+            "`warm est.` takes out what each replica's first batch cost over a warm batch "
+            "(from the manifest).",
             "",
-            "| variant | images | seconds | img/s | vs plain (warm) | vs plain (cold) | vs plain (pipeline only) | "
-            "warm est. img/s (vs plain warm) | images per rank | max pixel diff vs plain | wall s |",
+            "| variant | images | seconds | img/s | vs plain (warm) | vs plain (cold) "
+            "| vs plain (pipeline only) | warm est. img/s (vs plain warm) | images per rank "
+            "| max pixel diff vs plain | wall s |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         if plain:
             lines.append(
-                f"| plain diffusers loop | {plain['images']} | {plain['seconds']} (cold {plain['cold_seconds']}, "
-                f"PNG saves {fmt(plain.get('save_seconds'))}) | {plain['images_per_second']} (pipeline only "
-                f"{fmt(plain.get('pipeline_images_per_second'))}) | 1 | - | - | - | - | - | load "
-                f"{plain['load_seconds']} + warm-up {plain['warmup_seconds']} |"
+                f"| plain diffusers loop | {plain['images']} | {plain['seconds']} "
+                f"(cold {plain['cold_seconds']}, PNG saves {fmt(plain.get('save_seconds'))}) | "
+                f"{plain['images_per_second']} "
+                f"(pipeline only {fmt(plain.get('pipeline_images_per_second'))}) | "
+                f"1 | - | - | - | - | - | "
+                f"load {plain['load_seconds']} + warm-up {plain['warmup_seconds']} |"
             )
         names = {
             "nolauncher": "omni-diffuse, no launcher",
@@ -971,17 +980,21 @@ def render_summary(results: dict) -> str:
         for variant, entry in b.get("engine", {}).items():
             ratios, warm = b.get("ratios", {}), entry.get("warm_estimate") or {}
             lines.append(
-                f"| {names[variant]} | {fmt(entry.get('images_ok'))} | {fmt(entry.get('gen_seconds'))} | "
-                f"{fmt(entry.get('images_per_second'))} | {fmt(ratios.get(f'{variant}_vs_plain_warm'))} | "
+                f"| {names[variant]} | {fmt(entry.get('images_ok'))} | "
+                f"{fmt(entry.get('gen_seconds'))} | {fmt(entry.get('images_per_second'))} | "
+                f"{fmt(ratios.get(f'{variant}_vs_plain_warm'))} | "
                 f"{fmt(ratios.get(f'{variant}_vs_plain_cold'))} | "
-                f"{fmt(ratios.get(f'{variant}_vs_plain_pipeline_only'))} | {fmt(warm.get('images_per_second'))} "
-                f"({fmt(ratios.get(f'{variant}_warm_estimate_vs_plain_warm'))}) | {fmt(entry.get('images_per_rank'))} | "
-                f"{fmt(entry.get('compare_with_plain', {}).get('max_pixel_diff'))} | {fmt(entry.get('seconds'))} "
-                f"({entry.get('status')}) |"
+                f"{fmt(ratios.get(f'{variant}_vs_plain_pipeline_only'))} | "
+                f"{fmt(warm.get('images_per_second'))} "
+                f"({fmt(ratios.get(f'{variant}_warm_estimate_vs_plain_warm'))}) | "
+                f"{fmt(entry.get('images_per_rank'))} | "
+                f"{fmt(entry.get('compare_with_plain', {}).get('max_pixel_diff'))} | "
+                f"{fmt(entry.get('seconds'))} ({entry.get('status')}) |"
             )
         lines += [
             "",
-            f"2 replicas vs 1 on one GPU (mpiexec -n 2 / -n 1): {fmt(b.get('ratios', {}).get('mpi2_vs_mpi1'))}; "
+            "2 replicas vs 1 on one GPU (mpiexec -n 2 / -n 1): "
+            f"{fmt(b.get('ratios', {}).get('mpi2_vs_mpi1'))}; "
             f"flat images in the plain run: {fmt((b.get('health') or {}).get('flat_images'))}",
             "",
         ]
@@ -998,13 +1011,14 @@ def render_summary(results: dict) -> str:
             lines.append(
                 f"| {ranks} | {fmt(entry.get('images_ok'))} | {fmt(entry.get('gen_seconds'))} | "
                 f"{fmt(entry.get('images_per_second'))} | {fmt(entry.get('speedup'))} | "
-                f"{fmt(entry.get('efficiency'))} | {fmt(entry.get('images_per_rank'))} ({entry.get('status')}) |"
+                f"{fmt(entry.get('efficiency'))} | {fmt(entry.get('images_per_rank'))} "
+                f"({entry.get('status')}) |"
             )
         rpc = d.get("rpc")
         lines += [
             "",
-            f"collective_rpc('ping') at {rpc['ranks']} ranks ({rpc['executor']}): median {rpc['median_us']} us "
-            f"per call (rounds {rpc['rounds_us']})"
+            f"collective_rpc('ping') at {rpc['ranks']} ranks ({rpc['executor']}): "
+            f"median {rpc['median_us']} us per call (rounds {rpc['rounds_us']})"
             if rpc
             else "RPC round trip: not measured (see steps)",
             "",
@@ -1022,15 +1036,17 @@ def render_summary(results: dict) -> str:
                 lines.append(f"| {case} | skipped | - | - | {entry.get('reason')} |")
             elif case.endswith("_gpu"):
                 lines.append(
-                    f"| {case} | {entry.get('outcome')} | {fmt(entry.get('rc'))} | {fmt(entry.get('seconds'))} | "
-                    f"{entry.get('message', '').replace('|', '/')} |"
+                    f"| {case} | {entry.get('outcome')} | {fmt(entry.get('rc'))} | "
+                    f"{fmt(entry.get('seconds'))} | {entry.get('message', '').replace('|', '/')} |"
                 )
             else:
                 cmp_ = entry.get("compare_with_1rank_cpu", {})
                 lines.append(
-                    f"| {case} | {entry.get('status')} | {fmt(entry.get('rc'))} | {fmt(entry.get('seconds'))} | "
-                    f"{fmt(entry.get('images_ok'))} images; vs 1-rank CPU: {fmt(cmp_.get('byte_identical'))}/"
-                    f"{fmt(cmp_.get('images'))} byte-identical, max pixel diff {fmt(cmp_.get('max_pixel_diff'))} |"
+                    f"| {case} | {entry.get('status')} | {fmt(entry.get('rc'))} | "
+                    f"{fmt(entry.get('seconds'))} | {fmt(entry.get('images_ok'))} images; "
+                    f"vs 1-rank CPU: {fmt(cmp_.get('byte_identical'))}/"
+                    f"{fmt(cmp_.get('images'))} byte-identical, "
+                    f"max pixel diff {fmt(cmp_.get('max_pixel_diff'))} |"
                 )
         lines.append("")
     for error in results.get("errors", []):
@@ -1038,7 +1054,8 @@ def render_summary(results: dict) -> str:
     lines += ["## Steps", "", "| step | status | exit | seconds |", "|---|---|---|---|"]
     for step in results["steps"]:
         lines.append(
-            f"| {step['name']} | {step.get('status')}{' (' + step['reason'] + ')' if step.get('reason') else ''} | "
+            f"| {step['name']} | {step.get('status')}"
+            f"{' (' + step['reason'] + ')' if step.get('reason') else ''} | "
             f"{fmt(step.get('rc'))} | {fmt(step.get('seconds'))} |"
         )
     return "\n".join(lines) + "\n"
@@ -1048,12 +1065,15 @@ def probe_environment(checker: Checker) -> dict:
     code = (
         "import json, sys, time, torch, diffusers, transformers, mpi4py\n"
         "info = {'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'python': sys.version.split()[0],\n"
-        "        'versions': {'torch': torch.__version__, 'cuda': torch.version.cuda, 'diffusers': diffusers.__version__,\n"
-        "                     'transformers': transformers.__version__, 'mpi4py': mpi4py.__version__},\n"
+        "        'versions': {'torch': torch.__version__, 'cuda': torch.version.cuda, "
+        "'diffusers': diffusers.__version__,\n"
+        "                     'transformers': transformers.__version__, "
+        "'mpi4py': mpi4py.__version__},\n"
         "        'cuda_available': torch.cuda.is_available()}\n"
         "try:\n"
         "    p = torch.cuda.get_device_properties(0)\n"
-        "    info['gpu'] = f'{p.name}, {p.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} device(s)'\n"
+        "    info['gpu'] = f'{p.name}, {p.total_memory / 2**30:.1f} GiB, "
+        "{torch.cuda.device_count()} device(s)'\n"
         "    info['versions']['nccl'] = str(torch.cuda.nccl.version())\n"
         "except Exception as exc:\n"
         "    info['gpu_error'] = repr(exc)\n"

@@ -107,13 +107,13 @@ def main() -> None:
         batch_start = time.perf_counter()
         images = run_batch(batch)  # PIL images: the pipeline has synchronised with the device
         save_start = time.perf_counter()
-        for item, image in zip(batch, images):
+        for item, image in zip(batch, images, strict=True):
             image.save(images_dir / f"{item['id']}.png", format="PNG")
         save_seconds += time.perf_counter() - save_start
         batch_seconds.append(time.perf_counter() - batch_start)
     sync()
     seconds = time.perf_counter() - start
-    full = [s for b, s in zip(batches, batch_seconds) if len(b) == len(batches[0])]
+    full = [s for b, s in zip(batches, batch_seconds, strict=True) if len(b) == len(batches[0])]
     warm_batch = statistics.median(full) if full else warmup_s
     record = {
         "images": len(items),
