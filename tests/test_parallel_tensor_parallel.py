@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from spmd_diffusion.parallel import (
     apply_tensor_parallel,
@@ -362,7 +363,7 @@ def test_cfg_wrapper_keeps_the_forward_signature_and_can_be_removed(one_rank_mes
 def test_split_decision_and_output_rebuild():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    from spmd_diffusion.parallel.cfg_parallel import CFGParallel, _map_tensors
+    from spmd_diffusion.parallel.cfg_parallel import CFGParallel
 
     class TwoRanks:
         def size(self):
@@ -379,7 +380,9 @@ def test_split_decision_and_output_rebuild():
     assert not wrapper.should_split(torch.tensor(3.0))
     assert CFGParallel(nn.Identity(), TwoRanks(), any_even_batch=True).should_split(latents)
     output = Transformer2DModelOutput(sample=latents)
-    rebuilt = _map_tensors((output, {"a": [latents]}), lambda tensor: tensor * 2)
+    rebuilt = pytree.tree_map_only(
+        torch.Tensor, lambda tensor: tensor * 2, (output, {"a": [latents]})
+    )
     assert type(rebuilt[0]) is Transformer2DModelOutput and torch.equal(
         rebuilt[0].sample, latents * 2
     )
