@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from spmd_diffusion.models.hooks import hook_owner, remove_hook, wrap_forward
+from spmd_diffusion.worker.batch_invariance import HOOK, make_batch_invariant
 from spmd_diffusion.worker.model_setup import STEPS, Step, check_order
 
 
@@ -59,3 +62,26 @@ def test_hooks_compose_in_registration_order_and_come_off_by_name():
     assert remove_hook(layer, "double") and torch.allclose(layer(x), expected + 1)  # outer one
     assert remove_hook(layer, "plus") and not remove_hook(layer, "plus")
     assert "forward" not in layer.__dict__ and torch.equal(layer(x), expected)
+
+
+def test_batch_invariance_runs_rows_and_rebuilds_the_output():
+    class Net(nn.Module):
+        calls: list[int] = []
+
+        def forward(self, sample, timestep, added=None, return_dict=True):
+            self.calls.append(sample.shape[0])
+            out = sample * 2 + added["bias"] + timestep.reshape(-1, 1)
+            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    net = Net()
+    sample, bias = torch.randn(3, 4), torch.randn(3, 4)
+    timestep = torch.tensor([1.0, 2.0, 3.0])
+    expected = net(sample, timestep, added={"bias": bias}).sample
+    assert make_batch_invariant(SimpleNamespace(transformer=net)) == ["transformer"]
+    assert make_batch_invariant(SimpleNamespace(transformer=net)) == []  # once only
+    Net.calls.clear()
+    got = net(sample, timestep, added={"bias": bias})
+    assert Net.calls == [1, 1, 1] and type(got) is Transformer2DModelOutput
+    assert torch.equal(got.sample, expected)
+    assert torch.equal(net(sample, timestep, {"bias": bias}, False)[0], expected)
+    assert remove_hook(net, HOOK) and "forward" not in net.__dict__
