@@ -360,6 +360,19 @@ def test_cfg_wrapper_keeps_the_forward_signature_and_can_be_removed(one_rank_mes
     assert not disable_cfg_parallel(model)
 
 
+def test_sequence_parallel_after_cfg_parallel_is_refused(one_rank_mesh):
+    """Context parallel's hooks must sit inside CFG's split: enabling them after it fails."""
+    from types import SimpleNamespace
+
+    from spmd_diffusion.parallel import ParallelLayout, ParallelReport, parallel_sp
+
+    model = tiny_dit()
+    enable_cfg_parallel(model, one_rank_mesh["cfg"])
+    report = ParallelReport(ParallelLayout(world_size=2, ulysses=2), "transformer", None, None)
+    with pytest.raises(RuntimeError, match="before CFG parallel"):
+        parallel_sp(SimpleNamespace(transformer=model), report, one_rank_mesh)
+
+
 def test_split_decision_and_output_rebuild():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 

@@ -240,6 +240,8 @@ def parallel_sp(pipeline: Any, report: ParallelReport, mesh: DeviceMesh) -> None
     layout = report.layout
     if layout.sp > 1:
         denoiser = getattr(pipeline, report.denoiser)
+        if cfg_parallel_of(denoiser) is not None:  # its hook would run inside CFG's
+            raise RuntimeError("sequence parallel must be enabled before CFG parallel")
         report.sp = enable_sequence_parallel(denoiser, mesh, layout.ulysses, layout.ring)
 
 
