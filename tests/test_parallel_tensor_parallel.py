@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from spmd_diffusion.parallel import (
     apply_tensor_parallel,
@@ -359,10 +360,23 @@ def test_cfg_wrapper_keeps_the_forward_signature_and_can_be_removed(one_rank_mes
     assert not disable_cfg_parallel(model)
 
 
+def test_sequence_parallel_after_cfg_parallel_is_refused(one_rank_mesh):
+    """Context parallel's hooks must sit inside CFG's split: enabling them after it fails."""
+    from types import SimpleNamespace
+
+    from spmd_diffusion.parallel import ParallelLayout, ParallelReport, parallel_sp
+
+    model = tiny_dit()
+    enable_cfg_parallel(model, one_rank_mesh["cfg"])
+    report = ParallelReport(ParallelLayout(world_size=2, ulysses=2), "transformer", None, None)
+    with pytest.raises(RuntimeError, match="before CFG parallel"):
+        parallel_sp(SimpleNamespace(transformer=model), report, one_rank_mesh)
+
+
 def test_split_decision_and_output_rebuild():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    from spmd_diffusion.parallel.cfg_parallel import CFGParallel, _map_tensors
+    from spmd_diffusion.parallel.cfg_parallel import CFGParallel
 
     class TwoRanks:
         def size(self):
@@ -379,7 +393,9 @@ def test_split_decision_and_output_rebuild():
     assert not wrapper.should_split(torch.tensor(3.0))
     assert CFGParallel(nn.Identity(), TwoRanks(), any_even_batch=True).should_split(latents)
     output = Transformer2DModelOutput(sample=latents)
-    rebuilt = _map_tensors((output, {"a": [latents]}), lambda tensor: tensor * 2)
+    rebuilt = pytree.tree_map_only(
+        torch.Tensor, lambda tensor: tensor * 2, (output, {"a": [latents]})
+    )
     assert type(rebuilt[0]) is Transformer2DModelOutput and torch.equal(
         rebuilt[0].sample, latents * 2
     )

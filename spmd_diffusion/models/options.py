@@ -149,13 +149,14 @@ def check_vae_parallel(config: Any) -> None:
         raise ValueError(problem)
 
 
-def denoiser_of(pipeline: Any) -> tuple[str, Any] | tuple[None, None]:
-    """The network that runs every step, and its attribute name: the UNet or the transformer."""
+def denoiser_of(pipeline: Any, use: str = "denoise") -> tuple[str, Any]:
+    """(attribute name, module) of the network that runs every step: the UNet or the
+    transformer. ValueError, saying what it was wanted for (``use``), when there is none."""
     for name in ("unet", "transformer"):
         module = getattr(pipeline, name, None)
-        if module is not None:
+        if module is not None:  # not ``a or b``: a compiled module has no truth value
             return name, module
-    return None, None
+    raise ValueError(f"{use}: {type(pipeline).__name__} has no unet or transformer to {use}")
 
 
 def apply_model_options(pipeline: Any, config: Any) -> dict[str, Any]:
@@ -231,11 +232,7 @@ def compile_denoiser(pipeline: Any) -> None:
     """``torch.compile`` the denoiser (compiled lazily, on its first call per input shape)."""
     import torch
 
-    name, module = denoiser_of(pipeline)
-    if module is None:
-        raise ValueError(
-            f"compile: {type(pipeline).__name__} has no unet or transformer to compile"
-        )
+    name, module = denoiser_of(pipeline, "compile")
     setattr(pipeline, name, torch.compile(module))
 
 

@@ -11,8 +11,8 @@ denoiser, and supplies what diffusers leaves to the pipeline:
   one context (a pipeline that sets its own, per guidance branch, overrides it inside) and
   resets the hook state afterwards, so no state leaks from one batch into the next, even
   when a call fails;
-- the *current timestep* that pyramid attention broadcast and FasterCache skip on: a
-  forward pre-hook on the denoiser records the ``timestep`` argument of each call.
+- the *current timestep* that pyramid attention broadcast and FasterCache skip on: a hook
+  on the denoiser, outside the cache's own, records the ``timestep`` argument of each call.
 
 Hooks are applied through the functions ``diffusers.hooks.apply_*``, not
 ``model.enable_cache``, because denoisers without diffusers' ``CacheMixin``
@@ -34,6 +34,8 @@ faster         FasterCache: attention reused every VALUE steps,      2
 =============  ===================================================  ===========
 """
 
+# ruff: noqa: PLC0415 - diffusers and torch are imported on first use: parsing --cache stays light
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +44,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from spmd_diffusion.models.hooks import wrap_forward
+from spmd_diffusion.models.options import denoiser_of
+
 CACHE_KINDS = {"first-block": 0.05, "taylorseer": 5, "pab": 2, "faster": 2}
 CONTEXT_NAME = "batch"
+TIMESTEP_HOOK = "spmd_cache_timestep"
 # diffusers' default TaylorSeer patterns end in "attn" and are matched whole, so they miss
 # attention layers named attn1/attn2 (PixArt, Wan, ...): these match both.
 TAYLORSEER_IDENTIFIERS = [
@@ -92,17 +98,18 @@ def parse_cache(text: str) -> CacheSpec:
 
 
 class TimestepProbe:
-    """The timestep of the denoiser's latest call, as a float, for hooks that skip by timestep."""
+    """The timestep of the denoiser's latest call, as a float, for hooks that skip by timestep.
+    A hook on the denoiser (:mod:`spmd_diffusion.models.hooks`) registered after the cache's
+    own, so it records each call's timestep before they read it."""
 
-    def __init__(self, denoiser: Any) -> None:
+    def __init__(self) -> None:
         self.timestep = 1000.0
-        self.handle = denoiser.register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def _record(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def forward(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         value = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if value is None:
-            return
-        self.timestep = float(value.flatten()[0]) if hasattr(value, "flatten") else float(value)
+        if value is not None:
+            self.timestep = float(value.flatten()[0]) if hasattr(value, "flatten") else float(value)
+        return inner(*args, **kwargs)
 
     def __call__(self) -> float:
         return self.timestep
@@ -170,13 +177,12 @@ APPLY = {
 }
 
 
-def hooked_modules(denoiser: Any) -> int:
-    """How many sub-modules of the denoiser carry a diffusers hook."""
-    return sum(
-        1
+def hook_names(denoiser: Any) -> dict[str, set[str]]:
+    """The diffusers hooks on each module of the denoiser ("" is the denoiser itself)."""
+    return {
+        name: set(getattr(getattr(module, "_diffusers_hook", None), "hooks", None) or ())
         for name, module in denoiser.named_modules()
-        if name and getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
-    )
+    }
 
 
 class StepCache:
@@ -189,8 +195,9 @@ class StepCache:
 
         self.spec = spec
         self.denoiser = denoiser
-        self.timestep = TimestepProbe(denoiser)
+        self.timestep = TimestepProbe()
         config = build_cache_config(spec, pipeline, denoiser, self.timestep, guidance_split)
+        before = hook_names(denoiser)  # parallel modes' hooks, there before the cache's
         try:
             getattr(hooks, APPLY[spec.kind])(denoiser, config)
         except (ValueError, IndexError, KeyError, AttributeError) as exc:
@@ -198,14 +205,20 @@ class StepCache:
                 f"cache {spec.kind} does not apply to {type(denoiser).__name__}: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
-        registry = hooks.HookRegistry.check_if_exists_or_initialize(denoiser)
-        registry.invalidate_child_registries_cache()  # as enable_cache does: the new block hooks must get contexts
-        self.modules = hooked_modules(denoiser)
-        if not self.modules and not registry.hooks:
+        hooked = {
+            name for name, names in hook_names(denoiser).items() if names - before.get(name, set())
+        }
+        self.modules = len(hooked - {""})  # the sub-modules the cache hooked
+        if not hooked:
             raise ValueError(
                 f"cache {spec.kind}: no block of {type(denoiser).__name__} takes this cache "
                 "(diffusers' hooks found no transformer block or attention layer to wrap)"
             )
+        wrap_forward(denoiser, TIMESTEP_HOOK, self.timestep)  # outside the cache's hooks
+        # As enable_cache does: the new block hooks must get the cache contexts.
+        hooks.HookRegistry.check_if_exists_or_initialize(
+            denoiser
+        ).invalidate_child_registries_cache()
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
@@ -288,11 +301,7 @@ def check_cache_for_pipeline(
 
 def enable_step_cache(pipeline: Any, text: str, guidance_split: bool = False) -> StepCache:
     """Apply ``--cache`` ``text`` to the pipeline's denoiser (``guidance_split``: CFG parallel)."""
-    from spmd_diffusion.models.options import denoiser_of
-
-    name, denoiser = denoiser_of(pipeline)
-    if denoiser is None:
-        raise ValueError(f"cache: {type(pipeline).__name__} has no unet or transformer to cache")
+    _, denoiser = denoiser_of(pipeline, "cache")
     spec = parse_cache(text)
     check_cache_for_pipeline(spec, type(pipeline).__name__, type(denoiser).__name__)
     return StepCache(spec, pipeline, denoiser, guidance_split)

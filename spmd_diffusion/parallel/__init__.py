@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from spmd_diffusion.models.options import denoiser_of
 from spmd_diffusion.parallel.cfg_parallel import (
     CFGParallel,
     cfg_parallel_of,
@@ -81,8 +82,13 @@ __all__ = [
     "parallelize_pipeline",
     "merge_parallel_stats",
     "param_bytes",
+    "parallel_cfg",
+    "parallel_sp",
     "parallel_summary",
+    "parallel_tp",
+    "parallel_vae",
     "replica_index",
+    "start_parallel",
 ]
 
 
@@ -100,7 +106,8 @@ class ParallelReport:
     def summary(self) -> str:
         layout = self.layout
         lines = [
-            f"parallel layout dp={layout.dp} cfg={layout.cfg} ring={layout.ring} ulysses={layout.ulysses} "
+            f"parallel layout dp={layout.dp} cfg={layout.cfg} ring={layout.ring} "
+            f"ulysses={layout.ulysses} "
             f"tp={layout.tp} (pipeline.{self.denoiser})"
         ]
         if self.tp is not None:
@@ -111,7 +118,8 @@ class ParallelReport:
             lines.append(self.vae.summary())
         if self.cfg is not None:
             lines.append(
-                "cfg parallel on the pair: guided calls split (doubled batches halved, branch calls paired); "
+                "cfg parallel on the pair: guided calls split (doubled batches halved, "
+                "branch calls paired); "
                 "what ran is counted in run.json"
             )
         return "\n".join(lines)
@@ -176,7 +184,8 @@ def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
             (
                 "tensor parallel",
                 f"tp={tp['degree']}: {len(tp['sharded']['attention'])} attention + "
-                f"{len(tp['sharded']['feedforward'])} feed-forward, {len(tp['sharded']['modulation'])} "
+                f"{len(tp['sharded']['feedforward'])} feed-forward, "
+                f"{len(tp['sharded']['modulation'])} "
                 f"modulation sharded ({tp['plan']} plan), {len(tp['replicated'])} replicated, "
                 f"{tp['param_fraction']:.2f}x denoiser parameters per rank",
             )
@@ -187,7 +196,8 @@ def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
             (
                 "sequence parallel",
                 f"ulysses={sp['ulysses']} ring={sp['ring']}: "
-                f"{sp['sequence_parallel_attention_calls']} attention calls over the whole sequence",
+                f"{sp['sequence_parallel_attention_calls']} attention calls over the whole "
+                "sequence",
             )
         )
     if "vae" in merged:
@@ -211,15 +221,43 @@ def parallel_summary(merged: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def denoiser_of(pipeline: Any) -> tuple[str, Any]:
-    """(attribute name, module) of the network that runs every step."""
-    for name in ("unet", "transformer"):  # the order DiffusionWorker.denoiser uses
-        module = getattr(pipeline, name, None)
-        if module is not None:
-            return name, module
-    raise ValueError(
-        f"{type(pipeline).__name__} has neither a transformer nor a unet to parallelize"
-    )
+def start_parallel(pipeline: Any, layout: ParallelLayout, mesh: DeviceMesh) -> ParallelReport:
+    """An empty report for ``pipeline``'s denoiser, which the ``parallel_*`` steps fill."""
+    check_mesh(layout, mesh)
+    name, _ = denoiser_of(pipeline, "parallelize")
+    return ParallelReport(layout=layout, denoiser=name, tp=None, cfg=None)
+
+
+def parallel_tp(pipeline: Any, report: ParallelReport, mesh: DeviceMesh) -> None:
+    """Shard the denoiser over the tp group (tp > 1)."""
+    if report.layout.tp > 1:
+        report.tp = apply_tensor_parallel(getattr(pipeline, report.denoiser), mesh["tp"])
+
+
+def parallel_sp(pipeline: Any, report: ParallelReport, mesh: DeviceMesh) -> None:
+    """Split the denoiser's sequence over ring x ulysses (> 1): diffusers' context-parallel
+    hooks, which wrap the (sharded) blocks."""
+    layout = report.layout
+    if layout.sp > 1:
+        denoiser = getattr(pipeline, report.denoiser)
+        if cfg_parallel_of(denoiser) is not None:  # its hook would run inside CFG's
+            raise RuntimeError("sequence parallel must be enabled before CFG parallel")
+        report.sp = enable_sequence_parallel(denoiser, mesh, layout.ulysses, layout.ring)
+
+
+def parallel_cfg(pipeline: Any, report: ParallelReport, mesh: DeviceMesh) -> None:
+    """Split guided calls over the cfg pair (cfg == 2); its hook wraps the hooks above."""
+    if report.layout.cfg == 2:
+        report.cfg = enable_cfg_parallel(getattr(pipeline, report.denoiser), mesh["cfg"])
+
+
+def parallel_vae(pipeline: Any, report: ParallelReport, mesh: DeviceMesh) -> None:
+    """Split the VAE's decodes over the replica (more than one rank)."""
+    if report.layout.replica_size > 1:
+        replica = mesh["cfg", "ring", "ulysses", "tp"]._flatten("replica")
+        report.vae = enable_vae_parallel(
+            pipeline.vae, replica.get_group(), replica.get_local_rank(), replica.size()
+        )
 
 
 def parallelize_pipeline(
@@ -229,22 +267,12 @@ def parallelize_pipeline(
     parallelism (cfg == 2) to the pipeline's denoiser, in place, in that order (the CFG split
     of the batch wraps everything), and with ``vae_parallel`` split the VAE's decodes over
     the replica. ``mesh`` comes from :func:`build_device_mesh` (layout); call it after
-    ``pipeline.to(device)``, on every rank. A dp-only layout changes nothing."""
-    check_mesh(layout, mesh)
-    name, denoiser = denoiser_of(pipeline)
-    tp_report = apply_tensor_parallel(denoiser, mesh["tp"]) if layout.tp > 1 else None
-    sp_report = (
-        enable_sequence_parallel(denoiser, mesh, layout.ulysses, layout.ring)
-        if layout.sp > 1
-        else None
-    )
-    cfg = enable_cfg_parallel(denoiser, mesh["cfg"]) if layout.cfg == 2 else None
-    vae = None
-    if vae_parallel and layout.replica_size > 1:
-        replica = mesh["cfg", "ring", "ulysses", "tp"]._flatten("replica")
-        vae = enable_vae_parallel(
-            pipeline.vae, replica.get_group(), replica.get_local_rank(), replica.size()
-        )
-    return ParallelReport(
-        layout=layout, denoiser=name, tp=tp_report, cfg=cfg, sp=sp_report, vae=vae
-    )
+    ``pipeline.to(device)``, on every rank. A dp-only layout changes nothing. The worker runs
+    the same steps among its own (:mod:`spmd_diffusion.worker.model_setup`)."""
+    report = start_parallel(pipeline, layout, mesh)
+    parallel_tp(pipeline, report, mesh)
+    parallel_sp(pipeline, report, mesh)
+    parallel_cfg(pipeline, report, mesh)
+    if vae_parallel:
+        parallel_vae(pipeline, report, mesh)
+    return report

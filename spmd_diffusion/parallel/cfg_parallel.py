@@ -3,13 +3,16 @@
 Pipelines guide in one of two ways, and both are split here.
 
 **Doubled batch** (SD 1.x/XL, PixArt, SD3, Sana, LTX): many diffusers pipelines with
-classifier-free guidance call the denoiser once per step on a doubled batch, ``torch.cat([latents] * 2)``, with the prompt embeddings ``[uncond; cond]``
-(and timestep, masks, ``added_cond_kwargs``, ... doubled alike). The wrapper installed here
-sits on the denoiser's ``forward``: when the batch is doubled, cfg rank c keeps half c of
-every batch-sized tensor (positional, keyword, nested in dicts/lists/tuples), runs the real
-forward, all-gathers the outputs over the cfg group and rebuilds the full output (tuple or
-diffusers output dataclass). The pipeline sees the same output as without the wrapper, so
-its guidance math and its scheduler state are untouched, and identical on both ranks.
+classifier-free guidance call the denoiser once per step on a doubled batch,
+``torch.cat([latents] * 2)``, with the prompt embeddings ``[uncond; cond]`` (and timestep,
+masks, ``added_cond_kwargs``, ... doubled alike). The hook installed here (a diffusers
+``ModelHook``, :mod:`spmd_diffusion.models.hooks`, registered after the sequence-parallel
+hooks so it runs outside them) wraps the denoiser's forward: when the batch is doubled, cfg
+rank c keeps half c of every batch-sized tensor (positional, keyword, nested in
+dicts/lists/tuples: torch's pytree), runs the forward it wraps, all-gathers the outputs over
+the cfg group and rebuilds the full output (tuple or diffusers output dataclass). The
+pipeline sees the same output as without the hook, so its guidance math and its scheduler
+state are untouched, and identical on both ranks.
 
 "Doubled" is recognised from the input itself: the latent batch splits into ``cfg`` equal
 chunks (that is how every guided diffusers pipeline builds it). Any other call (guidance
@@ -33,21 +36,24 @@ the split decision and the all-gather are then the same on both, so neither wait
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils import _pytree as pytree
+
+from spmd_diffusion.models.hooks import hook_owner, remove_hook, wrap_forward
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-    from torch.distributed.device_mesh import DeviceMesh
 
 SAMPLE_KEYWORDS = ("sample", "hidden_states", "x", "latents")
 TIMESTEP_KEYWORDS = ("timestep", "t", "timesteps")
-_ATTRIBUTE = "_spmd_cfg_parallel"
+HOOK = "spmd_cfg_parallel"
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -61,27 +67,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``fn`` on every tensor inside ``value`` (dicts, lists, tuples, diffusers outputs)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        items = {key: _map_tensors(item, fn) for key, item in value.items()}
-        if type(value) is dict:
-            return items
-        try:  # diffusers BaseOutput (a dataclass over OrderedDict) and other dict subclasses
-            return type(value)(**items)
-        except TypeError:
-            return type(value)(items)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_map_tensors(item, fn) for item in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(item, fn) for item in value)
-    return value
-
-
-def same(first: Any, second: Any) -> bool:
-    """Exact equality of call arguments (tensors: same shape, dtype and values)."""
+def _same_leaf(first: Any, second: Any) -> bool:
     if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
         return (
             isinstance(first, torch.Tensor)
@@ -91,18 +77,21 @@ def same(first: Any, second: Any) -> bool:
             and first.device == second.device
             and torch.equal(first, second)
         )
-    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
-        return (
-            type(first) is type(second)
-            and len(first) == len(second)
-            and all(map(same, first, second))
-        )
-    if isinstance(first, dict) and isinstance(second, dict):
-        return first.keys() == second.keys() and all(same(first[key], second[key]) for key in first)
     try:
         return bool(first == second)
     except Exception:  # noqa: BLE001 - objects without a plain equality
         return first is second
+
+
+def same(first: Any, second: Any) -> bool:
+    """Exact equality of call arguments: the same tree (torch's pytree: containers, their
+    types and keys) and equal leaves (tensors: same shape, dtype, device and values). A
+    call's own arguments (:func:`_call`) compare by name, whatever their order."""
+    if type(first) is dict and type(second) is dict:
+        return first.keys() == second.keys() and all(same(first[k], second[k]) for k in first)
+    first_leaves, first_spec = pytree.tree_flatten(first)
+    second_leaves, second_spec = pytree.tree_flatten(second)
+    return first_spec == second_spec and all(map(_same_leaf, first_leaves, second_leaves))
 
 
 def _call(args: tuple, kwargs: dict) -> dict[Any, Any]:
@@ -156,14 +145,13 @@ class BranchPairing:
 
 @dataclass
 class CFGParallel:
-    """The installed wrapper; ``remove()`` restores the denoiser's own forward."""
+    """What the CFG hook runs around the denoiser's forward; ``remove()`` takes the hook off."""
 
     denoiser: nn.Module = field(repr=False)
     mesh: DeviceMesh
     any_even_batch: bool = False
     split_calls: int = 0  # forwards that ran split over the pair: half a batch, or one branch each
     whole_calls: int = 0  # forwards that ran unchanged on both ranks
-    previous_forward: Any = field(default=None, repr=False)  # an instance-level forward we wrapped
     pairing: BranchPairing = field(default_factory=BranchPairing, repr=False)
 
     def reset(self) -> None:
@@ -189,8 +177,6 @@ class CFGParallel:
         return all(torch.equal(chunks[0], chunk) for chunk in chunks[1:])
 
     def _gather(self, local: torch.Tensor, batch: int) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor, Shard
-
         if local.ndim == 0 or local.shape[0] != batch // self.size:
             return local
         shard = DTensor.from_local(local.contiguous(), self.mesh, [Shard(0)], run_check=False)
@@ -208,9 +194,12 @@ class CFGParallel:
                 return tensor
             return tensor.chunk(size, dim=0)[rank]
 
-        output = original(*_map_tensors(args, take), **_map_tensors(kwargs, take))
+        args, kwargs = pytree.tree_map_only(torch.Tensor, take, (args, kwargs))
+        output = original(*args, **kwargs)
         self.split_calls += 1
-        return _map_tensors(output, lambda tensor: self._gather(tensor, batch))
+        return pytree.tree_map_only(
+            torch.Tensor, lambda tensor: self._gather(tensor, batch), output
+        )
 
     def _branches(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """A call that is not a doubled batch: answer it from the exchange when it is the
@@ -240,8 +229,6 @@ class CFGParallel:
 
     def _exchange(self, output: Any) -> tuple[Any, Any]:
         """(rank 0's output, rank 1's output) on both ranks: every tensor all-gathered."""
-        from torch.utils import _pytree as pytree
-
         leaves, spec = pytree.tree_flatten(output)
         firsts, seconds = [], []
         for leaf in leaves:
@@ -255,8 +242,6 @@ class CFGParallel:
         return pytree.tree_unflatten(firsts, spec), pytree.tree_unflatten(seconds, spec)
 
     def _gather_pair(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from torch.distributed.tensor import DTensor, Shard
-
         shard = DTensor.from_local(
             local.contiguous().unsqueeze(0), self.mesh, [Shard(0)], run_check=False
         )
@@ -265,17 +250,11 @@ class CFGParallel:
 
     def remove(self) -> None:
         """Undo :func:`enable_cfg_parallel`."""
-        if self.denoiser.__dict__.get(_ATTRIBUTE) is self:
-            if self.previous_forward is None:
-                del self.denoiser.__dict__["forward"]
-            else:  # e.g. an offload hook's forward, installed before ours
-                self.denoiser.__dict__["forward"] = self.previous_forward
-            del self.denoiser.__dict__[_ATTRIBUTE]
+        if cfg_parallel_of(self.denoiser) is self:
+            remove_hook(self.denoiser, HOOK)
 
 
 def _as_mesh(cfg_group: DeviceMesh | ProcessGroup, denoiser: nn.Module) -> DeviceMesh:
-    from torch.distributed.device_mesh import DeviceMesh
-
     if isinstance(cfg_group, DeviceMesh):
         if cfg_group.ndim != 1:
             raise ValueError(
@@ -290,31 +269,21 @@ def enable_cfg_parallel(
     denoiser: nn.Module, cfg_group: DeviceMesh | ProcessGroup, *, any_even_batch: bool = False
 ) -> CFGParallel:
     """Split guided (doubled-batch) calls of ``denoiser`` over ``cfg_group`` (``mesh["cfg"]``
-    or a ProcessGroup of 2 ranks); returns the handle whose ``remove()`` undoes it."""
-    if _ATTRIBUTE in denoiser.__dict__:
+    or a ProcessGroup of 2 ranks); returns the handle whose ``remove()`` undoes it. The hook
+    wraps every hook already on the denoiser (context parallel's, when sequence parallel is
+    on): enable it after them."""
+    if cfg_parallel_of(denoiser) is not None:
         raise RuntimeError(f"CFG parallel is already enabled on this {type(denoiser).__name__}")
     wrapper = CFGParallel(denoiser, _as_mesh(cfg_group, denoiser), any_even_batch=any_even_batch)
-    wrapper.previous_forward = denoiser.__dict__.get("forward")
-    original = denoiser.forward  # bound method of the class (or an earlier wrapper)
-
-    @functools.wraps(original)  # keeps inspect.signature: pipelines read the forward's parameters
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return wrapper.forward(original, *args, **kwargs)
-
-    denoiser.__dict__["forward"] = forward
-    denoiser.__dict__[_ATTRIBUTE] = wrapper
+    wrap_forward(denoiser, HOOK, wrapper)
     return wrapper
 
 
 def disable_cfg_parallel(denoiser: nn.Module) -> bool:
     """Remove CFG parallel from ``denoiser``; False when it was not enabled."""
-    wrapper = denoiser.__dict__.get(_ATTRIBUTE)
-    if wrapper is None:
-        return False
-    wrapper.remove()
-    return True
+    return remove_hook(denoiser, HOOK)
 
 
 def cfg_parallel_of(denoiser: nn.Module) -> CFGParallel | None:
     """The wrapper installed on ``denoiser``, if any."""
-    return denoiser.__dict__.get(_ATTRIBUTE)
+    return hook_owner(denoiser, HOOK)

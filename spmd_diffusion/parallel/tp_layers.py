@@ -2,7 +2,9 @@
 
 Linears keep DTensor parameters (sharded by torch's ``parallelize_module``) but multiply
 their local shards directly: DTensor's per-call dispatch is pure Python and made tp=2 slower
-than one rank (benchmarks/RESULTS.md). Beside the column-/row-wise Linears of Megatron:
+than one rank (benchmarks/RESULTS.md). That local forward, like every other patch of a
+forward here, is a diffusers hook (:mod:`spmd_diffusion.models.hooks`). Beside the
+column-/row-wise Linears of Megatron:
 
 - :class:`LocalColwiseGather`: a column-wise Linear whose output every rank needs whole
   (adaLN modulation: shift/scale/gate over the full width): the shards' outputs are
@@ -14,9 +16,12 @@ than one rank (benchmarks/RESULTS.md). Beside the column-/row-wise Linears of Me
   conv's partial sums all-reduced.
 """
 
+# ruff: noqa: PLC0415 - diffusers' hook class is imported where a hook is made
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,8 +30,23 @@ from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from spmd_diffusion.models.hooks import add_hook, wrap_forward
+from spmd_diffusion.parallel.sp_attention import all_gather
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+LINEAR_HOOK = "spmd_tp_local_linear"
+
+
+class LocalForward:
+    """A sharded Linear's forward on its local shards, in place of DTensor's dispatch."""
+
+    def __init__(self, local: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.local = local
+
+    def forward(self, inner: Any, hidden: torch.Tensor) -> torch.Tensor:
+        return self.local(hidden)
 
 
 class LocalColwiseParallel(ColwiseParallel):
@@ -37,7 +57,7 @@ class LocalColwiseParallel(ColwiseParallel):
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(f"{type(self).__name__} supports nn.Linear only")
         self._partition_linear_fn("", module, device_mesh)
-        module.forward = functools.partial(_colwise_forward, module)
+        wrap_forward(module, LINEAR_HOOK, LocalForward(functools.partial(_colwise_forward, module)))
         return module
 
 
@@ -48,9 +68,10 @@ class LocalColwiseGather(ColwiseParallel):
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(f"{type(self).__name__} supports nn.Linear only")
         self._partition_linear_fn("", module, device_mesh)
-        module.forward = functools.partial(
+        local = functools.partial(
             _colwise_gather_forward, module, device_mesh.get_group(), device_mesh.size()
         )
+        wrap_forward(module, LINEAR_HOOK, LocalForward(local))
         return module
 
 
@@ -62,7 +83,8 @@ class LocalRowwiseParallel(RowwiseParallel):
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(f"{type(self).__name__} supports nn.Linear only")
         self._partition_linear_fn("", module, device_mesh)
-        module.forward = functools.partial(_rowwise_forward, module, device_mesh.get_group())
+        local = functools.partial(_rowwise_forward, module, device_mesh.get_group())
+        wrap_forward(module, LINEAR_HOOK, LocalForward(local))
         return module
 
 
@@ -74,8 +96,6 @@ def _colwise_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 def _colwise_gather_forward(
     module: nn.Linear, group: Any, size: int, hidden: torch.Tensor
 ) -> torch.Tensor:
-    from spmd_diffusion.parallel.sp_attention import all_gather
-
     local = _colwise_forward(module, hidden)
     moved = local.movedim(-1, 0)  # gather along the features: the first dim for the collective
     return all_gather(moved, 0, group).movedim(0, -1)
@@ -126,7 +146,7 @@ def slice_full_width_rotary(attn: nn.Module, width: int, rank: int, size: int) -
     splitting heads: on a rank holding ``width / size`` of those features, the embedding's
     (cos, sin) are cut to the same block. Rotary embeddings of one head's width (Flux, Wan,
     Qwen-Image) pass unchanged."""
-    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks import ModelHook
 
     block = width // size
 
@@ -149,9 +169,7 @@ def slice_full_width_rotary(attn: nn.Module, width: int, rank: int, size: int) -
                 args = (*args[:3], local(args[3]), *args[4:])
             return args, kwargs
 
-    HookRegistry.check_if_exists_or_initialize(attn).register_hook(
-        LocalRotaryHook(), "spmd_tp_local_rotary"
-    )
+    add_hook(attn, LocalRotaryHook(), "spmd_tp_local_rotary")
 
 
 def _take(
@@ -165,7 +183,7 @@ def _take(
 def shard_conv_ffn(ffn: nn.Module, rank: int, size: int, group: Any, order: torch.Tensor) -> None:
     """Split a GLUMBConv's channels over the tp group in place (see the module docstring);
     ``order`` pairs each rank's hidden block with its gate block (:func:`gated_row_order`)."""
-    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks import ModelHook
 
     inverted, depth, point = ffn.conv_inverted, ffn.conv_depth, ffn.conv_point
     inverted.weight = _take(inverted.weight, order, rank, size)
@@ -187,6 +205,4 @@ def shard_conv_ffn(ffn: nn.Module, rank: int, size: int, group: Any, order: torc
         def post_forward(self, module: Any, output: torch.Tensor) -> torch.Tensor:
             return funcol.wait_tensor(funcol.all_reduce(output, "sum", group))
 
-    HookRegistry.check_if_exists_or_initialize(point).register_hook(
-        AllReduceHook(), "spmd_tp_all_reduce"
-    )
+    add_hook(point, AllReduceHook(), "spmd_tp_all_reduce")

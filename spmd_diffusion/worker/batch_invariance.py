@@ -7,33 +7,25 @@ So running the text encoder and the denoiser one sample (row) at a time, and dec
 VAE one image at a time (diffusers' own ``enable_slicing``), makes an image independent of
 how many prompts shared its pipeline call: ``--batch-size`` no longer changes any pixel.
 It costs throughput where batching helped (small models, small images).
+
+The row loop is a diffusers hook (:mod:`spmd_diffusion.models.hooks`) on each module; the
+tensors inside arguments and outputs are found with torch's pytree.
 """
+
+# ruff: noqa: PLC0415 - torch is imported on first use: importing this module stays light
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
+from spmd_diffusion.models.hooks import hook_owner, wrap_forward
 
-def _rows(value: Any, batch: int, index: int) -> Any:
-    """Row ``index`` of every tensor whose first dimension is the batch; the rest as is."""
-    import torch
-
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value[index : index + 1]
-    if isinstance(value, dict):
-        return {key: _rows(item, batch, index) for key, item in value.items()}
-    if (
-        isinstance(value, (list, tuple))
-        and value
-        and any(isinstance(v, torch.Tensor) for v in value)
-    ):
-        return type(value)(_rows(item, batch, index) for item in value)
-    return value
+HOOK = "spmd_batch_invariant"
+MODULES = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer")
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int | None:
+    """The batch size: the first dimension of the first tensor argument."""
     import torch
 
     for value in (*args, *kwargs.values()):
@@ -43,47 +35,48 @@ def _batch_of(args: tuple, kwargs: dict) -> int | None:
 
 
 def _concat(outputs: list[Any]) -> Any:
-    """Stack per-row outputs back into the structure the module returns."""
+    """Per-row outputs joined into the structure the module returns: tensors concatenated
+    along the batch, any other leaf (the same for every row) taken from the first."""
     import torch
+    from torch.utils import _pytree as pytree
 
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs, dim=0)
-    if isinstance(first, tuple) and not hasattr(first, "_fields"):
-        return tuple(_concat([output[i] for output in outputs]) for i in range(len(first)))
-    if dataclasses.is_dataclass(first):
-        merged = {}
-        for field in dataclasses.fields(first):
-            values = [getattr(output, field.name) for output in outputs]
-            merged[field.name] = _concat(values) if values[0] is not None else None
-        return type(first)(**merged)
-    return first  # non-tensor outputs are the same for every row
+    flat = [pytree.tree_flatten(output) for output in outputs]
+    leaves = [
+        torch.cat(column, dim=0) if isinstance(column[0], torch.Tensor) else column[0]
+        for column in zip(*(leaves for leaves, _ in flat), strict=True)
+    ]
+    return pytree.tree_unflatten(leaves, flat[0][1])
 
 
-def row_by_row(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a module's forward so a batch of N runs as N forwards of one row each."""
+class RowByRow:
+    """Runs a batch of N as N forwards of one row each."""
 
-    def batch_invariant_forward(*args: Any, **kwargs: Any) -> Any:
+    def forward(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+        from torch.utils import _pytree as pytree
+
         batch = _batch_of(args, kwargs)
         if batch is None or batch == 1:
-            return forward(*args, **kwargs)
-        outputs = [
-            forward(*_rows(args, batch, index), **_rows(kwargs, batch, index))
-            for index in range(batch)
-        ]
-        return _concat(outputs)
+            return inner(*args, **kwargs)
 
-    batch_invariant_forward.row_by_row = True  # type: ignore[attr-defined]
-    return batch_invariant_forward
+        def row(index: int) -> Any:
+            def take(tensor: torch.Tensor) -> torch.Tensor:
+                if tensor.dim() > 0 and tensor.shape[0] == batch:
+                    return tensor[index : index + 1]
+                return tensor
+
+            return pytree.tree_map_only(torch.Tensor, take, (args, kwargs))
+
+        return _concat([inner(*rows[0], **rows[1]) for rows in map(row, range(batch))])
 
 
 def make_batch_invariant(pipeline: Any) -> list[str]:
     """Make a loaded pipeline batch-invariant in place; returns what was changed."""
     changed = []
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer"):
+    for name in MODULES:
         module = getattr(pipeline, name, None)
-        if module is not None and not getattr(module.forward, "row_by_row", False):
-            module.forward = row_by_row(module.forward)
+        if module is not None and hook_owner(module, HOOK) is None:
+            wrap_forward(module, HOOK, RowByRow())
             changed.append(name)
     vae = getattr(pipeline, "vae", None)
     if vae is not None and hasattr(vae, "enable_slicing"):

@@ -16,11 +16,11 @@ from typing import Any
 
 from spmd_diffusion.data import DEFERRED, DiffusionOutput, OmniDiffusionConfig, OutputsPending
 from spmd_diffusion.errors import ConnectionLostError, gloo_brief, peer_lost
-from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.models.loader import model_call_defaults
 from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
 from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
+from spmd_diffusion.worker.model_setup import ModelSetup, set_up_model
 from spmd_diffusion.worker.output_writer import CLOSE_TIMEOUT_S, OutputWriter
 from spmd_diffusion.worker.step_watch import (
     DEFAULT_INTERVAL_S,
@@ -92,87 +92,29 @@ class DiffusionWorker:
 
     # -- loading -------------------------------------------------------------------------
     def _load(self) -> None:
-        from spmd_diffusion.models.lora import LoraAdapters, parse_loras
-        from spmd_diffusion.models.options import (
-            apply_model_options,
-            compile_denoiser,
-            place_pipeline,
-        )
-
+        """Load and set up the model: the ordered steps of :mod:`.model_setup`."""
         start = time.perf_counter()
         config = self.od_config
-        pipeline = load_pipeline(
-            config.model,
-            config.model_class_name,
-            self.torch_dtype,
-            revision=config.revision,
-            variant=config.variant,
-            quantization_config=self._quantization_config(),
-        )
-        self.model_report = apply_model_options(pipeline, config)
-        run_loras = parse_loras(config.lora)
-        self.adapters = LoraAdapters(
-            pipeline, config.max_loras, tuple(spec.adapter_name for spec in run_loras)
-        )
-        self.adapters.activate(run_loras)  # loaded before placing: they move with the weights
-        self.pipeline = place_pipeline(pipeline, config, self.device)
+        setup = set_up_model(ModelSetup(config, self.device, self.torch_dtype, self.parallel))
+        self.pipeline, self.adapters = setup.pipeline, setup.adapters
+        self.model_report, self.parallel_report = setup.model_report, setup.parallel_report
+        self.step_cache = setup.step_cache
+        if setup.quantized_components is not None:
+            self.quantized_components = setup.quantized_components
         self._call_params = inspect.signature(self.pipeline.__call__).parameters
         self.call_defaults = model_call_defaults(config.model)
         from spmd_diffusion.models.guidance import guidance_of
 
         self.guidance = guidance_of(
-            type(pipeline).__name__, dict(getattr(self.denoiser, "config", {}) or {})
+            type(self.pipeline).__name__, dict(getattr(self.denoiser, "config", {}) or {})
         )
-        self.parallel_report = None
-        if self.parallel is not None:
-            from spmd_diffusion.parallel import parallelize_pipeline
-
-            self.parallel_report = parallelize_pipeline(
-                self.pipeline,
-                self.parallel.layout,
-                self.parallel.mesh,
-                vae_parallel=config.vae_parallel,
-            )
-            logger.info("%s", self.parallel_report.summary())
-        self.step_cache = None
-        if config.cache is not None:
-            from spmd_diffusion.models.step_cache import enable_step_cache
-
-            # After TP sharding (the hooks wrap the sharded blocks) and before compile.
-            self.step_cache = enable_step_cache(
-                self.pipeline, config.cache, guidance_split=config.cfg_parallel
-            )
-            self.model_report.update(self.step_cache.report())
-        if config.batch_invariant:
-            from spmd_diffusion.worker.batch_invariance import make_batch_invariant
-
-            make_batch_invariant(self.pipeline)
-        if config.compile:
-            compile_denoiser(self.pipeline)  # last: it compiles the layers as patched above
         self.load_seconds = time.perf_counter() - start
         logger.info(
-            "loaded %s on %s in %.1f s", type(pipeline).__name__, self.device, self.load_seconds
+            "loaded %s on %s in %.1f s",
+            type(self.pipeline).__name__,
+            self.device,
+            self.load_seconds,
         )
-
-    def _quantization_config(self) -> Any:
-        """diffusers' PipelineQuantizationConfig for ``--quantize`` (None without it)."""
-        config = self.od_config
-        if config.quantize is None:
-            return None
-        from spmd_diffusion.models.loader import component_names
-        from spmd_diffusion.models.quantization import pipeline_config, resolve_components
-
-        available = component_names(config.model) or [
-            "transformer",
-            "unet",
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "text_encoder_3",
-        ]
-        components = resolve_components(config.quantize_components, available)
-        self.quantized_components = components
-        return pipeline_config(config.quantize, components)
 
     def memory_report(self) -> dict[str, Any]:
         """This rank's memory: the denoiser's weights as stored (quantized weights at their real
@@ -212,10 +154,14 @@ class DiffusionWorker:
 
     @property
     def denoiser(self) -> Any:
-        """The network that runs every step: the UNet or the transformer."""
+        """The network that runs every step: the UNet or the transformer (None for a pipeline
+        with neither, such as a custom class)."""
         from spmd_diffusion.models.options import denoiser_of
 
-        return denoiser_of(self.pipeline)[1]  # not ``a or b``: a compiled module has no truth value
+        try:
+            return denoiser_of(self.pipeline)[1]
+        except ValueError:
+            return None
 
     # -- generation ------------------------------------------------------------------------
     def _default(self, name: str) -> Any:
