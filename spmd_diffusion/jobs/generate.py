@@ -50,10 +50,16 @@ from spmd_diffusion.jobs.manifest import (
     shards_listed,
 )
 from spmd_diffusion.jobs.options import GenerateOptions
-from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink, image_info
+from spmd_diffusion.jobs.outputs import IMAGES_DIR, ImageFileSink
 from spmd_diffusion.jobs.prompts import PromptItem
+from spmd_diffusion.jobs.records import (
+    ImageRecord,
+    ShardEvent,
+    describe,
+    events_from_json,
+    shard_events,
+)
 from spmd_diffusion.jobs.shards import (
-    EVENTS_KEY,
     SHARDS_DIR,
     ShardSink,
     close_open_shards,
@@ -328,17 +334,6 @@ class GuidanceCheck:
             )
 
 
-def input_fields(request: OmniDiffusionRequest) -> dict[str, Any]:
-    """An image-to-image or inpainting item's inputs (paths) and strength, for its records
-    (the strength the pipeline used comes back with the batch, see ``image_info``)."""
-    if request.image is None:
-        return {}
-    fields = {
-        name: getattr(request, name) for name in IMAGE_FIELDS if getattr(request, name) is not None
-    }
-    return {**fields, "strength": request.strength}
-
-
 def run_settings(options: GenerateOptions, config: OmniDiffusionConfig) -> dict[str, Any]:
     """The run-wide settings that change pixels or files, for the resume fingerprint (model
     and output options only when set, so a plain run's fingerprints stay what they were;
@@ -581,7 +576,7 @@ class JobStats:
     images_arrived: int = 0  # records received (ok, failed or pending in an open shard)
     items_failed: set[str] = field(default_factory=set)
     per_rank: Counter = field(default_factory=Counter)
-    sheet: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    sheet: list[ImageRecord] = field(default_factory=list)
     shards_written: int = 0
     stopped: bool = False
 
@@ -622,28 +617,16 @@ class GenerateJob:
         for request_id, index in plan.done:
             self.done_by_id.setdefault(request_id, set()).add(index)
         self.in_flight: dict[str, InFlight] = {}
-        self.pending: dict[str, list[dict[str, Any]]] = {}  # shard path -> records waiting for it
+        self.pending: dict[str, list[ImageRecord]] = {}  # shard path -> records waiting for it
 
     @property
     def shards(self) -> bool:
         return self.plan.options.output_format == "webdataset"
 
     def describe(self, item: PromptItem, request: OmniDiffusionRequest) -> dict[str, Any]:
-        """What each of the request's image records says about it (see ``image_info``)."""
-        return {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "seed": request.seed,
-            "num_inference_steps": request.num_inference_steps,
-            "guidance_scale": request.guidance_scale,
-            "true_cfg_scale": request.true_cfg_scale,
-            "height": request.height,
-            "width": request.width,
-            "model": self.plan.config.model,
-            "fingerprint": fingerprint(request, self.plan.config.model, self.settings),
-            "meta": item.meta,
-            **input_fields(request),
-        }
+        """What each of the request's image records says about it (see :func:`describe`)."""
+        model = self.plan.config.model
+        return describe(request, model, fingerprint(request, model, self.settings), item.meta)
 
     def batches(self) -> Iterator[list[OmniDiffusionRequest]]:
         """The plan's batches, read lazily; each request is registered as in flight."""
@@ -772,64 +755,55 @@ class GenerateJob:
         output: DiffusionOutput,
         position: int,
         files: dict[int, dict[str, Any]],
-    ) -> dict[str, Any]:
-        """The manifest line of image ``index`` of a request (ok when its file was written;
-        pending when it went into a shard that is not complete yet)."""
+    ) -> ImageRecord:
+        """The record of image ``index`` of a request (ok when its file was written; pending
+        when it went into a shard that is not complete yet)."""
         request = flight.request
         settings = output.metadata[position]
-        record = image_info(request.request_id, index, flight.described, output, position)
-        meta = record.pop("meta")
-        record.update(
-            {
-                "path": None,
-                "status": "error",
-                "error": output.errors[position],
-                "seconds": round(
-                    settings.get("seconds", 0.0) / max(1, request.num_images_per_prompt), 4
-                ),
-                "rank": settings.get("rank", output.rank),
-                "meta": meta,
-            }
+        record = ImageRecord.made(request.request_id, index, flight.described, output, position)
+        record.status = "error"
+        record.error = output.errors[position]
+        record.seconds = round(
+            settings.get("seconds", 0.0) / max(1, request.num_images_per_prompt), 4
         )
+        record.rank = settings.get("rank", output.rank)
         written = files.get(index)
-        if record["error"] is None and written is not None:
-            written = {key: value for key, value in written.items() if key != "index"}
-            record.update(status="pending" if "key" in written else "ok", **written)
+        if record.error is None and written is not None:
+            record.wrote(written)
+            record.status = "pending" if record.key is not None else "ok"
         else:
-            record["error"] = record["error"] or "no image returned"
+            record.error = record.error or "no image returned"
         return record
 
-    def _count(self, record: dict[str, Any]) -> None:
+    def _count(self, record: ImageRecord) -> None:
         """A final record (ok or error) into the totals."""
-        if record["status"] == "ok":
+        if record.status == "ok":
             self.stats.images_ok += 1
-            self.stats.per_rank[record["rank"]] += 1
+            self.stats.per_rank[record.rank] += 1
             if len(self.stats.sheet) < CONTACT_SHEET_IMAGES:
-                self.stats.sheet.append((record["id"], record))
+                self.stats.sheet.append(record)
         else:
             self.stats.images_failed += 1
-            self.stats.items_failed.add(record["id"])
+            self.stats.items_failed.add(record.id)
 
-    def _shard_events(self, events: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    def _shard_events(self, events: list[ShardEvent]) -> list[ImageRecord]:
         """Records that are final now: those of shards just completed (ok, with the shard's
         size) or lost (error)."""
         records = []
-        for closed in events.get("closed", ()):
-            self.stats.shards_written += 1
-            for record in self.pending.pop(closed["path"], ()):
-                record.update(status="ok", shard_bytes=closed["bytes"])
-                records.append(record)
-        for failed in events.get("failed", ()):
-            for record in self.pending.pop(failed["path"], ()):
-                record.update(
-                    status="error",
-                    error=f"its shard could not be written: {failed['error']}",
-                    path=None,
-                )
+        for event in events:
+            if event.closed:
+                self.stats.shards_written += 1
+            for record in self.pending.pop(event.path, ()):
+                if event.closed:
+                    record.status, record.shard_bytes = "ok", event.bytes
+                else:
+                    record.status = "error"
+                    record.error = f"its shard could not be written: {event.error}"
+                    record.path = None
                 records.append(record)
         return records
 
-    def _records(self, output: DiffusionOutput) -> list[dict[str, Any]]:
+    def _records(self, output: DiffusionOutput) -> list[ImageRecord]:
         """The manifest lines one batch output makes final, counted into the job's totals."""
         records = []
         for position, request_id in enumerate(output.request_ids):
@@ -840,12 +814,11 @@ class GenerateJob:
             for index in flight.expected:
                 record = self._record(flight, index, output, position, files)
                 self.stats.images_arrived += 1
-                if record["status"] == "pending":
-                    self.pending.setdefault(record["path"], []).append(record)
+                if record.status == "pending":
+                    self.pending.setdefault(record.path, []).append(record)
                 else:
                     records.append(record)
-        if output.metadata:
-            records += self._shard_events(output.metadata[0].get(EVENTS_KEY, {}))
+        records += self._shard_events(shard_events(output))
         for record in records:
             self._count(record)
         return records
@@ -860,10 +833,10 @@ class GenerateJob:
             close_open_shards(None, str(self.plan.output_dir), attempt)
         )  # sinks that ran here
         for events in results:
-            records = self._shard_events(events)
+            records = self._shard_events(events_from_json(events))
             for record in records:
                 self._count(record)
-            writer.append(records)
+            writer.append([record.to_json() for record in records])
 
     def _prepare_shards(self) -> None:
         """Before writing: delete partial shards and those no ok manifest line lists (their
@@ -916,7 +889,7 @@ class GenerateJob:
 
         def on_output(output: DiffusionOutput) -> bool:
             before = self.stats.images_arrived
-            writer.append(self._records(output))
+            writer.append([record.to_json() for record in self._records(output)])
             bar.update(self.stats.images_arrived - before)
             if (
                 self.first_output is None
@@ -971,12 +944,12 @@ class GenerateJob:
             self.compile_seconds = max(float(rank.get("compile_seconds", 0.0)) for rank in stats)
         if self.stats.sheet:
             ordered = sorted(
-                self.stats.sheet, key=lambda entry: (entry[1]["id"], entry[1]["index"])
+                self.stats.sheet, key=lambda record: (record.id, record.index)
             )  # not arrival
             try:
                 write_contact_sheet(
                     plan.output_dir / "contact_sheet.png",
-                    [(label, self._sheet_image(record)) for label, record in ordered],
+                    [(record.id, self._sheet_image(record)) for record in ordered],
                 )
             except (
                 OutputWriteError
@@ -988,11 +961,7 @@ class GenerateJob:
                 for request_id, flight in self.in_flight.items()
                 for k in flight.expected
             ]
-            + [
-                (record["id"], record["index"])
-                for records in self.pending.values()
-                for record in records
-            ]
+            + [(record.id, record.index) for records in self.pending.values() for record in records]
         )
         missing_count = plan.images_to_make - self.stats.images_ok - self.stats.images_failed
         status = self._status(missing, missing_count)
@@ -1000,15 +969,15 @@ class GenerateJob:
         self._print_summary(seconds, missing, missing_count)
         return EXIT_OK if status == "complete" else EXIT_PARTIAL
 
-    def _sheet_image(self, record: dict[str, Any]) -> Path | io.BytesIO:
+    def _sheet_image(self, record: ImageRecord) -> Path | io.BytesIO:
         """An ok image for the contact sheet: its file, or its member of a shard."""
-        path = self.plan.output_dir / record["path"]
-        if "member" not in record:
+        path = self.plan.output_dir / record.path
+        if record.member is None:
             return path
         with tarfile.open(path) as tar:
-            member = tar.extractfile(record["member"])
+            member = tar.extractfile(record.member)
             data = io.BytesIO(member.read() if member is not None else b"")
-        data.name = record["member"]  # the contact sheet reads the format from the name
+        data.name = record.member  # the contact sheet reads the format from the name
         return data
 
     def _status(self, missing: list[tuple[str, int]], missing_count: int) -> str:
