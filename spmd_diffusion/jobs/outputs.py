@@ -58,7 +58,7 @@ class ImageFileSink:
         images: list[list[Any]] = []
         errors = list(output.errors)
         metadata = [dict(meta) for meta in output.metadata]
-        for position, request_id in enumerate(output.request_ids):
+        for position in range(len(output.request_ids)):
             files = []
             if errors[position] is None:
                 try:
@@ -72,7 +72,8 @@ class ImageFileSink:
 
     def _sync_names(self, metadata: list[dict[str, Any]], errors: list[str | None]) -> None:
         """One directory sync for the whole batch's new names (each file's data was synced as
-        it was written), before any record leaves; if it fails, no file of the batch is vouched for."""
+        it was written), before any record leaves; if it fails, no file of the batch is
+        vouched for."""
         directories = {
             (Path(self.output_dir) / record["path"]).parent
             for meta in metadata

@@ -18,6 +18,8 @@ overwrites another's shards. At the end rank 0 asks every leader to close its la
 shard (:func:`close_open_shards`).
 """
 
+# ruff: noqa: PLC0415 - webdataset is optional: imported when a shard is opened
+
 from __future__ import annotations
 
 import dataclasses
@@ -180,7 +182,7 @@ class ShardSink:
         metadata = [dict(meta) for meta in output.metadata]
         with _LOCK:
             writer = _writer(self.output_dir, self.attempt, output.rank, self.shard_size)
-            for position, request_id in enumerate(output.request_ids):
+            for position in range(len(output.request_ids)):
                 files: list[dict[str, Any]] = []
                 if errors[position] is None:
                     try:
