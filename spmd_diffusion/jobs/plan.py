@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.data import OmniDiffusionConfig
-from spmd_diffusion.engine.batching import ChunkCounter, iter_chunks
+from spmd_diffusion.engine.batching import iter_chunks
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.lock import lock_output
 from spmd_diffusion.jobs.manifest import MANIFEST_NAME, fingerprint, is_done, read_manifest
@@ -34,6 +34,7 @@ from spmd_diffusion.jobs.shards import SHARDS_DIR, next_attempt
 from spmd_diffusion.jobs.sources import ItemSource, open_source
 from spmd_diffusion.models.lora import lora_identity, parse_loras
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.packing import Packer
 
 OUTPUT_FORMATS = ("files", "webdataset")
 
@@ -233,7 +234,7 @@ def _plan_fresh(plan: GeneratePlan, ids: IdCheck) -> None:
     over a million-line file took 19.5 s building and chunking every request on the loaded
     2-vCPU VM)."""
     build = RequestBuilder(plan.options, plan.config.seed, plan.config)
-    counter = ChunkCounter(plan.options.images_per_batch)
+    counter: Packer[None] = Packer(plan.options.images_per_batch)  # counts, keeps nothing
     guidance = GuidanceCheck(plan.config)
     shared_key: tuple[Any, ...] | None = None
     for item in plan.source:
