@@ -230,9 +230,8 @@ class GeneratePlan:
 
 def _plan_fresh(plan: GeneratePlan, ids: IdCheck) -> None:
     """The planning pass with nothing done before: every item checked and counted, batches
-    counted by shape, no request object for an item without settings of its own (the pass
-    over a million-line file took 19.5 s building and chunking every request on the loaded
-    2-vCPU VM)."""
+    counted by shape with the packing rule, no request object for an item without settings of
+    its own (building and chunking every request would dominate a million-line plan)."""
     build = RequestBuilder(plan.options, plan.config.seed, plan.config)
     counter: Packer[None] = Packer(plan.options.images_per_batch)  # counts, keeps nothing
     guidance = GuidanceCheck(plan.config)
