@@ -1,4 +1,5 @@
-"""``run.json``: what a job's run is doing or did, and the runs before it.
+"""``run.json``: what a job's run is doing or did, and the runs before it; the summary a run
+prints at its end.
 
 Written when the run starts (``running``), and again when it ends (complete, items_failed,
 incomplete, stopped, interrupted or failed) with its totals, timing and what each rank said
@@ -6,7 +7,7 @@ of its memory and parallel modes. A resumed run reads its predecessor's record f
 job's history survives every restart (:func:`previous_run`).
 """
 
-# ruff: noqa: PLC0415 - torch (parallel stats) is imported only where a replica has ranks
+# ruff: noqa: PLC0415 - spmd_diffusion.parallel (torch) is imported only where a replica has ranks
 
 from __future__ import annotations
 
@@ -166,6 +167,87 @@ class RunHistory:
         write_state(
             self.path, (json.dumps(record, indent=2, default=repr, allow_nan=False) + "\n").encode()
         )
+
+    def print_summary(
+        self, seconds: float, missing: list[tuple[str, int]], missing_count: int
+    ) -> None:
+        """The run's totals on stderr, for the person who started it."""
+        stats, made = self.stats, self.stats.made
+        rows = [
+            ("items", self.plan.items),
+            ("images ok", stats.images_ok),
+            ("images failed", stats.images_failed),
+            ("images already done", len(self.plan.done)),
+            ("seconds", f"{seconds:.1f}"),
+            ("images/s", f"{made / seconds:.2f}" if seconds > 0 else "-"),
+        ]
+        if self.compile_seconds is not None:
+            steady = seconds - self.compile_seconds
+            rows += [
+                ("compile seconds", f"{self.compile_seconds:.1f}"),
+                ("images/s excluding compile", f"{made / steady:.2f}" if steady > 0 else "-"),
+            ]
+        rows += [
+            (
+                "layout",
+                f"{self.layout.get('replicas', 1)} replica(s) x "
+                f"{self.layout.get('replica_size', 1)} rank(s)",
+            ),
+            *(parallel_rows(self.parallel) if self.parallel is not None else []),
+            *memory_rows(self.memory),
+        ]
+        if self.plan.shards:
+            rows.append(("shards written", stats.shards_written))
+        if missing_count > 0:
+            rows.append(
+                (
+                    "images missing",
+                    f"{missing_count}: " + ", ".join(sorted({i for i, _ in missing})[:10]),
+                )
+            )
+        rows += [
+            (f"images by rank {rank}", count) for rank, count in sorted(stats.per_rank.items())
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"  {name:<{width}}  {value}" for name, value in rows]
+        print(
+            "summary\n" + "\n".join(lines) + f"\n  output: {self.plan.output_dir}", file=sys.stderr
+        )
+
+
+def memory_rows(memory: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Summary rows: each rank's peak memory and the denoiser's weights, and the levers on."""
+    if not memory:
+        return []
+    mib = 2**20
+
+    def peak(rank: dict[str, Any]) -> str:
+        if "peak_allocated_bytes" in rank:
+            return (
+                f"{rank['peak_allocated_bytes'] / mib:.0f} MiB allocated "
+                f"({rank['peak_reserved_bytes'] / mib:.0f} reserved)"
+            )
+        return f"{rank['peak_rss_bytes'] / mib:.0f} MiB resident"
+
+    rows = [
+        (
+            f"memory rank {rank['rank']}",
+            f"peak {peak(rank)}, denoiser weights "
+            f"{rank.get('denoiser_weight_bytes', 0) / mib:.1f} MiB",
+        )
+        for rank in memory[:8]
+    ]
+    levers = memory[0].get("levers") or {}
+    rows.append(
+        ("memory levers", ", ".join(f"{name}={value}" for name, value in levers.items()) or "none")
+    )
+    return rows
+
+
+def parallel_rows(merged: dict[str, Any]) -> list[tuple[str, str]]:
+    from spmd_diffusion.parallel import parallel_summary
+
+    return parallel_summary(merged)
 
 
 def previous_run(path: Path) -> dict[str, Any] | None:

@@ -5,30 +5,27 @@ every planned image has a record -- a batch that went missing makes the run inco
 (exit 3), never a success.
 """
 
-# ruff: noqa: PLC0415 - tqdm and the parallel summary (torch) are imported where used
+# ruff: noqa: PLC0415 - tqdm (the progress bar) is imported where used
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
-import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.errors import OutputWriteError
 from spmd_diffusion.exit_codes import EXIT_OK, EXIT_PARTIAL
 from spmd_diffusion.jobs.books import Books
-from spmd_diffusion.jobs.contact_sheet import write_contact_sheet
+from spmd_diffusion.jobs.contact_sheet import write_records_sheet
 from spmd_diffusion.jobs.files import write_atomic
 from spmd_diffusion.jobs.history import RunHistory
 from spmd_diffusion.jobs.manifest import MANIFEST_NAME, ManifestWriter, fingerprint, shards_listed
 from spmd_diffusion.jobs.outputs import ImageFileSink
 from spmd_diffusion.jobs.plan import GeneratePlan, run_settings
 from spmd_diffusion.jobs.prompts import PromptItem
-from spmd_diffusion.jobs.records import ImageRecord, describe, events_from_json
+from spmd_diffusion.jobs.records import describe, events_from_json
 from spmd_diffusion.jobs.shards import ShardSink, close_open_shards, remove_unlisted_shards
 from spmd_diffusion.request import OmniDiffusionRequest
 
@@ -181,34 +178,16 @@ class GenerateJob:
         # One call at the end: memory, parallel, compile.
         history.take_rank_stats(engine.collective_rpc("get_cache_stats"))
         if stats.sheet:
-            self._write_contact_sheet()
+            try:
+                write_records_sheet(plan.output_dir, stats.sheet)
+            except OutputWriteError as exc:  # a convenience: the images and records count
+                logger.warning("no contact sheet: %s", exc)
         missing = books.missing()
         missing_count = plan.images_to_make - stats.made
         status = self._status(missing, missing_count)
         history.write(status, seconds, missing, missing_count)
-        self._print_summary(seconds, missing, missing_count)
+        history.print_summary(seconds, missing, missing_count)
         return EXIT_OK if status == "complete" else EXIT_PARTIAL
-
-    def _write_contact_sheet(self) -> None:
-        ordered = sorted(self.books.stats.sheet, key=lambda r: (r.id, r.index))  # not arrival
-        try:
-            write_contact_sheet(
-                self.plan.output_dir / "contact_sheet.png",
-                [(record.id, self._sheet_image(record)) for record in ordered],
-            )
-        except OutputWriteError as exc:  # a convenience: the images and records are what counts
-            logger.warning("no contact sheet: %s", exc)
-
-    def _sheet_image(self, record: ImageRecord) -> Path | io.BytesIO:
-        """An ok image for the contact sheet: its file, or its member of a shard."""
-        path = self.plan.output_dir / record.path
-        if record.member is None:
-            return path
-        with tarfile.open(path) as tar:
-            member = tar.extractfile(record.member)
-            data = io.BytesIO(member.read() if member is not None else b"")
-        data.name = record.member  # the contact sheet reads the format from the name
-        return data
 
     def _status(self, missing: list[tuple[str, int]], missing_count: int) -> str:
         """complete; stopped (--fail-fast); incomplete (images with no record at all: work was
@@ -224,83 +203,3 @@ class GenerateJob:
             )
             return "incomplete"
         return "items_failed" if self.books.stats.items_failed else "complete"
-
-    def _print_summary(
-        self, seconds: float, missing: list[tuple[str, int]], missing_count: int
-    ) -> None:
-        stats, made, history = self.books.stats, self.books.stats.made, self.history
-        rows = [
-            ("items", self.plan.items),
-            ("images ok", stats.images_ok),
-            ("images failed", stats.images_failed),
-            ("images already done", len(self.plan.done)),
-            ("seconds", f"{seconds:.1f}"),
-            ("images/s", f"{made / seconds:.2f}" if seconds > 0 else "-"),
-        ]
-        if history.compile_seconds is not None:
-            steady = seconds - history.compile_seconds
-            rows += [
-                ("compile seconds", f"{history.compile_seconds:.1f}"),
-                ("images/s excluding compile", f"{made / steady:.2f}" if steady > 0 else "-"),
-            ]
-        rows += [
-            (
-                "layout",
-                f"{self.layout.get('replicas', 1)} replica(s) x "
-                f"{self.layout.get('replica_size', 1)} rank(s)",
-            ),
-            *(parallel_rows(history.parallel) if history.parallel is not None else []),
-            *memory_rows(history.memory),
-        ]
-        if self.plan.shards:
-            rows.append(("shards written", stats.shards_written))
-        if missing_count > 0:
-            rows.append(
-                (
-                    "images missing",
-                    f"{missing_count}: " + ", ".join(sorted({i for i, _ in missing})[:10]),
-                )
-            )
-        rows += [
-            (f"images by rank {rank}", count) for rank, count in sorted(stats.per_rank.items())
-        ]
-        width = max(len(name) for name, _ in rows)
-        lines = [f"  {name:<{width}}  {value}" for name, value in rows]
-        print(
-            "summary\n" + "\n".join(lines) + f"\n  output: {self.plan.output_dir}", file=sys.stderr
-        )
-
-
-def memory_rows(memory: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Summary rows: each rank's peak memory and the denoiser's weights, and the levers on."""
-    if not memory:
-        return []
-    mib = 2**20
-
-    def peak(rank: dict[str, Any]) -> str:
-        if "peak_allocated_bytes" in rank:
-            return (
-                f"{rank['peak_allocated_bytes'] / mib:.0f} MiB allocated "
-                f"({rank['peak_reserved_bytes'] / mib:.0f} reserved)"
-            )
-        return f"{rank['peak_rss_bytes'] / mib:.0f} MiB resident"
-
-    rows = [
-        (
-            f"memory rank {rank['rank']}",
-            f"peak {peak(rank)}, denoiser weights "
-            f"{rank.get('denoiser_weight_bytes', 0) / mib:.1f} MiB",
-        )
-        for rank in memory[:8]
-    ]
-    levers = memory[0].get("levers") or {}
-    rows.append(
-        ("memory levers", ", ".join(f"{name}={value}" for name, value in levers.items()) or "none")
-    )
-    return rows
-
-
-def parallel_rows(merged: dict[str, Any]) -> list[tuple[str, str]]:
-    from spmd_diffusion.parallel import parallel_summary
-
-    return parallel_summary(merged)
