@@ -12,12 +12,13 @@ import tarfile
 import pytest
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
-from spmd_diffusion.engine.batching import ChunkCounter, chunk_requests, iter_chunks
+from spmd_diffusion.engine.batching import chunk_requests, iter_chunks
 from spmd_diffusion.engine.seeding import derive_seed
 from spmd_diffusion.errors import InputError
 from spmd_diffusion.jobs.generate import GenerateOptions, plan_generation
 from spmd_diffusion.jobs.sources import Columns, open_source
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.packing import Packer
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -218,7 +219,7 @@ def test_stream_chunks_are_the_fixed_chunks():
         assert streamed == sorted(
             [r.request_id for r in chunk] for chunk in chunk_requests(requests, max_images)
         )
-        counter = ChunkCounter(max_images)  # the planning pass counts them without building them
+        counter = Packer(max_images)  # the planning pass counts them without building them
         for request in requests:
             counter.add(request.batch_key(), request.num_images_per_prompt)
         assert counter.chunks == len(streamed)

@@ -319,7 +319,6 @@ class AsyncDiffusionEngine:
             [item.request for item in selection.batch],
             [item.queued_at for item in selection.batch],
             kwargs,
-            token=selection.batch,
         )
 
     def wait_for_work(self, until: float | None) -> None:
@@ -333,9 +332,8 @@ class AsyncDiffusionEngine:
     def finished(self, work: Work, output: DiffusionOutput) -> None:
         by_id = {single.request_id: single for single in output.split()}
         with self._changed:
-            for item in work.token:
-                self._started.pop(item.request.request_id, None)
-        for item in work.token:
+            started = [self._started.pop(request.request_id, None) for request in work.requests]
+        for item in filter(None, started):
             single = by_id.get(item.request.request_id)
             item.resolve(
                 single or DiffusionOutput.failed([item.request.request_id], "no output returned")

@@ -12,7 +12,7 @@ from spmd_diffusion.distributed.protocol import RpcMethod
 from spmd_diffusion.engine.batching import chunk_requests
 from spmd_diffusion.engine.hooks import EngineHooks, HookList, load_hooks
 from spmd_diffusion.engine.policies import SchedulePolicy, resolve_policy
-from spmd_diffusion.engine.scheduler import ReplicaScheduler
+from spmd_diffusion.engine.scheduler import STREAM_WINDOW, ReplicaScheduler, Work
 from spmd_diffusion.engine.seeding import with_seed
 from spmd_diffusion.engine.watchdog import BatchWatchdog
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
@@ -79,7 +79,7 @@ class DiffusionEngine:
             return []
         by_id: dict[str, DiffusionOutput] = {}
 
-        def keep(index: int, output: DiffusionOutput) -> None:
+        def keep(work: Work, output: DiffusionOutput) -> None:
             for single in output.split():
                 by_id[single.request_id] = single
 
@@ -104,49 +104,41 @@ class DiffusionEngine:
         """Run fixed batches over all replicas, calling ``on_output`` as each finishes (in
         any order). ``on_output`` may return False to stop handing out new batches.
 
-        ``batches`` is a list, ordered as a whole by the schedule policy, or any other
-        iterable, read lazily a window at a time as replicas free up (a job of millions of
-        items; each batch is checked and seeded as it is read, and request ids are checked for
-        repeats within a batch only: the caller vouches for the rest).
+        ``batches`` is a list, checked and seeded as a whole and ordered as a whole by the
+        schedule policy, or any other iterable, read lazily a window at a time as replicas
+        free up (a job of millions of items; each batch is checked and seeded as it is read,
+        and request ids are checked for repeats within a batch only: the caller vouches for
+        the rest).
 
-        ``sinks[i]`` (optional; with an iterable, ``sinks(batch)``) writes batch i's images
-        where they belong and replaces them in the output by small records (see
+        ``sinks[i]`` (optional; or ``sinks(batch)``) writes batch i's images where they
+        belong and replaces them in the output by small records (see
         :mod:`spmd_diffusion.jobs.outputs`). It runs on the replica's leader when the
         executor's workers share this filesystem (so pixels never travel to rank 0), else
         here, on the output that came back."""
         on_leader = sinks is not None and self.executor.writes_outputs
-        timeout = self.od_config.generate_timeout
+        window: int | None = STREAM_WINDOW
         if isinstance(batches, Sequence):
             prepared = iter(self.prepare([request for batch in batches for request in batch]))
-            batches = [[next(prepared) for _ in batch] for batch in batches]
-            listed_sinks = sinks
+            batches, window = [[next(prepared) for _ in batch] for batch in batches], None
+        else:
+            batches = self._prepared(batches)
+        written: dict[int, Any] = {}  # batch index -> its sink, while it runs (sinks run here)
 
-            def deliver(index: int, output: DiffusionOutput) -> Any:
-                if listed_sinks is not None and not on_leader:
-                    output = listed_sinks[index].write(output)
-                return on_output(output)
-
-            kwargs_for = (lambda index: {"sink": listed_sinks[index]}) if on_leader else None
-            self.scheduler.run(batches, deliver, kwargs_for, timeout=timeout)
-            return
-        sink_for: Callable[[list[OmniDiffusionRequest]], Any] | None = sinks  # type: ignore[assignment]
-        written: dict[int, Any] = {}  # id(batch) -> its sink, while it runs (sinks that write here)
-
-        def kwargs_of(batch: list[OmniDiffusionRequest]) -> dict[str, Any] | None:
-            if sink_for is None:
+        def sink_of(work: Work) -> dict[str, Any] | None:
+            if sinks is None:
                 return None
-            sink = sink_for(batch)
+            sink = sinks[work.index] if isinstance(sinks, Sequence) else sinks(work.requests)
             if on_leader:
                 return {"sink": sink}
-            written[id(batch)] = sink
+            written[work.index] = sink
             return None
 
-        def deliver_streamed(batch: list[OmniDiffusionRequest], output: DiffusionOutput) -> Any:
-            sink = written.pop(id(batch), None)
+        def deliver(work: Work, output: DiffusionOutput) -> Any:
+            sink = written.pop(work.index, None)
             return on_output(sink.write(output) if sink is not None else output)
 
-        self.scheduler.run_stream(
-            self._prepared(batches), deliver_streamed, kwargs_of, timeout=timeout
+        self.scheduler.run(
+            batches, deliver, sink_of, timeout=self.od_config.generate_timeout, window=window
         )
 
     def _prepared(

@@ -1,10 +1,11 @@
 """The replica scheduler: free replica <- next batch, for every executor and every front end.
 
 It lives in the engine, above the executors, which only move messages. One loop serves
-both ways work arrives: a batch job's batches (a fixed list, :class:`ListSource`, ordered
-by the schedule policy; or a stream, :class:`StreamSource`, pulled a window at a time as
-replicas free up, so a job of millions of items never lists them) and a server's queue of requests that keep arriving (the async
-engine's source, batched by the policy as they come). Each free replica gets the next
+both ways work arrives, each a :class:`WorkSource`: a batch job's batches
+(:class:`BatchSource`: a fixed list ordered by the schedule policy, or a stream pulled a
+window at a time as replicas free up, so a job of millions of items never lists them) and a
+server's queue of requests that keep arriving (the async engine, batched by the policy as
+they come). Each free replica gets the next
 batch; outputs are collected in whatever order replicas finish. Nobody hands out work in
 advance, so replicas stay busy even when batches differ in cost.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Protocol
@@ -35,7 +36,6 @@ from spmd_diffusion.request import OmniDiffusionRequest
 logger = logging.getLogger(__name__)
 
 Batch = list[OmniDiffusionRequest]
-OnResult = Callable[[int, DiffusionOutput], Any]  # (batch index, its output)
 
 # While some replica is free and more work may arrive, the loop looks at the queue at least
 # this often (the executors' wait cannot be woken by a new request): a new request starts
@@ -45,12 +45,17 @@ FREE_SLICE_S = 0.005
 
 @dataclass(eq=False)
 class Work:
-    """A batch ready to start, with when each of its requests entered the engine."""
+    """A batch ready to start: its requests, when each entered the engine, its extra call
+    arguments, and its number in the order its source handed batches out (a batch list's
+    index; a source's own key for what it keeps of the batch)."""
 
     requests: Batch
     queued_at: list[float]
     kwargs: dict[str, Any] | None = None
-    token: Any = None  # the source's own handle on it
+    index: int = 0
+
+
+OnResult = Callable[[Work, DiffusionOutput], Any]  # (the batch, its output)
 
 
 class WorkSource(Protocol):
@@ -79,45 +84,6 @@ def images_of(output: DiffusionOutput, position: int) -> int:
     )
 
 
-class ListSource:
-    """A batch job's fixed batches, in the policy's order; ``on_result(index, output)``."""
-
-    may_grow = False
-
-    def __init__(
-        self,
-        batches: Sequence[Batch],
-        order: list[int],
-        on_result: OnResult,
-        kwargs_for: Callable[[int], dict[str, Any] | None] | None = None,
-        hooks: HookList | None = None,
-    ) -> None:
-        self.batches = batches
-        self.pending = deque(order)
-        self.on_result = on_result
-        self.kwargs_for = kwargs_for
-        self.queued_at = time.monotonic()
-        if hooks:
-            for batch in batches:
-                for request in batch:
-                    hooks.request_queued(
-                        request.request_id, request.num_images_per_prompt, self.queued_at
-                    )
-
-    def take(self, now: float) -> Work | None:
-        if not self.pending:
-            return None
-        index = self.pending.popleft()
-        kwargs = self.kwargs_for(index) if self.kwargs_for is not None else None
-        return Work(self.batches[index], [self.queued_at] * len(self.batches[index]), kwargs, index)
-
-    def wait_for_work(self, until: float | None) -> None:
-        raise RuntimeError("a fixed list of batches never grows")
-
-    def finished(self, work: Work, output: DiffusionOutput) -> bool | None:
-        return self.on_result(work.token, output)
-
-
 # A stream is read ahead this many batches, or this many images (whichever comes first), and
 # each window ordered by the policy: enough to group shapes, small enough that rank 0 holds
 # little (every request read ahead is held until its output arrives).
@@ -125,12 +91,13 @@ STREAM_WINDOW = 64
 STREAM_WINDOW_IMAGES = 4096
 
 
-class StreamSource:
-    """A batch job's batches from an iterator, read ``window`` batches (at most
-    ``STREAM_WINDOW_IMAGES`` images) ahead: each window is
-    ordered by the policy and handed out, then the next is read. Rank 0 holds a window and the
-    running batches, never the whole job. ``on_result(batch, output)``;
-    ``kwargs_for(batch)`` gives a batch's extra call arguments (e.g. its output sink)."""
+class BatchSource:
+    """A batch job's fixed batches, from a list or an iterator, read ``window`` batches (at
+    most ``STREAM_WINDOW_IMAGES`` images) ahead; each window is ordered by the policy and
+    handed out, then the next is read, so rank 0 holds a window and the running batches,
+    never the whole job. ``window=None`` reads everything at once: a list ordered as a whole.
+    ``kwargs_for(work)`` gives a batch's extra call arguments (e.g. its output sink);
+    ``on_result(work, output)`` takes its output."""
 
     may_grow = False
 
@@ -138,10 +105,10 @@ class StreamSource:
         self,
         batches: Iterable[Batch],
         policy: SchedulePolicy,
-        on_result: Callable[[Batch, DiffusionOutput], Any],
-        kwargs_for: Callable[[Batch], dict[str, Any] | None] | None = None,
+        on_result: OnResult,
+        kwargs_for: Callable[[Work], dict[str, Any] | None] | None = None,
         hooks: HookList | None = None,
-        window: int = STREAM_WINDOW,
+        window: int | None = STREAM_WINDOW,
     ) -> None:
         self.batches = iter(batches)
         self.policy = policy
@@ -149,16 +116,20 @@ class StreamSource:
         self.kwargs_for = kwargs_for
         self.hooks = hooks
         self.window = window
-        self.ready: deque[tuple[Batch, float]] = deque()
+        self.read = 0  # batches read so far: the next one's index
+        self.ready: deque[tuple[int, Batch, float]] = deque()
 
     def _read_window(self) -> None:
         window: list[Batch] = []
-        images = 0
-        for batch in islice(self.batches, self.window):
-            window.append(batch)
-            images += sum(request.num_images_per_prompt for request in batch)
-            if images >= STREAM_WINDOW_IMAGES:
-                break
+        if self.window is None:
+            window = list(self.batches)
+        else:
+            images = 0
+            for batch in islice(self.batches, self.window):
+                window.append(batch)
+                images += sum(request.num_images_per_prompt for request in batch)
+                if images >= STREAM_WINDOW_IMAGES:
+                    break
         now = time.monotonic()
         if self.hooks:
             for batch in window:
@@ -166,22 +137,25 @@ class StreamSource:
                     self.hooks.request_queued(
                         request.request_id, request.num_images_per_prompt, now
                     )
-        self.ready.extend((window[index], now) for index in self.policy.order(window))
+        first, self.read = self.read, self.read + len(window)
+        self.ready.extend((first + i, window[i], now) for i in self.policy.order(window))
 
     def take(self, now: float) -> Work | None:
         if not self.ready:
             self._read_window()
             if not self.ready:
                 return None
-        batch, queued_at = self.ready.popleft()
-        kwargs = self.kwargs_for(batch) if self.kwargs_for is not None else None
-        return Work(batch, [queued_at] * len(batch), kwargs, batch)
+        index, batch, queued_at = self.ready.popleft()
+        work = Work(batch, [queued_at] * len(batch), index=index)
+        if self.kwargs_for is not None:
+            work.kwargs = self.kwargs_for(work)
+        return work
 
     def wait_for_work(self, until: float | None) -> None:
-        raise RuntimeError("a batch job's stream never grows")
+        raise RuntimeError("a batch job's batches never grow")
 
     def finished(self, work: Work, output: DiffusionOutput) -> bool | None:
-        return self.on_result(work.token, output)
+        return self.on_result(work, output)
 
 
 @dataclass
@@ -224,30 +198,20 @@ class ReplicaScheduler:
 
     def run(
         self,
-        batches: Sequence[Batch],
-        on_result: OnResult,
-        kwargs_for: Callable[[int], dict[str, Any] | None] | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        """Generate every batch, calling ``on_result(index, output)`` as soon as batch
-        ``index``'s output exists. ``on_result`` returning False stops handing out new batches (those running
-        still finish and are delivered); an exception in it does the same, then is raised
-        (a KeyboardInterrupt is raised at once)."""
-        order = self.policy.order(batches)
-        self.drive(ListSource(batches, order, on_result, kwargs_for, self.hooks), timeout)
-
-    def run_stream(
-        self,
         batches: Iterable[Batch],
-        on_result: Callable[[Batch, DiffusionOutput], Any],
-        kwargs_for: Callable[[Batch], dict[str, Any] | None] | None = None,
+        on_result: OnResult,
+        kwargs_for: Callable[[Work], dict[str, Any] | None] | None = None,
         timeout: float | None = None,
-        window: int = STREAM_WINDOW,
+        window: int | None = None,
     ) -> None:
-        """:meth:`run` for batches read from an iterator as replicas free up (see
-        :class:`StreamSource`); ``on_result(batch, output)``."""
+        """Generate every batch, calling ``on_result(work, output)`` as soon as a batch's
+        output exists (``work.index``: its position in ``batches``). ``window`` (None: all of
+        them, a list ordered as a whole) reads an iterator that many batches ahead (see
+        :class:`BatchSource`). ``on_result`` returning False stops handing out new batches
+        (those running still finish and are delivered); an exception in it does the same,
+        then is raised (a KeyboardInterrupt is raised at once)."""
         self.drive(
-            StreamSource(batches, self.policy, on_result, kwargs_for, self.hooks, window), timeout
+            BatchSource(batches, self.policy, on_result, kwargs_for, self.hooks, window), timeout
         )
 
     def _start(
@@ -281,7 +245,7 @@ class ReplicaScheduler:
         self.hooks.batch_finished(
             info, now - info.started_at, sum(e is not None for e in output.errors)
         )
-        queued = dict(zip(info.request_ids, info.queued_at))
+        queued = dict(zip(info.request_ids, info.queued_at, strict=True))
         for position, request_id in enumerate(output.request_ids):
             queued_at = queued.get(request_id, info.started_at)
             if output.errors[position] is None:

@@ -1,16 +1,20 @@
 """A quick look at a run: the first images in a grid, each labelled with its id; a video's
 tile is a strip of four of its frames, first to last."""
 
+# ruff: noqa: PLC0415 - the video readers (PyAV) are imported only for a video's tile
+
 from __future__ import annotations
 
 import io
 import math
+import tarfile
 from pathlib import Path
 from typing import IO
 
 from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
 from spmd_diffusion.jobs.files import write_atomic
+from spmd_diffusion.jobs.records import ImageRecord
 
 TILE = 128
 LABEL = 14
@@ -31,7 +35,8 @@ def _picture(source: Path | IO[bytes]) -> Image.Image:
 
 
 def contact_sheet(images: list[tuple[str, Path | IO[bytes]]], columns: int = 4) -> Image.Image:
-    """A grid of (label, image path or open file) pairs; every tile is TILE pixels wide, label below."""
+    """A grid of (label, image path or open file) pairs; every tile is TILE pixels wide, its
+    label below."""
     rows = max(1, math.ceil(len(images) / columns))
     columns = min(columns, max(1, len(images)))
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + LABEL)), "white")
@@ -56,3 +61,25 @@ def write_contact_sheet(
     buffer = io.BytesIO()
     contact_sheet(images, columns).save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())
+
+
+def write_records_sheet(output_dir: Path, records: list[ImageRecord]) -> None:
+    """``contact_sheet.png`` of a job's ok images (by id and index, not arrival order), each
+    read from its file or its shard."""
+    ordered = sorted(records, key=lambda record: (record.id, record.index))
+    write_contact_sheet(
+        output_dir / "contact_sheet.png",
+        [(record.id, _recorded_image(output_dir, record)) for record in ordered],
+    )
+
+
+def _recorded_image(output_dir: Path, record: ImageRecord) -> Path | io.BytesIO:
+    """An ok image: its file, or its member of a shard."""
+    path = output_dir / record.path
+    if record.member is None:
+        return path
+    with tarfile.open(path) as tar:
+        member = tar.extractfile(record.member)
+        data = io.BytesIO(member.read() if member is not None else b"")
+    data.name = record.member  # the contact sheet reads the format from the name
+    return data

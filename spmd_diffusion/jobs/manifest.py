@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spmd_diffusion.jobs.files import AppendLog
 from spmd_diffusion.jobs.outputs import image_name  # noqa: F401 - part of the manifest's vocabulary
+from spmd_diffusion.jobs.records import ImageRecord
 from spmd_diffusion.models.lora import lora_identity, parse_loras
 from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.utils.image_inputs import image_identity
@@ -73,65 +73,50 @@ def input_basis(request: OmniDiffusionRequest) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class ManifestEntry:
-    id: str
-    index: int
-    status: str
-    fingerprint: str
-    path: str | None
-    bytes: int | None = None
-    shard_bytes: int | None = None  # the image lives in this tar shard, of this size
-
-    def file_is_intact(self, output_dir: Path, sizes: dict[str, int | None] | None = None) -> bool:
-        """The recorded file (or shard) is inside ``output_dir`` and whole: its size is the
-        one recorded (a truncated or emptied image or shard is redone; older lines without a
-        size need a non-empty file). ``sizes`` caches file sizes by path (a shard holds
-        many images)."""
-        if not self.path or Path(self.path).is_absolute() or ".." in Path(self.path).parts:
-            return False
-        if sizes is not None and self.path in sizes:
-            size = sizes[self.path]
-        else:
-            try:
-                size = (output_dir / self.path).stat().st_size
-            except OSError:
-                size = None
-            if sizes is not None:
-                sizes[self.path] = size
-        if size is None:
-            return False
-        expected = self.shard_bytes if self.shard_bytes is not None else self.bytes
-        return size == expected if expected is not None else size > 0
+def file_is_intact(
+    record: ImageRecord, output_dir: Path, sizes: dict[str, int | None] | None = None
+) -> bool:
+    """The recorded file (or shard) is inside ``output_dir`` and whole: its size is the one
+    recorded (a truncated or emptied image or shard is redone; older lines without a size
+    need a non-empty file). ``sizes`` caches file sizes by path (a shard holds many images)."""
+    path = record.path
+    if not path or Path(path).is_absolute() or ".." in Path(path).parts:
+        return False
+    if sizes is not None and path in sizes:
+        size = sizes[path]
+    else:
+        try:
+            size = (output_dir / path).stat().st_size
+        except OSError:
+            size = None
+        if sizes is not None:
+            sizes[path] = size
+    if size is None:
+        return False
+    expected = record.shard_bytes if record.shard_bytes is not None else record.bytes
+    return size == expected if expected is not None else size > 0
 
 
-def read_manifest(path: Path) -> dict[tuple[str, int], ManifestEntry]:
-    """The latest entry per (id, image index); unparseable (torn) lines are skipped."""
-    latest: dict[tuple[str, int], ManifestEntry] = {}
+def read_manifest(path: Path) -> dict[tuple[str, int], ImageRecord]:
+    """The latest record per (id, image index), brief (what a resume reads); unparseable
+    (torn) lines are skipped."""
+    latest: dict[tuple[str, int], ImageRecord] = {}
     if not path.exists():
         return latest
     with open(path, encoding="utf-8", errors="replace") as lines:
         for text in lines:
-            _read_line(text, latest)
+            record = _read_line(text)
+            if record is not None:
+                latest[(record.id, record.index)] = record
     return latest
 
 
-def _read_line(text: str, latest: dict[tuple[str, int], ManifestEntry]) -> None:
-    """Record one manifest line in ``latest`` (a torn or foreign line is skipped)."""
+def _read_line(text: str) -> ImageRecord | None:
+    """One manifest line's record, brief; None for a torn or foreign line."""
     try:
-        record = json.loads(text)
-        entry = ManifestEntry(
-            str(record["id"]),
-            int(record["index"]),
-            str(record["status"]),
-            str(record.get("fingerprint", "")),
-            record.get("path"),
-            int(record["bytes"]) if record.get("bytes") is not None else None,
-            int(record["shard_bytes"]) if record.get("shard_bytes") is not None else None,
-        )
-    except (ValueError, KeyError, TypeError):
-        return
-    latest[(entry.id, entry.index)] = entry
+        return ImageRecord.from_json(json.loads(text), brief=True)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def shards_listed(path: Path) -> set[str]:
@@ -143,21 +128,14 @@ def shards_listed(path: Path) -> set[str]:
         for text in lines:
             if '"shard_bytes"' not in text:
                 continue
-            try:
-                record = json.loads(text)
-            except ValueError:
-                continue
-            if (
-                isinstance(record, dict)
-                and record.get("status") == "ok"
-                and isinstance(record.get("path"), str)
-            ):
-                listed.add(record["path"])
+            record = _read_line(text)
+            if record is not None and record.status == "ok" and isinstance(record.path, str):
+                listed.add(record.path)
     return listed
 
 
 def is_done(
-    entry: ManifestEntry | None,
+    entry: ImageRecord | None,
     expected: str,
     output_dir: Path,
     sizes: dict[str, int | None] | None = None,
@@ -167,7 +145,7 @@ def is_done(
         entry is not None
         and entry.status == "ok"
         and entry.fingerprint == expected
-        and entry.file_is_intact(output_dir, sizes)
+        and file_is_intact(entry, output_dir, sizes)
     )
 
 
@@ -190,7 +168,7 @@ def done_images(
 
 
 class ManifestWriter:
-    """Appends the lines of each finished batch in one write."""
+    """Appends the lines of each finished batch (``ImageRecord.to_json()``) in one write."""
 
     def __init__(self, output_dir: Path, fresh: bool) -> None:
         self.log = AppendLog(output_dir / MANIFEST_NAME, truncate=fresh)

@@ -25,64 +25,14 @@ from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.errors import OutputWriteError
 from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import fsync_directory, write_atomic
+from spmd_diffusion.jobs.records import ImageRecord
 
 IMAGES_DIR = "images"
-# What each image's record (in the manifest, inside the file, beside it in a shard) holds
-# about the request, besides its seed and the settings the worker used.
-DESCRIBED = ("prompt", "negative_prompt", "model", "fingerprint", "meta")
 
 
 def image_name(item_id: str, index: int, count: int, extension: str = "png") -> str:
     """``<id>.png`` for a single image, ``<id>_<k>.png`` when a prompt has several."""
     return f"{item_id}.{extension}" if count == 1 else f"{item_id}_{index}.{extension}"
-
-
-def image_info(
-    request_id: str, index: int, described: dict[str, Any], output: DiffusionOutput, position: int
-) -> dict[str, Any]:
-    """What an image is: id, index, prompt, seed and every setting it was made with (the
-    part of its manifest record known where it is made, so the leader that writes the file
-    and rank 0 that writes the manifest say the same)."""
-    settings = output.metadata[position] if output.metadata else {}
-    seeds = output.seeds[position] if output.seeds else []
-    seed = seeds[index] if index < len(seeds) else None
-    if seed is None and described.get("seed") is not None:
-        seed = described["seed"] + index
-    return {
-        "id": request_id,
-        "index": index,
-        "prompt": described.get("prompt"),
-        "negative_prompt": described.get("negative_prompt"),
-        "seed": seed,
-        "num_inference_steps": settings.get(
-            "num_inference_steps", described.get("num_inference_steps")
-        ),
-        "guidance_scale": settings.get("guidance_scale", described.get("guidance_scale")),
-        **({"true_cfg_scale": settings["true_cfg_scale"]} if "true_cfg_scale" in settings else {}),
-        "height": settings.get("height", described.get("height")),
-        "width": settings.get("width", described.get("width")),
-        **_inputs(described, settings),
-        "scheduler": settings.get("scheduler"),
-        **({"lora": settings["lora"]} if settings.get("lora") else {}),
-        **({"cache": settings["cache"]} if settings.get("cache") else {}),
-        **({"quantize": settings["quantize"]} if settings.get("quantize") else {}),
-        **{
-            name: settings[name] for name in ("num_frames", "fps") if settings.get(name) is not None
-        },
-        "model": described.get("model"),
-        "fingerprint": described.get("fingerprint"),
-        "meta": described.get("meta", {}),
-    }
-
-
-def _inputs(described: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """An image-to-image or inpainting item's input paths, and the strength it ran with."""
-    if described.get("image") is None:
-        return {}
-    fields = {
-        name: described[name] for name in ("image", "mask_image") if described.get(name) is not None
-    }
-    return {**fields, "strength": settings.get("strength", described.get("strength"))}
 
 
 @dataclass(frozen=True)
@@ -92,7 +42,7 @@ class ImageFileSink:
     ``counts`` gives each request's number of images (it names the files); ``skip`` lists the
     ``(id, index)`` images a previous run already finished (a batch is redone whole, but the
     files it already has are not touched again). ``encoding`` says the file formats (images
-    and videos); ``described[id]`` (prompt, model, ... see :func:`image_info`) is written
+    and videos); ``described[id]`` (see :func:`~spmd_diffusion.jobs.records.describe`) is written
     into each file's metadata when given.
     """
 
@@ -108,7 +58,7 @@ class ImageFileSink:
         images: list[list[Any]] = []
         errors = list(output.errors)
         metadata = [dict(meta) for meta in output.metadata]
-        for position, request_id in enumerate(output.request_ids):
+        for position in range(len(output.request_ids)):
             files = []
             if errors[position] is None:
                 try:
@@ -122,7 +72,8 @@ class ImageFileSink:
 
     def _sync_names(self, metadata: list[dict[str, Any]], errors: list[str | None]) -> None:
         """One directory sync for the whole batch's new names (each file's data was synced as
-        it was written), before any record leaves; if it fails, no file of the batch is vouched for."""
+        it was written), before any record leaves; if it fails, no file of the batch is
+        vouched for."""
         directories = {
             (Path(self.output_dir) / record["path"]).parent
             for meta in metadata
@@ -146,7 +97,7 @@ class ImageFileSink:
             if (request_id, index) in self.skip:
                 continue
             info = (
-                image_info(request_id, index, described, output, position)
+                ImageRecord.made(request_id, index, described, output, position).info()
                 if described is not None
                 else None
             )

@@ -18,6 +18,8 @@ overwrites another's shards. At the end rank 0 asks every leader to close its la
 shard (:func:`close_open_shards`).
 """
 
+# ruff: noqa: PLC0415 - webdataset is optional: imported when a shard is opened
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +35,11 @@ from typing import Any
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import FILE_MODE, fsync_directory
-from spmd_diffusion.jobs.outputs import image_info, image_name
+from spmd_diffusion.jobs.outputs import image_name
+from spmd_diffusion.jobs.records import ImageRecord, ShardEvent, attach_shard_events, events_to_json
 
 SHARDS_DIR = "shards"
 SHARD_NAME = re.compile(r"^a(\d{4,})-r(\d{4,}|x)-(\d{6,})\.tar$")
-EVENTS_KEY = "shards"  # in an output's metadata[0]: {"closed": [...], "failed": [...]}
 
 
 def shard_key(request_id: str, index: int, count: int) -> str:
@@ -59,7 +61,7 @@ class ShardWriter:
         self.stream: Any = None
         self.name = ""
         self.images = 0
-        self.events: dict[str, list[dict[str, Any]]] = {"closed": [], "failed": []}
+        self.events: list[ShardEvent] = []
 
     @property
     def relative(self) -> str:
@@ -106,8 +108,8 @@ class ShardWriter:
         final = self.directory / self.name
         os.replace(self.directory / (self.name + ".part"), final)
         fsync_directory(self.directory)
-        self.events["closed"].append(
-            {"path": self.relative, "bytes": final.stat().st_size, "images": self.images}
+        self.events.append(
+            ShardEvent(self.relative, bytes=final.stat().st_size, images=self.images)
         )
         self.tar = self.stream = None
 
@@ -119,11 +121,11 @@ class ShardWriter:
             self.stream.close()
         finally:
             (self.directory / (self.name + ".part")).unlink(missing_ok=True)
-            self.events["failed"].append({"path": self.relative, "error": error})
+            self.events.append(ShardEvent(self.relative, error=error))
             self.tar = self.stream = None
 
-    def take_events(self) -> dict[str, list[dict[str, Any]]]:
-        events, self.events = self.events, {"closed": [], "failed": []}
+    def take_events(self) -> list[ShardEvent]:
+        events, self.events = self.events, []
         return events
 
 
@@ -143,8 +145,10 @@ def close_open_shards(
     _worker: Any, output_dir: str, attempt: int
 ) -> dict[str, list[dict[str, Any]]]:
     """Close every open shard this process writes for ``output_dir`` / ``attempt`` and
-    return what rank 0 has not heard yet (called on every rank at the end of a job)."""
-    events: dict[str, list[dict[str, Any]]] = {"closed": [], "failed": []}
+    return what rank 0 has not heard yet, in the wire form of
+    :func:`~spmd_diffusion.jobs.records.events_to_json` (called on every rank at the end of
+    a job)."""
+    events: list[ShardEvent] = []
     with _LOCK:
         for key in [key for key in _WRITERS if key[:2] == (output_dir, attempt)]:
             writer = _WRITERS.pop(key)
@@ -152,9 +156,8 @@ def close_open_shards(
                 writer.close()
             except OSError as exc:
                 writer.abort(f"closing the shard failed: {exc}")
-            for kind, entries in writer.take_events().items():
-                events[kind].extend(entries)
-    return events
+            events.extend(writer.take_events())
+    return events_to_json(events)
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ class ShardSink:
         metadata = [dict(meta) for meta in output.metadata]
         with _LOCK:
             writer = _writer(self.output_dir, self.attempt, output.rank, self.shard_size)
-            for position, request_id in enumerate(output.request_ids):
+            for position in range(len(output.request_ids)):
                 files: list[dict[str, Any]] = []
                 if errors[position] is None:
                     try:
@@ -189,8 +192,7 @@ class ShardSink:
                         errors[position] = f"writing its shard failed: {type(exc).__name__}: {exc}"
                         files = []
                 metadata[position]["files"] = files
-            if metadata:
-                metadata[0][EVENTS_KEY] = writer.take_events()
+            attach_shard_events(metadata, writer.take_events())
         return dataclasses.replace(
             output, images=[[] for _ in output.request_ids], errors=errors, metadata=metadata
         )
@@ -205,7 +207,7 @@ class ShardSink:
         for index, image in enumerate(images):
             if (request_id, index) in self.skip:
                 continue
-            info = image_info(request_id, index, described, output, position)
+            info = ImageRecord.made(request_id, index, described, output, position).info()
             extension, data = self.encoding.encode(
                 image, info, output.metadata[position].get("fps")
             )

@@ -1,7 +1,8 @@
 """Which images of one call can share one pipeline call.
 
 The unit is one image (a request with ``num_images_per_prompt=k`` gives k images, each with
-its own seed), so a batch is capped in images, which is what memory scales with.
+its own seed), so a batch is capped in images, which is what memory scales with. The cut is
+the one packing rule (:class:`~spmd_diffusion.utils.packing.Packer`) over images.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.packing import pack
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,11 @@ def plan_batches(
     input image gives the output: a pipeline call resizes every input to one size, so
     images of different sizes must not share a call. ``keys[pos] is False`` leaves the
     request out (it already failed)."""
-    groups: dict[tuple[Any, ...], list[ImageJob]] = {}
-    for pos, request in enumerate(requests):
-        extra = None if keys is None else keys[pos]
-        if extra is False:
-            continue
-        jobs = groups.setdefault((request.batch_key(), extra), [])
-        for index, seed in enumerate(request.image_seeds()):
-            jobs.append(ImageJob(pos, index, seed))
-    batches = []
-    for jobs in groups.values():
-        batches.extend(jobs[i : i + max_images] for i in range(0, len(jobs), max_images))
-    return batches
+    images = [
+        ((request.batch_key(), None if keys is None else keys[pos]), ImageJob(pos, index, seed))
+        for pos, request in enumerate(requests)
+        if keys is None or keys[pos] is not False
+        for index, seed in enumerate(request.image_seeds())
+    ]
+    batches = pack(images, max_images, key_of=lambda image: image[0], size_of=lambda _: 1)
+    return [[job for _, job in batch] for batch in batches]
