@@ -79,7 +79,7 @@ def main() -> None:
                 engine.scheduler.policy = resolve_policy(name)
                 busy.last_finish.clear()
                 start = time.monotonic()
-                engine.scheduler.run(batches, lambda index, output: None)
+                engine.scheduler.run(batches, lambda work, output: None)
                 end = time.monotonic()
                 times[name].append(end - start)
                 idle[name].append(end - min(busy.last_finish.values()))
