@@ -4,8 +4,8 @@ An :class:`ImageFileSink` travels with a batch to the replica that runs it; the 
 leader encodes and writes the images into the output directory (atomically) and returns,
 in their place, one small record per image: its path, content hash and the rank that wrote
 it. Rank 0 receives only those records, so output throughput grows with the number of
-replicas instead of stopping at what one process can encode (a 1024x1024 PNG costs
-140-340 ms of CPU).
+replicas instead of stopping at what one process can encode (a 1024x1024 PNG costs a
+few hundred milliseconds of CPU).
 
 The output directory must be on a filesystem every node sees (the usual shared /home,
 Lustre or GPFS of a cluster). Where it is not, the images land on each leader's local disk

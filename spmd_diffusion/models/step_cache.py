@@ -135,8 +135,8 @@ def build_cache_config(
     """diffusers' config object for ``spec`` on this pipeline's denoiser. ``guidance_split``:
     CFG parallel runs the two guidance branches on two ranks at once, so FasterCache's skip of
     the unconditional branch would save no time -- and it would hand each rank a batch other
-    than its half, mixing up the block caches' samples (measured: 2.7e-3 off the single-rank
-    image); it is turned off there."""
+    than its half, mixing up the block caches' samples (visibly off the single-rank image);
+    it is turned off there."""
     from diffusers import hooks
 
     setting = spec.setting

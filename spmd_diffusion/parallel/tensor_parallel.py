@@ -35,9 +35,9 @@ bias), but the sharded Linears then multiply their local shards directly, and th
 ones all-reduce with ``torch.distributed._functional_collectives.all_reduce`` -- the same
 collective DTensor's Partial -> Replicate redistribution issues. DTensor's per-call
 dispatch is pure Python (sharding propagation, and for a row-wise Linear on a 3-D input a
-fake-tensor decomposition on every call): measured on the 2-core CPU VM with torch 2.13,
-~0.3 ms per column-wise and 5-13 ms per row-wise Linear besides the all-reduce, which made
-tp=2 slower than one rank (benchmarks/RESULTS.md). ``dtensor_forward=True`` keeps
+fake-tensor decomposition on every call), milliseconds per row-wise Linear besides the
+all-reduce, which made tp=2 slower than one rank (benchmarks/RESULTS.md, "Measurements
+behind design choices"). ``dtensor_forward=True`` keeps
 torch's stock styles and DTensor dispatch on every call (same results, slower).
 
 Only the denoiser is sharded. Text encoders and the VAE stay replicated: they run once per

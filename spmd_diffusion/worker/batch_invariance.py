@@ -1,8 +1,9 @@
 """Batch-invariant inference: every forward pass sees the same shape, one sample at a time.
 
-A float result depends on the shapes a kernel runs at (measured here on CPU: the same image
-denoised in a batch of 1, 4 or 8 differs by ~3e-6, enough to flip PNG pixels), but, for a
-fixed shape, not on a sample's position or on its batch mates (measured: bit-identical).
+A float result depends on the shapes a kernel runs at (the same image denoised in a batch of
+1, 4 or 8 differs in the last float bits, enough to flip PNG pixels), but, for a fixed
+shape, not on a sample's position or on its batch mates (bit-identical; both in
+benchmarks/RESULTS.md, "Measurements behind design choices").
 So running the text encoder and the denoiser one sample (row) at a time, and decoding the
 VAE one image at a time (diffusers' own ``enable_slicing``), makes an image independent of
 how many prompts shared its pipeline call: ``--batch-size`` no longer changes any pixel.
