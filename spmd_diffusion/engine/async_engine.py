@@ -20,6 +20,9 @@ which can flip a pixel level): set ``batch_invariant`` on the config where a req
 give the same bytes whatever it was batched with.
 """
 
+# ruff: noqa: PLC0415 - project modules load where used (engine.prometheus_hooks): they pull in
+# heavy modules or import back into this one
+
 from __future__ import annotations
 
 import asyncio

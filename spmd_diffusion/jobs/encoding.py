@@ -13,6 +13,9 @@ description, and the record): a long prompt tripled the file, and a JPEG with 16
 characters of non-Latin prompt overflowed its 64 KB XMP segment and failed to write.
 """
 
+# ruff: noqa: PLC0415 - project modules load where used (jobs.video): they pull in heavy modules or
+# import back into this one
+
 from __future__ import annotations
 
 import io

@@ -12,6 +12,9 @@ the item's record (prompt, seed, settings) as the image formats do, the prompt o
 - ``gif``: animated GIF through Pillow (256 colours; for previews), the record as comment.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (imageio_ffmpeg); project modules load where
+# used (jobs.encoding): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import contextlib

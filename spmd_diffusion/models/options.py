@@ -6,9 +6,15 @@ to the device), ``torch.compile`` of the denoiser.
 ``place_pipeline`` and ``compile_denoiser`` run on every worker.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch); project modules load
+# where used (models.loader, models.lora, models.quantization, models.schedulers, models.step_cache,
+# parallel.sequence_parallel, parallel.vae_parallel): they pull in heavy modules or import back into
+# this one
+
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -238,7 +244,6 @@ def compile_denoiser(pipeline: Any) -> None:
 
 def compile_seconds() -> float:
     """Seconds this process has spent compiling with torch.compile (dynamo + inductor)."""
-    import sys
 
     utils = sys.modules.get("torch._dynamo.utils")
     if utils is None:

@@ -6,6 +6,9 @@ exists; under MPI or the ``mp`` executor it is created here from the job's rende
 (:mod:`spmd_diffusion.distributed.rendezvous`), so no MASTER_ADDR/MASTER_PORT is needed. The device mesh is built once, by every rank.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch); project modules load where used
+# (parallel): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 import datetime

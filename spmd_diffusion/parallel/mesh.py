@@ -9,6 +9,8 @@ data-parallel replica (the cfg x sp x tp ranks that make one image together) is 
 block of ranks.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

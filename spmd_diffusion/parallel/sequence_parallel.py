@@ -25,6 +25,8 @@ Not applying diffusers' ``enable_parallelism`` keeps two CPU quirks out: it divi
 backend returns no log-sum-exp for ring attention (:func:`.sp_attention.install_native_lse`).
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch)
+
 from __future__ import annotations
 
 import fnmatch

@@ -13,6 +13,8 @@
   merged by their log-sum-exp. Exact for any text length, with or without a text mask.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers)
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,8 @@ Text stays whole on every rank. Each call bumps ``counter.calls`` so the report 
 many attention calls ran sequence-parallel.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers)
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -49,8 +49,11 @@ the same checkpoint, and nothing is broadcast. After sharding, the denoiser's st
 holds DTensors, and the gated projections' rows are in the permuted order.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -432,7 +435,6 @@ def _plan_from_model(
     """Linear styles from diffusers' ``_tp_plan`` (glob patterns -> colwise / rowwise /
     PackedRowwiseParallel); the attention modules whose q is colwise get their heads (and
     qk-norms across heads) planned as in the derived plan."""
-    import fnmatch
 
     plan.source = "model"
     names = {path for path, module in denoiser.named_modules() if isinstance(module, nn.Linear)}

@@ -22,6 +22,8 @@ LTX's video VAE and Sana's DC-AE are refused before loading. A latent whose rows
 split evenly (at least two per rank) decodes whole.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers)
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

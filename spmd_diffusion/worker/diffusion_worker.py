@@ -4,12 +4,18 @@ Every executor, whatever its transport, ends in these methods, so behaviour (bat
 seeding, error isolation, sleep/wake) is identical under ``uni``, ``mp``, MPI and torchrun.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (numpy, torch); project modules load where
+# used (jobs.video, models.guidance, models.lora, models.options, models.quantization, parallel,
+# parallel.groups, utils.image_inputs, utils.images): they pull in heavy modules or import back into
+# this one
+
 from __future__ import annotations
 
 import contextlib
 import gc
 import inspect
 import logging
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -120,7 +126,6 @@ class DiffusionWorker:
         """This rank's memory: the denoiser's weights as stored (quantized weights at their real
         size, TP shards only), the peak it reached (CUDA: allocated and reserved; CPU: the
         process's peak resident set) and which memory levers are on."""
-        import resource
 
         import torch
 

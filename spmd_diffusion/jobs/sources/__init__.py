@@ -15,6 +15,9 @@ and count the work before any model loads, and once more while the job runs, han
 batches to replicas as they free up. Neither pass holds the whole list.
 """
 
+# ruff: noqa: PLC0415 - project modules load where used (jobs.prompts, jobs.sources.openai_batch,
+# jobs.sources.tables): they pull in heavy modules or import back into this one
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

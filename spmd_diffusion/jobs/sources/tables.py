@@ -9,6 +9,8 @@ other text, number and boolean columns are kept in the manifest as ``meta``; oth
 table of millions of prompts costs rank 0 one record batch of memory.
 """
 
+# ruff: noqa: PLC0415 - optional extras load only where used (datasets, pyarrow)
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
