@@ -222,7 +222,8 @@ class AsyncDiffusionEngine:
                 w.request.request_id == prepared.request_id for w in self._queue
             ):
                 raise ValueError(
-                    f"duplicate request_id {prepared.request_id!r}: a request with this id is running"
+                    f"duplicate request_id {prepared.request_id!r}: "
+                    "a request with this id is running"
                 )
             self._queue.append(item)
             self._generation += 1

@@ -34,7 +34,8 @@ from PIL import Image, ImageSequence
 VIDEO_FORMATS = ("mp4", "webp", "gif")
 DEFAULT_FPS = 16  # Wan's own examples export at 16 frames/s
 MP4_EXTRA = (
-    "--video-format mp4 needs the video extra (pip install 'spmd-diffusion[video]': imageio-ffmpeg, "
+    "--video-format mp4 needs the video extra "
+    "(pip install 'spmd-diffusion[video]': imageio-ffmpeg, "
     "which bundles an ffmpeg with libx264); webp and gif need nothing"
 )
 

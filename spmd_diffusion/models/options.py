@@ -60,7 +60,8 @@ def check_model_options(config: Any) -> None:
 
         if not torch.cuda.is_available():
             raise ValueError(
-                f"--device {config.device}: this machine has no CUDA device (use --device cpu or auto)"
+                f"--device {config.device}: this machine has no CUDA device "
+                "(use --device cpu or auto)"
             )
     if config.scheduler is not None:
         check_scheduler(config.scheduler, config.scheduler_options)
@@ -90,8 +91,9 @@ def check_model_options(config: Any) -> None:
         if not torch.cuda.is_available():
             # diffusers refuses too ("requires accelerator, but not found"), but only after loading.
             raise ValueError(
-                f"--offload {config.offload} moves models between the CPU and a GPU, and this machine "
-                "has none: on a CPU the whole pipeline already lives in host memory, run without it"
+                f"--offload {config.offload} moves models between the CPU and a GPU, "
+                "and this machine has none: on a CPU the whole pipeline already lives "
+                "in host memory, run without it"
             )
 
 
@@ -119,8 +121,8 @@ def check_sequence_parallel(config: Any) -> None:
         and heads % (config.tensor_parallel_size * config.ulysses_degree)
     ):
         problem = (
-            f"--tp {config.tensor_parallel_size} x --ulysses {config.ulysses_degree} split attention heads, "
-            f"and {name} has {heads} heads"
+            f"--tp {config.tensor_parallel_size} x --ulysses {config.ulysses_degree} "
+            f"split attention heads, and {name} has {heads} heads"
         )
     if problem is not None:
         raise ValueError(f"{flags}: {problem}")
@@ -193,7 +195,7 @@ def set_attention_backend(pipeline: Any, backend: str) -> int:
     import torch
 
     taken = 0
-    for name, component in pipeline.components.items():
+    for _name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and hasattr(component, "set_attention_backend"):
             component.set_attention_backend(backend)
             taken += sum(
@@ -204,8 +206,8 @@ def set_attention_backend(pipeline: Any, backend: str) -> int:
             )
     if not taken:
         logger.warning(
-            "attention backend %s: no attention module of %s uses diffusers' dispatcher, so it runs "
-            "as before",
+            "attention backend %s: no attention module of %s uses diffusers' dispatcher, "
+            "so it runs as before",
             backend,
             type(pipeline).__name__,
         )

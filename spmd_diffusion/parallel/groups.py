@@ -3,7 +3,8 @@
 A replica is ``tp x cfg`` consecutive ranks (tp fastest). Their denoiser collectives run on
 torch.distributed: NCCL on GPUs, gloo on CPUs. Under torchrun the default group already
 exists; under MPI or the ``mp`` executor it is created here from the job's rendezvous store
-(:mod:`spmd_diffusion.distributed.rendezvous`), so no MASTER_ADDR/MASTER_PORT is needed. The device mesh is built once, by every rank.
+(:mod:`spmd_diffusion.distributed.rendezvous`), so no MASTER_ADDR/MASTER_PORT is needed. The
+device mesh is built once, by every rank.
 """
 
 # ruff: noqa: PLC0415 - heavy modules load on first use (torch); project modules load where used

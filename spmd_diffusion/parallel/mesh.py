@@ -2,7 +2,8 @@
 device mesh built from it.
 
 Ranks are numbered tp-fastest, then ulysses, ring, cfg, dp:
-rank = (((dp_index * cfg + cfg_index) * ring + ring_index) * ulysses + ulysses_index) * tp + tp_index.
+rank = (((dp_index * cfg + cfg_index) * ring + ring_index) * ulysses + ulysses_index) * tp
++ tp_index.
 So the ranks of one tensor-parallel group are neighbours (the same node, NVLink, for any
 sensible launch), the Ulysses all-to-all runs between near neighbours next, and one
 data-parallel replica (the cfg x sp x tp ranks that make one image together) is a contiguous
@@ -52,8 +53,9 @@ class ParallelLayout:
         per_replica = self.replica_size
         if self.world_size % per_replica:
             raise ValueError(
-                f"world_size={self.world_size} is not divisible by {self._product_text()}={per_replica} "
-                f"({self._factors_text()}): every data-parallel replica needs {per_replica} ranks"
+                f"world_size={self.world_size} is not divisible by "
+                f"{self._product_text()}={per_replica} ({self._factors_text()}): "
+                f"every data-parallel replica needs {per_replica} ranks"
             )
         object.__setattr__(self, "dp", self.world_size // per_replica)
 
@@ -170,6 +172,7 @@ def check_mesh(layout: ParallelLayout, mesh: DeviceMesh) -> None:
     names = tuple(mesh.mesh_dim_names or ())
     if names != MESH_DIM_NAMES or tuple(mesh.shape) != layout.shape:
         raise ValueError(
-            f"mesh {names or 'without names'} of shape {tuple(mesh.shape)} does not match the layout: "
-            f"expected dims {MESH_DIM_NAMES} of shape {layout.shape}; build it with build_device_mesh"
+            f"mesh {names or 'without names'} of shape {tuple(mesh.shape)} "
+            f"does not match the layout: expected dims {MESH_DIM_NAMES} "
+            f"of shape {layout.shape}; build it with build_device_mesh"
         )

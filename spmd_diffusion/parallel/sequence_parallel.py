@@ -184,12 +184,17 @@ def refusal(class_name: str, config: dict[str, Any], ulysses: int, ring: int) ->
     from its config.json before loading), or None."""
     if class_name.startswith("UNet"):
         return (
-            f"sequence parallelism splits a transformer's tokens; {class_name} is a UNet, whose convolutions "
-            "and resampling mix neighbouring tokens at every level: use data parallel (more ranks) or --tp"
+            "sequence parallelism splits a transformer's tokens; "
+            f"{class_name} is a UNet, whose convolutions "
+            "and resampling mix neighbouring tokens at every level: "
+            "use data parallel (more ranks) or --tp"
         )
     plan = plan_for(class_name)
     if plan is None:
-        return f"{class_name} has no sequence-parallel plan (plans exist for {', '.join(sorted(PLANS))})"
+        return (
+            f"{class_name} has no sequence-parallel plan "
+            f"(plans exist for {', '.join(sorted(PLANS))})"
+        )
     heads = config.get("num_attention_heads")
     if ulysses > 1 and plan.ulysses_heads and isinstance(heads, int) and heads % ulysses:
         return f"--ulysses {ulysses} splits attention heads, and {class_name} has {heads} heads"
@@ -220,7 +225,8 @@ class SPReport:
 
     def summary(self) -> str:
         return (
-            f"sequence parallel ulysses={self.ulysses} ring={self.ring} on {self.denoiser}: {self.plan}; "
+            f"sequence parallel ulysses={self.ulysses} ring={self.ring} "
+            f"on {self.denoiser}: {self.plan}; "
             f"{self.attention_modules} attention modules see the whole sequence"
         )
 

@@ -123,7 +123,8 @@ class QwenJointProcessor:
 
 
 class SelfAttentionProcessor:
-    """Plain self-attention (PixArt's ``attn1``, ``AttnProcessor2_0`` without group/spatial norm)."""
+    """Plain self-attention (PixArt's ``attn1``, ``AttnProcessor2_0`` without group/spatial
+    norm)."""
 
     def __init__(self, groups: SequenceGroups, counter: CallCounter) -> None:
         self.groups, self.counter = groups, counter

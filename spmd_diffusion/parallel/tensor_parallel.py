@@ -145,9 +145,12 @@ class TPReport:
     def summary(self) -> str:
         mib = 2**20
         text = (
-            f"tensor parallel tp={self.tp} ({self.source} plan): sharded {len(self.attention)} attention and "
-            f"{len(self.feedforward)} feed-forward modules ({len(self.gated)} gated, rows permuted), "
-            f"{len(self.modulation)} modulation linears and {len(self.norms)} qk-norms across heads; "
+            f"tensor parallel tp={self.tp} ({self.source} plan): "
+            f"sharded {len(self.attention)} attention and "
+            f"{len(self.feedforward)} feed-forward modules "
+            f"({len(self.gated)} gated, rows permuted), "
+            f"{len(self.modulation)} modulation linears "
+            f"and {len(self.norms)} qk-norms across heads; "
             f"{len(self.skipped)} left replicated; denoiser parameters per rank "
             f"{self.param_bytes_before / mib:.1f} MiB -> {self.param_bytes_after / mib:.1f} MiB "
             f"({self.param_ratio:.2f}x)"
@@ -465,7 +468,8 @@ def _plan_from_model(
         norms = _plan_qk_norms(plan, attention, attn, inner // heads, inner)
         if heads % plan.tp:
             errors.append(
-                f"{attention} ({type(attn).__name__}): heads={heads} is not divisible by tp={plan.tp}"
+                f"{attention} ({type(attn).__name__}): "
+                f"heads={heads} is not divisible by tp={plan.tp}"
             )
         elif norms is not None:
             plan.attention[attention] = heads
@@ -495,7 +499,8 @@ def _permute_rows(linear: nn.Linear, order: torch.Tensor) -> None:
 
 def packed_column_order(blocks: list[int], tp: int) -> torch.Tensor:
     """Input-column order of a Linear reading ``cat([block_0, block_1, ...])`` of column-sharded
-    blocks, such that an even split into ``tp`` gives rank r [block_0 part r; block_1 part r; ...]."""
+    blocks, such that an even split into ``tp`` gives rank r
+    [block_0 part r; block_1 part r; ...]."""
     starts = [sum(blocks[:i]) for i in range(len(blocks))]
     order = []
     for rank in range(tp):

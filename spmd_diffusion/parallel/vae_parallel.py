@@ -43,8 +43,10 @@ def vae_refusal(vae_class: str | None) -> str | None:
     if vae_class is None or vae_class in SUPPORTED:
         return None
     return (
-        f"--vae-parallel splits the decode of the KL autoencoder (SD, SDXL, PixArt, SD3, Flux) and of the "
-        f"causal 3-D VAE of Wan and Qwen-Image ({', '.join(SUPPORTED)}); this pipeline's VAE is {vae_class}"
+        "--vae-parallel splits the decode of the KL autoencoder "
+        "(SD, SDXL, PixArt, SD3, Flux) and of the "
+        f"causal 3-D VAE of Wan and Qwen-Image ({', '.join(SUPPORTED)}); "
+        f"this pipeline's VAE is {vae_class}"
     )
 
 
@@ -87,8 +89,9 @@ class VAEReport:
 
     def summary(self) -> str:
         return (
-            f"vae parallel decode over {self.state.size} ranks ({self.vae}): {self.convs} convolutions with halo "
-            f"rows, {self.norms} group norms and {self.attentions} attentions over the whole image"
+            f"vae parallel decode over {self.state.size} ranks ({self.vae}): "
+            f"{self.convs} convolutions with halo rows, {self.norms} group norms "
+            f"and {self.attentions} attentions over the whole image"
         )
 
 
@@ -326,8 +329,8 @@ def enable_vae_parallel(vae: nn.Module, group: Any, rank: int, size: int) -> VAE
         ):
             if module.stride != (1, 1, 1):
                 raise ValueError(
-                    f"--vae-parallel: a decoder convolution with stride {module.stride} cannot take "
-                    "halo rows"
+                    f"--vae-parallel: a decoder convolution with stride {module.stride} "
+                    "cannot take halo rows"
                 )
             registry, hook, name = (
                 HookRegistry.check_if_exists_or_initialize(module),
@@ -338,8 +341,8 @@ def enable_vae_parallel(vae: nn.Module, group: Any, rank: int, size: int) -> VAE
         elif isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
             if module.stride[0] != 1 or module.padding[0] != module.kernel_size[0] // 2:
                 raise ValueError(
-                    f"--vae-parallel: a decoder convolution with stride {module.stride} and padding "
-                    f"{module.padding} cannot take halo rows"
+                    f"--vae-parallel: a decoder convolution with stride {module.stride} "
+                    f"and padding {module.padding} cannot take halo rows"
                 )
             registry, hook, name = (
                 HookRegistry.check_if_exists_or_initialize(module),

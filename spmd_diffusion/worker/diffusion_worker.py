@@ -486,18 +486,20 @@ class DiffusionWorker:
         ``step_callback(step)`` runs after every denoising step (where the pipeline supports
         ``callback_on_step_end``); the steps' durations come back in ``timings["step_s"]``
         for the engine's monitoring hooks (diffusers has no callback before the first step, so
-        a pipeline call's first duration includes its prompt encoding). ``sink`` (a batch job's output writer) makes the replica
-        leader write the images itself and return small records in their place, so pixels
-        never travel to rank 0. ``progress`` (``{"interval_s": s}``, the server's) makes the
-        replica leader send step notes while the batch runs and stop a pipeline call whose
-        requests were all cancelled (see :mod:`spmd_diffusion.worker.step_watch`).
+        a pipeline call's first duration includes its prompt encoding). ``sink`` (a batch job's
+        output writer) makes the replica leader write the images itself and return small records
+        in their place, so pixels never travel to rank 0. ``progress`` (``{"interval_s": s}``,
+        the server's) makes the replica leader send step notes while the batch runs and stop a
+        pipeline call whose requests were all cancelled (see
+        :mod:`spmd_diffusion.worker.step_watch`).
         """
         self._check_awake()
         start = time.perf_counter()
         unseeded = [request.request_id for request in requests if request.seed is None]
         if unseeded:
             raise ValueError(
-                f"request(s) {', '.join(unseeded)} have no seed: the engine fixes seeds before dispatch"
+                f"request(s) {', '.join(unseeded)} have no seed: "
+                "the engine fixes seeds before dispatch"
             )
         images: list[dict[int, Any]] = [{} for _ in requests]
         errors: list[str | None] = [None] * len(requests)
@@ -553,7 +555,7 @@ class DiffusionWorker:
                 continue
             elapsed = time.perf_counter() - batch_start
             pipeline_seconds += elapsed
-            for job, image in zip(jobs, produced):
+            for job, image in zip(jobs, produced, strict=True):
                 images[job.request_pos][job.index] = image
                 seconds[job.request_pos] += elapsed / len(jobs)
         output = DiffusionOutput(
