@@ -5,10 +5,10 @@ Ranks are numbered tp-fastest, then ulysses, ring, cfg, dp::
 
     rank = (((d * cfg + c) * ring + r) * ulysses + u) * tp + t
 
-(d, c, r, u, t: the rank's index along each dimension). So the ranks of one tensor-parallel group are neighbours (the same node, NVLink, for any
-sensible launch), the Ulysses all-to-all runs between near neighbours next, and one
-data-parallel replica (the cfg x sp x tp ranks that make one image together) is a contiguous
-block of ranks.
+(d, c, r, u, t: the rank's index along each dimension). So the ranks of one tensor-parallel
+group are neighbours (the same node, NVLink, for any sensible launch), the Ulysses all-to-all
+runs between near neighbours next, and one data-parallel replica (the cfg x sp x tp ranks that
+make one image together) is a contiguous block of ranks.
 """
 
 # ruff: noqa: PLC0415 - heavy modules load on first use (torch)
