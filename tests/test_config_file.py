@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from spmd_diffusion.entrypoints.cli import main
+from spmd_diffusion.entrypoints.cli import cli, main
+from spmd_diffusion.entrypoints.cli_options import config_keys
+from spmd_diffusion.entrypoints.options import options_of
 
 
 def run(tmp_path, capsys, config: str, suffix: str = ".json", *extra: str) -> tuple[int, str]:
@@ -76,3 +78,28 @@ def test_the_command_line_wins(tmp_path, capsys):
     assert code == 0, err
     line = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
     assert line["num_inference_steps"] == 1 and line["prompt"] == "from config"
+
+
+def test_every_declared_option_is_a_flag_and_a_config_key():
+    for name, command in cli.commands.items():
+        declared = options_of(name)
+        if not declared:
+            continue
+        flags = {flag for param in command.params for flag in getattr(param, "opts", [])}
+        keys = config_keys(command)
+        for option in declared:
+            assert set(option.flags) <= flags, (name, option.flags)
+            assert all(keys[key] is option for key in option.keys), (name, option.name)
+    assert config_keys(cli.commands["serve"])["schedule"].name == "batch_policy"
+
+
+def test_serve_reads_a_config_file_and_refuses_a_bad_key(tmp_path, capsys):
+    path = tmp_path / "serve.toml"
+    path.write_text('schedule = "random"\nport = 0\n')
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(path), "--executor", "uni"])
+    assert exited.value.code == 2 and "unknown schedule 'random'" in capsys.readouterr().err
+    path.write_text('output = "x"\n')
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(path)])
+    assert exited.value.code == 2 and "unknown option 'output'" in capsys.readouterr().err
