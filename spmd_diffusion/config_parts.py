@@ -190,7 +190,9 @@ class RuntimeConfig:
     """How the engine runs the work: seeds, batches, hooks and deadlines."""
 
     seed: int = 0  # run seed: items without their own derive theirs from it and their id
-    max_batch_size: int = 4  # most images in one pipeline call (a batch)
+    # Most images in one pipeline call (a batch); ``max_batch_size`` is its old name. A batch
+    # size (``generate --batch-size``) counts prompts: batch-size x images-per-prompt images.
+    max_images_per_batch: int = 4
     batch_policy: str = "shape"  # which batch a free replica gets: fifo, shape, cost, dotted path
     batch_wait_s: float = 0.005  # how long a partial batch waits for same-shape work (serve)
     batch_invariant: bool = False  # one sample per forward pass: images independent of batches
@@ -208,7 +210,7 @@ class RuntimeConfig:
             or not 0 <= self.seed <= MAX_SEED
         ):
             raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
-        check_int("max_batch_size", self.max_batch_size, 1)
+        check_int("max_images_per_batch (max_batch_size)", self.max_images_per_batch, 1)
         if not isinstance(self.batch_policy, str) or not self.batch_policy:
             raise ValueError(
                 "batch_policy (schedule) must be fifo, shape, cost or a dotted path, "

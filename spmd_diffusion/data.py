@@ -47,7 +47,8 @@ __all__ = [
     "StepNote",
 ]
 
-FLAT_ALIASES = {"schedule": "batch_policy"}  # old flat name -> its name in the parts
+# Old flat names -> their names in the parts (both taken and read).
+FLAT_ALIASES = {"schedule": "batch_policy", "max_batch_size": "max_images_per_batch"}
 PART_OF = {f.name: part for part, kind in PARTS.items() for f in fields(kind)}
 FLAT_NAMES = tuple(PART_OF)
 
@@ -65,9 +66,11 @@ class OmniDiffusionConfig:
 
     Built from the parts, from the flat keywords of every field (``OmniDiffusionConfig(
     model="tiny-dit", tensor_parallel_size=2)``), or both (the keywords then override the
-    parts' fields); every field also reads as a flat attribute (``config.max_batch_size``).
-    ``schedule`` is the old name of ``batch_policy`` (the batch policy, not the noise
-    ``scheduler``) and is still taken. ``executor_class`` is None (the launcher's executor,
+    parts' fields); every field also reads as a flat attribute (``config.tensor_parallel_size``).
+    Two fields were renamed to say what they are, and their old names are still taken and
+    read: ``schedule`` is ``batch_policy`` (the batch policy, not the noise ``scheduler``) and
+    ``max_batch_size`` is ``max_images_per_batch`` (it counts images; a batch size counts
+    prompts). ``executor_class`` is None (the launcher's executor,
     else the multi-process one), a registered name (``mp``, ``uni``, ``mpi``, ``torchrun``,
     ``http``, or an entry point of the group ``spmd_diffusion.executors``), a dotted path
     string, or a class. Options a custom executor needs go in ``executor_config``; they read

@@ -137,15 +137,22 @@ def test_config_parts_and_flat_names_are_one_config():
     parts = OmniDiffusionConfig(
         model_config=flat.model_config,
         parallel_config=ParallelConfig(tensor_parallel_size=2),
-        runtime_config=RuntimeConfig(max_batch_size=8),
+        runtime_config=RuntimeConfig(max_images_per_batch=8),
     )
     assert parts == flat and flat.parallel_config.tensor_parallel_size == 2
-    assert flat.runtime_config.max_batch_size == flat.max_batch_size == 8
+    assert flat.runtime_config.max_images_per_batch == flat.max_batch_size == 8
     both = OmniDiffusionConfig(parallel_config=ParallelConfig(num_gpus=2), tensor_parallel_size=2)
     assert both.num_gpus == 2 and both.tensor_parallel_size == 2  # the keyword overrides
     assert dataclasses.replace(flat, seed=7).seed == 7 and flat.seed == 0
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
         OmniDiffusionConfig(bogus=1)
+
+
+def test_old_names_are_taken_and_read():
+    config = OmniDiffusionConfig(max_batch_size=3)
+    assert config.max_images_per_batch == config.max_batch_size == 3
+    assert OmniDiffusionConfig.from_dict(config.to_dict()) == config
+    assert OmniDiffusionConfig.from_dict({"max_batch_size": 5}).max_images_per_batch == 5
 
 
 def test_schedule_is_the_old_name_of_batch_policy():

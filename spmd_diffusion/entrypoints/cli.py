@@ -392,7 +392,7 @@ def generate(values: OptionValues) -> int:
         config = build_config(
             {
                 **values.of("config"),
-                "max_batch_size": options.images_per_batch,
+                "max_images_per_batch": options.images_per_batch,
                 "hooks": [
                     *values.hooks,
                     *(["trace:" + trace_file] if trace_file else []),

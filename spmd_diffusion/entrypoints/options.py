@@ -130,18 +130,18 @@ MODEL_OPTIONS = (
         "batch_size",
         ("--batch-size",),
         "int",
-        "Prompts per batch; a batch is one pipeline call of batch-size x images-per-prompt "
-        "images (the engine's max_batch_size).",
+        "Prompts per batch; a batch is one pipeline call of batch-size x images-per-prompt images.",
         GENERATE,
         target="run",
         default=4,
         minimum=1,
     ),
     Option(
-        "max_batch_size",
-        ("--batch-size",),
+        "max_images_per_batch",
+        ("--max-images-per-batch", "--batch-size"),
         "int",
-        "Most images in one pipeline call (requests of the same shape share a call).",
+        "Most images in one pipeline call (requests of the same shape share a call; "
+        "--batch-size: the old name).",
         MODEL_COMMANDS - GENERATE,
         default=4,
         minimum=1,
