@@ -103,3 +103,14 @@ def test_serve_reads_a_config_file_and_refuses_a_bad_key(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["serve", "--config", str(path)])
     assert exited.value.code == 2 and "unknown option 'output'" in capsys.readouterr().err
+
+
+def test_a_required_option_is_missing_unless_the_file_gives_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "x", "--executor", "uni"])
+    assert exited.value.code == 2 and "Missing option '--output'" in capsys.readouterr().err
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"output": str(tmp_path / "out"), "prompt": "x", "steps": 0}))
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--config", str(path)])
+    assert exited.value.code == 2 and "steps: 0 is not in the range" in capsys.readouterr().err

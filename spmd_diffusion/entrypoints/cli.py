@@ -267,11 +267,6 @@ def bind_socket(host: str, port: int) -> Any:
 
 
 @cli.command()
-@click.option(
-    "--listen", required=True, metavar="HOST:PORT", help="Address to wait for the executor on."
-)
-@click.option("--rank", default=0, show_default=True, type=int, help="This worker's rank.")
-@click.option("--world-size", default=1, show_default=True, type=int, help="Number of workers.")
 @with_options("worker")
 @fatal_errors
 def worker(values: OptionValues) -> None:

@@ -87,10 +87,10 @@ def click_option(option: Option) -> Callable[[Callable[..., Any]], Callable[...,
         else:
             settings["is_flag"] = True
         return click.option(*declarations, **settings)
+    if option.default is not None:  # click 8.3: an explicit None would count as given
+        settings.update(default=option.default, show_default=True)
     settings.update(
         type=click_type(option),
-        default=option.default,
-        show_default=option.default is not None,
         multiple=option.multiple,
         required=option.required,
         metavar=option.metavar,

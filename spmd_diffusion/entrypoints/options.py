@@ -24,6 +24,7 @@ MODEL_COMMANDS = frozenset({"generate", "serve", "info", "worker"})
 LAYOUT_COMMANDS = frozenset({"generate", "serve"})
 GENERATE = frozenset({"generate"})
 SERVE = frozenset({"serve"})
+WORKER = frozenset({"worker"})
 
 
 @dataclass(frozen=True)
@@ -638,7 +639,32 @@ SERVE_OPTIONS = (
     ),
 )
 
-OPTIONS: tuple[Option, ...] = GENERATE_OPTIONS + SERVE_OPTIONS + LAYOUT_OPTIONS + MODEL_OPTIONS
+WORKER_OPTIONS = (
+    Option(
+        "listen",
+        ("--listen",),
+        "str",
+        "Address to wait for the executor on.",
+        WORKER,
+        target="command",
+        required=True,
+        metavar="HOST:PORT",
+    ),
+    Option("rank", ("--rank",), "int", "This worker's rank.", WORKER, target="command", default=0),
+    Option(
+        "world_size",
+        ("--world-size",),
+        "int",
+        "Number of workers.",
+        WORKER,
+        target="command",
+        default=1,
+    ),
+)
+
+OPTIONS: tuple[Option, ...] = (
+    GENERATE_OPTIONS + SERVE_OPTIONS + WORKER_OPTIONS + LAYOUT_OPTIONS + MODEL_OPTIONS
+)
 
 
 def options_of(command: str) -> tuple[Option, ...]:
