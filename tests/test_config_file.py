@@ -4,12 +4,15 @@ file and key, never coerced silently; the command line wins."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 
+from spmd_diffusion.data import FLAT_NAMES
 from spmd_diffusion.entrypoints.cli import cli, main
 from spmd_diffusion.entrypoints.cli_options import config_keys
 from spmd_diffusion.entrypoints.options import options_of
+from spmd_diffusion.jobs.options import GenerateOptions
 
 
 def run(tmp_path, capsys, config: str, suffix: str = ".json", *extra: str) -> tuple[int, str]:
@@ -114,3 +117,11 @@ def test_a_required_option_is_missing_unless_the_file_gives_it(tmp_path, capsys)
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--config", str(path)])
     assert exited.value.code == 2 and "steps: 0 is not in the range" in capsys.readouterr().err
+
+
+def test_every_option_lands_in_a_field_of_its_target():
+    run = {option.name for option in options_of("generate") if option.target == "run"}
+    assert run == {field.name for field in fields(GenerateOptions)}
+    for command in ("generate", "serve", "info", "worker"):
+        config = {option.name for option in options_of(command) if option.target == "config"}
+        assert config <= set(FLAT_NAMES), command
