@@ -12,6 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from spmd_diffusion import option_checks
 from spmd_diffusion.utils.image_inputs import normalize_image_input
 
 MAX_SEED = 2**63 - 1
@@ -131,7 +132,8 @@ class OmniDiffusionRequest:
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(
-                f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
+                "negative_prompt must be a string or None, "
+                f"got {type(self.negative_prompt).__name__}"
             )
         check_prompt_length("prompt", self.prompt)
         check_prompt_length("negative_prompt", self.negative_prompt)
@@ -167,16 +169,14 @@ class OmniDiffusionRequest:
         output_type = self.extra.get("output_type", "pil")
         if output_type not in IMAGE_OUTPUT_TYPES:
             raise ValueError(
-                f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}: "
-                "the tool returns and writes images"
+                f"extra output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, "
+                f"got {output_type!r}: the tool returns and writes images"
             )
         self._check_image_inputs()
         self._check_video()
         if self.lora is not None:
-            from spmd_diffusion.models.lora import parse_loras
-
             self.lora = [self.lora] if isinstance(self.lora, str) else self.lora
-            parse_loras(self.lora)
+            option_checks.check("lora", self.lora)
             self.lora = list(self.lora)
 
     def _check_image_inputs(self) -> None:

@@ -6,10 +6,11 @@ run-wide value for items without their own; the ``--config`` file key is the fla
 an HTTP field (the OpenAI route's extensions, named as diffusers names them), and the Python
 request itself. Each used to declare its own names, types and bounds, and they drifted (a
 bound checked on one surface only, a column type refused in parquet but read in JSONL). This
-table is the one declaration: the CLI options (``entrypoints/cli.py``), the HTTP model
-(``entrypoints/server.py``), the prompt-file keys and cell conversions (``jobs/prompts.py``,
-``jobs/sources/tables.py``) are generated from it. The request still validates every value
-(the last word, whatever the surface).
+table is the one declaration: the ``generate`` flags and their config-file keys (through
+the run-wide option table, ``entrypoints/options.py``), the HTTP fields
+(``entrypoints/http/state.py``), the prompt-file keys and cell conversions
+(``jobs/prompts.py``, ``jobs/sources/tables.py``) are generated from it. The request still
+validates every value (the last word, whatever the surface).
 
 No framework is imported here: the surfaces turn a :class:`Setting` into their own types.
 """
@@ -88,8 +89,8 @@ SETTINGS: tuple[Setting, ...] = (
         "true_cfg_scale",
         "true_cfg_scale",
         "float",
-        "True classifier-free guidance scale of Qwen-Image and Flux pipelines, applied with a negative "
-        "prompt (default: the pipeline's).",
+        "True classifier-free guidance scale of Qwen-Image and Flux pipelines, applied with a "
+        "negative prompt (default: the pipeline's).",
         flag="--true-cfg-scale",
         http="true_cfg_scale",
         minimum=0,

@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from spmd_diffusion.executor import spmd_executor
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
@@ -112,3 +115,14 @@ def test_srun_with_pmi2_and_executor_torchrun_runs_over_torch_distributed(tmp_pa
     layout = json.loads(rank0.stdout[rank0.stdout.index("{") :])
     assert layout["launcher"] == "slurm" and layout["world_size"] == 2
     assert layout["executor"] == "TorchDistributedExecutor"
+
+
+def test_only_rank_0_builds_the_engine_every_other_rank_serves(monkeypatch):
+    served = []
+    monkeypatch.setattr(
+        spmd_executor, "serve_spmd_rank", lambda control: served.append(control) or 7
+    )
+    assert spmd_executor.serve_unless_rank0(None) is None
+    assert spmd_executor.serve_unless_rank0(SimpleNamespace(rank=0)) is None
+    rank1 = SimpleNamespace(rank=1)
+    assert spmd_executor.serve_unless_rank0(rank1) == 7 and served == [rank1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig, ParallelConfig, RuntimeConfig
 from spmd_diffusion.engine.seeding import derive_seed, with_seed
 from spmd_diffusion.request import OmniDiffusionRequest
 
@@ -63,7 +64,7 @@ def test_executor_options_read_as_attributes_and_survive_pickle():
     config = OmniDiffusionConfig(executor_config={"cloud_api_key": "k", "cloud_region": "eu"})
     assert config.cloud_api_key == "k" and config.cloud_region == "eu"
     with pytest.raises(AttributeError, match="nothing_here"):
-        config.nothing_here
+        config.nothing_here  # noqa: B018 - the read is what is tested
     assert pickle.loads(pickle.dumps(config)) == config
 
 
@@ -112,7 +113,7 @@ def test_output_split_and_single_accessors():
     assert [p.request_id for p in parts] == ["a", "b", "c"]
     assert parts[2].error == "ValueError: boom" and parts[0].ok and len(parts[0].images[0]) == 2
     with pytest.raises(ValueError, match="one request"):
-        _output().request_id
+        _output().request_id  # noqa: B018 - the read is what is tested
 
 
 def test_output_lengths_must_agree():
@@ -129,3 +130,42 @@ def test_derived_seed_depends_on_run_seed_and_id_only():
     assert with_seed(request, 0).seed == derive_seed(0, "item-1")
     own = OmniDiffusionRequest(prompt="x", seed=9)
     assert with_seed(own, 0) is own
+
+
+def test_config_parts_and_flat_names_are_one_config():
+    flat = OmniDiffusionConfig(model="tiny-dit", tensor_parallel_size=2, max_batch_size=8)
+    parts = OmniDiffusionConfig(
+        model_config=flat.model_config,
+        parallel_config=ParallelConfig(tensor_parallel_size=2),
+        runtime_config=RuntimeConfig(max_images_per_batch=8),
+    )
+    assert parts == flat and flat.parallel_config.tensor_parallel_size == 2
+    assert flat.runtime_config.max_images_per_batch == flat.max_batch_size == 8
+    both = OmniDiffusionConfig(parallel_config=ParallelConfig(num_gpus=2), tensor_parallel_size=2)
+    assert both.num_gpus == 2 and both.tensor_parallel_size == 2  # the keyword overrides
+    assert dataclasses.replace(flat, seed=7).seed == 7 and flat.seed == 0
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        OmniDiffusionConfig(bogus=1)
+
+
+def test_old_names_are_taken_and_read():
+    config = OmniDiffusionConfig(max_batch_size=3)
+    assert config.max_images_per_batch == config.max_batch_size == 3
+    assert OmniDiffusionConfig.from_dict(config.to_dict()) == config
+    assert OmniDiffusionConfig.from_dict({"max_batch_size": 5}).max_images_per_batch == 5
+
+
+def test_schedule_is_the_old_name_of_batch_policy():
+    config = OmniDiffusionConfig(schedule="fifo")
+    assert config.batch_policy == config.schedule == "fifo"
+    assert config.to_dict()["batch_policy"] == "fifo" and "schedule" not in config.to_dict()
+    assert OmniDiffusionConfig.from_dict({"schedule": "cost"}).batch_policy == "cost"
+    with pytest.raises(ValueError, match="batch_policy"):
+        OmniDiffusionConfig(batch_policy="")
+
+
+def test_checks_across_parts_name_both_options():
+    with pytest.raises(ValueError, match="lora is not supported with tensor parallelism"):
+        OmniDiffusionConfig(lora=["a.safetensors"], tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="vae_parallel"):
+        OmniDiffusionConfig(vae_parallel=True)

@@ -2,13 +2,16 @@
 flags, the config-file keys, the prompt-file keys and the HTTP fields come from that table,
 and a value past a declared bound is refused on every surface, by the request itself too."""
 
+# ruff: noqa: PLC0415 - the server (pydantic, fastapi) is an optional extra: imported after importorskip
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from spmd_diffusion.entrypoints.cli import cli, config_keys, main
+from spmd_diffusion.entrypoints.cli import cli, main
+from spmd_diffusion.entrypoints.cli_options import config_keys
 from spmd_diffusion.jobs.prompts import SETTING_KEYS
 from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.request_settings import FLAG_SETTINGS, HTTP_SETTINGS, SETTINGS, Setting

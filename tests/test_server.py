@@ -1,6 +1,9 @@
 """The HTTP server: OpenAI client, token, error shape, bad bodies, health under load,
 concurrent clients, disconnects, Prometheus output."""
 
+# ruff: noqa: PLC0415 - the test extra's clients (requests, sseclient) and prometheus' parser are
+# imported by the tests that use them
+
 from __future__ import annotations
 
 import base64
@@ -19,7 +22,14 @@ from PIL import Image
 
 from spmd_diffusion import OmniDiffusionConfig
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
-from spmd_diffusion.entrypoints.server import ServerLimits, check_listen_address, parse_size, serve
+from spmd_diffusion.entrypoints.http.state import ServingState
+from spmd_diffusion.entrypoints.server import (
+    ROUTERS,
+    ServerLimits,
+    check_listen_address,
+    parse_size,
+    serve,
+)
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
@@ -388,7 +398,8 @@ def test_a_client_that_disconnects_cancels_its_requests_started_or_not(server, s
     with SlowDenoiser(engine.engine, step_delay), DenoiserGate(engine.engine) as gate:
         with socket.create_connection((host, port), timeout=10) as connection:
             connection.sendall(
-                b"POST /v1/diffusion/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/diffusion/generate HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n"
                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
@@ -563,3 +574,19 @@ def test_sizes_and_listen_addresses():
     check_listen_address("0.0.0.0", "key")
     with pytest.raises(ValueError, match="needs an API key"):
         check_listen_address("0.0.0.0", None)
+
+
+def test_the_routes_are_the_routers_over_one_app_state(server):
+    state = server.app.app.state.serving  # the app inside the body-guard middleware
+    assert isinstance(state, ServingState) and state.api_key == KEY
+    modules = {route.endpoint.__module__ for router in ROUTERS for route in router.routes}
+    assert modules == {
+        f"spmd_diffusion.entrypoints.http.{name}"
+        for name in ("status", "images", "edits", "videos", "native")
+    }
+    state.model_name = "renamed"  # the routes read the app's state, nothing captured
+    try:
+        status, answer = call(server.url + "/v1/models")
+    finally:
+        state.model_name = "tiny-unet"
+    assert status == 200 and answer["data"][0]["id"] == "renamed"

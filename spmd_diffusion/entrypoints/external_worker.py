@@ -10,6 +10,8 @@ a port scan (connect and close), a silent connection, an oversized or garbled ha
 a wrong key costs that connection alone, never the worker and never another client.
 """
 
+# ruff: noqa: PLC0415 - the worker (torch, diffusers) is imported when one starts serving
+
 from __future__ import annotations
 
 import logging

@@ -5,8 +5,8 @@ concurrent requests are batched dynamically and spread over every replica:
 
 - ``POST /v1/images/generations``: OpenAI's images API (``prompt``, ``n``, ``size`` "WxH",
   ``response_format`` ``b64_json``, ``model``; extensions ``negative_prompt``,
-  ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale``, ``seed``). The ``openai`` client's
-  ``client.images.generate(...)`` works against it.
+  ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale``, ``seed``). The ``openai``
+  client's ``client.images.generate(...)`` works against it.
 - ``POST /v1/images/edits``: OpenAI's multipart edit route (``image`` files, ``mask``,
   ``prompt``, ``n``, ``size`` and the same extensions plus ``strength``), served by an
   image-to-image or inpainting pipeline (:mod:`.http.edits`); ``client.images.edit(...)`` works.
@@ -29,11 +29,16 @@ needs ``Authorization: Bearer <key>`` (``/metrics`` too: request counts and queu
 the operator's business); a server bound beyond loopback refuses to start without one.
 Every client mistake is a 4xx and every failure a JSON body in OpenAI's error shape
 (``{"error": {"message", "type", "param", "code"}}``). A client that disconnects cancels
-its requests: waiting ones are dropped, running ones stop at the next step boundary. Bodies are capped, and so are requests per call and
-the queue (503 when full, so a flood cannot grow the server's memory without bound).
+its requests: waiting ones are dropped, running ones stop at the next step boundary. Bodies
+are capped, and so are requests per call and the queue (503 when full, so a flood cannot
+grow the server's memory without bound).
+
+Each API is a module-level router in ``http/`` (``status``, ``images``, ``edits``, ``videos``,
+``native``); they find the server's :class:`ServingState` in ``app.state.serving``. This
+module assembles them, maps errors to OpenAI's shape, guards bodies and binds the socket.
 """
 
-import asyncio
+import ipaddress
 import json
 import logging
 import socket
@@ -42,24 +47,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from spmd_diffusion.data import DiffusionOutput
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
 from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
-from spmd_diffusion.entrypoints.http.errors import ApiError, invalid, parse_size, png_base64
-from spmd_diffusion.entrypoints.http.state import (
-    OpenAIImageFields,
-    ServerLimits,
-    ServingState,
-    images_request_model,
-    refuse_url,
-    settings_of,
-    unable_to_serve,
-)
-from spmd_diffusion.request import OmniDiffusionRequest
-from spmd_diffusion.utils.image_inputs import IMAGE_FIELDS
+from spmd_diffusion.entrypoints.http import edits, images, native, status, videos
+from spmd_diffusion.entrypoints.http.errors import ApiError, invalid, parse_size
+from spmd_diffusion.entrypoints.http.native import GENERATE_PATH
+from spmd_diffusion.entrypoints.http.state import ServerLimits, ServingState, images_request_model
+from spmd_diffusion.entrypoints.http.videos import VideoJobs
 
 __all__ = [
+    "GENERATE_PATH",
     "ApiError",
     "DiffusionServer",
     "ServerLimits",
@@ -72,20 +77,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATE_PATH = "/v1/diffusion/generate"
+DEFAULT_LIMITS = ServerLimits()
+ROUTERS = (status.router, images.router, edits.router, videos.router, native.router)
 LISTEN_BACKLOG = 2048  # 5 (http.server's default) reset 2-3 of 20 concurrent clients here
-
-
-def merge_outputs(outputs: list[DiffusionOutput]) -> DiffusionOutput:
-    """One output holding every request's results, in order."""
-    merged = DiffusionOutput()
-    for output in outputs:
-        merged.request_ids += output.request_ids
-        merged.images += output.images
-        merged.errors += output.errors
-        merged.seeds += output.seeds
-        merged.metadata += output.metadata
-    return merged
 
 
 def build_app(
@@ -93,238 +87,51 @@ def build_app(
     model_name: str,
     api_key: str | None = None,
     metrics: PrometheusHooks | None = None,
-    limits: ServerLimits = ServerLimits(),
+    limits: ServerLimits = DEFAULT_LIMITS,
     loras: dict[str, str] | None = None,
 ) -> Any:
-    """The FastAPI application serving ``engine``; ``loras``: the adapters a request may name
+    """The FastAPI application serving ``engine``: the routers of ``http/`` over one
+    :class:`ServingState` in ``app.state.serving``; ``loras``: the adapters a request may name
     (name -> path, see :mod:`.http.loras`)."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from pydantic import Field
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     app = FastAPI(title="spmd_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
-    state = ServingState(engine, model_name, api_key, limits, loras)
-    check_key = state.check_key
-    started = time.time()
-    metrics = metrics or PrometheusHooks()
-    from prometheus_client import Counter
-
+    state = ServingState(engine, model_name, api_key, limits, loras, metrics)
+    state.video_jobs = VideoJobs(state)
+    app.state.serving = state
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_invalid)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_crash)
+    for router in ROUTERS:
+        app.include_router(router)
     http_requests = Counter(
         "spmd_diffusion_http_requests",
         "HTTP requests by route and status",
         ["route", "status"],
-        registry=metrics.registry,
+        registry=state.metrics.registry,
     )
-
-    class OpenAIImagesRequest(OpenAIImageFields):
-        """OpenAI's ``images.generate`` body (FastAPI parses it: the prompt limit is a bound)."""
-
-        prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
-        style: str | None = None
-
-    ImagesRequest = images_request_model(OpenAIImagesRequest, limits)
-
-    def error_response(error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(invalid(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            ApiError(
-                exc.status_code,
-                str(exc.detail),
-                "not_found_error" if exc.status_code == 404 else "invalid_request_error",
-            )
-        )
-
-    @app.exception_handler(Exception)
-    async def on_crash(_request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request failed")
-        return error_response(ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
-
-    async def read_json(request: Request) -> Any:
-        body = await request.body()
-        if len(body) > limits.max_body_bytes:
-            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes")
-        try:
-            return json.loads(body)
-        except RecursionError:
-            raise ApiError(400, "request body is nested too deeply") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not JSON: {exc}") from None
-
-    @app.get("/health")
-    async def health() -> Response:
-        problem = unable_to_serve(engine)
-        if problem is not None:
-            return Response(
-                json.dumps({"status": "error", "error": problem}),
-                503,
-                media_type="application/json",
-            )
-        return Response(json.dumps({"status": "ok"}), media_type="application/json")
-
-    @app.get("/metrics", dependencies=[Depends(check_key)])
-    async def prometheus_metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_name,
-                    "object": "model",
-                    "created": int(started),
-                    "owned_by": "spmd_diffusion",
-                }
-            ],
-        }
-
-    @app.post("/v1/images/generations", dependencies=[Depends(check_key)])
-    async def images_generations(body: ImagesRequest, request: Request) -> dict[str, Any]:
-        state.check_model(body.model)
-        if state.video_model:
-            raise ApiError(
-                400,
-                f"{model_name!r} makes videos, which the images API cannot return: use "
-                f"POST /v1/videos (a video job), or POST {GENERATE_PATH}, whose images are lists "
-                "of frames",
-                param="model",
-            )
-        refuse_url(body)
-        height, width = parse_size(body.size)
-        try:
-            item = OmniDiffusionRequest(
-                prompt=body.prompt,
-                height=height,
-                width=width,
-                num_images_per_prompt=body.n,
-                lora=state.lora_specs(body.lora),
-                **settings_of(body),
-            )
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        state.prepared([item])
-        (output,) = await state.run_all(request, [item])
-        if output.errors[0] is not None:
-            raise ApiError(500, output.errors[0], "server_error")
-        encoded = await asyncio.to_thread(lambda: [png_base64(image) for image in output.images[0]])
-        return {"created": int(time.time()), "data": [{"b64_json": data} for data in encoded]}
-
-    from spmd_diffusion.entrypoints.http.edits import edits_router
-    from spmd_diffusion.entrypoints.http.videos import VideoJobs, videos_router
-
-    app.include_router(edits_router(state))
-    video_jobs = VideoJobs(state)
-    app.include_router(videos_router(state, video_jobs))
-    app.state.video_jobs = video_jobs
-
-    @app.post(GENERATE_PATH, dependencies=[Depends(check_key)])
-    async def native_generate(request: Request) -> Response:
-        body = await read_json(request)
-        if (
-            not isinstance(body, dict)
-            or "requests" not in body
-            or not set(body) <= {"requests", "stream"}
-        ):
-            raise ApiError(
-                400,
-                'body must be {"requests": [<request>, ...]}, optionally "stream": true, '
-                "and nothing else",
-            )
-        if not isinstance(body.get("stream", False), bool):
-            raise ApiError(400, "stream must be true or false", param="stream")
-        items = body["requests"]
-        if not isinstance(items, list) or not items:
-            raise ApiError(400, '"requests" must be a non-empty list of requests')
-        if len(items) > limits.max_requests_per_call:
-            raise ApiError(
-                400,
-                f"{len(items)} requests in one call; the limit is {limits.max_requests_per_call}",
-            )
-        requests = []
-        for position, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise ApiError(400, f"requests[{position}] must be an object")
-            try:
-                requests.append(OmniDiffusionRequest.from_dict(item))
-            except (TypeError, ValueError) as exc:
-                raise ApiError(400, f"requests[{position}]: {exc}") from None
-            for name in IMAGE_FIELDS:
-                if isinstance(getattr(requests[-1], name), str):
-                    raise ApiError(
-                        400,
-                        f"requests[{position}]: {name} must be the image itself, "
-                        '{"format": "png", "data": <base64>} or a data: URI: the server reads no files',
-                        param=name,
-                    )
-            # A client names adapters the server offers: it must not make the server read its
-            # files or download from the hub.
-            requests[-1].lora = state.lora_specs(requests[-1].lora, f"requests[{position}]: ")
-        state.prepared(requests)
-        if body.get("stream"):
-            state.check_room(len(requests))
-            return StreamingResponse(
-                event_stream(state, requests),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        merged = merge_outputs(state.named(await state.run_all(request, requests)))
-        text = await asyncio.to_thread(lambda: json.dumps(merged.to_dict(), allow_nan=False))
-        return Response(text, media_type="application/json")
-
     return GuardMiddleware(app, limits.max_body_bytes, http_requests)
 
 
-async def event_stream(state: ServingState, requests: list[OmniDiffusionRequest]) -> Any:
-    """Server-sent events of ``requests``, interleaved as they happen: ``queued``, ``started``
-    (replica, batch), ``step`` (k of n, a few a second), then ``done`` with that request's
-    output (``DiffusionOutput.to_dict()``) or ``failed`` with the error; ``data: [DONE]`` last.
-    A client that goes away cancels every request of the stream, started ones included."""
-    events: asyncio.Queue = asyncio.Queue()
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
 
-    async def follow(item: OmniDiffusionRequest) -> None:
-        try:
-            async for event in state.engine.generate_events(item):
-                await events.put(event)
-        except Exception as exc:  # noqa: BLE001 - e.g. the engine closed: that request failed
-            await events.put({"event": "failed", "request_id": item.request_id, "error": str(exc)})
 
-    tasks = [asyncio.ensure_future(follow(item)) for item in requests]
-    open_requests = len(requests)
-    try:
-        while open_requests:
-            event = await events.get()
-            if event["event"] in ("done", "failed"):
-                open_requests -= 1
-            if "output" in event:
-                output = event.pop("output")
-                if output.errors and output.errors[0] is not None:
-                    event.update(event="failed", error=output.errors[0])
-                else:
-                    event["output"] = await asyncio.to_thread(
-                        lambda: state.named([output])[0].to_dict()
-                    )
-            text = await asyncio.to_thread(json.dumps, event, allow_nan=False)
-            yield f"data: {text}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        for task in tasks:
-            task.cancel()
+async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(invalid(exc.errors()))
+
+
+async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(ApiError(exc.status_code, str(exc.detail), kind))
+
+
+async def on_crash(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request failed")
+    return error_response(ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
 
 
 class GuardMiddleware:
@@ -389,8 +196,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -419,11 +224,9 @@ class DiffusionServer:
         sock: socket.socket,
         api_key: str | None = None,
         model_name: str | None = None,
-        limits: ServerLimits = ServerLimits(),
+        limits: ServerLimits = DEFAULT_LIMITS,
         loras: dict[str, str] | None = None,
     ) -> None:
-        import uvicorn
-
         self.async_engine = engine
         self.engine = engine.engine
         self.metrics = engine.metrics_hooks()
@@ -474,9 +277,7 @@ class DiffusionServer:
     def server_close(self) -> None:
         self.socket.close()
         self.async_engine.close_sync()
-        video_jobs = getattr(getattr(self.app, "app", None), "state", None)
-        if video_jobs is not None and hasattr(video_jobs, "video_jobs"):
-            video_jobs.video_jobs.close()
+        self.app.app.state.serving.video_jobs.close()
 
 
 def serve(
@@ -485,7 +286,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     model_name: str | None = None,
-    limits: ServerLimits = ServerLimits(),
+    limits: ServerLimits = DEFAULT_LIMITS,
     sock: socket.socket | None = None,
     loras: dict[str, str] | None = None,
 ) -> DiffusionServer:

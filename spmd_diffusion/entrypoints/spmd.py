@@ -20,7 +20,8 @@ from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.distributed.control import ControlPlane, LaunchError, get_control_plane
 from spmd_diffusion.distributed.launcher import LaunchInfo, detect_launcher
 from spmd_diffusion.engine.diffusion_engine import DiffusionEngine
-from spmd_diffusion.executor.spmd_executor import release_waiting_ranks, serve_spmd_rank
+from spmd_diffusion.executor.registry import resolve_executor_class
+from spmd_diffusion.executor.spmd_executor import release_waiting_ranks, serve_unless_rank0
 from spmd_diffusion.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,8 @@ logger = logging.getLogger(__name__)
 def spmd_engine(od_config: OmniDiffusionConfig) -> Iterator[DiffusionEngine | None]:
     """``with spmd_engine(config) as engine:`` -- the engine on rank 0, None elsewhere (after
     that rank served the engine until rank 0 closed it; a non-zero exit code is raised)."""
-    rank = worker_rank_to_serve(od_config)
-    if rank is not None:
-        code = serve_spmd_rank(rank)
+    code = serve_unless_rank0(spmd_control_plane(od_config))
+    if code is not None:
         if code:
             raise SystemExit(code)
         yield None
@@ -41,14 +41,12 @@ def spmd_engine(od_config: OmniDiffusionConfig) -> Iterator[DiffusionEngine | No
         yield engine
 
 
-def worker_rank_to_serve(od_config: OmniDiffusionConfig) -> ControlPlane | None:
-    """This process's control plane if it is a rank other than 0 of an SPMD executor (it
-    serves rather than builds an engine), else None."""
-    from spmd_diffusion.executor.registry import resolve_executor_class
-
+def spmd_control_plane(od_config: OmniDiffusionConfig) -> ControlPlane | None:
+    """This process's control plane when a launcher started it and ``od_config`` names an
+    SPMD executor (every rank then runs the engine's workers), else None."""
     launch = detect_launcher()
     executor_class = resolve_executor_class(od_config.executor_class)
-    if not launch.is_distributed or not executor_class.spmd or launch.rank == 0:
+    if not launch.is_distributed or not executor_class.spmd:
         return None
     return control_plane_or_exit(launch, getattr(executor_class, "control_backend", None) or None)
 
@@ -81,8 +79,9 @@ def run_spmd(
     releases them (or ends the whole job if it failed).
     """
     control = control_plane_or_exit(launch, backend) if launch.is_distributed else None
-    if control is not None and control.rank != 0:
-        return serve_spmd_rank(control)
+    code = serve_unless_rank0(control)
+    if code is not None:
+        return code
     try:
         od_config = prepare()
         if od_config is None:

@@ -34,6 +34,7 @@ from spmd_diffusion.distributed.transport import SPMDTransport
 from spmd_diffusion.errors import WorkerError, interrupt_exit_code
 from spmd_diffusion.executor.rpc_executor import RpcExecutor
 from spmd_diffusion.exit_codes import EXIT_INTERRUPTED
+from spmd_diffusion.utils.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def fatal(control: ControlPlane, exc: BaseException) -> None:
 
 def serve_spmd_rank(control: ControlPlane) -> int:
     """A non-root rank's life: START or ABORT from rank 0, load, serve; the exit code."""
-    from spmd_diffusion.utils.logs import setup_logging
-
     setup_logging(control.rank)
     try:
         return run_worker_rank(WireEndpoint(RootChannel(control)), placement_of(control))
@@ -67,6 +66,17 @@ def serve_spmd_rank(control: ControlPlane) -> int:
     except BaseException as exc:  # noqa: BLE001 - anything here would leave rank 0 waiting
         fatal(control, exc)
         raise
+
+
+def serve_unless_rank0(control: ControlPlane | None) -> int | None:
+    """The one place that decides what a rank does in an SPMD job: rank 0 (or a process
+    without a launched job) gets None and builds the engine; any other rank serves rank 0's
+    calls until it is released, and gets its exit code. The executor, the CLI's
+    :func:`~spmd_diffusion.entrypoints.spmd.run_spmd` and
+    :func:`~spmd_diffusion.entrypoints.spmd.spmd_engine` all ask here."""
+    if control is None or control.rank == 0:
+        return None
+    return serve_spmd_rank(control)
 
 
 def release_waiting_ranks(control: ControlPlane | None, code: int, timeout: float = 10.0) -> None:
@@ -93,8 +103,9 @@ class SPMDExecutor(RpcExecutor):
     def _init_executor(self) -> None:
         self._open_calls()
         self.control = get_control_plane(detect_launcher(), self.control_backend)
-        if self.control.rank != 0:
-            raise WorkerRankDone(serve_spmd_rank(self.control))
+        code = serve_unless_rank0(self.control)
+        if code is not None:
+            raise WorkerRankDone(code)
         layout = self.od_config.parallel_layout(
             self.control.size
         )  # refuses a tp x cfg that does not divide
@@ -151,7 +162,7 @@ class SPMDExecutor(RpcExecutor):
 
 def _torch_group_exists() -> bool:
     """torchrun (and srun with --executor torchrun) already made the default process group."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415 - torch is heavy
 
     return dist.is_available() and dist.is_initialized()
 

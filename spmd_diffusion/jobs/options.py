@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.sources import Columns
+from spmd_diffusion.jobs.video import default_video_format
 
 
 @dataclass
@@ -24,7 +25,7 @@ class GenerateOptions:
     negative_prompt: str | None = None
     strength: float | None = None
     images_per_prompt: int = 1
-    batch_size: int = 4  # prompts per batch
+    batch_size: int = 4  # prompts per batch (a batch size always counts prompts)
     resume: bool = True
     fail_fast: bool = False
     image_format: str = "png"  # png, jpg, webp
@@ -43,13 +44,11 @@ class GenerateOptions:
     @property
     def images_per_batch(self) -> int:
         """A batch is the unit a replica takes and one pipeline call: ``batch_size`` prompts of
-        ``images_per_prompt`` images each (it becomes ``OmniDiffusionConfig.max_batch_size``)."""
+        ``images_per_prompt`` images each (``OmniDiffusionConfig.max_images_per_batch``)."""
         return self.batch_size * self.images_per_prompt
 
     @property
     def encoding(self) -> Encoding:
-        from spmd_diffusion.jobs.video import default_video_format
-
         return Encoding(
             self.image_format, self.quality, self.video_format or default_video_format()
         )

@@ -11,6 +11,8 @@ mask, an inpainting pipeline takes the image's own transparency as the mask. A t
 pipeline answers a 400 naming what to load.
 """
 
+# ruff: noqa: PLC0415 - Pillow is imported only when a mask has to be converted
+
 from __future__ import annotations
 
 import asyncio
@@ -25,9 +27,12 @@ from starlette.datastructures import UploadFile
 from spmd_diffusion.entrypoints.http.errors import ApiError, parse_size, png_base64
 from spmd_diffusion.entrypoints.http.state import (
     OpenAIImageFields,
+    ServerLimits,
+    Serving,
     ServingState,
     images_request_model,
     refuse_url,
+    require_key,
     settings_of,
 )
 from spmd_diffusion.request import OmniDiffusionRequest
@@ -88,7 +93,8 @@ async def read_form(request: Request) -> tuple[dict[str, str], list[bytes], byte
         elif key in fields or key in IMAGE_KEYS or key == "mask":
             raise ApiError(
                 400,
-                f"{key} must be given once, as {'a file' if key in (*IMAGE_KEYS, 'mask') else 'text'}",
+                f"{key} must be given once, as "
+                f"{'a file' if key in (*IMAGE_KEYS, 'mask') else 'text'}",
                 param=key,
             )
         else:
@@ -102,33 +108,31 @@ async def read_form(request: Request) -> tuple[dict[str, str], list[bytes], byte
     return fields, images, mask
 
 
-def edits_router(state: ServingState) -> APIRouter:
-    router = APIRouter()
-    EditsRequest = images_request_model(OpenAIEditsRequest, state.limits)
+EditsRequest = images_request_model(OpenAIEditsRequest, ServerLimits())
+router = APIRouter(dependencies=[Depends(require_key)])
 
-    @router.post(EDITS_PATH, dependencies=[Depends(state.check_key)])
-    async def images_edits(request: Request) -> dict[str, Any]:
-        fields, images, mask = await read_form(request)
-        body = state.validated(EditsRequest, fields)
-        refuse_url(body)
-        height, width = parse_size(body.size)
-        items = await asyncio.to_thread(build_items, body, images, mask, height, width, state)
-        state.prepared(items)
-        outputs = await state.run_all(request, items)
-        failed = next(
-            (error for output in outputs for error in output.errors if error is not None), None
-        )
-        if failed is not None:
-            raise ApiError(500, failed, "server_error")
-        encoded_images = await asyncio.to_thread(
-            lambda: [png_base64(image) for output in outputs for image in output.images[0]]
-        )
-        return {
-            "created": int(time.time()),
-            "data": [{"b64_json": data} for data in encoded_images],
-        }
 
-    return router
+@router.post(EDITS_PATH)
+async def images_edits(request: Request, state: Serving) -> dict[str, Any]:
+    fields, images, mask = await read_form(request)
+    body = state.validated(EditsRequest, fields)
+    refuse_url(body)
+    height, width = parse_size(body.size)
+    items = await asyncio.to_thread(build_items, body, images, mask, height, width, state)
+    state.prepared(items)
+    outputs = await state.run_all(request, items)
+    failed = next(
+        (error for output in outputs for error in output.errors if error is not None), None
+    )
+    if failed is not None:
+        raise ApiError(500, failed, "server_error")
+    encoded_images = await asyncio.to_thread(
+        lambda: [png_base64(image) for output in outputs for image in output.images[0]]
+    )
+    return {
+        "created": int(time.time()),
+        "data": [{"b64_json": data} for data in encoded_images],
+    }
 
 
 def build_items(

@@ -1,20 +1,28 @@
 """What every route of one server shares: the engine, the model's name, the key, the limits,
 and the steps each request goes through (key, room in the queue, the CLI's checks, running
-with cancellation when the client goes away)."""
+with cancellation when the client goes away). The routers are module-level and find the
+server's :class:`ServingState` in the app's state (``app.state.serving``) through the
+:func:`serving` and :func:`require_key` dependencies."""
+
+# ruff: noqa: PLC0415 - the loader, the job checks and the adapter catalog are imported when a
+# request first needs them (they import this module's neighbours)
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import Depends
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.requests import Request
 
 from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
+from spmd_diffusion.engine.prometheus_hooks import PrometheusHooks
 from spmd_diffusion.entrypoints.http.errors import ApiError, invalid
 from spmd_diffusion.errors import ExecutorClosedError
 from spmd_diffusion.models.loader import makes_video
@@ -65,8 +73,6 @@ def refuse_url(body: Any) -> None:
 def images_request_model(base: type, limits: ServerLimits) -> type:
     """``base`` with a field per HTTP setting, typed and bounded as the declaration says (texts
     also within the server's prompt limit)."""
-    from pydantic import Field, create_model
-
     types = {"int": int, "float": float, "text": str}
     fields: dict[str, Any] = {}
     for setting in HTTP_SETTINGS:
@@ -105,6 +111,19 @@ def unable_to_serve(engine: AsyncDiffusionEngine) -> str | None:
     return None
 
 
+def serving(request: Request) -> ServingState:
+    """A FastAPI dependency: the state of the server this request reached."""
+    return request.app.state.serving
+
+
+def require_key(request: Request) -> None:
+    """A FastAPI dependency: ``Authorization: Bearer <key>`` when the server has a key."""
+    serving(request).check_key(request)
+
+
+Serving = Annotated["ServingState", Depends(serving)]
+
+
 class ServingState:
     """One server's engine, name, key and limits, and the request steps its routes share."""
 
@@ -115,12 +134,16 @@ class ServingState:
         api_key: str | None,
         limits: ServerLimits,
         loras: dict[str, str] | None = None,
+        metrics: PrometheusHooks | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
         self.limits = limits
         self.loras = dict(loras or {})  # the adapters a request may name: name -> path
+        self.metrics = metrics or PrometheusHooks()
+        self.started = time.time()
+        self.video_jobs: Any = None  # the server's VideoJobs (http/videos.py), set by build_app
         config = getattr(engine, "od_config", None)
         self.video_model = config is not None and makes_video(config.model, config.model_class_name)
         self._accepted: list[Any] = []  # the pipeline's call arguments, looked up once
@@ -165,12 +188,16 @@ class ServingState:
             body = model.model_validate(fields)
         except ValidationError as exc:
             raise invalid(exc.errors()) from None
+        self.check_body(body)
+        return body
+
+    def check_body(self, body: Any) -> None:
+        """A parsed body's prompt within this server's limit and its model this server's."""
         if len(body.prompt) > self.limits.max_prompt_chars:
             raise ApiError(
                 400, f"prompt: at most {self.limits.max_prompt_chars} characters", param="prompt"
             )
         self.check_model(body.model)
-        return body
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, self.model_name):

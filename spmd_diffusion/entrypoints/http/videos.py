@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
@@ -37,7 +37,16 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from spmd_diffusion.entrypoints.http.errors import ApiError, parse_size
-from spmd_diffusion.entrypoints.http.state import ServingState, images_request_model, settings_of
+from spmd_diffusion.entrypoints.http.state import (
+    ServerLimits,
+    Serving,
+    ServingState,
+    images_request_model,
+    require_key,
+    serving,
+    settings_of,
+)
+from spmd_diffusion.jobs.video import default_video_format, encode_video
 from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
@@ -195,8 +204,6 @@ class VideoJobs:
 
     def write(self, job: VideoJob, output: Any) -> None:
         """Encode the job's video into the private directory (off the event loop)."""
-        from spmd_diffusion.jobs.video import default_video_format, encode_video
-
         if self.directory is None:
             self.directory = Path(tempfile.mkdtemp(prefix="spmd-diffusion-videos-"))
         video_format = default_video_format()
@@ -249,91 +256,105 @@ async def read_fields(request: Request) -> dict[str, Any]:
     return body
 
 
-def videos_router(state: ServingState, jobs: VideoJobs) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(state.check_key)])
-    VideoRequest = images_request_model(OpenAIVideoRequest, state.limits)
+VideoRequest = images_request_model(OpenAIVideoRequest, ServerLimits())
+router = APIRouter(dependencies=[Depends(require_key)])
 
-    @router.post(VIDEOS_PATH)
-    async def create_video(request: Request) -> dict[str, Any]:
-        body = state.validated(VideoRequest, await read_fields(request))
-        if not state.video_model:
-            raise ApiError(
-                400,
-                f"{state.model_name!r} makes images, not videos: use POST /v1/images/generations",
-                param="model",
-            )
-        height, width = parse_size(body.size)
-        settings = settings_of(body)
-        fps = settings.get("fps") or 16
-        if settings.get("num_frames") is None and body.seconds is not None:
-            settings["num_frames"] = max(1, round(body.seconds * fps))
-        try:
-            item = OmniDiffusionRequest(
-                prompt=body.prompt,
-                height=height,
-                width=width,
-                lora=state.lora_specs(body.lora),
-                **settings,
-            )
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        state.prepared([item])
-        state.check_room(1)
-        frames = item.num_frames
-        seconds = body.seconds if body.seconds is not None else (frames / fps if frames else 0.0)
-        size = body.size or "auto"
-        return jobs.create(item, seconds, size).describe()
 
-    @router.get(VIDEOS_PATH)
-    async def list_videos() -> dict[str, Any]:
-        jobs.sweep()
-        data = sorted(
-            (job.describe() for job in jobs.jobs.values()), key=lambda job: -job["created_at"]
+def video_jobs(request: Request) -> VideoJobs:
+    """A FastAPI dependency: the video jobs of the server this request reached."""
+    return serving(request).video_jobs
+
+
+Jobs = Annotated[VideoJobs, Depends(video_jobs)]
+
+
+@router.post(VIDEOS_PATH)
+async def create_video(
+    request: Request,
+    state: Serving,
+    jobs: Jobs,
+) -> dict[str, Any]:
+    body = state.validated(VideoRequest, await read_fields(request))
+    if not state.video_model:
+        raise ApiError(
+            400,
+            f"{state.model_name!r} makes images, not videos: use POST /v1/images/generations",
+            param="model",
         )
-        return {
-            "object": "list",
-            "data": data,
-            "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        }
-
-    @router.get(VIDEOS_PATH + "/{video_id}")
-    async def retrieve_video(video_id: str) -> dict[str, Any]:
-        return jobs.get(video_id).describe()
-
-    @router.get(VIDEOS_PATH + "/{video_id}/content")
-    async def video_content(video_id: str, variant: str = "video") -> Response:
-        job = jobs.get(video_id)
-        if variant != "video":
-            raise ApiError(
-                400, f"variant {variant!r} is not served: only the video itself", param="variant"
-            )
-        if job.status != "completed":
-            raise ApiError(
-                409,
-                f"video job {video_id} is {job.status}: its content exists once it is completed"
-                + (f" ({job.error['message']})" if job.error else ""),
-                code="video_not_ready",
-            )
-        if job.path is None or job.fetched:  # fetched: its file goes once this response is sent
-            raise ApiError(
-                410, f"video job {video_id}'s file was already fetched", code="video_fetched"
-            )
-        job.fetched = True
-        return FileResponse(
-            job.path,
-            media_type=MEDIA_TYPES[job.video_format],
-            filename=f"{video_id}.{job.video_format}",
-            background=BackgroundTask(jobs.release_file, job),
+    height, width = parse_size(body.size)
+    settings = settings_of(body)
+    fps = settings.get("fps") or 16
+    if settings.get("num_frames") is None and body.seconds is not None:
+        settings["num_frames"] = max(1, round(body.seconds * fps))
+    try:
+        item = OmniDiffusionRequest(
+            prompt=body.prompt,
+            height=height,
+            width=width,
+            lora=state.lora_specs(body.lora),
+            **settings,
         )
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    state.prepared([item])
+    state.check_room(1)
+    frames = item.num_frames
+    seconds = body.seconds if body.seconds is not None else (frames / fps if frames else 0.0)
+    size = body.size or "auto"
+    return jobs.create(item, seconds, size).describe()
 
-    @router.delete(VIDEOS_PATH + "/{video_id}")
-    async def delete_video(video_id: str) -> dict[str, Any]:
-        job = jobs.get(video_id)
-        if job.task is not None and not job.task.done():
-            job.task.cancel()  # waiting: dropped; running: stopped at the next step boundary
-        jobs.forget(job)
-        return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    return router
+@router.get(VIDEOS_PATH)
+async def list_videos(jobs: Jobs) -> dict[str, Any]:
+    jobs.sweep()
+    data = sorted(
+        (job.describe() for job in jobs.jobs.values()), key=lambda job: -job["created_at"]
+    )
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+@router.get(VIDEOS_PATH + "/{video_id}")
+async def retrieve_video(video_id: str, jobs: Jobs) -> dict[str, Any]:
+    return jobs.get(video_id).describe()
+
+
+@router.get(VIDEOS_PATH + "/{video_id}/content")
+async def video_content(video_id: str, jobs: Jobs, variant: str = "video") -> Response:
+    job = jobs.get(video_id)
+    if variant != "video":
+        raise ApiError(
+            400, f"variant {variant!r} is not served: only the video itself", param="variant"
+        )
+    if job.status != "completed":
+        raise ApiError(
+            409,
+            f"video job {video_id} is {job.status}: its content exists once it is completed"
+            + (f" ({job.error['message']})" if job.error else ""),
+            code="video_not_ready",
+        )
+    if job.path is None or job.fetched:  # fetched: its file goes once this response is sent
+        raise ApiError(
+            410, f"video job {video_id}'s file was already fetched", code="video_fetched"
+        )
+    job.fetched = True
+    return FileResponse(
+        job.path,
+        media_type=MEDIA_TYPES[job.video_format],
+        filename=f"{video_id}.{job.video_format}",
+        background=BackgroundTask(jobs.release_file, job),
+    )
+
+
+@router.delete(VIDEOS_PATH + "/{video_id}")
+async def delete_video(video_id: str, jobs: Jobs) -> dict[str, Any]:
+    job = jobs.get(video_id)
+    if job.task is not None and not job.task.done():
+        job.task.cancel()  # waiting: dropped; running: stopped at the next step boundary
+    jobs.forget(job)
+    return {"id": video_id, "object": "video.deleted", "deleted": True}
