@@ -1,4 +1,5 @@
-"""``python -m spmd_diffusion`` is ``omni-diffuse`` (handy under torchrun: ``-m spmd_diffusion``)."""
+"""``python -m spmd_diffusion`` is ``omni-diffuse`` (handy under torchrun:
+``-m spmd_diffusion``)."""
 
 from spmd_diffusion.entrypoints.cli import main
 

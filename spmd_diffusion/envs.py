@@ -1,22 +1,31 @@
 """Every environment variable this package reads (or sets as a default), in one place.
 
 Launchers' own variables (``OMPI_COMM_WORLD_RANK``, ``PMI_RANK``, ``SLURM_*``, torchrun's
-``RANK``/``WORLD_SIZE``, ...) are read by :func:`spmd_diffusion.distributed.launcher.detect_launcher`
-through :func:`environment`, so tests can hand it any mapping.
+``RANK``/``WORLD_SIZE``, ...) are read by
+:func:`spmd_diffusion.distributed.launcher.detect_launcher` through :func:`environment`, so
+tests can hand it any mapping.
 
-| variable | meaning |
-|---|---|
-| ``SPMD_DIFFUSION_CACHE`` | where the embedded tiny models are built (default ``$XDG_CACHE_HOME/spmd_diffusion`` or ``~/.cache/spmd_diffusion``) |
-| ``SPMD_DIFFUSION_AUTHKEY`` | shared secret of the external executor and ``omni-diffuse worker`` |
-| ``SPMD_DIFFUSION_API_KEY`` | bearer token of ``omni-diffuse serve`` (same as ``--api-key``) and of the HTTP executor |
-| ``SPMD_DIFFUSION_LOG_LEVEL`` | log level of every rank (default INFO on rank 0, WARNING elsewhere) |
-| ``SPMD_DIFFUSION_SPIN_S`` | how long an idle MPI rank spins before it starts sleeping (default 0.002) |
-| ``SPMD_DIFFUSION_MAX_SLEEP_S`` | the longest sleep between polls of an idle rank (default 0.002) |
-| ``MASTER_ADDR`` / ``MASTER_PORT`` | where torch.distributed meets (torchrun sets them; under srun they are derived from the step; a multi-node MPI job's tensor-parallel rendezvous uses them if set, else every non-loopback address of rank 0's node) |
-| ``SPMD_DIFFUSION_INIT_TIMEOUT_S`` | how long the torch.distributed control group may take to form (default 120) |
-| ``LOCAL_WORLD_SIZE`` | ranks on this node, when the launcher says so |
-| ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` | the network interface of gloo / NCCL; set to ``lo`` by default for one-node jobs so nothing listens beyond loopback; across nodes GLOO_SOCKET_IFNAME defaults to the interface that reaches rank 0 |
-| ``XDG_CACHE_HOME`` | base of the default cache directory |
+- ``SPMD_DIFFUSION_CACHE``: where the embedded tiny models are built (default
+  ``$XDG_CACHE_HOME/spmd_diffusion`` or ``~/.cache/spmd_diffusion``)
+- ``SPMD_DIFFUSION_AUTHKEY``: shared secret of the external executor and ``omni-diffuse worker``
+- ``SPMD_DIFFUSION_API_KEY``: bearer token of ``omni-diffuse serve`` (same as ``--api-key``) and
+  of the HTTP executor
+- ``SPMD_DIFFUSION_LOG_LEVEL``: log level of every rank (default INFO on rank 0, WARNING
+  elsewhere)
+- ``SPMD_DIFFUSION_SPIN_S``: how long an idle MPI rank spins before it starts sleeping (default
+  0.002)
+- ``SPMD_DIFFUSION_MAX_SLEEP_S``: the longest sleep between polls of an idle rank (default
+  0.002)
+- ``MASTER_ADDR`` / ``MASTER_PORT``: where torch.distributed meets (torchrun sets them; under
+  srun they are derived from the step; a multi-node MPI job's tensor-parallel rendezvous uses
+  them if set, else every non-loopback address of rank 0's node)
+- ``SPMD_DIFFUSION_INIT_TIMEOUT_S``: how long the torch.distributed control group may take to
+  form (default 120)
+- ``LOCAL_WORLD_SIZE``: ranks on this node, when the launcher says so
+- ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``: the network interface of gloo / NCCL; set to
+  ``lo`` by default for one-node jobs so nothing listens beyond loopback; across nodes
+  GLOO_SOCKET_IFNAME defaults to the interface that reaches rank 0
+- ``XDG_CACHE_HOME``: base of the default cache directory
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
+from spmd_diffusion.distributed.control.base import default_backend
+from spmd_diffusion.distributed.launcher import NONE, detect_launcher
 from spmd_diffusion.executor.diffusion_executor import DiffusionExecutor
 from spmd_diffusion.utils.imports import import_by_path
 
@@ -37,9 +39,6 @@ def executor_names() -> list[str]:
 
 def default_executor_name() -> str:
     """The launcher's executor (mpi / torchrun); without one, a worker process per GPU."""
-    from spmd_diffusion.distributed.control.base import default_backend
-    from spmd_diffusion.distributed.launcher import NONE, detect_launcher
-
     launch = detect_launcher()
     if launch.kind == NONE:
         return "mp"
@@ -59,7 +58,8 @@ def resolve_executor_class(value: Any) -> type[DiffusionExecutor]:
         return _check_class(value, repr(value.__name__))
     if not isinstance(value, str):
         raise ValueError(
-            f"executor_class must be None, a name, a dotted path or a class, got {type(value).__name__}"
+            "executor_class must be None, a name, a dotted path or a class, got "
+            f"{type(value).__name__}"
         )
     if value in BUILTIN_EXECUTORS:
         return _check_class(import_by_path(BUILTIN_EXECUTORS[value]), repr(value))
@@ -80,8 +80,6 @@ def resolve_executor_class(value: Any) -> type[DiffusionExecutor]:
 
 def check_executor_for_launch(executor_class: type[DiffusionExecutor]) -> None:
     """A one-process executor must not be started by every rank of a multi-rank launch."""
-    from spmd_diffusion.distributed.launcher import detect_launcher
-
     launch = detect_launcher()
     if launch.world_size > 1 and executor_class.spmd is False:
         raise ValueError(
