@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the real-cluster tests need, where this machine allows it (root + apt-get):
-#   slurm-wlm + munge  -> tests/test_slurm_jobs.py (-m slurm): a one-node Slurm the test starts
-#   iproute2           -> tests/test_two_nodes.py (-m netns): two nodes simulated by network namespaces
+#   slurm-wlm + munge  -> tests/cluster/test_slurm_jobs.py (-m slurm): a one-node Slurm the test starts
+#   iproute2           -> tests/cluster/test_two_nodes.py (-m netns): two nodes simulated by network namespaces
 # Elsewhere it says why and succeeds: those tests then skip with the same reason.
 # CI runs it from .ci/run; nothing else calls it (scripts/setup.sh never touches the system).
 set -uo pipefail

@@ -2,7 +2,7 @@
 started in one with its own host name (``unshare --uts``) and its own /etc/hosts
 (``ip netns exec`` mounts /etc/netns/<name>/hosts over /etc/hosts).
 
-Used by tests/test_two_nodes.py; needs root and iproute2 (:func:`unavailable` says why not).
+Used by tests/cluster/test_two_nodes.py; needs root and iproute2 (:func:`unavailable` says why not).
 """
 
 from __future__ import annotations

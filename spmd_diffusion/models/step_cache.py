@@ -241,7 +241,7 @@ class StepCache:
 
 UNET_KINDS = ("pab",)
 # (denoiser class, kind) -> why diffusers' hooks cannot run there: found by running every kind
-# on every embedded family (tests/test_step_cache.py keeps the table honest).
+# on every embedded family (tests/models/test_step_cache.py keeps the table honest).
 UNSUPPORTED = {
     (
         "SD3Transformer2DModel",
