@@ -7,6 +7,8 @@ import tempfile
 
 import pytest
 
+from spmd_diffusion.models import ensure_tiny_model
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Built once per session; subprocesses and spawned workers inherit the variable.
@@ -26,21 +28,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_unet() -> str:
-    from spmd_diffusion.models import ensure_tiny_model
 
     return str(ensure_tiny_model("tiny-unet"))
 
 
 @pytest.fixture(scope="session")
 def tiny_dit() -> str:
-    from spmd_diffusion.models import ensure_tiny_model
 
     return str(ensure_tiny_model("tiny-dit"))
 
 
 @pytest.fixture(scope="session")
 def tiny_video() -> str:
-    from spmd_diffusion.models import ensure_tiny_model
 
     return str(ensure_tiny_model("tiny-video"))
 

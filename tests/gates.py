@@ -12,11 +12,14 @@ machine is.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from spmd_diffusion.worker import step_watch
 
 GATE_SITE = Path(__file__).parent / "gate_site"
 HOLD_LIMIT_S = 300.0  # a test that forgets to release fails instead of hanging forever
@@ -128,9 +131,6 @@ class HoldForSignal:
         return env
 
     def __enter__(self) -> HoldForSignal:
-        import importlib.util
-
-        from spmd_diffusion.worker import step_watch
 
         spec = importlib.util.spec_from_file_location(
             "gate_site_patches", GATE_SITE / "sitecustomize.py"
@@ -141,6 +141,5 @@ class HoldForSignal:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        from spmd_diffusion.worker import step_watch
 
         step_watch.StepWatch.watch = self.original

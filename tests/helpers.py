@@ -1,9 +1,14 @@
 """Small helpers shared by tests."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, peft, torch)
+
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
+from spmd_diffusion.request import OmniDiffusionRequest
 from spmd_diffusion.utils.images import to_float_array
 
 
@@ -25,7 +30,6 @@ def same_pixels(first_outputs, second_outputs) -> bool:
 
 def small_requests(count: int = 4, **overrides):
     """64x64, 4-step requests with fixed seeds: seconds on one CPU core."""
-    from spmd_diffusion.request import OmniDiffusionRequest
 
     settings = {"num_inference_steps": 4, "height": 64, "width": 64}
     settings.update(overrides)
@@ -40,9 +44,6 @@ def small_requests(count: int = 4, **overrides):
 def hammer_from_two_threads(engine, rounds: int = 50) -> list[str]:
     """One thread makes collective calls, another generates, on one engine, ``rounds`` times
     each; returns every mismatch (a call that got another call's result)."""
-    import threading
-
-    from spmd_diffusion.request import OmniDiffusionRequest
 
     world = engine.executor.world_size
     problems: list[str] = []

@@ -1,5 +1,7 @@
 """The design document's custom-executor examples run as written under spmd_diffusion names."""
 
+# ruff: noqa: PLC0415 - test-local or optional helpers (my_package)
+
 from __future__ import annotations
 
 import sys
@@ -7,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.request import OmniDiffusionRequest
+
 sys.path.insert(0, str(Path(__file__).parent / "design_examples"))
 
 from my_package import MyCustomExecutor  # noqa: E402
 
 from spmd_diffusion import DiffusionEngine  # noqa: E402
-from spmd_diffusion.data import OmniDiffusionConfig  # noqa: E402
 
 
 def test_custom_executor():
     # "Testing Your Executor", as written in the design document.
     from my_package import MyCustomExecutor
-
-    from spmd_diffusion.data import OmniDiffusionConfig
 
     config = OmniDiffusionConfig(
         model_class_name="MyModel",
@@ -37,7 +39,6 @@ def test_custom_executor():
         assert result is not None
 
         # Test model execution
-        from spmd_diffusion.request import OmniDiffusionRequest
 
         request = OmniDiffusionRequest(prompt="test")
         output = executor.execute_model([request])

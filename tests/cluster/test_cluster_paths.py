@@ -11,7 +11,13 @@ import pytest
 
 from spmd_diffusion.distributed import netif
 from spmd_diffusion.distributed.mpich_shm import job_segments, remove_job_segments, world_id
+from spmd_diffusion.distributed.protocol import RpcReply, failure_from_exception
 from spmd_diffusion.distributed.rendezvous import reach, store_addresses
+from spmd_diffusion.distributed.transport import Transport
+from spmd_diffusion.errors import WorkerError
+from spmd_diffusion.executor import rpc_executor
+from spmd_diffusion.executor.rpc_executor import RpcExecutor
+from spmd_diffusion.jobs.generate import previous_run
 
 
 def test_node_addresses_are_never_loopback():
@@ -106,7 +112,6 @@ def test_only_this_jobs_stale_segments_are_removed(tmp_path):
 
 
 def test_a_run_json_left_running_is_reported_killed_on_resume(tmp_path):
-    from spmd_diffusion.jobs.generate import previous_run
 
     path = tmp_path / "run.json"
     assert previous_run(path) is None
@@ -129,11 +134,6 @@ def test_a_run_json_left_running_is_reported_killed_on_resume(tmp_path):
 def test_rank0s_own_load_failure_is_reported_at_once_not_after_startup_timeout(monkeypatch):
     """Rank 0's worker fails to load while rank 1 hangs (e.g. in a group rendezvous with
     rank 0): the error is rank 0's own, within the load grace, not rank 1's lateness."""
-    from spmd_diffusion.distributed.protocol import RpcReply, failure_from_exception
-    from spmd_diffusion.distributed.transport import Transport
-    from spmd_diffusion.errors import WorkerError
-    from spmd_diffusion.executor import rpc_executor
-    from spmd_diffusion.executor.rpc_executor import RpcExecutor
 
     class Rank0FailsRank1Hangs(Transport):
         world_size = 2

@@ -12,6 +12,9 @@ import pytest
 from gates import JobGate
 from launch import BIN
 
+from spmd_diffusion.entrypoints.cli import interrupt_message
+from spmd_diffusion.errors import Terminated
+
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
 LAUNCH = {  # (the command before "generate", options after it)
@@ -63,8 +66,6 @@ def test_a_signal_ends_the_job_with_one_line(tmp_path, launcher, sent, code, why
 
 
 def test_only_a_batch_job_is_told_to_resume():
-    from spmd_diffusion.entrypoints.cli import interrupt_message
-    from spmd_diffusion.errors import Terminated
 
     assert (
         interrupt_message(["generate", "--prompt", "x"], KeyboardInterrupt())

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+import spmd_diffusion.entrypoints.cli  # noqa: F401 - the CLI module must not import it either
+import spmd_diffusion.executor  # noqa: F401
+from spmd_diffusion.distributed.control.base import default_backend
 from spmd_diffusion.distributed.launcher import (
     MPI,
     NONE,
@@ -132,8 +135,6 @@ def test_first_slurm_host(nodelist, first):
 
 def test_detection_does_not_import_mpi():
     detect_launcher({"PMI_RANK": "0", "PMI_SIZE": "2"})
-    import spmd_diffusion.entrypoints.cli  # noqa: F401 - the CLI module must not import it either
-    import spmd_diffusion.executor  # noqa: F401
 
     assert "mpi4py.MPI" not in sys.modules
 
@@ -200,7 +201,6 @@ def test_pmix_without_size_takes_slurms_task_count():
     ids=["srun --mpi=none", "pmi2", "pmix"],
 )
 def test_srun_uses_mpi_only_where_srun_gave_a_pmi(pmi, backend):
-    from spmd_diffusion.distributed.control.base import default_backend
 
     env = {**SRUN_STEP, **pmi}
     assert default_backend(detect_launcher(env), env) == backend

@@ -2,6 +2,8 @@
 names the lost rank (or, when torchrun's SIGTERM reaches it first, the interrupt line), with
 no gloo tracebacks and no C++ abort at exit; no item is blamed for it, and a rerun resumes."""
 
+# ruff: noqa: PLC0415 - optional extras load only where used (click)
+
 from __future__ import annotations
 
 import json
@@ -12,6 +14,8 @@ import subprocess
 import pytest
 from gates import JobGate
 from launch import BIN
+
+from spmd_diffusion.entrypoints.cli import cli
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 TORCHRUN = [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"]
@@ -80,8 +84,6 @@ def test_a_killed_rank_ends_the_job_in_one_line(tmp_path, layout):
 
 def test_generate_help_lists_every_exit_code_with_the_launchers_own():
     from click.testing import CliRunner
-
-    from spmd_diffusion.entrypoints.cli import cli
 
     text = " ".join(CliRunner().invoke(cli, ["generate", "--help"]).output.split())
     for code in (

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import time
 
 import pytest
 
+from spmd_diffusion.distributed.control.base import (
+    SLOT_BYTES,
+    Backoff,
+    encode_slot,
+    slot_length,
+    slot_payload,
+)
 from spmd_diffusion.distributed.protocol import (
     ByValue,
     RpcReply,
@@ -97,12 +105,6 @@ def test_shm_channel_small_inline_large_through_shared_memory(size):
 
 
 def test_slot_encoding_inline_and_overflow():
-    from spmd_diffusion.distributed.control.base import (
-        SLOT_BYTES,
-        encode_slot,
-        slot_length,
-        slot_payload,
-    )
 
     slot, rest = encode_slot(("call", 1, "ping"))
     assert rest is None and len(slot) == SLOT_BYTES
@@ -115,9 +117,6 @@ def test_slot_encoding_inline_and_overflow():
 
 
 def test_backoff_spins_then_sleeps_and_honours_the_deadline():
-    import time
-
-    from spmd_diffusion.distributed.control.base import Backoff
 
     polls = []
     assert Backoff(spin_s=0.0, max_sleep_s=0.001).wait(lambda: polls.append(1) or len(polls) > 50)

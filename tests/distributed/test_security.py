@@ -8,6 +8,8 @@
   named, never "complete".
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 import ipaddress
@@ -25,6 +27,8 @@ import psutil
 import pytest
 from gates import JobGate
 from launch import BIN
+
+from spmd_diffusion.distributed.rendezvous import RendezvousServer
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
@@ -222,8 +226,6 @@ def test_multi_node_rendezvous_keys_are_under_a_secret_prefix(monkeypatch):
         "GLOO_SOCKET_IFNAME", "lo"
     )  # connect() would pick this process's gloo interface
 
-    from spmd_diffusion.distributed.rendezvous import RendezvousServer
-
     server = RendezvousServer(world_size=2, one_node=False)
     try:
         rendezvous = server.rendezvous
@@ -238,7 +240,6 @@ def test_multi_node_rendezvous_keys_are_under_a_secret_prefix(monkeypatch):
 
 
 def test_one_node_rendezvous_is_a_private_file():
-    from spmd_diffusion.distributed.rendezvous import RendezvousServer
 
     server = RendezvousServer(world_size=1, one_node=True)
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import small_requests
+from helpers import same_pixels, small_requests
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig, OmniDiffusionRequest
-from spmd_diffusion.engine.hooks import EngineHooks, HookList, check_hook_spec, load_hook
+from spmd_diffusion.engine.hooks import BatchInfo, EngineHooks, HookList, check_hook_spec, load_hook
 from spmd_diffusion.engine.policies import (
     CostAwarePolicy,
     FifoPolicy,
@@ -111,7 +111,6 @@ def test_hook_names_resolve_or_fail_clearly(tmp_path):
 
 
 def test_the_trace_file_is_json_lines_in_event_order(tmp_path):
-    from spmd_diffusion.engine.hooks import BatchInfo
 
     trace = TraceHooks(tmp_path / "trace.jsonl", steps=True)
     batch = BatchInfo(1, 0, ("a",), 1, 0.0, (0.0,))
@@ -212,7 +211,6 @@ def test_every_policy_gives_the_same_pixels(tiny_unet):
             OmniDiffusionConfig(executor_class="uni", max_batch_size=2, schedule=name)
         ) as engine:
             results[name] = engine.generate(requests)
-    from helpers import same_pixels
 
     assert same_pixels(results["fifo"], results["shape"]) and same_pixels(
         results["fifo"], results["cost"]

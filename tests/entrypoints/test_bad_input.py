@@ -6,16 +6,21 @@ model is loaded, so each takes milliseconds. ``test_bad_input_releases_every_ran
 the same path under real launchers.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL, torch)
+
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
 from launch import BIN
 
 from spmd_diffusion.entrypoints.cli import main
+from spmd_diffusion.jobs.manifest import ManifestWriter
+from spmd_diffusion.jobs.prompts import read_items
 
 # (name, file name, file bytes or None, extra args, expected message)
 CASES = [
@@ -607,7 +612,6 @@ def test_missing_prompt_file(tmp_path, capsys):
 
 
 def test_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
-    from spmd_diffusion.jobs.prompts import read_items
 
     path = tmp_path / "p.csv"
     path.write_bytes("\ufeffprompt,seed\nhello,3\n".encode())
@@ -690,7 +694,6 @@ def test_bad_input_releases_every_rank(tmp_path, launcher):
 
 def test_manifest_lines_are_strict_json(tmp_path):
     """Nothing the job writes may hold NaN or Infinity (they are not JSON)."""
-    from spmd_diffusion.jobs.manifest import ManifestWriter
 
     writer = ManifestWriter(tmp_path, fresh=True)
     with pytest.raises(ValueError, match="JSON compliant"):
@@ -722,7 +725,6 @@ def test_neither_prompts_nor_prompt_names_both(tmp_path, capsys):
 def test_load_time_failures_are_caught_before_loading(tmp_path, capsys, tiny_unet):
     """A corrupt model index, a truncated weights file, a device this machine lacks, a pipeline
     class diffusers does not have and an output under /proc: refused by rank 0, nothing loaded."""
-    import shutil
 
     import torch
 

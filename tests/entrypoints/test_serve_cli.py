@@ -1,6 +1,8 @@
 """``omni-diffuse serve`` as users start it: under mpiexec -n 2 (rank 0 serves HTTP, both
 ranks serve the engine), its refusals before loading, and ``generate --trace/--metrics-port``."""
 
+# ruff: noqa: PLC0415 - optional extras load only where used (requests, sseclient)
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +18,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from gates import HoldForSignal
+from helpers import make_random_lora
 from launch import BIN
 from PIL import Image
+
+from spmd_diffusion.jobs.video import default_video_format, read_frames
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
@@ -249,7 +255,6 @@ def leave_after_first_step(url: str, request_id: str, size: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def style_lora(tiny_unet, tmp_path_factory):
-    from helpers import make_random_lora
 
     return make_random_lora(tmp_path_factory.mktemp("lora") / "style", tiny_unet, seed=1)
 
@@ -263,7 +268,6 @@ def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(
     must leave the loop at the same step) streams step events, and stops a request whose
     client left at the next step boundary: its leader is held after step 2 until the
     cancellation arrives, so at most 2 of 50 steps run, on any machine."""
-    from gates import HoldForSignal
 
     port = free_port()
     env = HoldForSignal(at_step=2).env(
@@ -361,7 +365,6 @@ def test_serve_under_mpiexec_streams_steps_and_stops_what_clients_leave(
 @pytest.mark.timeout(300)
 def test_video_jobs_under_mpiexec(tiny_video):
     """The openai client's video jobs against a 2-replica server of the tiny Wan model."""
-    from spmd_diffusion.jobs.video import default_video_format, read_frames
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPMD_DIFFUSION_API_KEY": "k"}

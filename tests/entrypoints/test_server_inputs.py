@@ -9,6 +9,7 @@ import base64
 import contextlib
 import io
 import json
+import urllib.request
 
 import numpy as np
 import pytest
@@ -259,7 +260,6 @@ def test_a_text_to_image_server_answers_an_edit_with_what_to_load(text_to_image)
     ids=["json", "no-image", "not-an-image", "no-prompt", "strength-above-1", "truncated"],
 )
 def test_bad_edit_forms_are_400s(img2img, body, headers, message):
-    import urllib.request
 
     request = urllib.request.Request(
         img2img.url + "/v1/images/edits",

@@ -2,6 +2,8 @@
 loaded on demand into an LRU of --max-loras per replica, pixels equal to the same item run
 with the adapter's path, records naming the adapters, different sets never sharing a batch."""
 
+# ruff: noqa: PLC0415 - optional extras load only where used (requests, sseclient)
+
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ from helpers import make_random_lora, same_pixels
 from serving import KEY, call
 
 from spmd_diffusion import OmniDiffusionConfig, OmniDiffusionRequest
+from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.http.loras import lora_catalog, resolve_loras, split_lora_options
 from spmd_diffusion.entrypoints.server import serve
@@ -60,7 +63,6 @@ def stats(server) -> dict:
 def test_a_named_adapter_gives_the_pixels_of_its_path_and_the_record_names_it(
     lora_server, adapters
 ):
-    from spmd_diffusion.data import DiffusionOutput
 
     status, answer = call(
         lora_server.url + "/v1/diffusion/generate", {"requests": [item("named", "style:0.8")]}

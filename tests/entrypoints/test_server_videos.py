@@ -13,6 +13,7 @@ from serving import KEY, call
 from spmd_diffusion import OmniDiffusionConfig
 from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.server import ServerLimits, serve
+from spmd_diffusion.jobs.video import default_video_format, read_frames
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
@@ -59,7 +60,6 @@ def wait_status(client, video_id: str, wanted: set[str], timeout: float = 300.0,
 
 
 def test_a_video_job_goes_from_queued_to_completed_and_its_file_is_fetched_once(video_server):
-    from spmd_diffusion.jobs.video import default_video_format, read_frames
 
     client = client_of(video_server)
     video = client.videos.create(

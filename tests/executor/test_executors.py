@@ -1,22 +1,32 @@
 """Engine with the uni and mp executors on the tiny model: images, errors, deaths, timeouts."""
 
+# ruff: noqa: PLC0415 - optional extras load only where used (psutil)
+
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from helpers import same_pixels, small_requests
+from helpers import hammer_from_two_threads, same_pixels, small_requests
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
+from spmd_diffusion.engine.seeding import derive_seed
 from spmd_diffusion.errors import (
     ExecutorClosedError,
     ExecutorTimeoutError,
     WorkerDiedError,
     WorkerError,
 )
-from spmd_diffusion.executor import MultiProcDiffusionExecutor, UniProcDiffusionExecutor
+from spmd_diffusion.executor import (
+    DiffusionExecutor,
+    MultiProcDiffusionExecutor,
+    UniProcDiffusionExecutor,
+)
+from spmd_diffusion.request import OmniDiffusionRequest
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +58,6 @@ def test_uni_and_mp_give_identical_pixels(uni_engine, mp_engine):
 
 
 def test_engine_fixes_seeds_from_run_seed_and_id(uni_engine):
-    from spmd_diffusion.engine.seeding import derive_seed
-    from spmd_diffusion.request import OmniDiffusionRequest
 
     request = OmniDiffusionRequest(prompt="x", num_inference_steps=2, request_id="no-seed")
     (output,) = uni_engine.generate(request)
@@ -101,8 +109,6 @@ def test_timeout_fails_the_call_and_the_executor(tiny_unet, tmp_path):
     released = tmp_path / "released"
 
     def held(worker, path=str(released)):
-        import os
-        import time
 
         while not os.path.exists(path):
             time.sleep(0.02)
@@ -154,7 +160,6 @@ def test_mp_refuses_a_tp_that_does_not_divide_its_workers_before_spawning():
 
 
 def test_two_threads_on_one_mp_engine_each_get_their_own_results(mp_engine):
-    from helpers import hammer_from_two_threads
 
     assert hammer_from_two_threads(mp_engine, rounds=50) == []
 
@@ -170,7 +175,6 @@ def test_uni_refuses_several_workers_and_survives_shutdown_after_a_failed_start(
 
 
 def test_engine_passes_keywords_to_an_executor_written_with_keyword_parameters():
-    from spmd_diffusion.executor import DiffusionExecutor
 
     class KeywordExecutor(DiffusionExecutor):
         def _init_executor(self) -> None:
@@ -191,8 +195,6 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     """SIGTERM to a no-launcher job leaves no worker behind, even one in the middle of a long
     batch (500 steps at 512x512: about a minute here) that would only notice the closed pipe
     at its end."""
-    import subprocess
-    import sys
 
     import psutil
 
@@ -239,8 +241,6 @@ def test_workers_die_with_a_killed_parent(tmp_path):
 
 
 def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
-    import subprocess
-    import sys
 
     script = tmp_path / "unguarded.py"
     script.write_text(

@@ -1,5 +1,7 @@
 """The HTTP API and the executors that forward to other systems (http, external)."""
 
+# ruff: noqa: PLC0415 - test-local or optional helpers (my_package)
+
 from __future__ import annotations
 
 import json
@@ -10,15 +12,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from multiprocessing.connection import Client
 from pathlib import Path
 
 import pytest
 from helpers import same_pixels, small_requests
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
-from spmd_diffusion.distributed.protocol import MessageKind, RpcRequest
+from spmd_diffusion.distributed.protocol import MessageKind, RpcReply, RpcRequest
+from spmd_diffusion.distributed.shm_channel import ShmChannel
 from spmd_diffusion.entrypoints.server import serve
 from spmd_diffusion.errors import SpmdDiffusionError
+from spmd_diffusion.executor.external_executor import REMOTE
 
 pytestmark = pytest.mark.slow
 
@@ -140,11 +145,6 @@ def test_external_executor_drives_a_worker_it_did_not_start(tiny_unet, monkeypat
 def test_external_worker_survives_scans_silence_garbage_and_wrong_keys(tiny_unet, monkeypatch):
     """Port scans, a client that never speaks, an oversized or garbled handshake, a wrong
     key and a malformed message after a good handshake cost that connection alone."""
-    from multiprocessing.connection import Client
-
-    from spmd_diffusion.distributed.protocol import RpcReply
-    from spmd_diffusion.distributed.shm_channel import ShmChannel
-    from spmd_diffusion.executor.external_executor import REMOTE
 
     port = _free_port()
     monkeypatch.setenv("SPMD_DIFFUSION_AUTHKEY", "test-secret")

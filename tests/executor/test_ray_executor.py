@@ -2,6 +2,8 @@
 same pixels as uni, tensor parallel across two actors, a killed actor, placement errors,
 and the batch job killed mid-run and resumed through ``omni-diffuse generate --executor ray``."""
 
+# ruff: noqa: PLC0415 - optional extras load only where used (ray)
+
 from __future__ import annotations
 
 import json
@@ -20,6 +22,7 @@ from launch import BIN, generate_here
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
 from spmd_diffusion.errors import ExecutorClosedError, WorkerDiedError, WorkerError
+from spmd_diffusion.executor.ray_executor import RayDiffusionExecutor
 
 pytest.importorskip("ray", reason="the ray executor's tests need Ray: pip install '.[ray]'")
 pytestmark = pytest.mark.slow
@@ -38,7 +41,6 @@ def uni_engine(tiny_unet):
 
 
 def test_ray_actors_give_the_same_pixels_as_uni_over_both_replicas(ray_engine, uni_engine):
-    from spmd_diffusion.executor.ray_executor import RayDiffusionExecutor
 
     assert (
         isinstance(ray_engine.executor, RayDiffusionExecutor)

@@ -2,6 +2,8 @@
 and OpenAI batch files read as streams; the fixed batches of a stream; images that carry
 their prompt, seed and settings; WebDataset shards; refusals before loading (exit 2)."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL)
+
 from __future__ import annotations
 
 import io
@@ -11,13 +13,19 @@ import tarfile
 
 import pytest
 
+from spmd_diffusion import DiffusionEngine
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.engine.batching import chunk_requests, iter_chunks
 from spmd_diffusion.engine.seeding import derive_seed
+from spmd_diffusion.entrypoints.cli import main
 from spmd_diffusion.errors import InputError
+from spmd_diffusion.executor import DiffusionExecutor
+from spmd_diffusion.jobs.encoding import encode_image, read_record
 from spmd_diffusion.jobs.generate import GenerateOptions, plan_generation
+from spmd_diffusion.jobs.shards import ShardSink, close_open_shards
 from spmd_diffusion.jobs.sources import Columns, open_source
-from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.jobs.sources.tables import plan_columns
+from spmd_diffusion.request import MAX_PROMPT_CHARS, OmniDiffusionRequest
 from spmd_diffusion.utils.packing import Packer
 
 pa = pytest.importorskip("pyarrow")
@@ -289,8 +297,6 @@ INFO = {
 def test_images_carry_prompt_seed_and_settings(image_format):
     from PIL import Image
 
-    from spmd_diffusion.jobs.encoding import encode_image, read_record
-
     data = encode_image(Image.new("RGB", (32, 32), "red"), image_format, 80, INFO)
     assert read_record(data) == INFO
     with Image.open(io.BytesIO(data)) as image:
@@ -319,9 +325,6 @@ def test_an_image_holds_its_prompt_once_and_the_longest_prompt_fits(image_format
     still fit JPEG's 64 KB EXIF segment (16 K characters in the XMP copy did not)."""
     from PIL import Image
 
-    from spmd_diffusion.jobs.encoding import encode_image, read_record
-    from spmd_diffusion.request import MAX_PROMPT_CHARS
-
     marker = "zq" * 50
     info = dict(INFO, prompt=marker + "x\nNegative prompt: not the negative", negative_prompt="")
     data = encode_image(Image.new("RGB", (16, 16)), image_format, 80, info)
@@ -340,7 +343,6 @@ def test_shard_sink_writes_complete_shards_a_reader_can_read(tmp_path):
     from PIL import Image
 
     wds = pytest.importorskip("webdataset")
-    from spmd_diffusion.jobs.shards import ShardSink, close_open_shards
 
     ids = ["a.b", "c", "d"]
     described = {i: {"prompt": f"p {i}", "model": "m"} for i in ids}
@@ -389,7 +391,6 @@ def test_shard_sink_writes_complete_shards_a_reader_can_read(tmp_path):
     ],
 )
 def test_bad_dataset_inputs_exit_2_before_loading(tmp_path, capsys, kind, extra, message):
-    from spmd_diffusion.entrypoints.cli import main
 
     if kind == "parquet-no-column":
         path = tmp_path / "p.parquet"
@@ -418,10 +419,6 @@ def test_bad_dataset_inputs_exit_2_before_loading(tmp_path, capsys, kind, extra,
 
 def test_a_stream_is_read_as_replicas_free_up_and_sinks_write_on_rank_0(tmp_path):
     from PIL import Image
-
-    from spmd_diffusion import DiffusionEngine
-    from spmd_diffusion.executor import DiffusionExecutor
-    from spmd_diffusion.jobs.shards import ShardSink, close_open_shards
 
     class Instant(DiffusionExecutor):
         """No workers (outputs come back to rank 0, as the http executor's do): one 8x8
@@ -483,8 +480,6 @@ def test_a_stream_is_read_as_replicas_free_up_and_sinks_write_on_rank_0(tmp_path
 def test_table_columns_take_each_settings_declared_kind(tmp_path):
     """Path settings (image, mask_image, lora) are text columns, num_frames an integer one."""
     pq = pytest.importorskip("pyarrow.parquet")
-    from spmd_diffusion.jobs.sources import Columns
-    from spmd_diffusion.jobs.sources.tables import plan_columns
 
     write_parquet(
         tmp_path / "p.parquet",

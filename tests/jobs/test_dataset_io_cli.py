@@ -4,6 +4,8 @@ shards read back with ``webdataset`` and equal to the files output of the same j
 killed in the middle of a shard resumes into new, complete shards (that a resumed job makes
 the same pixels is test_generate_cli's)."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL)
+
 from __future__ import annotations
 
 import json
@@ -15,6 +17,9 @@ from pathlib import Path
 import pytest
 from gates import JobGate
 from launch import BIN
+
+from spmd_diffusion.engine.seeding import derive_seed
+from spmd_diffusion.jobs.encoding import exif_parameters, read_record
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 pa = pytest.importorskip("pyarrow")
@@ -158,7 +163,6 @@ def test_datasets_directory_under_mpiexec(tmp_path):
     assert sorted(l["id"] for l in lines) == [f"{i:06d}" for i in range(1, 6)]
     assert sorted(l["num_inference_steps"] for l in lines) == [1, 1, 2, 2, 2]
     assert all(l["path"].endswith(".jpg") for l in lines) and {l["rank"] for l in lines} == {0, 1}
-    from spmd_diffusion.jobs.encoding import read_record
 
     for line in lines:
         assert read_record((output / line["path"]).read_bytes())["prompt"] == line["prompt"]
@@ -200,8 +204,6 @@ def test_openai_batch_file_under_mpiexec(tmp_path):
         "meta"
     ] == {"model": "dall-e-3"}
     from PIL import Image
-
-    from spmd_diffusion.jobs.encoding import exif_parameters
 
     with Image.open(output / by_key[("req-1", 0)]["path"]) as image:
         assert image.format == "WEBP" and "a blue hen" in exif_parameters(image.getexif())
@@ -266,8 +268,6 @@ def test_resume_after_a_kill_in_the_middle_of_a_shard(tmp_path):
     assert all(l["path"] in old_shards for l in lines[: len(first)])
     samples = shard_samples(output)
     assert sorted(s["__key__"] for s in samples) == [f"{i:06d}" for i in range(1, 13)]
-
-    from spmd_diffusion.engine.seeding import derive_seed
 
     assert {json.loads(s["json"])["id"]: json.loads(s["json"])["seed"] for s in samples} == {
         f"{i:06d}": derive_seed(0, f"{i:06d}") for i in range(1, 13)

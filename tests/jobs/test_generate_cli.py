@@ -1,8 +1,11 @@
 """``omni-diffuse generate`` for real: under mpiexec -n 2, torchrun --nproc-per-node 2 and no
 launcher, on the tiny models; resume after a kill; a failing item; every bad-input case."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL, diffusers, numpy, torch)
+
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -12,6 +15,8 @@ from pathlib import Path
 import pytest
 from gates import JobGate
 from launch import COMMON, LAUNCH, generate, images, manifest
+
+from spmd_diffusion.models import ensure_tiny_model, load_pipeline
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
@@ -98,7 +103,6 @@ def test_a_finished_job_has_nothing_to_do_and_loads_nothing(runs, prompt_file):
 
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_each_replica_leader_wrote_the_images_it_computed(runs, launcher):
-    import hashlib
 
     output = runs[launcher]
     lines = manifest(output)
@@ -280,8 +284,6 @@ def test_tensor_and_cfg_parallel_generate_the_same_images(
 def test_heads_not_divisible_by_tp_end_the_job_with_a_clear_error(tmp_path):
     import torch
     from diffusers import PixArtTransformer2DModel
-
-    from spmd_diffusion.models import ensure_tiny_model, load_pipeline
 
     pipeline = load_pipeline(str(ensure_tiny_model("tiny-dit")), None, torch.float32)
     pipeline.transformer = PixArtTransformer2DModel(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
-from spmd_diffusion.jobs.files import AppendLog, write_atomic
+from spmd_diffusion.jobs.files import FILE_MODE, AppendLog, write_atomic
 from spmd_diffusion.jobs.manifest import (
     MANIFEST_NAME,
     done_images,
@@ -137,9 +138,6 @@ def test_run_settings_that_change_pixels_are_in_the_fingerprint(tmp_path):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    import os
-
-    from spmd_diffusion.jobs.files import FILE_MODE
 
     mask = os.umask(0)
     os.umask(mask)

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
 from spmd_diffusion.entrypoints.cli import main
+from spmd_diffusion.entrypoints.server import GENERATE_PATH, serve
 from spmd_diffusion.jobs import video
 from spmd_diffusion.jobs.contact_sheet import contact_sheet
 from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.images import decode_image
+from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
 FRAMES = np.random.RandomState(0).rand(5, 32, 48, 3).astype(np.float32)
 RECORD = {"id": "v1", "prompt": 'a "quoted" = ; # \\ prompt\nsecond line', "seed": 7}
@@ -169,7 +176,6 @@ def test_num_frames_on_an_image_model_is_refused_before_loading(tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def video_worker(tiny_video):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     return DiffusionWorker(OmniDiffusionConfig(model="tiny-video", dtype="float32"))
 
@@ -268,12 +274,6 @@ def test_generate_writes_a_decodable_video_per_item_with_manifest_lines(
 
 @pytest.mark.slow
 def test_http_native_route_returns_frames_and_the_images_api_refuses_a_video_model(tiny_video):
-    import urllib.error
-    import urllib.request
-
-    from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
-    from spmd_diffusion.entrypoints.server import GENERATE_PATH, serve
-    from spmd_diffusion.utils.images import decode_image
 
     engine = AsyncDiffusionEngine(
         OmniDiffusionConfig(model="tiny-video", executor_class="uni"), max_wait_s=0.02
@@ -316,7 +316,6 @@ def test_http_native_route_returns_frames_and_the_images_api_refuses_a_video_mod
 
 @pytest.mark.slow
 def test_webdataset_shards_hold_the_videos(tiny_video, tmp_path, capsys):
-    import tarfile
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a river", "id": "river", "num_frames": 5}\n')

@@ -2,6 +2,8 @@
 checks before loading, then real jobs on the tiny UNet with a random LoRA saved by
 diffusers' own ``save_lora_weights``."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL)
+
 from __future__ import annotations
 
 import json
@@ -14,6 +16,8 @@ from launch import BIN
 
 from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.entrypoints.cli import main
+from spmd_diffusion.jobs.generate import plan_generation
+from spmd_diffusion.jobs.options import GenerateOptions
 from spmd_diffusion.models.lora import LoraSpec, parse_lora, parse_loras
 from spmd_diffusion.models.schedulers import check_scheduler, parse_scheduler_option
 from spmd_diffusion.request import OmniDiffusionRequest
@@ -231,8 +235,6 @@ def test_a_lora_changes_the_image_and_scale_0_gives_the_base_image(lora_job, pla
         timeout=60,
     )
     assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr[-3000:]
-    from spmd_diffusion.jobs.generate import plan_generation
-    from spmd_diffusion.jobs.options import GenerateOptions
 
     options = GenerateOptions(
         output=str(zero), prompts_file=prompts, steps=2, height=32, width=32, batch_size=4

@@ -9,10 +9,12 @@ import subprocess
 
 import numpy as np
 import pytest
-from launch import BIN
+from launch import BIN, generate_here
 
 from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.models.quantization import probe, resolve_components
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
 pytest.importorskip("torchao", reason="the quant extra installs torchao")
 pytestmark = pytest.mark.slow
@@ -31,7 +33,6 @@ def test_kinds_and_shapes_are_checked_on_construction():
 
 
 def test_the_probe_refuses_what_this_machine_cannot_run():
-    from spmd_diffusion.models.quantization import probe
 
     probe("int8wo", "cpu")  # runs here
     with pytest.raises(ValueError, match="quantize float8dq cannot run on cpu here: .*capability"):
@@ -41,7 +42,6 @@ def test_the_probe_refuses_what_this_machine_cannot_run():
 
 
 def test_denoiser_stands_for_the_transformer_or_the_unet():
-    from spmd_diffusion.models.quantization import resolve_components
 
     assert resolve_components(
         ["denoiser", "text_encoder"], ["text_encoder", "transformer", "vae"]
@@ -62,7 +62,6 @@ def psnr(first: np.ndarray, second: np.ndarray) -> float:
 def test_int8_weights_take_a_fraction_of_the_memory_and_change_little(model, bound, capsys):
     """torchao quantizes Linear weights: a DiT's are most of its weights; the tiny UNet's
     convolutions (not quantized) are most of its own."""
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     request = [
         OmniDiffusionRequest(prompt="a red cube", seed=3, num_inference_steps=3, request_id="q")
@@ -93,7 +92,6 @@ def test_int8_weights_take_a_fraction_of_the_memory_and_change_little(model, bou
 
 
 def test_quantized_weights_with_a_step_cache(tiny_dit):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     request = [OmniDiffusionRequest(prompt="a wave", seed=1, num_inference_steps=6, request_id="c")]
     worker = DiffusionWorker(
@@ -107,7 +105,6 @@ def test_quantized_weights_with_a_step_cache(tiny_dit):
 
 @pytest.mark.launcher
 def test_quantized_job_under_mpiexec_gives_the_no_launcher_pixels_and_reports_memory(tmp_path):
-    from launch import generate_here
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(4)))
@@ -157,7 +154,6 @@ def test_quantized_job_under_mpiexec_gives_the_no_launcher_pixels_and_reports_me
 
 
 def test_quantized_and_compiled_gives_the_eager_quantized_images(tiny_dit):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     request = [OmniDiffusionRequest(prompt="a cat", seed=1, num_inference_steps=3, request_id="c")]
     config = {"model": "tiny-dit", "dtype": "float32", "quantize": "int8wo"}

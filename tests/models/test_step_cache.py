@@ -13,8 +13,16 @@ import pytest
 
 from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.entrypoints.cli import main
-from spmd_diffusion.models.step_cache import CACHE_KINDS, CacheSpec, parse_cache
+from spmd_diffusion.models.loader import denoiser_config
+from spmd_diffusion.models.step_cache import (
+    CACHE_KINDS,
+    UNET_KINDS,
+    UNSUPPORTED,
+    CacheSpec,
+    parse_cache,
+)
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
 STEPS = 12
 SPECS = ("first-block:0.2", "taylorseer:2", "pab", "faster")
@@ -89,7 +97,6 @@ def pixels(output) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def uncached(tiny_dit):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     return pixels(
         DiffusionWorker(OmniDiffusionConfig(model="tiny-dit", dtype="float32")).generate(requests())
@@ -100,7 +107,6 @@ def uncached(tiny_dit):
 def test_each_kind_changes_little_and_is_reset_between_calls(uncached, spec):
     """A cache approximates: the image moves (so the hooks act) but stays close (PSNR), and the
     same batch twice gives the same pixels: no state from one pipeline call reaches the next."""
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-dit", dtype="float32", cache=spec))
     first, second = pixels(worker.generate(requests())), pixels(worker.generate(requests()))
@@ -116,7 +122,6 @@ def test_each_kind_changes_little_and_is_reset_between_calls(uncached, spec):
 def test_a_failed_call_leaves_no_cache_state(tiny_dit):
     """A call that dies mid-denoising (here the scheduler raising at step 3) must not leave
     half-filled caches behind: the next call gives what a fresh worker gives."""
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     config = OmniDiffusionConfig(model="tiny-dit", dtype="float32", cache="taylorseer:2")
     fresh = pixels(DiffusionWorker(config).generate(requests(1)))
@@ -139,7 +144,6 @@ def test_a_failed_call_leaves_no_cache_state(tiny_dit):
 
 
 def test_unet_takes_pab_only(tiny_unet, tmp_path, capsys):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet", dtype="float32", cache="pab"))
     assert worker.generate(requests(1)).ok and worker.step_cache.modules > 0
@@ -199,7 +203,6 @@ def test_every_kind_runs_on_the_video_model(tiny_video):
     """Wan's pipeline sets its own cache contexts, one per guidance branch, inside the tool's;
     FasterCache sees 5-D latents (BCFHW) and keeps the unconditional branch, which Wan runs
     in a call of its own."""
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     request = [
         OmniDiffusionRequest(prompt="a wave", seed=1, num_inference_steps=STEPS, request_id="v")
@@ -230,9 +233,6 @@ def test_every_kind_on_every_family_runs_or_is_refused_before_loading(model, tmp
     """Each cache kind either makes images through the worker (the same twice: state is
     reset) or is refused by the CLI before any model loads, naming why: never a failure
     after loading. (tiny-unet, tiny-dit and tiny-video are covered above.)"""
-    from spmd_diffusion.models.loader import denoiser_config
-    from spmd_diffusion.models.step_cache import UNET_KINDS, UNSUPPORTED
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     denoiser = denoiser_config(model)[0]
     request = [

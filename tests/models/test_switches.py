@@ -2,6 +2,8 @@
 --compile. Each runs here on the CPU where it can, or is refused before loading with the
 reason (offload needs a GPU), and the tests say which."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL, torch)
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,7 +18,9 @@ from launch import BIN
 
 from spmd_diffusion.data import OmniDiffusionConfig
 from spmd_diffusion.entrypoints.cli import main
+from spmd_diffusion.models.options import compile_denoiser, compile_seconds
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
 HAS_GPU = importlib.util.find_spec("torch") is not None and __import__("torch").cuda.is_available()
 
@@ -55,7 +59,6 @@ def test_offload_on_the_cpu_device_or_with_parallelism_is_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_on_a_gpu(tiny_unet, mode):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     plain = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet", dtype="float32"))
     offloaded = DiffusionWorker(
@@ -91,7 +94,6 @@ def test_unusable_attention_backends_are_refused_before_loading(tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def plain_worker(tiny_unet):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet"))
     yield worker
@@ -114,7 +116,6 @@ def two_requests(size: int = 32) -> list[OmniDiffusionRequest]:
 
 @pytest.mark.slow
 def test_vae_tiling_and_slicing_are_switched_on_and_used(tiny_unet):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(
         OmniDiffusionConfig(model="tiny-unet", vae_tiling=True, vae_slicing=True)
@@ -139,7 +140,6 @@ def test_vae_tiling_and_slicing_are_switched_on_and_used(tiny_unet):
 def test_native_attention_backend_runs_and_says_what_it_drives(tiny_unet, plain_worker, caplog):
     """The tiny UNet's attention processors predate diffusers' dispatcher: the backend is set
     (diffusers' own call), drives 0 modules, and a warning says so; the pixels are unchanged."""
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     with caplog.at_level(logging.WARNING, logger="spmd_diffusion.models.options"):
         worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet", attention_backend="native"))
@@ -159,8 +159,6 @@ def test_native_attention_backend_runs_and_says_what_it_drives(tiny_unet, plain_
 def test_compile_wraps_the_denoiser_and_counts_compile_seconds():
     """The plumbing, on a two-layer stand-in denoiser (inductor compiles it in seconds)."""
     import torch
-
-    from spmd_diffusion.models.options import compile_denoiser, compile_seconds
 
     class Pipeline:
         unet = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())

@@ -1,16 +1,27 @@
 """Tiny pipelines: built from a fixed seed, saved, and loaded through from_pretrained."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from spmd_diffusion.entrypoints.cli import cli
-from spmd_diffusion.models import check_model_reference, load_pipeline, resolve_model_path
+from spmd_diffusion.models import (
+    check_model_reference,
+    ensure_tiny_model,
+    load_pipeline,
+    resolve_model_path,
+)
+from spmd_diffusion.models import loader as models
+from spmd_diffusion.models.tiny import CALL_DEFAULTS
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +49,6 @@ FAMILIES = [
 @pytest.mark.parametrize("arch, pipeline_name", FAMILIES, ids=[arch for arch, _ in FAMILIES])
 def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipeline_name):
     import torch
-
-    from spmd_diffusion.models.tiny import CALL_DEFAULTS
 
     result = CliRunner().invoke(cli, ["make-tiny-model", str(tmp_path / arch), "--arch", arch])
     assert result.exit_code == 0, result.output
@@ -85,9 +94,6 @@ def test_building_inside_a_process_group_still_saves_every_weight(tmp_path, monk
     """transformers saves only on rank 0 once torch.distributed is up: build out of process."""
     import torch.distributed as dist
 
-    from spmd_diffusion.models import ensure_tiny_model
-    from spmd_diffusion.models import loader as models
-
     def not_in_this_process(*args, **kwargs):
         raise AssertionError("an in-process save would lose weights on ranks other than 0")
 
@@ -103,8 +109,6 @@ def test_building_inside_a_process_group_still_saves_every_weight(tmp_path, monk
 
 
 def test_a_built_model_is_readable_as_the_umask_allows(tmp_path):
-    import os
-    import stat
 
     previous = os.umask(0o022)
     try:

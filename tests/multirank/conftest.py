@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from spmd_diffusion import OmniDiffusionConfig
+from spmd_diffusion.entrypoints.spmd import spmd_engine
+
 sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/helpers.py
 
 
 @pytest.fixture(scope="module")
 def engine(executor_name):
-    from spmd_diffusion import OmniDiffusionConfig
-    from spmd_diffusion.entrypoints.spmd import spmd_engine
 
     with spmd_engine(
         OmniDiffusionConfig(model="tiny-unet", executor_class=executor_name)

@@ -22,7 +22,11 @@ from parallel_checks import (
     verdict_on_all_ranks,
 )  # the world fixture comes with parallel_checks
 
+from spmd_diffusion.models import ensure_tiny_model, load_pipeline
+from spmd_diffusion.models.quantization import pipeline_config
 from spmd_diffusion.models.tiny import CALL_DEFAULTS
+from spmd_diffusion.parallel import ParallelLayout, build_device_mesh, parallelize_pipeline
+from spmd_diffusion.parallel.sequence_parallel import refusal
 
 SP_FAMILIES = (
     "tiny-dit",
@@ -52,7 +56,6 @@ LAYOUTS = {
 
 
 def load_family(family: str) -> Any:
-    from spmd_diffusion.models import ensure_tiny_model, load_pipeline
 
     return load_pipeline(str(ensure_tiny_model(family)), None, torch.float32)
 
@@ -94,7 +97,6 @@ def sp_references(world) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def sp_meshes(world) -> dict[str, Any]:
     """Every layout this world size allows, its mesh built once (a collective)."""
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
 
     meshes = {}
     for name, kwargs in LAYOUTS.items():
@@ -109,7 +111,6 @@ def sp_meshes(world) -> dict[str, Any]:
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 @pytest.mark.parametrize("family", SP_FAMILIES)
 def test_sequence_parallel_matches_single_rank(family, layout_name, sp_references, sp_meshes):
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     if layout_name not in sp_meshes:
         pytest.skip(f"{layout_name} needs more ranks (torchrun --nproc-per-node 4)")
@@ -132,7 +133,6 @@ def test_sequence_parallel_matches_single_rank(family, layout_name, sp_reference
 
 
 def test_a_unet_is_refused_naming_the_reason(world):
-    from spmd_diffusion.parallel.sequence_parallel import refusal
 
     assert "UNet" in refusal("UNet2DConditionModel", {}, 2, 1)
     assert "4 heads" in refusal("FluxTransformer2DModel", {"num_attention_heads": 4}, 3, 1)
@@ -144,7 +144,6 @@ def test_a_unet_is_refused_naming_the_reason(world):
 
 @pytest.fixture(scope="module")
 def cfg_pair_mesh(world):
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
 
     layout = ParallelLayout(world[1], cfg=2)
     return layout, build_device_mesh(layout, "cpu")
@@ -152,7 +151,6 @@ def cfg_pair_mesh(world):
 
 @pytest.fixture(scope="module")
 def tp_pair_mesh(world):
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
 
     layout = ParallelLayout(world[1], tp=2)
     return layout, build_device_mesh(layout, "cpu")
@@ -162,7 +160,6 @@ def tp_pair_mesh(world):
 def test_tensor_parallel_shards_every_block_of_every_family(family, sp_references, tp_pair_mesh):
     """Every attention (joint, single-stream, qk-norm across heads), feed-forward (GEGLU,
     GLUMBConv) and adaLN modulation sharded; nothing left replicated among them."""
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = tp_pair_mesh
 
@@ -187,7 +184,6 @@ def test_tensor_parallel_shards_every_block_of_every_family(family, sp_reference
 def test_cfg_parallel_splits_every_guided_family(family, sp_references, cfg_pair_mesh):
     """Doubled batches are halved on every step; branch calls run whole on the first step
     (the pairing is learned there) and paired on every other: 2 x (steps - 1) split calls."""
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = cfg_pair_mesh
 
@@ -207,7 +203,6 @@ def test_cfg_parallel_splits_every_guided_family(family, sp_references, cfg_pair
 
 @pytest.fixture(scope="module")
 def tp_cfg_pair_mesh(world):
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
 
     if world[1] % 4:
         pytest.skip("tp=2 with cfg=2 needs a multiple of 4 ranks (torchrun --nproc-per-node 4)")
@@ -217,7 +212,6 @@ def tp_cfg_pair_mesh(world):
 
 @pytest.mark.parametrize("family", GUIDED_FAMILIES)
 def test_tp2_with_cfg2_on_every_guided_family(family, sp_references, tp_cfg_pair_mesh):
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = tp_cfg_pair_mesh
 
@@ -250,7 +244,6 @@ VAE_FAMILIES = (
 def test_vae_parallel_decode_matches_single_rank(family, sp_references, tp_pair_mesh):
     """Each rank decodes a band of rows (halo rows, synced group norms, gathered attention):
     the pixels are the whole decode's."""
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = tp_pair_mesh
 
@@ -276,7 +269,6 @@ def test_vae_parallel_decode_matches_single_rank(family, sp_references, tp_pair_
 @pytest.mark.parametrize("family", [family for family in VAE_FAMILIES if family in GUIDED_FAMILIES])
 def test_vae_parallel_over_a_four_rank_replica(family, sp_references, tp_cfg_pair_mesh):
     """tp 2 x cfg 2: the decode in four bands of two latent rows (runs with 4 ranks only)."""
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = tp_cfg_pair_mesh
 
@@ -293,8 +285,6 @@ def test_vae_parallel_over_a_four_rank_replica(family, sp_references, tp_cfg_pai
 
 
 def load_quantized(family: str) -> Any:
-    from spmd_diffusion.models import ensure_tiny_model, load_pipeline
-    from spmd_diffusion.models.quantization import pipeline_config
 
     return load_pipeline(
         str(ensure_tiny_model(family)),
@@ -309,7 +299,6 @@ def test_quantized_weights_compose_with_sequence_and_cfg_parallel(layout_name, w
     """Every rank quantizes its own copy as it loads: a layout of Qwen-Image with int8
     weights gives the single rank's int8 images."""
     pytest.importorskip("torchao")
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh, parallelize_pipeline
 
     kwargs = {"cfg2": {"cfg": 2}, **LAYOUTS}[layout_name]
     try:

@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 from helpers import small_requests
 
+from spmd_diffusion import OmniDiffusionConfig
+from spmd_diffusion.entrypoints.spmd import spmd_engine
+from spmd_diffusion.executor import UniProcDiffusionExecutor
+
 FAMILIES = (
     "tiny-unet",
     "tiny-sdxl",
@@ -26,8 +30,6 @@ FAMILIES = (
 def family_engine(request, executor_name):
     """The family's engine on rank 0; the other rank serves it inside this fixture until rank 0
     closes it (then sees None), so every rank builds and closes the engines in step."""
-    from spmd_diffusion import OmniDiffusionConfig
-    from spmd_diffusion.entrypoints.spmd import spmd_engine
 
     config = OmniDiffusionConfig(
         model=request.param, executor_class=executor_name, max_batch_size=2
@@ -41,7 +43,6 @@ def arrays(outputs) -> list[np.ndarray]:
 
 
 def test_every_family_runs_data_parallel_with_the_one_rank_images(family_engine):
-    from spmd_diffusion.executor import UniProcDiffusionExecutor
 
     if family_engine is None:
         pytest.skip("checked on rank 0 (this rank served the calls)")

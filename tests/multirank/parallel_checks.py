@@ -8,13 +8,18 @@ is left waiting in a collective that another skipped. Gloo collectives time out 
 and every test has a hard (thread) timeout, so a hang ends the job instead of blocking it.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch); optional extras load
+# only where used (mpi4py)
+
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 import socket
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +28,16 @@ import pytest
 import torch
 
 from spmd_diffusion.distributed.launcher import MPI, TORCHRUN, detect_launcher
+from spmd_diffusion.models import ensure_tiny_model, load_pipeline
+from spmd_diffusion.models.step_cache import enable_step_cache
+from spmd_diffusion.parallel import (
+    ParallelLayout,
+    apply_tensor_parallel,
+    build_device_mesh,
+    denoiser_of,
+    disable_cfg_parallel,
+    parallelize_pipeline,
+)
 
 FAMILIES = ("tiny-unet", "tiny-dit")
 # Every family the multi-rank checks load (sequence_checks too): built before the group forms.
@@ -85,8 +100,6 @@ def world(launch_kind) -> tuple[int, int]:
     """(rank, world size) of the default gloo group; the group stays up for later modules."""
     import torch.distributed as dist
 
-    from spmd_diffusion.models import ensure_tiny_model
-
     if detect_launcher().kind != launch_kind:
         pytest.skip(f"needs a {launch_kind} launch")
     torch.set_num_threads(1)
@@ -117,7 +130,6 @@ def verdict_on_all_ranks(body: Callable[[], tuple[bool, str]]) -> None:
 
 
 def load(family: str) -> Any:
-    from spmd_diffusion.models import ensure_tiny_model, load_pipeline
 
     return load_pipeline(str(ensure_tiny_model(family)), None, torch.float32)
 
@@ -157,7 +169,6 @@ def references(world) -> dict[tuple[str, float], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tp_mesh(world):
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
 
     layout = ParallelLayout(world[1], tp=2)
     return layout, build_device_mesh(layout, "cpu")
@@ -165,7 +176,6 @@ def tp_mesh(world):
 
 @pytest.fixture(scope="module")
 def cfg_mesh(world):
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
 
     layout = ParallelLayout(world[1], cfg=2)
     return layout, build_device_mesh(layout, "cpu")
@@ -173,7 +183,6 @@ def cfg_mesh(world):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tp2_matches_single_rank(family, references, tp_mesh):
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = tp_mesh
 
@@ -199,7 +208,6 @@ def test_tp2_matches_single_rank(family, references, tp_mesh):
 def test_plain_split_of_geglu_is_wrong(references, tp_mesh):
     """Without the row permutation, rank 0 holds all of GEGLU's hidden half and rank 1 all of
     its gate half: the images differ clearly, which is why the permutation exists."""
-    from spmd_diffusion.parallel import apply_tensor_parallel
 
     _, mesh = tp_mesh
 
@@ -216,7 +224,6 @@ def test_plain_split_of_geglu_is_wrong(references, tp_mesh):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cfg_parallel_matches_single_rank(family, references, cfg_mesh):
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = cfg_mesh
 
@@ -233,7 +240,6 @@ def test_cfg_parallel_matches_single_rank(family, references, cfg_mesh):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cfg_parallel_without_guidance_runs_unchanged(family, references, cfg_mesh):
-    from spmd_diffusion.parallel import disable_cfg_parallel, parallelize_pipeline
 
     layout, mesh = cfg_mesh
 
@@ -256,7 +262,6 @@ def test_cfg_parallel_without_guidance_runs_unchanged(family, references, cfg_me
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tp2_with_dtensor_dispatch_matches_single_rank(family, references, tp_mesh):
     """torch's stock ColwiseParallel/RowwiseParallel runtime gives the same images."""
-    from spmd_diffusion.parallel import apply_tensor_parallel, denoiser_of
 
     _, mesh = tp_mesh
 
@@ -314,7 +319,6 @@ def tiny_flux():
 
 @pytest.mark.parametrize("build", [tiny_sd3, tiny_flux], ids=["sd3", "flux"])
 def test_tp2_joint_attention_denoisers_match_unsharded(build, tp_mesh):
-    from spmd_diffusion.parallel import apply_tensor_parallel
 
     _, mesh = tp_mesh
 
@@ -343,7 +347,6 @@ def test_tp2_joint_attention_denoisers_match_unsharded(build, tp_mesh):
 
 @pytest.fixture(scope="module")
 def tp_cfg_mesh(world):
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh
 
     if world[1] % 4:
         pytest.skip("tp=2 with cfg=2 needs a multiple of 4 ranks (torchrun --nproc-per-node 4)")
@@ -354,7 +357,6 @@ def tp_cfg_mesh(world):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tp2_and_cfg2_together_match_single_rank(family, references, tp_cfg_mesh):
     """Heads split inside each guidance branch; runs with 4 (or 8, ...) ranks only."""
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = tp_cfg_mesh
 
@@ -376,7 +378,6 @@ CACHES = ("first-block:0.2", "taylorseer:2", "pab", "faster")
 @pytest.fixture(scope="module")
 def cached_references(world) -> dict[tuple[str, bool], np.ndarray]:
     """Single-rank images of the tiny DiT under each step cache, computed on every rank."""
-    from spmd_diffusion.models.step_cache import enable_step_cache
 
     images = {}
     for spec in CACHES:
@@ -397,8 +398,6 @@ def test_step_cache_under_tp_or_cfg_matches_single_rank_cached(
     images are the single-rank cached ones, twice in a row (hook state is reset per call), and
     no rank skips a collective the other runs (first-block's skip decision is the same on
     both TP ranks, since it reads all-reduced activations)."""
-    from spmd_diffusion.models.step_cache import enable_step_cache
-    from spmd_diffusion.parallel import parallelize_pipeline
 
     layout, mesh = request.getfixturevalue(mesh_name)
 
@@ -425,11 +424,6 @@ def test_a_parallelized_pipeline_is_freed_once_dropped(degrees, world):
     """Nothing outside the pipeline keeps it alive after TP/CFG/SP and a step cache: no
     global registry of wrappers, processors or hooks (what DiffusionWorker.shutdown and
     sleep(2) rely on to free the weights; weakrefs are dead after a collection)."""
-    import gc
-    import weakref
-
-    from spmd_diffusion.models.step_cache import enable_step_cache
-    from spmd_diffusion.parallel import ParallelLayout, build_device_mesh, parallelize_pipeline
 
     layout = ParallelLayout(world[1], **degrees)
     mesh = build_device_mesh(layout, "cpu")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import same_pixels, small_requests
+from helpers import hammer_from_two_threads, same_pixels, small_requests
 
 from spmd_diffusion.errors import WorkerError
+from spmd_diffusion.executor import UniProcDiffusionExecutor
 
 
 def test_rpc_reaches_every_rank(root_engine):
@@ -52,7 +53,6 @@ def test_large_replies(root_engine):
 
 
 def test_generate_matches_the_uni_executor(root_engine):
-    from spmd_diffusion.executor import UniProcDiffusionExecutor
 
     requests = small_requests(3)
     outputs = root_engine.generate(requests)
@@ -73,6 +73,5 @@ def test_sleep_and_wake_on_every_rank(root_engine):
 
 
 def test_two_threads_each_get_their_own_results(root_engine):
-    from helpers import hammer_from_two_threads
 
     assert hammer_from_two_threads(root_engine, rounds=50) == []

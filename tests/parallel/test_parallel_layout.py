@@ -1,6 +1,8 @@
 """ParallelLayout: world = dp x cfg x sp x tp (sp = ring x ulysses), rank coordinates, replicas and
 their leaders. Shapes and coordinates are in mesh order (dp, cfg, ring, ulysses, tp)."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (torch)
+
 from __future__ import annotations
 
 import pytest

@@ -4,9 +4,12 @@ The sharded arithmetic of gated feed-forwards is simulated here (each "rank" is 
 the weights); the real multi-rank runs are in tests/multirank/parallel_checks.py.
 """
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (diffusers, torch)
+
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,15 +17,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from spmd_diffusion.models import load_pipeline
 from spmd_diffusion.parallel import (
+    ParallelLayout,
+    ParallelReport,
     apply_tensor_parallel,
     build_tp_plan,
     cfg_parallel_of,
     disable_cfg_parallel,
     enable_cfg_parallel,
     gated_row_order,
+    parallel_sp,
     param_bytes,
 )
+from spmd_diffusion.parallel.cfg_parallel import CFGParallel
+from spmd_diffusion.parallel.tensor_parallel import packed_column_order
+from spmd_diffusion.parallel.tp_layers import ShardedRMSNorm
 
 
 def tiny_dit():
@@ -105,7 +115,6 @@ def test_plan_of_sd3_joint_attention_shards_the_context_projections():
 
 
 def test_plan_finds_the_gated_feedforwards_of_the_sd_unet(tiny_unet):
-    from spmd_diffusion.models import load_pipeline
 
     unet = load_pipeline(tiny_unet, None, torch.float32).unet
     plan = build_tp_plan(unet, 2)
@@ -201,7 +210,6 @@ def test_packed_columns_give_each_rank_its_attention_and_mlp_blocks():
     """proj_out reads cat([attention (8), mlp (16)]), both column-sharded over 2 ranks: the
     permuted columns split evenly are [attention half r; mlp half r], and the ranks' partial
     products sum to the unsharded output."""
-    from spmd_diffusion.parallel.tensor_parallel import packed_column_order
 
     order = packed_column_order([8, 16], 2)
     assert order.tolist() == [*range(0, 4), *range(8, 16), *range(4, 8), *range(16, 24)]
@@ -218,7 +226,6 @@ def test_packed_columns_give_each_rank_its_attention_and_mlp_blocks():
 
 
 def test_qk_norm_across_heads_is_sharded_when_it_is_an_rms_norm(tiny_video):
-    from spmd_diffusion.models import load_pipeline
 
     plan = build_tp_plan(load_pipeline(tiny_video, None, torch.float32).transformer, 2)
     assert (
@@ -255,7 +262,6 @@ def test_sana_glumbconv_is_sharded():
 def test_sharded_rms_norm_equals_the_whole_one():
     """Each rank's part of an RMSNorm over all heads, scaled by the all-reduced sum of
     squares (summed here by hand), is the whole norm's output block."""
-    from spmd_diffusion.parallel.tp_layers import ShardedRMSNorm
 
     torch.manual_seed(0)
     norm = nn.RMSNorm(16, eps=1e-6)
@@ -362,9 +368,6 @@ def test_cfg_wrapper_keeps_the_forward_signature_and_can_be_removed(one_rank_mes
 
 def test_sequence_parallel_after_cfg_parallel_is_refused(one_rank_mesh):
     """Context parallel's hooks must sit inside CFG's split: enabling them after it fails."""
-    from types import SimpleNamespace
-
-    from spmd_diffusion.parallel import ParallelLayout, ParallelReport, parallel_sp
 
     model = tiny_dit()
     enable_cfg_parallel(model, one_rank_mesh["cfg"])
@@ -375,8 +378,6 @@ def test_sequence_parallel_after_cfg_parallel_is_refused(one_rank_mesh):
 
 def test_split_decision_and_output_rebuild():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    from spmd_diffusion.parallel.cfg_parallel import CFGParallel
 
     class TwoRanks:
         def size(self):

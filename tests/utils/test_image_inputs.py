@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 from helpers import max_pixel_difference
 from PIL import Image
+from serving import KEY, call
 
 from spmd_diffusion.data import OmniDiffusionConfig
+from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
+from spmd_diffusion.entrypoints.server import serve
 from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.utils.images import decode_image, encode_image
+from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -106,7 +111,6 @@ def test_limits_check_the_files_before_any_work(pictures):
 
 @pytest.fixture(scope="module")
 def img2img_worker(tiny_unet):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(
         OmniDiffusionConfig(model="tiny-unet", model_class_name="StableDiffusionImg2ImgPipeline")
@@ -160,7 +164,6 @@ def test_an_image_does_not_depend_on_its_batch_mates(img2img_worker, pictures):
 
 @pytest.mark.slow
 def test_a_pipeline_that_takes_no_image_says_so(tiny_unet, pictures):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-unet"))
     try:
@@ -173,7 +176,6 @@ def test_a_pipeline_that_takes_no_image_says_so(tiny_unet, pictures):
 
 @pytest.mark.slow
 def test_inpainting_takes_image_and_mask(tiny_unet, pictures):
-    from spmd_diffusion.worker.diffusion_worker import DiffusionWorker
 
     worker = DiffusionWorker(
         OmniDiffusionConfig(model="tiny-unet", model_class_name="StableDiffusionInpaintPipeline")
@@ -206,11 +208,6 @@ def test_inpainting_takes_image_and_mask(tiny_unet, pictures):
 @pytest.mark.slow
 def test_the_native_http_route_takes_base64_images_and_refuses_paths(tiny_unet, pictures):
     pytest.importorskip("fastapi", reason="the serve extra installs fastapi")
-    from serving import KEY, call
-
-    from spmd_diffusion.engine.async_engine import AsyncDiffusionEngine
-    from spmd_diffusion.entrypoints.server import serve
-    from spmd_diffusion.utils.images import decode_image, encode_image
 
     engine = AsyncDiffusionEngine(
         OmniDiffusionConfig(executor_class="uni", model_class_name="StableDiffusionImg2ImgPipeline")

@@ -1,6 +1,9 @@
 """The replica leader's output writer: a batch's files are written while the next batch runs,
 in order, at most one batch behind (back-pressure), a failed write failing that batch alone."""
 
+# ruff: noqa: PLC0415 - heavy modules load on first use (PIL); test-local or optional helpers
+# (test_output_overlap)
+
 from __future__ import annotations
 
 import threading
@@ -11,6 +14,7 @@ from helpers import small_requests
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
 from spmd_diffusion.data import DiffusionOutput
+from spmd_diffusion.jobs import outputs
 from spmd_diffusion.worker.output_writer import OutputWriter
 
 DENOISER_CALLS = [0]  # in the worker process: denoiser calls so far (see count_denoiser_calls)
@@ -166,8 +170,6 @@ def test_a_batch_is_vouched_for_only_after_one_sync_of_its_directory(tmp_path, m
     """Each file's data is synced as it is written; the directory holding their new names once
     per batch, before any record leaves: if that sync fails, no file of the batch is vouched for."""
     from PIL import Image
-
-    from spmd_diffusion.jobs import outputs
 
     output = DiffusionOutput(
         request_ids=["a", "b"],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from helpers import max_pixel_difference, small_requests
@@ -129,8 +132,6 @@ def test_stats_health_and_idempotent_shutdown(tiny_unet):
 def test_releasing_the_pipeline_frees_the_denoiser(tiny_dit, release):
     """No reference survives: not the pipeline, the step cache's hooks, the adapters' pipeline,
     or the denoiser itself (weakrefs are dead after a collection)."""
-    import gc
-    import weakref
 
     worker = DiffusionWorker(OmniDiffusionConfig(model="tiny-dit", dtype="float32", cache="pab"))
     assert worker.generate(small_requests(1, num_inference_steps=2)).ok

@@ -6,6 +6,8 @@ stand-ins for a user's own inference system, so it needs no model (``MyModel``).
 ``HTTPDiffusionExecutor`` is the document's "Remote HTTP Inference Server" example as written.
 """
 
+# ruff: noqa: PLC0415 - optional extras load only where used (requests)
+
 from __future__ import annotations
 
 from PIL import Image
