@@ -202,6 +202,10 @@ class RuntimeConfig:
     generate_timeout: float | None = 3600.0  # seconds one generate call may take
     startup_timeout: float | None = 900.0  # seconds every rank may take to load the model
     batch_timeout: float | None = None  # seconds a batch may take (None: from the pace seen)
+    # One pipeline call per replica before the timed work, its images dropped: the first
+    # call's one-off costs (kernel selection, autotuning, allocator growth) then stay out of
+    # the throughput. None: where the replica's device is a GPU.
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -233,6 +237,8 @@ class RuntimeConfig:
                 f"hooks must be a list of hook names or dotted paths, got {self.hooks!r}"
             )
         check_int("torch_num_threads", self.torch_num_threads, 1, allow_none=True)
+        if self.warmup is not None:
+            check_bool("warmup", self.warmup)
         for name in ("rpc_timeout", "generate_timeout", "startup_timeout", "batch_timeout"):
             check_timeout(name, getattr(self, name))
 

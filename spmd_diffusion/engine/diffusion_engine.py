@@ -3,6 +3,7 @@ and schedules the batches over the replicas of whichever executor the config nam
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from spmd_diffusion.executor.registry import check_executor_for_launch
 from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
+
+WARM_UP_STEPS = 2  # every kernel of the step loop runs by then; the VAE decode runs once anyway
 
 
 class DiffusionEngine:
@@ -159,6 +162,26 @@ class DiffusionEngine:
         return self.executor.collective_rpc(
             method, timeout=timeout, args=args, kwargs=kwargs, unique_reply_rank=unique_reply_rank
         )
+
+    def warm_up(self, requests: Sequence[OmniDiffusionRequest]) -> float | None:
+        """Every replica runs a copy of ``requests`` (ids of their own, at most
+        ``WARM_UP_STEPS`` steps), images dropped, before the timed work (see
+        ``OmniDiffusionConfig.warmup``); the slowest rank's seconds, None where none ran."""
+        copies = [
+            dataclasses.replace(
+                request,
+                request_id=f"warm-up-{request.request_id}",
+                num_inference_steps=min(
+                    request.num_inference_steps or WARM_UP_STEPS, WARM_UP_STEPS
+                ),
+            )
+            for request in requests
+        ]
+        seconds = self.collective_rpc(
+            "warm_up", timeout=self.od_config.generate_timeout, args=(self.prepare(copies),)
+        )
+        ran = [value for value in seconds if value is not None]
+        return max(ran) if ran else None
 
     def check_health(self) -> None:
         self.executor.check_health()

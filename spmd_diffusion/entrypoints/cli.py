@@ -30,6 +30,7 @@ from spmd_diffusion.entrypoints.cli_options import OptionValues, with_options
 from spmd_diffusion.errors import Terminated, interrupt_exit_code
 from spmd_diffusion.exit_codes import EXIT_FATAL, EXIT_OK
 from spmd_diffusion.models.tiny.families import BUILDERS as TINY_BUILDERS
+from spmd_diffusion.request import OmniDiffusionRequest
 
 logger = logging.getLogger("spmd_diffusion.entrypoints.cli")
 
@@ -224,6 +225,10 @@ def serve(values: OptionValues) -> int:
         return config
 
     def job(engine: Any) -> int:
+        if engine.od_config.warmup is not False:
+            seconds = engine.warm_up([OmniDiffusionRequest("warm-up", request_id="server")])
+            if seconds is not None:
+                click.echo(f"warmed up in {seconds:.1f} s", err=True)
         limits = ServerLimits(
             max_queued_requests=values.max_queue,
             max_video_jobs=values.max_video_jobs,

@@ -306,6 +306,17 @@ MODEL_OPTIONS = (
         metavar="NAME",
     ),
     Option(
+        "warmup",
+        ("--warmup",),
+        "flag",
+        "One pipeline call per replica before the timed work, its images dropped (kernel "
+        "selection, autotuning and allocator growth stay out of images/s; run.json "
+        "timing.warmup_s). Default: on where the device is a GPU.",
+        LAYOUT_COMMANDS,
+        default=None,
+        off_flag="--no-warmup",
+    ),
+    Option(
         "compile",
         ("--compile",),
         "flag",

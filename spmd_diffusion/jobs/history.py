@@ -57,6 +57,7 @@ class RunHistory:
         self.parallel: dict[str, Any] | None = None  # "parallel": what each parallel flag did
         self.memory: list[dict[str, Any]] = []  # "memory": each rank's weights, peak, levers
         self.compile_seconds: float | None = None  # --compile: the slowest rank's compile time
+        self.warmup_seconds: float | None = None  # --warmup: the slowest rank's warm-up call
 
     def begin(self) -> None:
         """The run starts: read the previous run's record (on resume), say ``running``."""
@@ -67,6 +68,12 @@ class RunHistory:
     @property
     def seconds(self) -> float:
         return time.time() - self.started
+
+    def warmed_up(self, seconds: float | None) -> None:
+        """The replicas ran their warm-up call (None: none ran): the timed work starts now."""
+        if seconds is not None:
+            self.warmup_seconds = seconds
+            self.started = time.time()
 
     def first_output_arrived(self) -> None:
         """The first batch output is in (it carries the warm-up: kernels, allocator)."""
@@ -93,12 +100,17 @@ class RunHistory:
 
     def _timing(self, seconds: float) -> dict[str, Any]:
         """Where the run's time went: start-up before the generate phase (process start, imports,
-        launch, loading), the slowest rank's load, the first output (the warm-up batch), and the
-        steady-state rate after it (images past the first output over the time past it)."""
+        launch, loading), the slowest rank's load, the warm-up call (``--warmup``: outside the
+        generate phase), the first output (which carries the first call's one-off costs when no
+        warm-up ran), and the steady-state rate after it (images past the first output over the
+        time past it)."""
         started = self.started
-        timing: dict[str, Any] = {"startup_s": round(started - process_started(), 3)}
+        warmup = self.warmup_seconds or 0.0
+        timing: dict[str, Any] = {"startup_s": round(started - warmup - process_started(), 3)}
         if self.load_seconds is not None:
             timing["load_s"] = round(self.load_seconds, 3)
+        if self.warmup_seconds is not None:
+            timing["warmup_s"] = round(self.warmup_seconds, 3)
         if self.first_output is not None:
             first_at, first_images = self.first_output
             timing["first_output_s"] = round(first_at - started, 3)

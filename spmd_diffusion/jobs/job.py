@@ -9,6 +9,7 @@ every planned image has a record -- a batch that went missing makes the run inco
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from collections.abc import Iterator
@@ -156,7 +157,8 @@ class GenerateJob:
             return True
 
         try:
-            engine.generate_stream(self.batches(), on_output, sinks=self.sink)
+            batches = self._warm_up(engine, self.batches())
+            engine.generate_stream(batches, on_output, sinks=self.sink)
             if plan.shards:
                 self._close_shards(engine, writer)
         except KeyboardInterrupt:
@@ -188,6 +190,19 @@ class GenerateJob:
         history.write(status, seconds, missing, missing_count)
         history.print_summary(seconds, missing, missing_count)
         return EXIT_OK if status == "complete" else EXIT_PARTIAL
+
+    def _warm_up(
+        self, engine: Any, batches: Iterator[list[OmniDiffusionRequest]]
+    ) -> Iterator[list[OmniDiffusionRequest]]:
+        """Unless ``--no-warmup``: every replica runs a copy of the first batch before the timed
+        work (:meth:`DiffusionEngine.warm_up`); returns the batches, whole."""
+        if self.plan.config.warmup is False:
+            return batches
+        first = next(batches, None)
+        if first is None:
+            return batches
+        self.history.warmed_up(engine.warm_up(first))
+        return itertools.chain([first], batches)
 
     def _status(self, missing: list[tuple[str, int]], missing_count: int) -> str:
         """complete; stopped (--fail-fast); incomplete (images with no record at all: work was

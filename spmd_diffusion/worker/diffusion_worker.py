@@ -595,6 +595,20 @@ class DiffusionWorker:
             return DEFERRED
         return output
 
+    def warm_up(self, requests: list[OmniDiffusionRequest]) -> float | None:
+        """One pipeline call whose images are dropped, so the first call's one-off costs (kernel
+        selection, autotuning, allocator growth, lazy initialisation) are paid before the timed
+        work. Every rank of a replica runs it together, as a batch. The config's ``warmup``
+        None means: where this rank's device is a GPU. Returns its seconds, None if skipped."""
+        wanted = self.od_config.warmup
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
+            return None
+        start = time.perf_counter()
+        generated, failed = self.images_generated, self.requests_failed
+        self.generate(requests)
+        self.images_generated, self.requests_failed = generated, failed  # not the job's work
+        return time.perf_counter() - start
+
     def finish_outputs(self) -> None:
         """Wait until the output writer has written and answered every batch it holds."""
         if self._writer is not None:
