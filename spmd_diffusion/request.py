@@ -39,6 +39,7 @@ RESERVED_EXTRA = frozenset(
     }
 )
 MAX_FPS = 240
+DEFAULT_FPS = 16  # a video file's frame rate when the request gives none (Wan's examples)
 # The longest prompt (and negative prompt), in characters, from every entry point: CLI, prompt
 # files, datasets, HTTP and the Python API. The widest text encoder the tool runs reads 1024
 # tokens (Qwen-Image; T5 reads 512, CLIP 77), about 4-6 K characters of English, so 8192

@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from spmd_diffusion.request import DEFAULT_FPS
+
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}  # file extension -> Pillow format
 DEFAULT_QUALITY = {"jpg": 90, "webp": 90}
 EXIF_IMAGE_DESCRIPTION = 0x010E
@@ -170,7 +172,7 @@ class Encoding:
         self, item: Any, info: dict[str, Any] | None, fps: float | None = None
     ) -> tuple[str, bytes]:
         """(file extension, bytes) of one output item: an image, or a video at ``fps``."""
-        from spmd_diffusion.jobs.video import DEFAULT_FPS, encode_video, is_video
+        from spmd_diffusion.jobs.video import encode_video, is_video
 
         if is_video(item):
             data = encode_video(item, self.video_format, fps or DEFAULT_FPS, self.quality, info)

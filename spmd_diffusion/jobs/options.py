@@ -34,7 +34,7 @@ class GenerateOptions:
         None  # mp4, webp, gif (None: mp4 where imageio-ffmpeg is installed, else webp)
     )
     num_frames: int | None = None  # video pipelines
-    fps: float | None = None  # video files (default video.DEFAULT_FPS)
+    fps: float | None = None  # video files (default request.DEFAULT_FPS)
     output_format: str = "files"  # files, webdataset
     shard_size: int = 1000  # images per WebDataset shard
     prompt_column: str = "prompt"

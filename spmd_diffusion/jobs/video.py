@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageSequence
 
+from spmd_diffusion.request import DEFAULT_FPS
+
 VIDEO_FORMATS = ("mp4", "webp", "gif")
-DEFAULT_FPS = 16  # Wan's own examples export at 16 frames/s
 MP4_EXTRA = (
     "--video-format mp4 needs the video extra "
     "(pip install 'spmd-diffusion[video]': imageio-ffmpeg, "

@@ -23,7 +23,7 @@ from typing import Any
 from spmd_diffusion.data import DEFERRED, DiffusionOutput, OmniDiffusionConfig, OutputsPending
 from spmd_diffusion.errors import ConnectionLostError, gloo_brief, peer_lost
 from spmd_diffusion.models.loader import model_call_defaults
-from spmd_diffusion.request import OmniDiffusionRequest
+from spmd_diffusion.request import DEFAULT_FPS, OmniDiffusionRequest
 from spmd_diffusion.worker.batching import ImageJob, plan_batches
 from spmd_diffusion.worker.device import check_one_gpu_per_rank, resolve_device, resolve_dtype
 from spmd_diffusion.worker.model_setup import ModelSetup, set_up_model
@@ -264,11 +264,7 @@ class DiffusionWorker:
         if self.od_config.quantize is not None:
             facts["quantize"] = self.od_config.quantize
         if self.makes_video:
-            from spmd_diffusion.jobs.video import DEFAULT_FPS
-
-            facts["fps"] = (
-                request.fps or DEFAULT_FPS
-            )  # the file's frame rate, not a pipeline argument
+            facts["fps"] = request.fps or DEFAULT_FPS  # the file's rate, not a call argument
         loras = self._loras(request)
         if loras:
             facts["lora"] = [{"source": spec.source, "scale": spec.scale} for spec in loras]
