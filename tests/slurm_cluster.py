@@ -31,7 +31,10 @@ def unavailable() -> str | None:
         if name != "sacct" and shutil.which(name) is None and not Path("/usr/sbin", name).exists()
     ]
     if missing:
-        return f"Slurm is not installed ({', '.join(missing)} missing): run scripts/setup_slurm.sh as root"
+        return (
+            f"Slurm is not installed ({', '.join(missing)} missing): "
+            "run scripts/setup_slurm.sh as root"
+        )
     return None
 
 

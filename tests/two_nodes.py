@@ -73,7 +73,7 @@ class TwoNodes:
         self.set_layout("shared")
 
     def set_layout(self, layout: str) -> None:
-        for node, text in zip(("nodea", "nodeb"), LAYOUTS[layout]):
+        for node, text in zip(("nodea", "nodeb"), LAYOUTS[layout], strict=True):
             directory = Path("/etc/netns") / self.names[node]
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "hosts").write_text(
@@ -97,14 +97,19 @@ class TwoNodes:
         ]
 
     def launcher_script(self, directory: Path) -> Path:
-        """An executable for hydra's ``-launcher ssh -launcher-exec``: ``SCRIPT [-x] HOST CMD...``."""
+        """An executable for hydra's ``-launcher ssh -launcher-exec``:
+        ``SCRIPT [-x] HOST CMD...``."""
         script = directory / "enter_node.sh"
-        script.write_text(f"""#!/bin/sh
-[ "$1" = "-x" ] && shift
-host="$1"; shift
-case "$host" in nodea) ns={self.names["nodea"]} ;; nodeb) ns={self.names["nodeb"]} ;; *) echo "unknown host $host" >&2; exit 1 ;; esac
-exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec sh -c "$*"' "$host" "$@"
-""")
+        script.write_text(
+            "#!/bin/sh\n"
+            '[ "$1" = "-x" ] && shift\n'
+            'host="$1"; shift\n'
+            f'case "$host" in nodea) ns={self.names["nodea"]} ;; '
+            f"nodeb) ns={self.names['nodeb']} ;; "
+            '*) echo "unknown host $host" >&2; exit 1 ;; esac\n'
+            """exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec sh -c "$*"' """
+            '"$host" "$@"\n'
+        )
         script.chmod(0o755)
         return script
 

@@ -63,7 +63,7 @@ def nodes():
 def mpiexec(nodes: TwoNodes, tmp_path: Path, *args: str, env: tuple[str, ...] = ()) -> list[str]:
     genv = [
         item
-        for pair in zip(ENV[::2] + list(env[::2]), ENV[1::2] + list(env[1::2]))
+        for pair in zip(ENV[::2] + list(env[::2]), ENV[1::2] + list(env[1::2]), strict=True)
         for item in ("-genv", *pair)
     ]
     return nodes.command(
@@ -121,7 +121,7 @@ def test_torchrun_on_each_node_with_self_names_on_127_0_1_1(nodes, tmp_path):
             node,
             [
                 "env",
-                *(f"{k}={v}" for k, v in zip(ENV[::2], ENV[1::2])),
+                *(f"{k}={v}" for k, v in zip(ENV[::2], ENV[1::2], strict=True)),
                 str(BIN / "torchrun"),
                 "--nnodes",
                 "2",

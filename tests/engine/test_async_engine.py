@@ -87,7 +87,8 @@ def test_concurrent_callers_get_their_own_images_batched_by_shape(uni_engine):
     assert (
         max(sizes[r.request_id] for r in requests) == 4
     )  # the six same-shape requests shared batches
-    # the same items through the sync engine's fixed batches give the same pixels where batches match
+    # the same items through the sync engine's fixed batches give the same pixels where batches
+    # match
     reference = uni_engine.engine.generate(requests[:4])
     assert same_pixels(reference, outputs[:4])
 

@@ -272,7 +272,8 @@ CASES = [
         "p.txt",
         b"x\n",
         ["--ulysses", "2", "--num-gpus", "2"],
-        "--ulysses 2: sequence parallelism splits a transformer's tokens; UNet2DConditionModel is a UNet",
+        "--ulysses 2: sequence parallelism splits a transformer's tokens; "
+        "UNet2DConditionModel is a UNet",
     ),
     (
         "ring on a unet",
@@ -300,7 +301,8 @@ CASES = [
         "p.txt",
         b"x\n",
         ["--model", "tiny-flux", "--cfg-parallel", "--num-gpus", "2"],
-        "--cfg-parallel: no item runs classifier-free guidance, so one rank of every pair would idle (FluxPipeline",
+        "--cfg-parallel: no item runs classifier-free guidance, so one rank of every pair would "
+        "idle (FluxPipeline",
     ),
     (
         "cfg parallel without a negative prompt on qwen",
@@ -342,9 +344,9 @@ CASES = [
         "p.txt",
         b"x\n",
         ["--model", "tiny-ltx", "--vae-parallel", "--ulysses", "2", "--num-gpus", "2"],
-        "--vae-parallel splits the decode of the KL autoencoder (SD, SDXL, PixArt, SD3, Flux) and of the causal 3-D VAE "
-        "of Wan and Qwen-Image (AutoencoderKL, AutoencoderKLWan, AutoencoderKLQwenImage); this pipeline's VAE is "
-        "AutoencoderKLLTXVideo",
+        "--vae-parallel splits the decode of the KL autoencoder (SD, SDXL, PixArt, SD3, Flux) "
+        "and of the causal 3-D VAE of Wan and Qwen-Image (AutoencoderKL, AutoencoderKLWan, "
+        "AutoencoderKLQwenImage); this pipeline's VAE is AutoencoderKLLTXVideo",
     ),
     (
         "vae parallel on sana's dc-ae",
@@ -365,15 +367,16 @@ CASES = [
         "p.jsonl",
         b'{"prompt": "x", "height": 80, "width": 80}\n',
         ["--model", "tiny-flux", "--ulysses", "2", "--num-gpus", "2"],
-        "p.jsonl:1: a 80x80 image is 5x5 = 25 tokens, which do not split evenly over 2 sequence-parallel ranks",
+        "p.jsonl:1: a 80x80 image is 5x5 = 25 tokens, which do not split evenly over 2 "
+        "sequence-parallel ranks",
     ),
     (
         "token rows not splitting over ring on sana",
         "p.txt",
         b"x\n",
         ["--model", "tiny-sana", "--ring", "2", "--height", "72", "--num-gpus", "2"],
-        "is 9 rows of tokens, which do not split evenly over 2 sequence-parallel ranks; use a height that is a "
-        "multiple of 16",
+        "is 9 rows of tokens, which do not split evenly over 2 sequence-parallel ranks; use a "
+        "height that is a multiple of 16",
     ),
     (
         "unknown quantization kind",
@@ -510,7 +513,8 @@ IMAGE_CASES = [
         "mask of another size",
         '{"prompt": "x", "image": "pics/a.png", "mask_image": "pics/small.png"}',
         [],
-        "p.jsonl:2: mask_image is 16x16 and image is 32x32: an inpainting mask must have its image's size",
+        "p.jsonl:2: mask_image is 16x16 and image is 32x32: an inpainting mask must have its "
+        "image's size",
     ),
     (
         "strength above 1",

@@ -233,26 +233,30 @@ def test_a_text_to_image_server_answers_an_edit_with_what_to_load(text_to_image)
             "image is required",
         ),
         (
-            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nnot a picture\r\n--b\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            b"not a picture\r\n--b\r\n"
             b'Content-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--b--\r\n',
             {"Content-Type": "multipart/form-data; boundary=b"},
             "is not an image Pillow can read",
         ),
         (
-            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nx\r\n--b\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            b"x\r\n--b\r\n"
             b'Content-Disposition: form-data; name="steps"\r\n\r\n3\r\n--b--\r\n',
             {"Content-Type": "multipart/form-data; boundary=b"},
             "prompt: Field required",
         ),
         (
-            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nx\r\n--b\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            b"x\r\n--b\r\n"
             b'Content-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--b\r\n'
             b'Content-Disposition: form-data; name="strength"\r\n\r\n2\r\n--b--\r\n',
             {"Content-Type": "multipart/form-data; boundary=b"},
             "strength: Input should be less than or equal to 1",
         ),
         (
-            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nx\r\n--b',
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            b"x\r\n--b",
             {"Content-Type": "multipart/form-data; boundary=b"},
             "image is required",
         ),

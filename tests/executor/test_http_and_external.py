@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def test_external_worker_survives_scans_silence_garbage_and_wrong_keys(tiny_unet
         for junk in (b"\xff\xff\xff\xff" + b"x" * 16, b"\x00\x00\x00\x05hello", bytes(range(256))):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.sendall(junk)
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError):
             Client(("127.0.0.1", port), authkey=b"wrong-key")
         trusted = ShmChannel(Client(("127.0.0.1", port), authkey=b"test-secret"), threshold=REMOTE)
         trusted.send(("not", "a", "request"))  # a malformed envelope after a good handshake

@@ -2,8 +2,9 @@
 
 JobGate (``$SPMD_TEST_GATE_DIR``): on the processes that run the engine,
 ``ReplicaScheduler.drive`` hands out no further batch once ``$SPMD_TEST_GATE_AFTER`` batches
-have been delivered (by at least ``$SPMD_TEST_GATE_RANKS`` different ranks), until ``$SPMD_TEST_GATE_DIR/release`` exists; and every worker writes
-``rank-<rank>.pid`` there once it has loaded (so a test can stop or kill a given rank).
+have been delivered (by at least ``$SPMD_TEST_GATE_RANKS`` different ranks), until
+``$SPMD_TEST_GATE_DIR/release`` exists; and every worker writes ``rank-<rank>.pid`` there once
+it has loaded (so a test can stop or kill a given rank).
 
 Hold for a signal (``$SPMD_TEST_HOLD_FOR_SIGNAL_AT=N``): a replica leader running a batch
 with progress on waits after step N until the engine's signal (a cancellation) has arrived,

@@ -112,14 +112,17 @@ def test_parquet_under_mpiexec(parquet_runs):
 
 def test_webdataset_shards_match_the_files_output(parquet_runs):
     files, shards = manifest(parquet_runs["files"]), manifest(parquet_runs["webdataset"])
-    assert {(l["id"], l["seed"]) for l in shards} == {(l["id"], l["seed"]) for l in files}
+    assert {(line["id"], line["seed"]) for line in shards} == {
+        (line["id"], line["seed"]) for line in files
+    }
     assert all(
-        l["status"] == "ok" and l["path"].startswith("shards/") and l["shard_bytes"] for l in shards
+        line["status"] == "ok" and line["path"].startswith("shards/") and line["shard_bytes"]
+        for line in shards
     )
-    assert {l["written_by"] for l in shards} == {0, 1}, "each replica leader wrote shards"
+    assert {line["written_by"] for line in shards} == {0, 1}, "each replica leader wrote shards"
     samples = shard_samples(parquet_runs["webdataset"])
-    assert sorted(s["__key__"] for s in samples) == sorted(l["key"] for l in shards)
-    by_id = {l["id"]: l for l in files}
+    assert sorted(s["__key__"] for s in samples) == sorted(line["key"] for line in shards)
+    by_id = {line["id"]: line for line in files}
     for sample in samples:
         record = json.loads(sample["json"])
         assert (
@@ -160,9 +163,10 @@ def test_datasets_directory_under_mpiexec(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     lines = manifest(output)
-    assert sorted(l["id"] for l in lines) == [f"{i:06d}" for i in range(1, 6)]
-    assert sorted(l["num_inference_steps"] for l in lines) == [1, 1, 2, 2, 2]
-    assert all(l["path"].endswith(".jpg") for l in lines) and {l["rank"] for l in lines} == {0, 1}
+    assert sorted(line["id"] for line in lines) == [f"{i:06d}" for i in range(1, 6)]
+    assert sorted(line["num_inference_steps"] for line in lines) == [1, 1, 2, 2, 2]
+    assert all(line["path"].endswith(".jpg") for line in lines)
+    assert {line["rank"] for line in lines} == {0, 1}
 
     for line in lines:
         assert read_record((output / line["path"]).read_bytes())["prompt"] == line["prompt"]
@@ -194,7 +198,7 @@ def test_openai_batch_file_under_mpiexec(tmp_path):
         MPIEXEC, "--prompts", str(path), "--output", str(output), *SMALL, "--image-format", "webp"
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    by_key = {(l["id"], l["index"]): l for l in manifest(output)}
+    by_key = {(line["id"], line["index"]): line for line in manifest(output)}
     assert sorted(by_key) == [("req-0", 0), ("req-0", 1), ("req-1", 0), ("req-2", 0)]
     assert (
         by_key[("req-1", 0)]["seed"] == 9
@@ -260,12 +264,12 @@ def test_resume_after_a_kill_in_the_middle_of_a_shard(tmp_path):
         "images_ok"
     ] == 12 - len(first)
     lines = manifest(output)
-    assert sorted(l["id"] for l in lines) == [f"{i:06d}" for i in range(1, 13)]
-    old_shards = {l["path"] for l in first}
-    assert all(l["path"].startswith("shards/a0001-") for l in lines[len(first) :]), (
+    assert sorted(line["id"] for line in lines) == [f"{i:06d}" for i in range(1, 13)]
+    old_shards = {line["path"] for line in first}
+    assert all(line["path"].startswith("shards/a0001-") for line in lines[len(first) :]), (
         "new shards of a new attempt"
     )
-    assert all(l["path"] in old_shards for l in lines[: len(first)])
+    assert all(line["path"] in old_shards for line in lines[: len(first)])
     samples = shard_samples(output)
     assert sorted(s["__key__"] for s in samples) == [f"{i:06d}" for i in range(1, 13)]
 

@@ -173,7 +173,9 @@ def test_resume_after_a_kill_finishes_only_what_is_missing(tmp_path):
 def test_a_failing_item_is_recorded_and_the_rest_finish(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
-        '{"prompt": "fine one"}\n{"prompt": "too many steps", "steps": 5000}\n{"prompt": "fine two"}\n'
+        '{"prompt": "fine one"}\n'
+        '{"prompt": "too many steps", "steps": 5000}\n'
+        '{"prompt": "fine two"}\n'
     )
     output = tmp_path / "out"
     # 5000 steps pass the (raised) request limit and fail in the scheduler, at run time

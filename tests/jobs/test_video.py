@@ -41,7 +41,10 @@ def test_each_format_decodes_to_its_frames_and_carries_the_record(video_format):
     )
     if video_format == "webp":  # quality 100: lossless
         expected = (np.clip(FRAMES, 0, 1) * 255).round().astype(np.uint8)
-        assert all(np.array_equal(np.asarray(frame), want) for frame, want in zip(frames, expected))
+        assert all(
+            np.array_equal(np.asarray(frame), want)
+            for frame, want in zip(frames, expected, strict=True)
+        )
 
 
 @pytest.mark.parametrize("video_format", video.VIDEO_FORMATS)

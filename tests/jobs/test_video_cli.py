@@ -102,7 +102,9 @@ def test_torchrun_writes_decodable_mp4s_of_the_asked_frame_counts(prompts, singl
     assert {item: len(clip) for item, clip in decoded.items()} == FRAME_COUNTS
     reference = frames(single, "webp")
     for item, clip in decoded.items():  # H.264 is lossy: close to the lossless frames, not equal
-        assert np.mean([np.abs(a - b).mean() for a, b in zip(clip, reference[item])]) < 8, item
+        assert (
+            np.mean([np.abs(a - b).mean() for a, b in zip(clip, reference[item], strict=True)]) < 8
+        ), item
     assert (output / "contact_sheet.png").exists()
 
 
@@ -116,5 +118,9 @@ def test_tensor_and_cfg_parallel_give_the_single_rank_frames(
     output = run(launcher, prompts, tmp_path / "out", *LOSSLESS, *layout)
     got, want = frames(output, "webp"), frames(single, "webp")
     assert {item: len(clip) for item, clip in got.items()} == FRAME_COUNTS
-    worst = max(int(np.abs(a - b).max()) for item in want for a, b in zip(got[item], want[item]))
+    worst = max(
+        int(np.abs(a - b).max())
+        for item in want
+        for a, b in zip(got[item], want[item], strict=True)
+    )
     assert worst <= 2, f"largest pixel difference {worst}/255"  # float reductions in another order

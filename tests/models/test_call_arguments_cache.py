@@ -24,7 +24,8 @@ def test_the_arguments_are_cached_by_diffusers_version_and_read_back(tmp_path, m
     # a fresh process reads them back without importing diffusers
     code = (
         "import sys; from spmd_diffusion.models.loader import call_arguments; "
-        "print(sorted(call_arguments('x', 'StableDiffusionPipeline')[1])); print('diffusers' in sys.modules)"
+        "print(sorted(call_arguments('x', 'StableDiffusionPipeline')[1])); "
+        "print('diffusers' in sys.modules)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],

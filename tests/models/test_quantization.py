@@ -80,7 +80,8 @@ def test_int8_weights_take_a_fraction_of_the_memory_and_change_little(model, bou
     value = psnr(first, second)
     with capsys.disabled():
         print(
-            f"\n{model} int8wo: weights {small / full:.2f}x of fp32, PSNR {value:.1f} dB vs unquantized"
+            f"\n{model} int8wo: weights {small / full:.2f}x of fp32, "
+            f"PSNR {value:.1f} dB vs unquantized"
         )
     assert 20 < value < float("inf")  # changed, and only a little
     stats = quantized.get_cache_stats()["memory"]

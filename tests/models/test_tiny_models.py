@@ -61,7 +61,8 @@ def test_make_tiny_model_command_saves_a_loadable_pipeline(tmp_path, arch, pipel
         == pipeline_name
     )
     marker = json.loads((tmp_path / arch / "tiny_model.json").read_text())
-    # the families whose own defaults are 1024x1024 images, long videos or long prompts carry small ones
+    # the families whose own defaults are 1024x1024 images, long videos or long prompts carry
+    # small ones
     assert marker.get("call_defaults") == CALL_DEFAULTS.get(arch)
     assert arch in ("unet", "sdxl", "dit") or marker["call_defaults"]["height"] == 64
 

@@ -1,4 +1,5 @@
-"""A 2-rank job that fails on purpose; tests/distributed/test_spmd_failures.py runs it under each launcher.
+"""A 2-rank job that fails on purpose; tests/distributed/test_spmd_failures.py runs it under
+each launcher.
 
     mpiexec -n 2 python tests/multirank/failure_job.py MODE
     torchrun --nproc-per-node 2 tests/multirank/failure_job.py MODE

@@ -126,7 +126,8 @@ def test_sequence_parallel_matches_single_rank(family, layout_name, sp_reference
         ok = difference <= SP_TOLERANCE and calls > 0 and report.sp.attention_modules > 0
         return (
             ok,
-            f"max difference {difference:.2e}; {calls} sequence-parallel attention calls; {report.summary()}",
+            f"max difference {difference:.2e}; {calls} sequence-parallel attention calls; "
+            f"{report.summary()}",
         )
 
     verdict_on_all_ranks(body)
@@ -222,7 +223,8 @@ def test_tp2_with_cfg2_on_every_guided_family(family, sp_references, tp_cfg_pair
         ok = difference <= SP_TOLERANCE and report.cfg.split_calls > 0 and not report.tp.skipped
         return (
             ok,
-            f"max difference {difference:.2e}; cfg calls {report.cfg.split_calls}/{report.cfg.whole_calls}",
+            f"max difference {difference:.2e}; "
+            f"cfg calls {report.cfg.split_calls}/{report.cfg.whole_calls}",
         )
 
     verdict_on_all_ranks(body)

@@ -1,4 +1,5 @@
-"""MPIExecutor on 2 ranks: ``mpiexec -n 2 python -m pytest --with-mpi tests/multirank/test_mpi_executor.py``."""
+"""MPIExecutor on 2 ranks:
+``mpiexec -n 2 python -m pytest --with-mpi tests/multirank/test_mpi_executor.py``."""
 
 import pytest
 from spmd_checks import *  # noqa: F403 - the shared checks are this module's tests

@@ -1,6 +1,7 @@
-"""Tensor/CFG parallel correctness under mpiexec (pytest-mpi; hard timeout outside and inside):
+r"""Tensor/CFG parallel correctness under mpiexec (pytest-mpi; hard timeout outside and inside):
 
-    timeout 300 mpiexec -n 2 python -m pytest -q -p no:cacheprovider --with-mpi tests/multirank/test_parallel_mpi.py
+    timeout 300 mpiexec -n 2 python -m pytest -q -p no:cacheprovider --with-mpi \
+        tests/multirank/test_parallel_mpi.py
 
 torch.distributed is initialised here from MPI: rank and size from mpi4py, MASTER_ADDR
 127.0.0.1 and a MASTER_PORT chosen by rank 0 and broadcast with mpi4py, gloo backend.

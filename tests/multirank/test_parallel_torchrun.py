@@ -1,6 +1,7 @@
-"""Tensor/CFG parallel correctness under torchrun (hard timeout outside and inside):
+r"""Tensor/CFG parallel correctness under torchrun (hard timeout outside and inside):
 
-    timeout 300 torchrun --nproc-per-node 2 -m pytest -q -p no:cacheprovider tests/multirank/test_parallel_torchrun.py
+    timeout 300 torchrun --nproc-per-node 2 -m pytest -q -p no:cacheprovider \
+        tests/multirank/test_parallel_torchrun.py
 
 With ``--nproc-per-node 4`` the same checks run with dp=2 and tp=2 and cfg=2 also combine.
 """

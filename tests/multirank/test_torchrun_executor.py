@@ -1,4 +1,5 @@
-"""TorchDistributedExecutor on 2 ranks: ``torchrun --nproc-per-node 2 -m pytest tests/multirank/test_torchrun_executor.py``."""
+"""TorchDistributedExecutor on 2 ranks:
+``torchrun --nproc-per-node 2 -m pytest tests/multirank/test_torchrun_executor.py``."""
 
 import pytest
 from spmd_checks import *  # noqa: F403 - the shared checks are this module's tests

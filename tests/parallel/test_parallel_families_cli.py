@@ -67,7 +67,9 @@ def test_sequence_parallel_job_gives_the_single_rank_images(tmp_path, launcher, 
     run = json.loads((tmp_path / "sp" / "run.json").read_text())
     sp = run["parallel"]["sp"]
     degree = {
-        flag: int(value) for flag, value in zip(flags, flags[1:]) if flag in ("--ulysses", "--ring")
+        flag: int(value)
+        for flag, value in zip(flags, flags[1:], strict=False)
+        if flag in ("--ulysses", "--ring")
     }
     assert (sp["ulysses"], sp["ring"]) == (degree.get("--ulysses", 1), degree.get("--ring", 1))
     if "--vae-parallel" in flags:  # every batch's decode split over the two ranks

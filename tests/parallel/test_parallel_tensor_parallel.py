@@ -273,7 +273,7 @@ def test_sharded_rms_norm_equals_the_whole_one():
     with torch.no_grad():
         parts = [
             (piece * torch.rsqrt(squares / 16 + 1e-6)) * shard.weight
-            for piece, shard in zip(x.chunk(2, -1), shards)
+            for piece, shard in zip(x.chunk(2, -1), shards, strict=True)
         ]
         assert torch.allclose(torch.cat(parts, -1), norm(x), atol=1e-5)
 

@@ -126,7 +126,8 @@ def test_a_replica_denoises_its_next_batch_while_the_last_one_is_written(tiny_un
     ) as engine:
         assert engine.collective_rpc(count_denoiser_calls) == [True]
         outputs: list[DiffusionOutput] = []
-        # batch 0 runs 2 steps, one denoiser call each (guidance batched): its sink waits for a third
+        # batch 0 runs 2 steps, one denoiser call each (guidance batched): its sink waits for a
+        # third
         engine.generate_stream(
             batches, outputs.append, sinks=[WaitsForTheNextBatch(2), PassThrough()]
         )
@@ -157,7 +158,7 @@ def test_a_sink_that_fails_fails_its_own_batch_only(tiny_unet):
     errors = {
         request_id: error
         for output in outputs
-        for request_id, error in zip(output.request_ids, output.errors)
+        for request_id, error in zip(output.request_ids, output.errors, strict=True)
     }
     assert (
         "No space left on device" in errors["item-0"]

@@ -35,7 +35,7 @@ def test_generate_real_images(request, fixture):
     worker = request.getfixturevalue(fixture)
     output = worker.generate(small_requests(4))
     assert output.ok and output.request_ids == [f"item-{i}" for i in range(4)]
-    for images, seeds in zip(output.images, output.seeds):
+    for images, seeds in zip(output.images, output.seeds, strict=True):
         assert len(images) == 1 and images[0].size == (64, 64) and seeds
     assert output.metadata[0]["num_inference_steps"] == 4 and output.metadata[0]["height"] == 64
     # Different seeds give different images: the model really ran.
