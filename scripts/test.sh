@@ -12,11 +12,14 @@ source "$(dirname "$0")/setup.sh"
 SUITE_START=$SECONDS
 trap 'echo "== test suite: $(( (SECONDS - SUITE_START) / 60 )) min $(( (SECONDS - SUITE_START) % 60 )) s (exit $?)"' EXIT
 
+echo "== lint: ruff check and ruff format --check (rules and line length in pyproject.toml)"
+ruff check .
+ruff format --check .
+
 echo "== single-process tests (they launch real 2-rank jobs, a Ray cluster, Slurm and two-node jobs too)"
 # Two pytest workers, a test file each at a time: most tests start processes (mpiexec,
-# torchrun, Ray, Slurm) and wait on them, so two files overlap even on two cores. Measured
-# on the 2-vCPU VM: 506 tests in 17 min, then 2 min for the three multi-rank runs. Most of
-# it is job start-up: each rank spends about 10 s of CPU importing diffusers and a pipeline.
+# torchrun, Ray, Slurm) and wait on them, so two files overlap even on two cores. Most of the
+# time is job start-up (each rank imports diffusers and a pipeline before any work).
 timeout 1500 python -m pytest -q -n 2 --dist loadfile --ignore=tests/multirank --durations=15 "$@"
 
 echo "== multi-rank tests: mpiexec -n 2 (pytest-mpi)"
