@@ -242,8 +242,9 @@ def call_arguments(model: str, class_name: str | None) -> tuple[str, set[str]] |
     class cannot be known before loading): rank 0 refuses items it could not run.
 
     Read from a small cache keyed by the installed diffusers' version where it was seen
-    before: importing diffusers and a pipeline class costs rank 0 about 4 s of start-up (of a
-    tiny job's 8), and without a launcher the engine process needs nothing else of them."""
+    before: importing diffusers and a pipeline class was half of a tiny job's start-up on rank 0
+    (benchmarks/RESULTS.md, "Engine overhead"), and without a launcher the engine process needs
+    nothing else of them."""
     name = declared_pipeline_class(model, class_name)
     if not name:
         return None
