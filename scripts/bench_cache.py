@@ -127,7 +127,9 @@ def main() -> None:
     workers = {
         name: DiffusionWorker(
             OmniDiffusionConfig(
-                model=model, max_batch_size=args.batch_size, cache=None if name == "none" else name
+                model=model,
+                max_images_per_batch=args.batch_size,
+                cache=None if name == "none" else name,
             )
         )
         for name in names

@@ -72,7 +72,9 @@ def main() -> None:
     results = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
         worker = DiffusionWorker(
-            OmniDiffusionConfig(model=args.model, compile=compile_, max_batch_size=args.batch_size)
+            OmniDiffusionConfig(
+                model=args.model, compile=compile_, max_images_per_batch=args.batch_size
+            )
         )
         results[name] = measure(worker, args)
         results[name]["device"] = str(worker.device)

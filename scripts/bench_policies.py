@@ -66,7 +66,7 @@ def main() -> None:
         executor_class="mp",
         num_gpus=args.replicas,
         device="cpu",
-        max_batch_size=args.batch_size,
+        max_images_per_batch=args.batch_size,
     )
     times: dict[str, list[float]] = {"shape": [], "cost": []}
     idle: dict[str, list[float]] = {name: [] for name in times}

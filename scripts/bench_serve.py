@@ -206,7 +206,7 @@ def mixed_row(
 
 def video_row(args: argparse.Namespace) -> dict[str, float]:
     config = OmniDiffusionConfig(
-        model="tiny-video", executor_class="mp", num_gpus=2, device="cpu", max_batch_size=1
+        model="tiny-video", executor_class="mp", num_gpus=2, device="cpu", max_images_per_batch=1
     )
 
     def send_short(url: str, index: int) -> None:
@@ -256,7 +256,7 @@ def edit_row(args: argparse.Namespace) -> dict[str, float]:
         executor_class="mp",
         num_gpus=2,
         device="cpu",
-        max_batch_size=1,
+        max_images_per_batch=1,
     )
     buffer = io.BytesIO()
     Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)).save(
@@ -352,7 +352,7 @@ def main() -> None:
         executor_class="mp",
         num_gpus=args.replicas,
         device="cpu",
-        max_batch_size=args.batch_size,
+        max_images_per_batch=args.batch_size,
     )
     engine = AsyncDiffusionEngine(config, progress_interval_s=None if args.no_progress else 0.25)
     server = serve(engine, "127.0.0.1", 0).start()

@@ -3,7 +3,7 @@
 ``await engine.generate(request)`` may be called by any number of coroutines at once. A
 dispatcher thread runs the engine's replica scheduler (the same loop a batch job uses) with
 this engine's queue as its work source: the schedule policy batches requests that share a
-shape (``batch_key``: size, steps, guidance, extra arguments), up to ``max_batch_size``
+shape (``batch_key``: size, steps, guidance, extra arguments), up to ``max_images_per_batch``
 images, waiting at most ``max_wait_s`` for company, and each batch goes to whichever
 replica is free. Results are handed back to each caller's event loop.
 
@@ -148,7 +148,7 @@ class AsyncDiffusionEngine:
         self.engine = engine if engine is not None else DiffusionEngine(od_config, hooks=hooks)
         self.od_config = od_config
         self.max_wait_s = max_wait_s
-        self.policy = resolve_policy(policy or od_config.schedule)
+        self.policy = resolve_policy(policy or od_config.batch_policy)
         self.hooks = HookList(
             [*self.engine.hooks.hooks, *(hooks if engine is not None and hooks else [])]
         )
@@ -308,7 +308,7 @@ class AsyncDiffusionEngine:
         with self._changed:
             self._seen_generation = self._generation
             selection = self.policy.select(
-                self._queue, self.od_config.max_batch_size, self.max_wait_s, now
+                self._queue, self.od_config.max_images_per_batch, self.max_wait_s, now
             )
             if not selection.batch:
                 return selection.wake_at

@@ -46,7 +46,7 @@ class DiffusionEngine:
         self.od_config = od_config
         self.hooks: HookList = load_hooks([*od_config.hooks, *(hooks or [])])
         self.policy = resolve_policy(
-            policy or od_config.schedule
+            policy or od_config.batch_policy
         )  # bad names fail before workers start
         executor_class = DiffusionExecutor.get_class(od_config)
         check_executor_for_launch(executor_class)
@@ -87,7 +87,7 @@ class DiffusionEngine:
                 by_id[single.request_id] = single
 
         self.scheduler.run(
-            chunk_requests(prepared, self.od_config.max_batch_size),
+            chunk_requests(prepared, self.od_config.max_images_per_batch),
             keep,
             timeout=self.od_config.generate_timeout,
         )

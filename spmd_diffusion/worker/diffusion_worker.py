@@ -510,7 +510,7 @@ class DiffusionWorker:
                 sizes[pos] = False
         # Images of different output sizes never share a pipeline call (it would resize them
         # all to the first one's size): each image stays what it would be alone.
-        pending = plan_batches(requests, self.od_config.max_batch_size, keys=sizes)
+        pending = plan_batches(requests, self.od_config.max_images_per_batch, keys=sizes)
         step_seconds: list[float] = []
         watch = self._step_watch(progress)
         while pending:
