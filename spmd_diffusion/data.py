@@ -238,6 +238,8 @@ class DiffusionOutput:
     ``images[i]`` and ``seeds[i]`` belong to ``request_ids[i]``; ``errors[i]`` is None when
     that request succeeded, else the error text (a failed request never hides the others).
     ``metadata[i]`` holds the generation settings the worker actually used and its timing.
+    ``notes`` is what the batch's sink tells the job beside the records (a shard sink's news
+    of its shards); ``to_dict`` leaves it out while empty.
     """
 
     request_ids: list[str] = field(default_factory=list)
@@ -247,6 +249,7 @@ class DiffusionOutput:
     metadata: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     rank: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.request_ids)
@@ -307,6 +310,8 @@ class DiffusionOutput:
         """JSON-safe: images as base64 PNG (PIL) or base64 raw arrays (numpy)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["images"] = [[encode_image(im) for im in per_request] for per_request in self.images]
+        if not self.notes:
+            del data["notes"]  # the shape every earlier reader of this dict knows
         return data
 
     @classmethod

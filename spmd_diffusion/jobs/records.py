@@ -7,12 +7,13 @@ its manifest line). The manifest is read back through :meth:`ImageRecord.from_js
 writer and the reader of a line cannot drift apart.
 
 A :class:`ShardEvent` is a leader's news of one of its WebDataset shards: complete (its size)
-or lost (why). A batch output carries its leader's events in ``metadata[0]["shards"]``
-(:func:`attach_shard_events`, :func:`shard_events`).
+or lost (why). A batch output carries its leader's events in its ``notes["shards"]``
+(:func:`with_shard_events`, :func:`shard_events`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -50,7 +51,7 @@ DESCRIBED = (
 )
 # Fields a resume reads from a manifest line (see ``ImageRecord.from_json(brief=True)``).
 RESUME_FIELDS = ("fingerprint", "path", "bytes", "shard_bytes")
-EVENTS_KEY = "shards"  # in an output's metadata[0]: {"closed": [...], "failed": [...]}
+EVENTS_KEY = "shards"  # in an output's notes: {"closed": [...], "failed": [...]}
 
 
 def describe(
@@ -303,12 +304,11 @@ def events_from_json(wire: dict[str, list[dict[str, Any]]]) -> list[ShardEvent]:
     ] + [ShardEvent(entry["path"], error=entry["error"]) for entry in wire.get("failed", ())]
 
 
-def attach_shard_events(metadata: list[dict[str, Any]], events: list[ShardEvent]) -> None:
-    """Let a batch output (its ``metadata``) carry its leader's shard events to rank 0."""
-    if metadata:
-        metadata[0][EVENTS_KEY] = events_to_json(events)
+def with_shard_events(output: DiffusionOutput, events: list[ShardEvent]) -> DiffusionOutput:
+    """``output`` carrying its leader's shard events to rank 0 (in its ``notes``)."""
+    return dataclasses.replace(output, notes={**output.notes, EVENTS_KEY: events_to_json(events)})
 
 
 def shard_events(output: DiffusionOutput) -> list[ShardEvent]:
     """The shard events a batch output carries (none for file output)."""
-    return events_from_json(output.metadata[0].get(EVENTS_KEY, {})) if output.metadata else []
+    return events_from_json(output.notes.get(EVENTS_KEY, {}))

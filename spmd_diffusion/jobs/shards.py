@@ -36,7 +36,7 @@ from spmd_diffusion.data import DiffusionOutput
 from spmd_diffusion.jobs.encoding import Encoding
 from spmd_diffusion.jobs.files import FILE_MODE, fsync_directory
 from spmd_diffusion.jobs.outputs import image_name
-from spmd_diffusion.jobs.records import ImageRecord, ShardEvent, attach_shard_events, events_to_json
+from spmd_diffusion.jobs.records import ImageRecord, ShardEvent, events_to_json, with_shard_events
 
 SHARDS_DIR = "shards"
 SHARD_NAME = re.compile(r"^a(\d{4,})-r(\d{4,}|x)-(\d{6,})\.tar$")
@@ -177,7 +177,7 @@ class ShardSink:
     def write(self, output: DiffusionOutput) -> DiffusionOutput:
         """Append every image of ``output`` to the open shard; the output with images
         replaced by records (``metadata[i]["files"]``, pending) and the shard events of this
-        leader in ``metadata[0]["shards"]``."""
+        leader in its ``notes["shards"]``."""
         errors = list(output.errors)
         metadata = [dict(meta) for meta in output.metadata]
         with _LOCK:
@@ -192,10 +192,11 @@ class ShardSink:
                         errors[position] = f"writing its shard failed: {type(exc).__name__}: {exc}"
                         files = []
                 metadata[position]["files"] = files
-            attach_shard_events(metadata, writer.take_events())
-        return dataclasses.replace(
+            events = writer.take_events()
+        written = dataclasses.replace(
             output, images=[[] for _ in output.request_ids], errors=errors, metadata=metadata
         )
+        return with_shard_events(written, events)
 
     def _write_request(
         self, writer: ShardWriter, output: DiffusionOutput, position: int

@@ -358,7 +358,7 @@ def test_shard_sink_writes_complete_shards_a_reader_can_read(tmp_path):
     written = sink.write(output)
     files = [entry for meta in written.metadata for entry in meta["files"]]
     assert [f["key"] for f in files] == ["a%2Eb", "c", "d"] and written.images == [[], [], []]
-    events = written.metadata[0]["shards"]
+    events = written.notes["shards"]
     assert [e["path"] for e in events["closed"]] == ["shards/a0003-r0001-000000.tar"] and events[
         "closed"
     ][0]["images"] == 2

@@ -9,10 +9,10 @@ from spmd_diffusion.jobs.records import (
     ABSENT,
     ImageRecord,
     ShardEvent,
-    attach_shard_events,
     describe,
     events_from_json,
     shard_events,
+    with_shard_events,
 )
 from spmd_diffusion.request import OmniDiffusionRequest
 
@@ -62,13 +62,14 @@ def test_a_manifest_line_reads_back_as_the_record_it_was():
     assert (brief.path, brief.shard_bytes, brief.prompt) == ("shards/s.tar", 10240, None)
 
 
-def test_shard_events_travel_in_an_outputs_metadata():
+def test_shard_events_travel_in_an_outputs_notes():
     events = [ShardEvent("shards/a.tar", bytes=10, images=2), ShardEvent("shards/b.tar", error="x")]
-    output = _output()
-    attach_shard_events(output.metadata, events)
-    assert output.metadata[0]["shards"] == {
+    output = with_shard_events(_output(), events)
+    assert output.notes["shards"] == {
         "closed": [{"path": "shards/a.tar", "bytes": 10, "images": 2}],
         "failed": [{"path": "shards/b.tar", "error": "x"}],
     }
-    assert shard_events(output) == events == events_from_json(output.metadata[0]["shards"])
+    assert shard_events(output) == events == events_from_json(output.notes["shards"])
+    assert shard_events(DiffusionOutput.from_dict(output.to_dict())) == events
     assert shard_events(DiffusionOutput(request_ids=[], images=[])) == []
+    assert "notes" not in _output().to_dict()  # empty: the dict every earlier reader knows
