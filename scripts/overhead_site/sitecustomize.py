@@ -17,7 +17,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-WORKER = "spmd_diffusion.worker.diffusion_worker"
+SETUP = "spmd_diffusion.worker.model_setup"  # where the worker loads its pipeline
 
 
 class _Config(dict):
@@ -94,13 +94,15 @@ class GpuLikeStandIn:
 
 
 def _patch(module) -> None:
+    if not hasattr(module, "load_pipeline"):  # the loading moved: fail, never bench the real model
+        raise RuntimeError(f"{SETUP} no longer calls load_pipeline: update the stand-in's patch")
     settings = json.loads(os.environ["BENCH_OVERHEAD"])
     module.load_pipeline = lambda *args, **kwargs: GpuLikeStandIn(settings)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != WORKER:
+        if name != SETUP:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
