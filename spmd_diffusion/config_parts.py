@@ -12,13 +12,11 @@ that need them are handed in by :mod:`spmd_diffusion.option_checks`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from spmd_diffusion import option_checks
+from spmd_diffusion.layout import ParallelLayout
 from spmd_diffusion.request import MAX_SEED
-
-if TYPE_CHECKING:
-    from spmd_diffusion.parallel.mesh import ParallelLayout
 
 DEFAULT_MODEL = "tiny-unet"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -160,8 +158,6 @@ class ParallelConfig:
     def parallel_layout(self, world_size: int) -> ParallelLayout:
         """How ``world_size`` ranks (or workers) split into replicas; a clear ``ValueError``
         when tp x cfg x sp does not divide them."""
-        from spmd_diffusion.parallel.mesh import ParallelLayout  # noqa: PLC0415 - torch
-
         return ParallelLayout(
             world_size,
             tp=self.tensor_parallel_size,

@@ -28,7 +28,7 @@ from spmd_diffusion.utils.image_inputs import check_image_inputs
 from spmd_diffusion.utils.images import ImageLike, decode_image, encode_image
 
 if TYPE_CHECKING:
-    from spmd_diffusion.parallel.mesh import ParallelLayout
+    from spmd_diffusion.layout import ParallelLayout
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -10,21 +10,18 @@ for executors that only implement ``collective_rpc`` or ``execute_model``:
 - ``wait(calls, timeout)``: the handles that have finished.
 """
 
-# ruff: noqa: PLC0415 - project modules load where used (executor.registry, parallel.mesh): they
-# pull in heavy modules or import back into this one
+# ruff: noqa: PLC0415 - the registry imports every executor module, which import this one
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from spmd_diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from spmd_diffusion.distributed.protocol import RpcMethod
+from spmd_diffusion.layout import ParallelLayout
 from spmd_diffusion.request import OmniDiffusionRequest
-
-if TYPE_CHECKING:
-    from spmd_diffusion.parallel.mesh import ParallelLayout
 
 
 class ReplicaCall:
@@ -114,8 +111,6 @@ class DiffusionExecutor(ABC):
     def parallel_layout(self) -> ParallelLayout:
         """How this executor's ranks split into replicas (dp) of cfg x tp ranks. An executor
         that does not say how many ranks it has is one replica of one rank."""
-        from spmd_diffusion.parallel.mesh import ParallelLayout
-
         if self.world_size == 1:
             return ParallelLayout(1)
         return self.od_config.parallel_layout(self.world_size)
