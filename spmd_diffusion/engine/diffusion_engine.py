@@ -167,6 +167,8 @@ class DiffusionEngine:
         """Every replica runs a copy of ``requests`` (ids of their own, at most
         ``WARM_UP_STEPS`` steps), images dropped, before the timed work (see
         ``OmniDiffusionConfig.warmup``); the slowest rank's seconds, None where none ran."""
+        if self.od_config.warmup is False:
+            return None  # asked off: not even a call to the ranks
         copies = [
             dataclasses.replace(
                 request,

@@ -225,10 +225,9 @@ def serve(values: OptionValues) -> int:
         return config
 
     def job(engine: Any) -> int:
-        if engine.od_config.warmup is not False:
-            seconds = engine.warm_up([OmniDiffusionRequest("warm-up", request_id="server")])
-            if seconds is not None:
-                click.echo(f"warmed up in {seconds:.1f} s", err=True)
+        seconds = engine.warm_up([OmniDiffusionRequest("warm-up", request_id="server")])
+        if seconds is not None:
+            click.echo(f"warmed up in {seconds:.1f} s", err=True)
         limits = ServerLimits(
             max_queued_requests=values.max_queue,
             max_video_jobs=values.max_video_jobs,

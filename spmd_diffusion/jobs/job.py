@@ -194,10 +194,8 @@ class GenerateJob:
     def _warm_up(
         self, engine: Any, batches: Iterator[list[OmniDiffusionRequest]]
     ) -> Iterator[list[OmniDiffusionRequest]]:
-        """Unless ``--no-warmup``: every replica runs a copy of the first batch before the timed
-        work (:meth:`DiffusionEngine.warm_up`); returns the batches, whole."""
-        if self.plan.config.warmup is False:
-            return batches
+        """Every replica runs a copy of the first batch before the timed work, where the config
+        asks (:meth:`DiffusionEngine.warm_up`); returns the batches, whole."""
         first = next(batches, None)
         if first is None:
             return batches

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 from gates import JobGate
-from launch import BIN
+from launch import LAUNCH as COMMANDS
 
 from spmd_diffusion.entrypoints.cli import interrupt_message
 from spmd_diffusion.errors import Terminated
@@ -18,8 +18,8 @@ from spmd_diffusion.errors import Terminated
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
 LAUNCH = {  # (the command before "generate", options after it)
-    "mpiexec": ([str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")], []),
-    "none": ([str(BIN / "omni-diffuse")], ["--num-gpus", "2"]),
+    "mpiexec": (COMMANDS["mpiexec"], []),
+    "none": (COMMANDS["none"], ["--num-gpus", "2"]),
 }
 ARGS = ["--steps", "4", "--height", "64", "--width", "64", "--batch-size", "2"]
 

@@ -13,12 +13,12 @@ import subprocess
 
 import pytest
 from gates import JobGate
-from launch import BIN
+from launch import LAUNCH
 
 from spmd_diffusion.entrypoints.cli import cli
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
-TORCHRUN = [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"]
+TORCHRUN = LAUNCH["torchrun"]
 ENDINGS = ("lost the connection to rank 1", "interrupted: the job received SIGTERM")
 
 

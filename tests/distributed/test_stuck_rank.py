@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 from gates import JobGate
-from launch import BIN
+from launch import LAUNCH as COMMANDS
 from sockets import is_loopback, own_listening_sockets
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
@@ -23,9 +23,9 @@ pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 # rank 0 may run several batches before the gate sees both ranks deliver one.
 PROMPTS = 32
 LAUNCH = {  # (the command before "generate", options after it)
-    "none": ([str(BIN / "omni-diffuse")], ["--num-gpus", "2"]),
-    "mpiexec": ([str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")], []),
-    "torchrun": ([str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"], []),
+    "none": (COMMANDS["none"], ["--num-gpus", "2"]),
+    "mpiexec": (COMMANDS["mpiexec"], []),
+    "torchrun": (COMMANDS["torchrun"], []),
 }
 
 

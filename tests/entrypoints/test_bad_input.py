@@ -16,7 +16,7 @@ import shutil
 import subprocess
 
 import pytest
-from launch import BIN
+from launch import LAUNCH
 
 from spmd_diffusion.entrypoints.cli import main
 from spmd_diffusion.jobs.manifest import ManifestWriter
@@ -674,10 +674,7 @@ def test_bad_input_releases_every_rank(tmp_path, launcher):
     failure before start-up releases the other rank (which would otherwise wait forever)."""
     garbage = tmp_path / "g.txt"
     garbage.write_bytes(os.urandom(3000))
-    command = {
-        "mpiexec": [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")],
-        "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"],
-    }[launcher]
+    command = LAUNCH[launcher]
     done = subprocess.run(
         [*command, "generate", "--prompts", str(garbage), "--output", str(tmp_path / "out")],
         capture_output=True,

@@ -9,17 +9,11 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
-from launch import BIN
+from launch import BIN, LAUNCH
 
 from spmd_diffusion.executor import spmd_executor
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
-
-LAUNCH = {
-    "mpiexec": [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")],
-    "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"],
-    "none": [str(BIN / "omni-diffuse")],
-}
 
 
 def run(launcher: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

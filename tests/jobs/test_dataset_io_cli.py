@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from gates import JobGate
-from launch import BIN
+from launch import BIN, LAUNCH
 
 from spmd_diffusion.engine.seeding import derive_seed
 from spmd_diffusion.jobs.encoding import exif_parameters, read_record
@@ -26,7 +26,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 wds = pytest.importorskip("webdataset")
 
-MPIEXEC = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")]
+MPIEXEC = LAUNCH["mpiexec"]
 SMALL = [
     "--model",
     "tiny-unet",

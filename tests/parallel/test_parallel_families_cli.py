@@ -12,15 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launch import BIN, generate_here
+from launch import LAUNCH as COMMANDS
+from launch import generate_here
 from PIL import Image
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]
 
-LAUNCH = {
-    "mpiexec": [str(BIN / "mpiexec"), "-n", "2", str(BIN / "omni-diffuse")],
-    "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "spmd_diffusion"],
-}
+LAUNCH = {name: COMMANDS[name] for name in ("mpiexec", "torchrun")}
 PROMPTS = [
     {"id": "cube", "prompt": "a red cube on a table", "negative_prompt": "blurry"},
     {
