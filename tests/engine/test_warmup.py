@@ -11,6 +11,7 @@ import pytest
 from launch import generate_here
 
 from spmd_diffusion import DiffusionEngine, OmniDiffusionConfig
+from spmd_diffusion.models.tiny.families import BUILDERS
 from spmd_diffusion.request import OmniDiffusionRequest
 
 pytestmark = pytest.mark.slow
@@ -58,3 +59,16 @@ def test_the_engine_warms_every_rank_up_only_where_asked(tiny_unet, warmup, runs
     assert (seconds is not None and seconds > 0) is runs
     assert len(CALLS) == (2 if runs else 0)  # SD 1.x: one call per step, both branches in it
     assert stats["images_generated"] == 0
+
+
+@pytest.mark.parametrize(
+    "model", [f"tiny-{family}" for family in sorted(BUILDERS) if family != "unet"]
+)
+def test_every_family_warms_up(model):
+    """The warm-up is the family's own pipeline call, at 2 steps (SD 1.x: above)."""
+    config = OmniDiffusionConfig(model=model, executor_class="uni", warmup=True)
+    with DiffusionEngine(config) as engine:
+        seconds = engine.warm_up([OmniDiffusionRequest("warm-up", height=64, width=64)])
+        stats = engine.collective_rpc("get_cache_stats")[0]
+    assert seconds is not None and seconds > 0
+    assert stats["images_generated"] == 0 and stats["requests_failed"] == 0
